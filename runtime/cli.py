@@ -1,0 +1,141 @@
+"""``coformer-runtime``: run one role of a served bundle on a device (no torch needed).
+
+  coformer-runtime central BUNDLE --front tcp://*:5555 --back tcp://*:5556
+  coformer-runtime worker  BUNDLE --device jetson-nano --central tcp://10.0.0.2:5556
+  coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --input x.npy
+  coformer-runtime verify  BUNDLE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from coformer.runtime.errors import CoFormerError
+
+
+def _limits(args: argparse.Namespace):
+    from coformer.runtime.limits import DeviceLimits, parse_cores
+
+    return DeviceLimits(cpu_share=args.cpu_share, cpu_affinity=parse_cores(args.cpu_cores), mode=args.throttle)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: the bundle's, usually 1)")
+    p.add_argument("--cpu-cores", default=None, help="pin to these cores, e.g. '0' or '2,3'")
+    p.add_argument("--cpu-share", type=float, default=1.0, help="emulate a device with this share of one core")
+    p.add_argument("--throttle", default="auto", choices=["auto", "cgroup", "duty-cycle", "none"],
+                   help="how --cpu-share is enforced (auto: a cgroup quota where root allows, else a duty cycle)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coformer-runtime", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("central", help="run the central node: own sub-model, gather, aggregate, answer")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--front", default="tcp://127.0.0.1:5555", help="endpoint for clients")
+    p.add_argument("--back", default="tcp://127.0.0.1:5556", help="endpoint for workers")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the slowest worker")
+    _add_limits(p)
+
+    p = sub.add_parser("worker", help="run one device's sub-model and send its pooled features")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--device", required=True, help="this device's name in the bundle")
+    p.add_argument("--central", required=True, help="the central node's back endpoint")
+    _add_limits(p)
+
+    p = sub.add_parser("infer", help="send one input (.npy, model input or raw data) and print the answer")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--central", default="tcp://127.0.0.1:5555", help="the central node's front endpoint")
+    p.add_argument("--input", type=Path, required=True, help=".npy file")
+    p.add_argument("--raw", action="store_true", help="apply the bundle's preprocessing to the input first")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+    p = sub.add_parser("time", help="time a model on each sample of a .npy file (batch 1), under device limits")
+    p.add_argument("model", type=Path, help=".onnx file")
+    p.add_argument("--inputs", type=Path, required=True, help=".npy of model inputs, [N, ...]")
+    p.add_argument("--out", type=Path, required=True, help=".npz to write: outputs and latency_ms")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
+    _add_limits(p)
+
+    p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
+    p.add_argument("bundle", type=Path)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "central":
+        from coformer.runtime.central import run_central
+
+        run_central(args.bundle, args.front, args.back, limits=_limits(args), threads=args.threads,
+                    timeout_s=args.timeout)
+    elif args.command == "worker":
+        from coformer.runtime.worker import run_worker
+
+        run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads)
+    elif args.command == "infer":
+        from coformer.runtime.client import Client
+        from coformer.runtime.manifest import load_manifest
+        from coformer.runtime.preprocess import preprocess
+
+        manifest = load_manifest(args.bundle, verify=False)
+        if not args.input.is_file():
+            raise CoFormerError(f"input file {args.input} does not exist")
+        x = np.load(args.input)
+        x = preprocess(manifest.input.preprocessing, x) if args.raw else x.astype(np.float32)
+        if x.ndim == len(manifest.input.shape):
+            x = x[None]
+        with Client(args.central, timeout_s=args.timeout) as client:
+            result = client.infer(x)
+        labels = manifest.labels
+        print(json.dumps({
+            "label": [labels[i] if i < len(labels) else i for i in result.label_index],
+            "logits": result.logits.tolist(),
+            "round_trip_ms": round(result.round_trip_ms, 3),
+        }))
+    elif args.command == "time":
+        import io
+
+        from coformer.runtime._files import atomic_write_bytes
+        from coformer.runtime.timing import summarise, time_samples
+
+        if not args.inputs.is_file():
+            raise CoFormerError(f"inputs file {args.inputs} does not exist")
+        outputs, latency = time_samples(args.model, np.load(args.inputs).astype(np.float32), _limits(args),
+                                        threads=args.threads or 1, warmup=args.warmup)
+        buf = io.BytesIO()
+        np.savez(buf, outputs=outputs, latency_ms=latency)
+        atomic_write_bytes(args.out, buf.getvalue())
+        print(json.dumps(summarise(latency)))
+    elif args.command == "verify":
+        from coformer.runtime.manifest import load_manifest
+
+        m = load_manifest(args.bundle, verify=True)
+        print(f"{args.bundle}: OK, {len(m.files)} files verified, devices {[d.device for d in m.devices]}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except CoFormerError as e:
+        print(f"coformer-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Python client for a served bundle: send a model input, get logits and a label."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import zmq
+
+from coformer.runtime import protocol
+from coformer.runtime.errors import CoFormerError
+
+
+@dataclass(frozen=True)
+class Result:
+    logits: np.ndarray
+    label_index: list[int]
+    wire_bytes_from_workers: int
+    timing_ms: Mapping[str, Any] = field(default_factory=dict)
+    round_trip_ms: float = 0.0
+
+
+class ServerError(CoFormerError):
+    """The server answered with an error (``code`` says which kind)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Client:
+    """Talk to a central node.
+
+    Args:
+        endpoint: the central node's front endpoint, e.g. ``tcp://10.0.0.2:5555``.
+        timeout_s: how long to wait for each reply; a server that does not
+            answer in time raises :class:`CoFormerError` (ZeroMQ never says a
+            peer is gone, so every call has a deadline).
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def _call(self, frames: list[bytes], rid: int, timeout_s: Optional[float] = None) -> protocol.Message:
+        self._sock.send_multipart(frames)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1e3)
+            if left_ms <= 0 or not self._sock.poll(left_ms):
+                raise CoFormerError(f"no reply from {self.endpoint} within {self.timeout_s:g} s")
+            msg = protocol.decode(self._sock.recv_multipart())
+            if msg.id != rid:
+                continue  # the late reply to an earlier call that timed out
+            if msg.op == "error":
+                raise ServerError(str(msg.header.get("code")), str(msg.header.get("message")))
+            return msg
+
+    def infer(self, x: np.ndarray) -> Result:
+        """Run one input (a batch, shape ``[B, *input.shape]``) through the cluster."""
+        rid = next(self._ids)
+        start = time.perf_counter()
+        msg = self._call(protocol.encode("infer", rid, np.asarray(x)), rid)
+        rtt = (time.perf_counter() - start) * 1e3
+        return Result(
+            logits=msg.tensor,
+            label_index=list(msg.header.get("label_index", [])),
+            wire_bytes_from_workers=int(msg.header.get("wire_bytes_from_workers", 0)),
+            timing_ms=dict(msg.header.get("timing_ms", {})),
+            round_trip_ms=rtt,
+        )
+
+    def send_raw(self, frames: list[bytes], timeout_s: Optional[float] = None) -> protocol.Message:
+        """Send hand-made frames and return the reply as is (errors included); for tests and probes."""
+        self._sock.send_multipart(frames)
+        if not self._sock.poll(int((timeout_s or self.timeout_s) * 1e3)):
+            raise CoFormerError(f"no reply from {self.endpoint} within {timeout_s or self.timeout_s:g} s")
+        return protocol.decode(self._sock.recv_multipart())
+
+    def status(self, timeout_s: Optional[float] = None) -> dict:
+        rid = next(self._ids)
+        return dict(self._call(protocol.encode("status", rid), rid, timeout_s).header)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> dict:
+        """Poll ``status`` until every worker has registered; raise naming the missing ones."""
+        deadline = time.monotonic() + timeout_s
+        status: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                status = self.status(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+            except CoFormerError:
+                continue
+            if status.get("ready"):
+                return status
+            time.sleep(0.05)
+        raise CoFormerError(
+            f"cluster at {self.endpoint} not ready after {timeout_s:g} s; missing workers: {status.get('missing', '?')}"
+        )
+
+    def close(self) -> None:
+        self._sock.close(0)
+        self._ctx.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

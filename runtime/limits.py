@@ -1,0 +1,172 @@
+"""Hold a process to an emulated device's compute: one core, a share of it.
+
+A device is emulated by CPU affinity (which cores), a thread count for its
+engine, and a *share* of one core. Where cgroups are writable (root), the
+share is a CFS quota with a short period (10 ms), as the kernel would throttle
+a real container; elsewhere it is a duty cycle: after each inference that took
+``c`` seconds of compute, the process idles ``c * (1/share - 1)``, so it
+completes work at ``share`` times the speed of a full core.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from coformer.runtime.errors import CoFormerError
+
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_PARENT = "coformer"
+PERIOD_US = 10_000
+MODES = ("auto", "cgroup", "duty-cycle", "none")
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Compute limits of one emulated device.
+
+    Args:
+        cpu_share: fraction of one core the device may use, in (0, 1].
+        cpu_affinity: cores the process may run on (None leaves it as is).
+        mode: ``auto`` (cgroup where writable, else duty cycle), ``cgroup``,
+            ``duty-cycle`` or ``none`` (affinity only).
+    """
+
+    cpu_share: float = 1.0
+    cpu_affinity: Optional[tuple[int, ...]] = None
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cpu_share <= 1.0:
+            raise CoFormerError(f"cpu_share {self.cpu_share} must be in (0, 1]")
+        if self.mode not in MODES:
+            raise CoFormerError(f"throttle mode {self.mode!r} is not one of {MODES}")
+        if self.cpu_affinity is not None:
+            n = os.cpu_count() or 1
+            bad = [c for c in self.cpu_affinity if not 0 <= c < n]
+            if bad or not self.cpu_affinity:
+                raise CoFormerError(f"cpu_affinity {list(self.cpu_affinity)}: cores must be in 0..{n - 1}")
+
+
+class Throttle:
+    """The limits as applied to this process; call :meth:`after_compute` after each inference."""
+
+    def __init__(self, limits: DeviceLimits, mode: str, cgroup: Optional[Path] = None) -> None:
+        self.limits = limits
+        self.mode = mode
+        self.cgroup = cgroup
+
+    def after_compute(self, compute_s: float) -> float:
+        """Idle for the duty cycle's off time; returns the seconds idled."""
+        if self.mode != "duty-cycle" or self.limits.cpu_share >= 1.0:
+            return 0.0
+        off = compute_s * (1.0 / self.limits.cpu_share - 1.0)
+        time.sleep(off)
+        return off
+
+    def release(self) -> None:
+        """Leave and remove this process's cgroup (safe to call twice)."""
+        if self.cgroup is None:
+            return
+        root = self.cgroup.parent.parent
+        try:
+            (root / "cgroup.procs").write_text(str(os.getpid()))
+            self.cgroup.rmdir()
+        except OSError:
+            pass
+        self.cgroup = None
+
+    def describe(self) -> str:
+        cores = list(self.limits.cpu_affinity) if self.limits.cpu_affinity else "any"
+        return f"cores {cores}, share {self.limits.cpu_share:.2f} of a core by {self.mode}"
+
+
+def _cgroup_root() -> tuple[Optional[Path], str]:
+    if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        return CGROUP_V1_CPU, "v1"
+    if (CGROUP_V2 / "cgroup.controllers").exists() and "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text():
+        return CGROUP_V2, "v2"
+    return None, ""
+
+
+def _enter_cgroup(name: str, share: float) -> Optional[Path]:
+    root, version = _cgroup_root()
+    if root is None or not os.access(root, os.W_OK):
+        return None
+    try:
+        parent = root / CGROUP_PARENT
+        parent.mkdir(exist_ok=True)
+        if version == "v2":
+            (root / "cgroup.subtree_control").write_text("+cpu")
+            (parent / "cgroup.subtree_control").write_text("+cpu")
+        group = parent / f"{name}-{os.getpid()}"
+        group.mkdir(exist_ok=True)
+        quota = max(1000, int(round(share * PERIOD_US)))
+        if version == "v1":
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        else:
+            (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+        return group
+    except OSError:
+        return None
+
+
+def apply_limits(limits: DeviceLimits, name: str) -> Throttle:
+    """Apply ``limits`` to the calling process and return the :class:`Throttle` in force."""
+    if limits.cpu_affinity is not None:
+        os.sched_setaffinity(0, set(limits.cpu_affinity))
+    if limits.mode == "none" or limits.cpu_share >= 1.0:
+        return Throttle(limits, "none")
+    if limits.mode in ("auto", "cgroup"):
+        group = _enter_cgroup(name, limits.cpu_share)
+        if group is not None:
+            return Throttle(limits, "cgroup", group)
+        if limits.mode == "cgroup":
+            raise CoFormerError(
+                "throttle mode 'cgroup' needs a writable cgroup cpu controller (run as root); "
+                "use --throttle duty-cycle"
+            )
+    return Throttle(limits, "duty-cycle")
+
+
+def remove_stale_cgroups() -> list[str]:
+    """Remove empty cgroups left by killed CoFormer processes; returns their names."""
+    root, _ = _cgroup_root()
+    removed: list[str] = []
+    if root is None or not (root / CGROUP_PARENT).is_dir():
+        return removed
+    for group in (root / CGROUP_PARENT).iterdir():
+        if group.is_dir() and not (group / "cgroup.procs").read_text().strip():
+            try:
+                group.rmdir()
+                removed.append(group.name)
+            except OSError:
+                pass
+    return removed
+
+
+def parse_cores(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"0"``, ``"0,1"`` or ``"0-3"`` -> a tuple of core numbers; None or '' -> None."""
+    if not text:
+        return None
+    cores: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                cores.extend(range(int(lo), int(hi) + 1))
+            else:
+                cores.append(int(part))
+    except ValueError:
+        raise CoFormerError(f"cpu cores {text!r}: expected a list like '0,1' or a range like '0-3'") from None
+    return tuple(cores)
+
+
+def cores_text(cores: Optional[Sequence[int]]) -> str:
+    return ",".join(str(c) for c in cores) if cores else ""

@@ -1,0 +1,229 @@
+"""The bundle manifest: the contract between the compiler and the device runtime.
+
+A bundle is a folder holding ``manifest.json`` and the artifacts it lists. The
+runtime reads the manifest, refuses a schema version it does not know, and
+checks the SHA-256 of every artifact before it loads anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from coformer.runtime._files import atomic_write_json, sha256_file
+from coformer.runtime.errors import CoFormerError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ROLES = ("central", "worker")
+DTYPES = ("float32", "int64", "int32")
+
+
+def _need(d: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in d:
+        raise CoFormerError(f"{where}: missing field '{key}'")
+    value = d[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CoFormerError(f"{where}: field '{key}' is {value!r}, expected {kind.__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: the tensor every sub-model receives.
+
+    ``shape`` is the per-sample shape, without the batch axis; ``max_batch`` caps
+    the batch a server accepts. ``preprocessing`` says how raw data becomes this
+    tensor (see :mod:`coformer.runtime.preprocess`).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    max_batch: int = 64
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CoFormerError(f"input dtype {self.dtype!r} is not one of {DTYPES}")
+        if not self.shape or any(int(s) <= 0 for s in self.shape):
+            raise CoFormerError(f"input shape {self.shape!r} must be non-empty and positive")
+        if self.max_batch < 1:
+            raise CoFormerError(f"input max_batch {self.max_batch} must be >= 1")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InputSpec":
+        w = "manifest input"
+        return cls(
+            name=_need(d, "name", str, w),
+            dtype=_need(d, "dtype", str, w),
+            shape=tuple(_need(d, "shape", list, w)),
+            max_batch=_need(d, "max_batch", int, w),
+            preprocessing=dict(d.get("preprocessing", {})),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceArtifact:
+    """Which device runs which sub-model, and what it sends to the central node."""
+
+    device: str
+    role: str
+    artifact: str
+    feature_dim: int
+    flops: int
+    params: int
+    backend: str = "onnxruntime"
+    threads: int = 1
+    cpu_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise CoFormerError(f"device {self.device!r}: role {self.role!r} is not one of {ROLES}")
+        if self.feature_dim < 1:
+            raise CoFormerError(f"device {self.device!r}: feature_dim {self.feature_dim} must be >= 1")
+        if not 0.0 < self.cpu_share <= 1.0:
+            raise CoFormerError(f"device {self.device!r}: cpu_share {self.cpu_share} must be in (0, 1]")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DeviceArtifact":
+        w = f"manifest device {d.get('device', '?')!r}"
+        return cls(
+            device=_need(d, "device", str, w),
+            role=_need(d, "role", str, w),
+            artifact=_need(d, "artifact", str, w),
+            feature_dim=_need(d, "feature_dim", int, w),
+            flops=_need(d, "flops", int, w),
+            params=_need(d, "params", int, w),
+            backend=d.get("backend", "onnxruntime"),
+            threads=int(d.get("threads", 1)),
+            cpu_share=float(d.get("cpu_share", 1.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to serve a bundle.
+
+    ``devices`` is ordered: the aggregator's inputs ``feature_0..feature_{N-1}``
+    follow this order. Exactly one device has the role ``central``.
+    """
+
+    model: Mapping[str, Any]
+    task: Mapping[str, Any]
+    input: InputSpec
+    devices: tuple[DeviceArtifact, ...]
+    aggregator: str
+    files: Mapping[str, str]
+    parity: Mapping[str, float] = field(default_factory=dict)
+    expected: Mapping[str, Any] = field(default_factory=dict)
+    policy: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        names = [d.device for d in self.devices]
+        if len(set(names)) != len(names):
+            raise CoFormerError(f"manifest devices {names} repeat a name")
+        centrals = [d.device for d in self.devices if d.role == "central"]
+        if len(centrals) != 1:
+            raise CoFormerError(f"manifest needs exactly one central device, found {centrals}")
+        for rel in [d.artifact for d in self.devices] + [self.aggregator]:
+            if rel not in self.files:
+                raise CoFormerError(f"manifest artifact {rel!r} has no checksum in 'files'")
+        object.__setattr__(self, "devices", tuple(self.devices))
+
+    @property
+    def central(self) -> DeviceArtifact:
+        return next(d for d in self.devices if d.role == "central")
+
+    @property
+    def workers(self) -> tuple[DeviceArtifact, ...]:
+        return tuple(d for d in self.devices if d.role == "worker")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.task.get("labels", []))
+
+    def device(self, name: str) -> DeviceArtifact:
+        for d in self.devices:
+            if d.device == name:
+                return d
+        raise CoFormerError(
+            f"device {name!r} is not in this bundle; it has {[d.device for d in self.devices]}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input"]["shape"] = list(self.input.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CoFormerError(
+                f"bundle schema_version {version!r} is not understood by this runtime "
+                f"(it reads version {SCHEMA_VERSION}); rebuild the bundle with a matching coformer"
+            )
+        w = "manifest"
+        return cls(
+            model=_need(d, "model", dict, w),
+            task=_need(d, "task", dict, w),
+            input=InputSpec.from_dict(_need(d, "input", dict, w)),
+            devices=tuple(DeviceArtifact.from_dict(x) for x in _need(d, "devices", list, w)),
+            aggregator=_need(d, "aggregator", str, w),
+            files=_need(d, "files", dict, w),
+            parity=d.get("parity", {}),
+            expected=d.get("expected", {}),
+            policy=d.get("policy", {}),
+            schema_version=version,
+        )
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    atomic_write_json(path, manifest.to_dict())
+    return path
+
+
+def manifest_digest(bundle_dir: Path) -> str:
+    """SHA-256 of ``manifest.json``: peers compare it to know they serve the same bundle."""
+    return sha256_file(Path(bundle_dir) / MANIFEST_NAME)
+
+
+def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:
+    """Read a bundle's manifest; with ``verify``, check every listed file's SHA-256.
+
+    Raises :class:`CoFormerError` naming the file for a missing manifest, a
+    schema version this runtime does not read, a missing artifact or a checksum
+    mismatch (a tampered or truncated copy).
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise CoFormerError(f"{bundle_dir} is not a CoFormer bundle: no {MANIFEST_NAME} in it")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CoFormerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CoFormerError(f"{path} must hold a JSON object, found {type(raw).__name__}")
+    manifest = Manifest.from_dict(raw)
+    if verify:
+        for rel, expected in manifest.files.items():
+            f = bundle_dir / rel
+            if not f.is_file():
+                raise CoFormerError(f"bundle {bundle_dir}: artifact {rel} is missing")
+            actual = sha256_file(f)
+            if actual != expected:
+                raise CoFormerError(
+                    f"bundle {bundle_dir}: artifact {rel} has SHA-256 {actual[:16]}..., "
+                    f"the manifest says {expected[:16]}...; the file was changed or truncated, "
+                    "copy the bundle again"
+                )
+    return manifest

@@ -1,0 +1,159 @@
+"""Wire format between clients, the central node and workers (version 1).
+
+Every message is a ZeroMQ multipart message of two frames:
+
+* frame 0, the header: UTF-8 JSON object, at most ``MAX_HEADER_BYTES``, with
+  ``v`` (protocol version), ``op`` (what the message is), ``id`` (request id,
+  echoed in the reply) and, when a tensor follows, ``dtype`` and ``shape``;
+* frame 1, the payload: the tensor's raw C-order bytes (empty when none).
+
+Ops: ``infer`` (client -> central -> workers: model input), ``features``
+(worker -> central: pooled X_n), ``result`` (central -> client: logits),
+``status`` / ``status_reply``, ``hello`` / ``welcome`` (worker registration)
+and ``error`` (any reply: ``code`` and ``message``). A peer that receives a bad
+message answers with an ``error`` and keeps serving; it never crashes on input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from coformer.runtime.errors import CoFormerError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4096
+OPS = ("infer", "features", "result", "status", "status_reply", "hello", "welcome", "error")
+_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32}
+
+
+class ProtocolError(CoFormerError):
+    """A message that breaks the wire format or the bundle's input contract."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Message:
+    header: Mapping[str, Any]
+    tensor: Optional[np.ndarray] = None
+    wire_bytes: int = 0
+
+    @property
+    def op(self) -> str:
+        return str(self.header["op"])
+
+    @property
+    def id(self) -> int:
+        return int(self.header.get("id", 0))
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    """What a receiver accepts as a tensor: dtype, per-sample shape, batch cap."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    max_batch: int = 64
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.max_batch * int(np.prod(self.shape)) * np.dtype(_DTYPES[self.dtype]).itemsize
+
+
+def encode(op: str, request_id: int, tensor: Optional[np.ndarray] = None, **fields: Any) -> list[bytes]:
+    """Build the two frames of a message; ``fields`` go into the header."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}")
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "id": int(request_id), **fields}
+    payload = b""
+    if tensor is not None:
+        arr = np.ascontiguousarray(tensor)
+        name = str(arr.dtype)
+        if name not in _DTYPES:
+            raise ValueError(f"dtype {name} cannot go on the wire; use one of {sorted(_DTYPES)}")
+        header["dtype"] = name
+        header["shape"] = list(arr.shape)
+        payload = arr.tobytes()
+    return [json.dumps(header, separators=(",", ":")).encode(), payload]
+
+
+def error_frames(request_id: int, code: str, message: str) -> list[bytes]:
+    return encode("error", request_id, code=code, message=message)
+
+
+def decode(frames: Sequence[bytes], limits: Optional[TensorLimits] = None) -> Message:
+    """Parse and validate a message; raise :class:`ProtocolError` with a code on any fault.
+
+    With ``limits``, a tensor must match its dtype and per-sample shape, have a
+    batch in ``1..max_batch`` and carry exactly the bytes its shape implies.
+    """
+    wire = sum(len(f) for f in frames)
+    if len(frames) != 2:
+        raise ProtocolError("bad_frames", f"expected 2 frames (header, payload), got {len(frames)}")
+    raw_header, payload = frames
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise ProtocolError("bad_header", f"header is {len(raw_header)} bytes, the limit is {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(raw_header)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("bad_header", "header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header must be a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_version", f"protocol version {header.get('v')!r} is not supported (expected {PROTOCOL_VERSION})"
+        )
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError("bad_op", f"op {op!r} is not one of {list(OPS)}")
+    rid = header.get("id", 0)
+    if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+        raise ProtocolError("bad_header", f"id {rid!r} must be a non-negative integer")
+    if "dtype" not in header:
+        if payload:
+            raise ProtocolError("bad_payload", f"{len(payload)} payload bytes but no dtype/shape in the header")
+        return Message(header, None, wire)
+    tensor = _tensor(header, payload, limits)
+    return Message(header, tensor, wire)
+
+
+def _tensor(header: Mapping[str, Any], payload: bytes, limits: Optional[TensorLimits]) -> np.ndarray:
+    dtype, shape = header.get("dtype"), header.get("shape")
+    if dtype not in _DTYPES:
+        raise ProtocolError("bad_dtype", f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+    ):
+        raise ProtocolError("bad_shape", f"shape {shape!r} must be a non-empty list of non-negative integers")
+    if limits is not None:
+        if len(payload) > limits.max_payload_bytes:
+            raise ProtocolError(
+                "too_large",
+                f"payload is {len(payload)} bytes, the limit is {limits.max_payload_bytes} "
+                f"(batch {limits.max_batch} of {list(limits.shape)} {limits.dtype})",
+            )
+        if dtype != limits.dtype:
+            raise ProtocolError("bad_dtype", f"dtype {dtype} does not match the expected {limits.dtype}")
+        if tuple(shape[1:]) != tuple(limits.shape):
+            raise ProtocolError(
+                "bad_shape",
+                f"shape {shape} does not match the expected [batch, {', '.join(map(str, limits.shape))}]",
+            )
+        if not 1 <= shape[0] <= limits.max_batch:
+            raise ProtocolError("bad_shape", f"batch {shape[0]} is outside 1..{limits.max_batch}")
+    np_dtype = np.dtype(_DTYPES[dtype])
+    expected = int(np.prod(shape)) * np_dtype.itemsize
+    if len(payload) != expected:
+        raise ProtocolError(
+            "bad_payload", f"payload is {len(payload)} bytes, shape {shape} of {dtype} needs {expected}"
+        )
+    return np.frombuffer(payload, dtype=np_dtype).reshape(shape)
