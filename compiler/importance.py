@@ -1,0 +1,44 @@
+"""Importance scores: which layers, heads, MLP neurons and embedding channels
+a sub-model keeps first (paper §III-A "divisibility"; supplementary §B-1).
+
+Scores are computed by the family adapter on calibration data
+(``adapter.importance(model, batches, method)``); ``magnitude`` (activation
+magnitude) is available for every family, and a family may offer more. The
+result is plain data, higher = more important, so a policy can be built from
+it without the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from coformer.compiler.specs import TransformerShape
+from coformer.runtime.errors import CoFormerError
+
+
+@dataclass(frozen=True)
+class Importance:
+    layers: tuple[float, ...]
+    channels: tuple[float, ...]
+    heads: tuple[tuple[float, ...], ...]
+    neurons: tuple[tuple[float, ...], ...]
+    method: str = "magnitude"
+
+    def check(self, shape: TransformerShape) -> "Importance":
+        if (
+            len(self.layers) != shape.num_layers
+            or len(self.channels) != shape.embed_dim
+            or tuple(len(h) for h in self.heads) != shape.heads
+            or tuple(len(n) for n in self.neurons) != shape.mlp_dims
+        ):
+            raise CoFormerError("importance scores do not match the teacher's shape")
+        return self
+
+
+def top_k(scores: Sequence[float], k: int) -> tuple[int, ...]:
+    """Indices of the ``k`` highest scores, in increasing index order (ties: lower index first)."""
+    if not 0 <= k <= len(scores):
+        raise CoFormerError(f"cannot keep {k} of {len(scores)} units")
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return tuple(sorted(order[:k]))

@@ -1,0 +1,73 @@
+"""Lowering: a PyTorch module -> ONNX, checked against PyTorch with ONNX Runtime.
+
+Each step is a function with explicit inputs and outputs, so a sub-model can
+be exported and checked alone. Export uses the TorchScript exporter
+(``dynamo=False``): it handles every family here, is 5-20x faster than the
+dynamo exporter, and writes one self-contained file (no external data).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from coformer.runtime.errors import CoFormerError
+
+OPSET = 17
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+) -> Path:
+    """Export ``module`` with a dynamic batch axis on every input and output; atomic write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    module = module.eval()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, tuple(example_inputs), tmp, dynamo=False, opset_version=OPSET,
+                input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic,
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def check_parity(
+    module: nn.Module,
+    onnx_path: Path,
+    inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    tolerance: float = 1e-4,
+) -> float:
+    """Max |ONNX Runtime - PyTorch| over ``inputs`` (a batch); raise if above ``tolerance``."""
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    with torch.no_grad():
+        expected = module.eval()(*inputs).numpy()
+    with OnnxRuntimeEngine(onnx_path, threads=1) as engine:
+        got = next(iter(engine.infer({n: t.numpy() for n, t in zip(input_names, inputs)}).values()))
+    if got.shape != expected.shape:
+        raise CoFormerError(f"{onnx_path.name}: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= tolerance:
+        raise CoFormerError(f"{onnx_path.name}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}")
+    return diff

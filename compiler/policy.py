@@ -1,0 +1,149 @@
+"""Decomposition policies: the constraint check of paper eq. 8 (C1-C6) and a
+deterministic heuristic policy.
+
+The heuristic sizes each sub-model to its device's share of compute: the
+teacher's embedding channels, the heads of every layer and the MLP neurons of
+every layer are apportioned between the devices in proportion to
+``cpu_share`` (so C2-C4 hold by construction), each sub-model keeps its most
+important units, and layers are then dropped, least important first, until
+the sub-model fits its FLOPs budget Omega_n (C5) and memory Phi_n (C6).
+Bayesian search (DeBo) will replace it; everything downstream takes a
+:class:`Policy` from any source.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from coformer.compiler.cost import Cost, submodel_cost
+from coformer.compiler.importance import Importance, top_k
+from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
+from coformer.runtime.errors import CoFormerError
+
+CostFn = Callable[[SubModelSpec, TransformerShape], Cost]
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def policy_violations(
+    policy: Policy, shape: TransformerShape, devices: Sequence[DeviceSpec], cost: CostFn = submodel_cost
+) -> list[str]:
+    """Every violated constraint of paper eq. 8, each with its numbers (empty list: feasible).
+
+    C3 and C4 are read per layer *position* k: the k-th kept layer of every
+    sub-model that has one. Against a teacher with uneven layers the bound is
+    its widest layer.
+    """
+    by_name = {d.name: d for d in devices}
+    out: list[str] = []
+    for name in policy.devices:
+        if name not in by_name:
+            out.append(f"policy names device {name!r}, which is not among {sorted(by_name)}")
+    for name, spec in zip(policy.devices, policy.submodels):
+        try:
+            spec.validate(shape, where=f"sub-model of {name}")
+        except CoFormerError as e:
+            out.append(str(e))
+    if out:
+        return out
+    subs = policy.submodels
+    L = shape.num_layers
+    for name, s in zip(policy.devices, subs):
+        if s.num_layers > L:
+            out.append(f"C1: {name} keeps {s.num_layers} layers, the teacher has L = {L}")
+    total_d = sum(s.embed_dim for s in subs)
+    if total_d > shape.embed_dim:
+        out.append(f"C2: embedding widths {'+'.join(str(s.embed_dim) for s in subs)} = {total_d} "
+                   f"exceed the teacher's d = {shape.embed_dim}")
+    h_max, D_max = max(shape.heads), max(shape.mlp_dims)
+    for k in range(max(s.num_layers for s in subs)):
+        hs = [s.head_counts[k] for s in subs if s.num_layers > k]
+        Ds = [s.mlp_dims[k] for s in subs if s.num_layers > k]
+        if sum(hs) > h_max:
+            out.append(f"C3: heads at layer position {k}: {'+'.join(map(str, hs))} = {sum(hs)} exceed h = {h_max}")
+        if sum(Ds) > D_max:
+            out.append(f"C4: MLP widths at layer position {k}: {'+'.join(map(str, Ds))} = {sum(Ds)} "
+                       f"exceed D = {D_max}")
+    for name, s in zip(policy.devices, subs):
+        dev, c = by_name[name], cost(s, shape)
+        if c.flops > dev.flops_budget:
+            out.append(f"C5: {name} needs {_fmt(c.flops)} FLOPs, its budget is {_fmt(dev.flops_budget)}")
+        if c.memory_bytes > dev.memory_bytes:
+            out.append(f"C6: {name} needs {_fmt(c.memory_bytes)}B of memory, it has {_fmt(dev.memory_bytes)}B")
+    return out
+
+
+def check_policy(policy: Policy, shape: TransformerShape, devices: Sequence[DeviceSpec],
+                 cost: CostFn = submodel_cost) -> Policy:
+    """Return ``policy`` if it satisfies C1-C6, else raise listing every violation."""
+    bad = policy_violations(policy, shape, devices, cost)
+    if bad:
+        raise CoFormerError("the policy violates the device constraints:\n  " + "\n  ".join(bad))
+    return policy
+
+
+def apportion(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
+    """Split ``total`` units in proportion to ``weights`` (largest remainder), sum <= total.
+
+    Each part gets at least ``minimum`` while ``total`` allows it.
+    """
+    n = len(weights)
+    s = float(sum(weights))
+    if s <= 0:
+        raise CoFormerError(f"weights {list(weights)} must have a positive sum")
+    raw = [total * w / s for w in weights]
+    parts = [int(r) for r in raw]
+    order = sorted(range(n), key=lambda i: (-(raw[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    if total >= n * minimum:
+        for i in range(n):
+            while parts[i] < minimum:
+                donor = max(range(n), key=lambda j: (parts[j], -j))
+                parts[donor] -= 1
+                parts[i] += 1
+    return parts
+
+
+def heuristic_policy(
+    shape: TransformerShape,
+    importance: Importance,
+    devices: Sequence[DeviceSpec],
+    cost: CostFn = submodel_cost,
+) -> Policy:
+    """Share-proportional widths, most important units kept, layers trimmed to fit (see module doc)."""
+    if not devices:
+        raise CoFormerError("no devices given")
+    importance.check(shape)
+    shares = [d.cpu_share for d in devices]
+    d_n = apportion(shape.embed_dim, shares)
+    h_n = [apportion(h, shares) for h in shape.heads]  # per layer, per device
+    D_n = [apportion(D, shares) for D in shape.mlp_dims]
+    subs = []
+    for n, dev in enumerate(devices):
+        layers = list(range(shape.num_layers))
+        while True:
+            spec = SubModelSpec(
+                layers=tuple(layers),
+                channels=top_k(importance.channels, d_n[n]),
+                heads=tuple(top_k(importance.heads[l], h_n[l][n]) for l in layers),
+                neurons=tuple(top_k(importance.neurons[l], D_n[l][n]) for l in layers),
+            )
+            c = cost(spec, shape)
+            if c.flops <= dev.flops_budget and c.memory_bytes <= dev.memory_bytes:
+                break
+            if len(layers) == 1:
+                raise CoFormerError(
+                    f"device {dev.name!r} cannot hold even one layer at width d={d_n[n]}: it needs "
+                    f"{_fmt(c.flops)} FLOPs and {_fmt(c.memory_bytes)}B, its budget is "
+                    f"{_fmt(dev.flops_budget)} FLOPs and {_fmt(dev.memory_bytes)}B"
+                )
+            layers.remove(min(layers, key=lambda l: (importance.layers[l], l)))
+        subs.append(spec)
+    policy = Policy(tuple(subs), tuple(d.name for d in devices), source="heuristic")
+    return check_policy(policy, shape, devices, cost)
