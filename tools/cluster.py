@@ -1,0 +1,182 @@
+"""Start a bundle's cluster on this machine: the central node and one worker
+per device, each its own process, held to its device's limits, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Mapping, Optional
+
+from coformer.runtime.client import Client
+from coformer.runtime.errors import CoFormerError
+from coformer.runtime.limits import cores_text, remove_stale_cgroups
+from coformer.runtime.manifest import load_manifest
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an emulated device runs: its cores and its share of one core."""
+
+    cores: Optional[tuple[int, ...]] = None
+    cpu_share: float = 1.0
+
+
+def default_placements(manifest) -> dict[str, Placement]:
+    """Central node alone on core 0; workers packed onto the other cores by share.
+
+    Each worker goes to the core with the most share left (a core holds 1.0).
+    On a one-core machine everything shares core 0.
+    """
+    ncpu = os.cpu_count() or 1
+    out = {manifest.central.device: Placement((0,), manifest.central.cpu_share)}
+    load = {c: 0.0 for c in range(1, ncpu)} or {0: manifest.central.cpu_share}
+    for w in sorted(manifest.workers, key=lambda w: -w.cpu_share):
+        core = min(load, key=lambda c: (load[c], c))
+        load[core] += w.cpu_share
+        out[w.device] = Placement((core,), w.cpu_share)
+    return out
+
+
+def _runtime_cmd() -> list[str]:
+    return [sys.executable, "-m", "coformer.runtime.cli"]
+
+
+class LocalCluster:
+    """A served bundle on this machine. Use as a context manager; ``client()`` talks to it.
+
+    Args:
+        bundle_dir: the bundle.
+        placements: device name -> :class:`Placement` (default: :func:`default_placements`).
+        throttle: how shares are enforced (see :mod:`coformer.runtime.limits`).
+        log_dir: where each process's stderr goes (default: discarded unless it fails).
+        front: the client endpoint (default: a free loopback port).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        placements: Optional[Mapping[str, Placement]] = None,
+        throttle: str = "auto",
+        log_dir: Optional[Path] = None,
+        front: str = "tcp://127.0.0.1:*",
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = load_manifest(self.bundle_dir)
+        self.placements = dict(placements or default_placements(self.manifest))
+        self.throttle = throttle
+        self.log_dir = Path(log_dir) if log_dir else None
+        self._own_log_dir = False
+        self.front_request = front
+        self.timeout_s = timeout_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._logs: dict[str, IO] = {}
+        self.endpoints: dict[str, str] = {}
+
+    def _limits_args(self, device: str) -> list[str]:
+        p = self.placements.get(device, Placement())
+        args = ["--cpu-share", str(p.cpu_share), "--throttle", self.throttle]
+        return args + (["--cpu-cores", cores_text(p.cores)] if p.cores else [])
+
+    def _spawn(self, name: str, args: list[str], stdout=subprocess.DEVNULL) -> subprocess.Popen:
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="coformer-cluster-"))
+            self._own_log_dir = True
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        err = open(self.log_dir / f"{name}.log", "w")
+        self._logs[name] = err
+        proc = subprocess.Popen(_runtime_cmd() + ["-v"] + args, stdout=stdout, stderr=err, text=True,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def _tail(self, name: str) -> str:
+        try:
+            lines = (self.log_dir / f"{name}.log").read_text().splitlines()
+        except (OSError, TypeError):
+            return ""
+        return "\n".join(lines[-8:])
+
+    def start(self, timeout_s: float = 60.0) -> dict[str, str]:
+        remove_stale_cgroups()
+        m = self.manifest
+        central = self._spawn(
+            f"central-{m.central.device}",
+            ["central", str(self.bundle_dir), "--front", self.front_request, "--back", "tcp://127.0.0.1:*",
+             "--timeout", str(self.timeout_s)] + self._limits_args(m.central.device),
+            stdout=subprocess.PIPE,
+        )
+        self.endpoints = self._read_ready(central, timeout_s)
+        for w in m.workers:
+            self._spawn(f"worker-{w.device}", ["worker", str(self.bundle_dir), "--device", w.device,
+                                               "--central", self.endpoints["back"]] + self._limits_args(w.device))
+        try:
+            with self.client() as c:
+                c.wait_ready(timeout_s)
+        except CoFormerError as e:
+            self._raise_if_dead()
+            raise e
+        return self.endpoints
+
+    def _read_ready(self, proc: subprocess.Popen, timeout_s: float) -> dict[str, str]:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.2):
+                line = proc.stdout.readline()
+                if line:
+                    event = json.loads(line)
+                    if event.get("event") == "ready":
+                        return {"front": event["front"], "back": event["back"]}
+            if proc.poll() is not None:
+                self._raise_if_dead()
+        self.stop()
+        raise CoFormerError(f"central node did not start within {timeout_s:g} s")
+
+    def _raise_if_dead(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                tail = self._tail(name)
+                self.stop()
+                raise CoFormerError(f"{name} exited with code {p.returncode}:\n{tail}")
+
+    def client(self, timeout_s: float = 30.0) -> Client:
+        return Client(self.endpoints["front"], timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout:
+                p.stdout.close()
+        for f in self._logs.values():
+            f.close()
+        self._logs.clear()
+        if self._own_log_dir and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir, self._own_log_dir = None, False
+        remove_stale_cgroups()
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,269 @@
+"""``coformer quickstart``: the whole pipeline on one laptop, end to end.
+
+scikit-learn's digits -> a ViT teacher (trained once, cached) -> three
+emulated devices of unequal compute -> decompose, calibrate, lower ->
+a central node and two workers as separate processes on loopback -> the whole
+test split through the sockets -> accuracy and latency side by side with the
+teacher, timed under the strongest device's limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from coformer.runtime._files import atomic_write_bytes, atomic_write_json
+from coformer.runtime.errors import CoFormerError
+from coformer.runtime.timing import summarise
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """The teacher, its training and the emulated devices.
+
+    The default teacher is wide and shallow with few tokens (a 32x32 input in
+    8x8 patches): about 25 ms per image on one core of this class of machine,
+    so that socket overhead does not dominate, yet trainable in a few minutes.
+    """
+
+    embed_dim: int = 768
+    depth: int = 7
+    num_heads: int = 24
+    img_size: int = 32
+    patch_size: int = 8
+    teacher_epochs: int = 8
+    teacher_lr: float = 1e-3
+    boost_epochs: int = 5
+    aggregator_epochs: int = 60
+    shares: tuple[float, ...] = (1.0, 0.6, 0.4)
+    flops_fraction: float = 0.5
+    seed: int = 0
+    warmup_requests: int = 10
+
+
+FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
+                        teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("COFORMER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coformer")
+    return Path(base)
+
+
+def build_teacher(cfg: QuickstartConfig):
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(cfg.seed)
+    return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=1, num_classes=10,
+                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                             global_pool="avg").eval()
+
+
+def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
+    """The trained teacher, from the cache when an identical one was trained before."""
+    import torch
+
+    from coformer.calibration.train import train_classifier
+
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("boost_epochs", "aggregator_epochs",
+                                                             "shares", "flops_fraction", "warmup_requests")}
+    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "quickstart" / f"teacher-{digest}.pt"
+    model = build_teacher(cfg)
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            _say(f"teacher: cached at {path}")
+            return model.eval(), path
+        except (RuntimeError, OSError, EOFError) as e:
+            _say(f"teacher cache {path} is unreadable ({e}); training again")
+    _say(f"teacher: training ViT d={cfg.embed_dim}, {cfg.depth} layers, {cfg.num_heads} heads "
+         f"for {cfg.teacher_epochs} epochs on {len(data.train)} images (cached afterwards)")
+    train_classifier(model, data.train.x, data.train.y, cfg.teacher_epochs, lr=cfg.teacher_lr,
+                     seed=cfg.seed, progress=progress)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return model.eval(), path
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_devices(cfg: QuickstartConfig, teacher_flops: int):
+    """Three emulated devices; Omega_n = flops_fraction * share * teacher FLOPs.
+
+    With ``flops_fraction`` 0.5 a device may spend half of what the teacher
+    would cost it, so a fitting policy finishes in about half the teacher's
+    time on every device. Memory is not binding here (512 MiB each).
+    """
+    from coformer.compiler.specs import DeviceSpec
+
+    names = [f"edge-{chr(ord('a') + i)}" for i in range(len(cfg.shares))]
+    return [DeviceSpec(name=n, memory_bytes=512 << 20, flops_budget=int(cfg.flops_fraction * s * teacher_flops),
+                       link_mbit_s=1000.0, cpu_share=s) for n, s in zip(names, cfg.shares)]
+
+
+def time_teacher(onnx_path: Path, inputs_path: Path, out_path: Path, throttle: str, warmup: int) -> np.lib.npyio.NpzFile:
+    """Time the teacher in its own process under the central (strongest) device's limits."""
+    cmd = [sys.executable, "-m", "coformer.runtime.cli", "time", str(onnx_path), "--inputs", str(inputs_path),
+           "--out", str(out_path), "--cpu-cores", "0", "--cpu-share", "1.0", "--threads", "1",
+           "--throttle", throttle, "--warmup", str(warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CoFormerError(f"timing the teacher failed: {done.stderr.strip()[-2000:]}")
+    return np.load(out_path)
+
+
+def run_quickstart(
+    out_dir: Optional[Path] = None,
+    fast: bool = False,
+    report_json: Optional[Path] = None,
+    throttle: str = "auto",
+    progress: bool = True,
+    config: Optional[QuickstartConfig] = None,
+) -> dict[str, Any]:
+    import torch
+
+    from coformer.calibration.booster import BoostConfig
+    from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.bundle import check_target
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.lower import check_parity, export_onnx
+    from coformer.compiler.pipeline import compile_bundle
+    from coformer.tools.cluster import LocalCluster, default_placements
+
+    cfg = config or (FAST if fast else QuickstartConfig())
+    out_dir = Path(out_dir or "coformer-quickstart").resolve()
+    check_target(out_dir / "bundle")  # refuse before an expensive run, not after
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"quickstart: writing to {out_dir}")
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    teacher, teacher_ckpt = load_or_train_teacher(cfg, data, progress)
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    t_cost = teacher_cost(shape)
+    devices = make_devices(cfg, t_cost.flops)
+
+    _say("compile: importance -> policy -> decompose -> calibrate -> ONNX -> bundle")
+    result = compile_bundle(
+        teacher, devices, data, out_dir / "bundle",
+        boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
+        aggregator_epochs=cfg.aggregator_epochs,
+        model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", progress=progress,
+    )
+    teacher_onnx = export_onnx(teacher, [data.val.x[:1]], out_dir / "teacher.onnx", ["pixels"], ["logits"])
+    check_parity(teacher, teacher_onnx, [data.val.x[:3]], ["pixels"])
+    x_test = data.test.x.numpy()
+    y_test = data.test.y.numpy()
+    np.save(out_dir / "test_inputs.npy", x_test)
+
+    _say(f"timing the teacher alone on edge-a's limits ({len(x_test)} test images)")
+    timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
+                         cfg.warmup_requests)
+    teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
+
+    manifest = result.manifest
+    placements = default_placements(manifest)
+    _say("serving: central node + workers as separate processes on loopback")
+    rtts, preds, wire, breakdown = [], [], [], []
+    with LocalCluster(out_dir / "bundle", placements, throttle=throttle, log_dir=out_dir / "logs") as cluster:
+        with cluster.client() as client:
+            for i in range(cfg.warmup_requests):
+                client.infer(x_test[i: i + 1])
+            for i in range(len(x_test)):
+                r = client.infer(x_test[i: i + 1])
+                rtts.append(r.round_trip_ms)
+                preds.append(r.label_index[0])
+                wire.append(r.wire_bytes_from_workers)
+                breakdown.append(r.timing_ms)
+    ensemble_acc = float((np.asarray(preds) == y_test).mean())
+    t_lat, c_lat = summarise(timed["latency_ms"]), summarise(rtts)
+    feature_payload = sum(4 * d.feature_dim for d in manifest.workers)
+    report = {
+        "teacher_accuracy": teacher_acc,
+        "ensemble_accuracy": ensemble_acc,
+        "submodel_accuracies": result.accuracy["submodel_accuracies"],
+        "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
+        "collaborative_latency_ms": {"median": c_lat["median"], "p90": c_lat["p90"]},
+        "speedup": t_lat["median"] / c_lat["median"],
+        "bytes_per_inference": int(np.median(wire)),
+        "feature_payload_bytes": feature_payload,
+        "devices": [
+            {"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "cores": list(placements[d.device].cores or []),
+             "flops": d.flops, "params": d.params, "flops_budget": next(x.flops_budget for x in devices if x.name == d.device)}
+            for d in manifest.devices
+        ],
+        "breakdown_ms_median": {
+            "central_compute": float(np.median([b["central_compute"] for b in breakdown])),
+            "wait_for_workers": float(np.median([b["wait_for_workers"] for b in breakdown])),
+            "aggregate": float(np.median([b["aggregate"] for b in breakdown])),
+            "central_total": float(np.median([b["total"] for b in breakdown])),
+            **{f"worker_compute.{k}": float(np.median([b["workers_compute"][k] for b in breakdown]))
+               for k in breakdown[0]["workers_compute"]},
+        },
+        "pytorch_accuracy": result.accuracy,
+        "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
+                    "config": {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "img_size", "patch_size")}},
+        "test_samples": int(len(x_test)),
+        "throttle": throttle,
+        "bundle": str(out_dir / "bundle"),
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    atomic_write_json(out_dir / "report.json", report)
+    if report_json:
+        atomic_write_json(Path(report_json), report)
+    print(format_report(report))
+    return report
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def format_report(r: dict[str, Any]) -> str:
+    t = r["teacher"]["config"]
+    lines = [
+        "",
+        f"CoFormer quickstart: ViT (d={t['embed_dim']}, {t['depth']} layers, {t['num_heads']} heads, "
+        f"{_si(r['teacher']['flops'])} FLOPs) on scikit-learn digits, {r['test_samples']} test images",
+        "",
+        f"{'device':<8} {'role':<8} {'share':>5} {'core':>4} {'FLOPs':>8} {'budget':>8} {'params':>8} {'sub-model acc':>13}",
+    ]
+    for d, acc in zip(r["devices"], r["submodel_accuracies"]):
+        lines.append(f"{d['name']:<8} {d['role']:<8} {d['cpu_share']:>5.2f} {','.join(map(str, d['cores'])):>4} "
+                     f"{_si(d['flops']):>8} {_si(d['flops_budget']):>8} {_si(d['params']):>8} {acc * 100:>12.1f}%")
+    tl, cl = r["teacher_latency_ms"], r["collaborative_latency_ms"]
+    lines += [
+        "",
+        f"{'':<26} {'accuracy':>8} {'median ms':>10} {'p90 ms':>8} {'bytes/inference':>16}",
+        f"{'teacher alone (edge-a)':<26} {r['teacher_accuracy'] * 100:>7.1f}% {tl['median']:>10.2f} {tl['p90']:>8.2f} {'-':>16}",
+        f"{'CoFormer, ' + str(len(r['devices'])) + ' devices':<26} {r['ensemble_accuracy'] * 100:>7.1f}% "
+        f"{cl['median']:>10.2f} {cl['p90']:>8.2f} {r['bytes_per_inference']:>16,}",
+        "",
+        f"speedup {r['speedup']:.2f}x, accuracy {100 * (r['ensemble_accuracy'] - r['teacher_accuracy']):+.1f} points; "
+        f"bundle: {r['bundle']}",
+    ]
+    return "\n".join(lines)
