@@ -1,0 +1,71 @@
+import copy
+
+import torch
+
+from coformer.calibration.aggregator import Aggregator
+from coformer.calibration.booster import BoostConfig, calibrate, update_weights
+from coformer.compiler.families import adapter_for
+from coformer.compiler.specs import SubModelSpec
+from tests.conftest import tiny_vit
+
+
+def test_weights_rise_where_the_previous_sub_model_was_wrong():
+    w = torch.full((4,), 0.25)
+    new = update_weights(w, torch.tensor([0.1, 0.1, 2.0, 0.1]), max_ratio=10.0)
+    assert torch.isclose(new.sum(), torch.tensor(1.0))
+    assert new[2] > new[0] and torch.isclose(new[0], new[1])
+    capped = update_weights(torch.full((10,), 0.1), torch.tensor([30.0] + [0.0] * 9), max_ratio=2.0)
+    assert capped.max() <= 2.0 / 10 + 1e-6
+
+
+def _setup(seed=0):
+    teacher = tiny_vit(seed=seed)
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    specs = [SubModelSpec((0, 1, 2), tuple(range(0, 48, 2)), ((0, 1),) * 3, (tuple(range(96)),) * 3),
+             SubModelSpec((0, 2), tuple(range(1, 48, 2)), ((2,), (3,)), (tuple(range(96, 192)),) * 2)]
+    subs = [adapter.slice(teacher, s) for s in specs]
+    heads = [adapter.submodel_head(teacher, s) for s in specs]
+    torch.manual_seed(1)
+    x = torch.randn(48, 1, 16, 16)
+    y = torch.randint(0, 10, (48,))
+    with torch.no_grad():
+        t_logits = teacher(x)
+    return subs, heads, x, y, t_logits
+
+
+def test_calibration_lowers_the_loss_and_is_reproducible_under_a_seed():
+    cfg = BoostConfig(epochs=3, batch_size=16, lr=1e-3, seed=3)
+    runs = []
+    for _ in range(2):
+        subs, heads, x, y, t_logits = _setup()
+        report = calibrate(subs, heads, x, t_logits, y, cfg, progress=False)
+        runs.append((report, [copy.deepcopy(s.state_dict()) for s in subs]))
+    (r1, s1), (r2, s2) = runs
+    for losses in r1.losses:
+        assert losses[-1] < losses[0]
+    assert r1.losses == r2.losses
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(s1, s2) for k in a)
+    assert torch.allclose(r1.weights[0], torch.full((48,), 1 / 48))
+    assert not torch.allclose(r1.weights[1], r1.weights[0])  # eq. 13 moved the weights
+
+
+def test_calibration_works_without_labels():
+    subs, heads, x, _, t_logits = _setup()
+    report = calibrate(subs, heads, x, t_logits, None, BoostConfig(epochs=2, batch_size=16, lr=1e-3), progress=False)
+    assert len(report.losses) == 2 and report.losses[0][-1] < report.losses[0][0]
+
+
+def test_aggregator_over_a_full_spec_sub_model_is_the_teacher():
+    teacher = tiny_vit()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    adapter = adapter_for(teacher)
+    spec = SubModelSpec.full(adapter.read_shape(teacher))
+    sub = adapter.slice(teacher, spec)
+    agg = Aggregator([48], 48, adapter.teacher_head(teacher))
+    agg.init_from_index([adapter.feature_index(teacher, spec)])
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(agg(sub(x)), teacher(x), atol=1e-5)

@@ -1,0 +1,50 @@
+"""`coformer quickstart --fast`, run as a user would: the console script, real processes."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
+    exe = shutil.which("coformer")
+    assert exe, "the coformer console script is not installed"
+    env = {**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")}
+    report_path = tmp_path / "r.json"
+    done = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--report-json",
+                           str(report_path), "--no-progress", "--throttle", "duty-cycle"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report_path.read_text())
+    for key in ("teacher_accuracy", "ensemble_accuracy", "submodel_accuracies", "teacher_latency_ms",
+                "collaborative_latency_ms", "speedup", "bytes_per_inference", "devices"):
+        assert key in r
+    assert len(r["submodel_accuracies"]) == 3 and len(r["devices"]) == 3
+    for d in r["devices"]:
+        assert d["flops"] <= d["flops_budget"]
+    assert {"median", "p90"} <= set(r["collaborative_latency_ms"])
+    assert r["speedup"] == pytest.approx(r["teacher_latency_ms"]["median"] / r["collaborative_latency_ms"]["median"])
+    # wire bytes: the two workers' pooled features plus a small header each
+    assert r["feature_payload_bytes"] < r["bytes_per_inference"] <= r["feature_payload_bytes"] + 400
+    # the served ensemble answers as the in-process one did (same split, same ONNX numerics)
+    assert abs(r["ensemble_accuracy"] - r["pytorch_accuracy"]["ensemble_accuracy"]) <= 0.01
+    assert "speedup" in done.stdout and (tmp_path / "qs" / "bundle" / "manifest.json").is_file()
+    # the teacher is cached: a second run does not train it again
+    again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",
+                            "--throttle", "duty-cycle"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "teacher: cached" in again.stderr
+
+
+def test_quickstart_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path):
+    exe = shutil.which("coformer")
+    (tmp_path / "qs" / "bundle").mkdir(parents=True)
+    (tmp_path / "qs" / "bundle" / "precious.txt").write_text("mine")
+    env = {**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2
+    assert "is not a CoFormer bundle" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "qs" / "bundle" / "precious.txt").read_text() == "mine"

@@ -1,0 +1,132 @@
+"""A tiny ViT compiled, served by real processes over real ZeroMQ sockets."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from coformer.calibration.booster import BoostConfig
+from coformer.calibration.data import load_digits_dataset
+from coformer.compiler.pipeline import compile_bundle
+from coformer.compiler.specs import DeviceSpec
+from coformer.runtime import protocol
+from coformer.runtime.client import Client, ServerError
+from coformer.runtime.errors import CoFormerError
+from coformer.tools.cluster import LocalCluster
+from tests.conftest import tiny_vit
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    teacher = tiny_vit(num_heads=6)
+    data = load_digits_dataset(size=16)
+    devices = [DeviceSpec(name=n, memory_bytes=1 << 30, flops_budget=10**10, cpu_share=s)
+               for n, s in (("edge-a", 1.0), ("edge-b", 0.6), ("edge-c", 0.4))]
+    result = compile_bundle(teacher, devices, data, out, boost=BoostConfig(epochs=1), aggregator_epochs=3,
+                            progress=False)
+    return result, data
+
+
+@pytest.fixture(scope="module")
+def cluster(compiled):
+    result, _ = compiled
+    with LocalCluster(result.bundle_dir, throttle="none", timeout_s=2.0) as c:
+        yield c
+
+
+def test_bundle_manifest_describes_the_compiled_policy(compiled):
+    result, _ = compiled
+    m = result.manifest
+    assert [d.device for d in m.devices] == ["edge-a", "edge-b", "edge-c"]
+    assert m.central.device == "edge-a" and len(m.workers) == 2
+    assert all(v < 1e-4 for v in m.parity.values())
+    assert m.input.shape == (1, 16, 16) and m.labels == [str(i) for i in range(10)]
+    assert set(m.files) == {d.artifact for d in m.devices} | {m.aggregator}
+    assert m.policy == result.policy.to_dict()
+    widths = [s.embed_dim for s in result.policy.submodels]
+    assert widths == sorted(widths, reverse=True) and sum(widths) <= 48
+
+
+def test_served_cluster_equals_the_in_process_ensemble(compiled, cluster):
+    result, data = compiled
+    x = data.test.x[:8]
+    with torch.no_grad():
+        expected = result.aggregator(*[s(x) for s in result.submodels]).numpy()
+    with cluster.client() as client:
+        for i in range(len(x)):
+            r = client.infer(x[i: i + 1].numpy())
+            np.testing.assert_allclose(r.logits[0], expected[i], atol=1e-4)
+            assert r.label_index == [int(expected[i].argmax())]
+        batch = client.infer(x[:4].numpy())
+        np.testing.assert_allclose(batch.logits, expected[:4], atol=1e-4)
+    # only the pooled features cross the wire from workers: d_n float32 plus a small header each
+    payload = sum(4 * d.feature_dim for d in result.manifest.workers)
+    assert payload < r.wire_bytes_from_workers <= payload + 2 * 200
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(compiled, cluster):
+    _, data = compiled
+    x = data.test.x[:1].numpy()
+    good_header = {"v": 1, "op": "infer", "id": 5, "dtype": "float32", "shape": [1, 1, 16, 16]}
+    cases = {
+        "bad_frames": [b"only one frame"],
+        "bad_header": [b"\xff\xfe not json", b""],
+        "too_large": protocol.encode("infer", 5, np.zeros((65, 1, 16, 16), np.float32)),
+        "bad_shape": protocol.encode("infer", 5, np.zeros((1, 1, 8, 8), np.float32)),
+        "bad_dtype": protocol.encode("infer", 5, np.zeros((1, 1, 16, 16), np.int64)),
+        "bad_payload": [json.dumps(good_header).encode(), b"\0" * 10],
+        "bad_op": protocol.encode("features", 5),
+    }
+    with cluster.client(timeout_s=5) as client:
+        for code, frames in cases.items():
+            reply = client.send_raw(frames)
+            assert reply.op == "error" and reply.header["code"] == code, (code, reply.header)
+        with pytest.raises(ServerError, match="bad_shape"):
+            client.infer(np.zeros((1, 3, 16, 16), np.float32))
+        assert client.infer(x).logits.shape == (1, 10)
+        assert client.status()["ready"] is True
+
+
+def test_a_dead_worker_is_named_in_a_timeout_error(compiled):
+    result, data = compiled
+    x = data.test.x[:1].numpy()
+    with LocalCluster(result.bundle_dir, throttle="none", timeout_s=1.0) as c:
+        with c.client(timeout_s=10) as client:
+            client.infer(x)
+            proc = c.procs["worker-edge-c"]
+            proc.kill()
+            proc.wait()
+            with pytest.raises(ServerError, match=r"timeout: workers \['edge-c'\] did not answer"):
+                client.infer(x)
+
+
+def test_tampered_bundle_is_refused_by_cli_and_cluster(compiled, tmp_path):
+    result, _ = compiled
+    copy = tmp_path / "bundle"
+    shutil.copytree(result.bundle_dir, copy)
+    art = copy / result.manifest.workers[0].artifact
+    art.write_bytes(art.read_bytes()[:-1] + b"\0")
+    done = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "verify", str(copy)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and result.manifest.workers[0].artifact in done.stderr
+    with pytest.raises(CoFormerError, match="was changed or truncated"):
+        LocalCluster(copy)
+
+
+def test_runtime_cli_infer_with_raw_input(compiled, cluster, tmp_path):
+    result, data = compiled
+    np.save(tmp_path / "raw.npy", data.test.raw[:1])
+    done = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "infer", str(result.bundle_dir),
+                           "--central", cluster.endpoints["front"], "--input", str(tmp_path / "raw.npy"), "--raw"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    with torch.no_grad():
+        expected = result.aggregator(*[s(data.test.x[:1]) for s in result.submodels]).argmax(-1).item()
+    assert out["label"] == [str(expected)]
