@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from coformer.runtime._files import replace_dir, sha256_file
+from coformer.runtime._files import public_mode, replace_dir, sha256_file
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, write_manifest
 
@@ -29,6 +29,7 @@ def write_bundle(out_dir: Path, build: Callable[[Path], dict[str, Any]]) -> Mani
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
+        public_mode(staging, directory=True)
         fields = build(staging)
         files = {
             p.relative_to(staging).as_posix(): sha256_file(p)

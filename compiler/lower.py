@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from coformer.runtime._files import public_mode
 from coformer.runtime.errors import CoFormerError
 
 OPSET = 17
@@ -44,6 +45,7 @@ def export_onnx(
                 module, tuple(example_inputs), tmp, dynamo=False, opset_version=OPSET,
                 input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic,
             )
+        public_mode(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

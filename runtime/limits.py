@@ -148,6 +148,10 @@ def remove_stale_cgroups() -> list[str]:
                 removed.append(group.name)
             except OSError:
                 pass
+    try:
+        (root / CGROUP_PARENT).rmdir()  # only succeeds once empty
+    except OSError:
+        pass
     return removed
 
 

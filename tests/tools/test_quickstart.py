@@ -5,13 +5,23 @@ import os
 import shutil
 import subprocess
 
+import sys
+from pathlib import Path
+
 import pytest
+
+
+def _coformer() -> str:
+    """The installed console script, next to this interpreter (or on PATH)."""
+    sibling = Path(sys.executable).parent / "coformer"
+    exe = str(sibling) if sibling.exists() else shutil.which("coformer")
+    assert exe, "the coformer console script is not installed"
+    return exe
 
 
 @pytest.mark.slow
 def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
-    exe = shutil.which("coformer")
-    assert exe, "the coformer console script is not installed"
+    exe = _coformer()
     env = {**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")}
     report_path = tmp_path / "r.json"
     done = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--report-json",
@@ -39,7 +49,7 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
 
 
 def test_quickstart_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path):
-    exe = shutil.which("coformer")
+    exe = _coformer()
     (tmp_path / "qs" / "bundle").mkdir(parents=True)
     (tmp_path / "qs" / "bundle" / "precious.txt").write_text("mine")
     env = {**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")}
