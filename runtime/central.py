@@ -26,7 +26,7 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
-from coformer.runtime.worker import POLL_MS, _id_of, input_limits, install_stop_signals, max_message_bytes
+from coformer.runtime.worker import KEEPALIVE_S, POLL_MS, _id_of, input_limits, install_stop_signals, max_message_bytes
 
 log = logging.getLogger("coformer.central")
 
@@ -62,6 +62,7 @@ class CentralNode:
         self.timeout_s = timeout_s
         self.in_limits = input_limits(self.manifest)
         self.workers: dict[str, bytes] = {}
+        self.last_seen: dict[str, float] = {}
         self._next_id = 1
         self.ctx = zmq.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -134,13 +135,19 @@ class CentralNode:
             reply = protocol.error_frames(_id_of(rest) if rest else 0, e.code, str(e))
         self.front.send_multipart(envelope + reply)
 
+    def _alive(self) -> list[str]:
+        """Workers heard from within three keep-alive periods (a killed worker drops out)."""
+        horizon = time.monotonic() - 3 * KEEPALIVE_S
+        return sorted(n for n in self.workers if self.last_seen.get(n, 0.0) >= horizon)
+
     def status(self) -> dict:
         expected = [w.device for w in self.manifest.workers]
-        missing = [d for d in expected if d not in self.workers]
+        alive = self._alive()
+        missing = [d for d in expected if d not in alive]
         return {
             "ready": not missing,
             "central": self.manifest.central.device,
-            "workers": sorted(self.workers),
+            "workers": alive,
             "missing": missing,
             "model": self.manifest.model.get("name"),
         }
@@ -154,14 +161,15 @@ class CentralNode:
         self._next_id += 1
         x = msg.tensor
         fwd = protocol.encode("infer", rid, x)
-        for ident in self.workers.values():
-            self.back.send_multipart([ident] + fwd)
+        sent_to = [w.device for w in self.manifest.workers]
+        for name in sent_to:
+            self.back.send_multipart([self.workers[name]] + fwd)
         out = self._own.infer({self.manifest.input.name: x})
         own_features = next(iter(out.values()))
         idle = self._throttle.after_compute(self._own.last_compute_ms / 1e3)
         central_ms = self._own.last_compute_ms + idle * 1e3
         t_own = time.perf_counter()
-        gathered = self._gather(rid, batch=x.shape[0])
+        gathered = self._gather(rid, batch=x.shape[0], expected=sent_to)
         t_gather = time.perf_counter()
         feeds = {}
         for i, dev in enumerate(self.manifest.devices):
@@ -184,13 +192,13 @@ class CentralNode:
         )
 
     # -- workers ---------------------------------------------------------
-    def _gather(self, rid: int, batch: int) -> dict:
+    def _gather(self, rid: int, batch: int, expected: list[str]) -> dict:
         pending = {"id": rid, "batch": batch, "features": {}, "compute_ms": {}, "wire_bytes": 0, "error": None}
         deadline = time.monotonic() + self.timeout_s
-        while len(pending["features"]) < len(self.workers) and pending["error"] is None:
+        while len(pending["features"]) < len(expected) and pending["error"] is None:
             left_ms = int((deadline - time.monotonic()) * 1e3)
             if left_ms <= 0 or not self.back.poll(left_ms):
-                late = sorted(set(self.workers) - set(pending["features"]))
+                late = sorted(set(expected) - set(pending["features"]))
                 raise protocol.ProtocolError("timeout", f"workers {late} did not answer within {self.timeout_s:g} s")
             self._on_back(self.back.recv_multipart(), pending)
         if pending["error"] is not None:
@@ -200,6 +208,8 @@ class CentralNode:
     def _on_back(self, frames: list[bytes], pending: Optional[dict]) -> None:
         ident, rest = frames[0], frames[1:]
         name = ident.decode(errors="replace")
+        if self.workers.get(name) == ident:
+            self.last_seen[name] = time.monotonic()
         try:
             msg = protocol.decode(rest)
         except protocol.ProtocolError as e:
@@ -235,8 +245,9 @@ class CentralNode:
             reply = protocol.error_frames(0, "bad_hello", f"worker {name!r} serves a different bundle (manifest digest differs)")
         else:
             self.workers[name] = ident
+            self.last_seen[name] = time.monotonic()
             reply = protocol.encode("welcome", 0)
-            log.info("worker %s registered", name)
+            log.debug("worker %s registered", name)
         self.back.send_multipart([ident] + reply)
 
 

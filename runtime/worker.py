@@ -19,7 +19,8 @@ from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
 
 log = logging.getLogger("coformer.worker")
-HELLO_INTERVAL_S = 1.0
+HELLO_INTERVAL_S = 1.0  # until the central node welcomes us
+KEEPALIVE_S = 5.0  # afterwards: lets a restarted central node learn who is there
 POLL_MS = 100
 
 
@@ -50,7 +51,8 @@ def run_worker(
     """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
 
     Registers with a ``hello`` carrying the manifest digest (resent every
-    second until welcomed, so start order does not matter), then answers each
+    second until welcomed, so start order does not matter, then every
+    ``KEEPALIVE_S`` so a restarted central node finds it again), then answers each
     ``infer`` with ``features``. A bad message gets an ``error`` reply; the
     worker keeps serving. Returns when ``stop`` is set or on SIGTERM/SIGINT.
     """
@@ -76,7 +78,7 @@ def run_worker(
         welcomed, last_hello = False, 0.0
         log.info("worker %s: %s, %s", device, art.artifact, throttle.describe())
         while not stop.is_set():
-            if not welcomed and time.monotonic() - last_hello >= HELLO_INTERVAL_S:
+            if time.monotonic() - last_hello >= (KEEPALIVE_S if welcomed else HELLO_INTERVAL_S):
                 sock.send_multipart(hello)
                 last_hello = time.monotonic()
             if not sock.poll(POLL_MS):

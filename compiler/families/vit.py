@@ -323,11 +323,17 @@ class VitAdapter:
 
     # -- importance ------------------------------------------------------
     @torch.no_grad()
-    def importance(self, model: nn.Module, batches: Iterable[torch.Tensor], method: str = "magnitude") -> Importance:
-        """Rank heads, neurons, channels and layers on calibration data (see :mod:`importance`)."""
-        if method != "magnitude":
-            raise CoFormerError(f"importance method {method!r} is not available for ViT; use 'magnitude'")
-        return _magnitude(model, batches)
+    def importance(self, model: nn.Module, batches: Iterable[torch.Tensor], method: Any = "magnitude") -> Importance:
+        """Rank heads, neurons, channels and layers on calibration data (see :mod:`importance`).
+
+        ``method`` is a scorer name (``magnitude``) or any callable
+        ``(model, batches) -> Importance``: scorers are pluggable.
+        """
+        if callable(method):
+            return method(model, batches).check(self.read_shape(model))
+        if method not in _SCORERS:
+            raise CoFormerError(f"importance method {method!r} is not available for ViT; use one of {sorted(_SCORERS)}")
+        return _SCORERS[method](model, batches)
 
 
 def _copy_norm(dst: nn.LayerNorm, src: nn.Module, K: torch.Tensor) -> None:
@@ -403,3 +409,6 @@ def _magnitude(model: nn.Module, batches: Iterable[torch.Tensor]) -> Importance:
         neurons=tuple(tuple((v / n).tolist()) for v in neurons),
         method="magnitude",
     )
+
+
+_SCORERS = {"magnitude": _magnitude}

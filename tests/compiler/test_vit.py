@@ -104,3 +104,20 @@ def test_importance_finds_planted_units():
     assert neurons.index(max(neurons)) == 17 and neurons.index(min(neurons)) == 5
     assert imp.channels.index(max(imp.channels)) == 11
     assert imp.layers.index(min(imp.layers)) == 2
+
+
+def test_importance_scorer_is_pluggable():
+    teacher = tiny_vit()
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+
+    def by_index(model, batches):
+        from coformer.compiler.importance import Importance
+
+        return Importance(tuple(range(3)), tuple(range(48)), tuple(tuple(range(4)) for _ in range(3)),
+                          tuple(tuple(range(192)) for _ in range(3)), method="by-index")
+
+    assert adapter.importance(teacher, [], method=by_index).method == "by-index"
+    with pytest.raises(CoFormerError, match=r"use one of \['magnitude'\]"):
+        adapter.importance(teacher, [], method="taylor")
+    assert shape.num_layers == 3

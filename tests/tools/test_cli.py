@@ -1,0 +1,107 @@
+"""The `coformer` command as a user runs it: compile from a checkpoint on disk, serve, stop."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coformer.runtime.client import Client
+from coformer.runtime.manifest import load_manifest
+
+TIMM_KWARGS = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10, "depth": 2}
+DEVICES = """devices:
+  - name: big
+    memory_bytes: 1.0e9
+    flops_budget: 1.0e9
+    link_mbit_s: 100
+    cpu_share: 1.0
+  - name: small
+    memory_bytes: 1.0e9
+    flops_budget: 1.0e9
+    link_mbit_s: 2
+    cpu_share: 0.5
+"""
+
+
+def coformer(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "coformer.tools.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    import timm
+
+    tmp = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KWARGS)
+    torch.save(model.state_dict(), tmp / "vit.pth")
+    (tmp / "devices.yaml").write_text(DEVICES)
+    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+                    "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices.yaml",
+                    "--out", tmp / "bundle", "--epochs", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp, done.stdout
+
+
+def test_compile_from_a_local_timm_checkpoint(compiled):
+    tmp, stdout = compiled
+    m = load_manifest(tmp / "bundle")
+    assert [d.device for d in m.devices] == ["big", "small"]
+    assert m.model["name"] == "timm:vit_tiny_patch16_224" and m.model["shape"]["embed_dim"] == 192
+    assert "ensemble" in stdout and "big" in stdout
+
+
+def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled):
+    tmp, _ = compiled
+    before = (tmp / "bundle" / "manifest.json").read_bytes()
+    policy = load_manifest(tmp / "bundle").policy
+    policy["submodels"][1]["channels"] = list(range(192))  # both sub-models now keep >= 192 channels
+    (tmp / "bad-policy.json").write_text(json.dumps(policy))
+    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+                    "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices.yaml",
+                    "--policy", tmp / "bad-policy.json", "--out", tmp / "bundle", "--no-progress")
+    assert done.returncode == 2
+    assert "C2: embedding widths" in done.stderr and "exceed the teacher's d = 192" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (tmp / "bundle" / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "/nonexistent.pth"], "needs --checkpoint"),
+        (["--model", "resnet50"], "expected 'quickstart' or 'timm:NAME'"),
+    ],
+)
+def test_compile_errors_are_one_clear_line(compiled, args, message):
+    tmp, _ = compiled
+    done = coformer("compile", *args, "--devices", tmp / "devices.yaml", "--out", tmp / "other")
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled):
+    tmp, _ = compiled
+    proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(tmp / "bundle"),
+                             "--front", "tcp://127.0.0.1:*", "--throttle", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        endpoint = re.search(r"clients connect to (\S+)", line)
+        assert endpoint, line + proc.stderr.read() if proc.poll() is not None else line
+        with Client(endpoint.group(1), timeout_s=20) as client:
+            r = client.infer(np.zeros((2, 1, 16, 16), np.float32))
+        assert r.logits.shape == (2, 10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp / "bundle")], capture_output=True, text=True).stdout.split()
+    assert [p for p in leftovers if int(p) != os.getpid()] == []
