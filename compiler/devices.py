@@ -71,4 +71,7 @@ def load_devices(path: Path) -> list[DeviceSpec]:
             doc = yaml.safe_load(text)
     except Exception as e:  # yaml and json raise their own types
         raise CoFormerError(f"devices file {path} cannot be parsed: {e}") from None
-    return parse_devices(doc, str(path))
+    devices = parse_devices(doc, str(path))
+    from dataclasses import replace
+
+    return [replace(d, profile=str((path.parent / d.profile).resolve())) if d.profile else d for d in devices]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,3 +159,84 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
         "split": "test",
         "samples": int(x.shape[0]),
     }
+
+
+def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True):
+    """L_val of eq. 7 for a policy: mean over sub-models of their validation cross-entropy.
+
+    Sub-models are evaluated as sliced, before calibration, each with the
+    teacher's head restricted to its channels (what the paper's evaluator sees).
+    """
+    import torch.nn.functional as F
+
+    adapter = adapter_for(teacher)
+    x = data.val.x
+    target = data.val.y if (use_labels and data.val.y is not None) else run_batched(teacher, x).argmax(-1)
+
+    @torch.no_grad()
+    def l_val(policy: Policy) -> float:
+        losses = []
+        for spec in policy.submodels:
+            sub, head = adapter.slice(teacher, spec), adapter.submodel_head(teacher, spec).eval()
+            losses.append(float(F.cross_entropy(head(run_batched(sub, x)), target)))
+        return sum(losses) / len(losses)
+
+    return l_val
+
+
+def search_policy(
+    teacher: nn.Module,
+    devices: Sequence[DeviceSpec],
+    predictors: Sequence[Any],
+    data: Dataset,
+    methods: Sequence[str] = ("bo",),
+    delta: float = 0.05,
+    initial: int = 8,
+    iterations: int = 24,
+    seed: int = 0,
+    log_path: Optional[Path] = None,
+    use_labels: bool = True,
+    progress: bool = True,
+) -> tuple[Policy, dict[str, Any]]:
+    """Run DeBo (and any baselines in ``methods``); the policy of the first method wins.
+
+    Returns the policy and a report: per method the best objective and its
+    terms, the number of evaluations, and the chosen policy's predicted latency.
+    """
+    from tqdm.auto import tqdm
+
+    from coformer.compiler.search import Decoder, LatencyModel, run_search
+
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
+    decoder = Decoder(shape, imp, devices)
+    full = teacher_cost(shape)
+    central = predictors[0]
+    g = full.flops / central.predict_one([shape.num_layers, shape.embed_dim, float(np.mean(shape.heads)),
+                                           float(np.mean(shape.mlp_dims))], full.flops, full.params)
+    latency = LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)))
+    l_val = validation_loss(teacher, data, use_labels)
+    results: dict[str, Any] = {}
+    chosen = None
+    for method in methods:
+        total = 1 if method == "uniform" else initial + iterations
+        bar = tqdm(total=total, desc=f"search {method}", disable=not progress, leave=False)
+
+        def tick(ev, bar=bar):
+            bar.update(1)
+            bar.set_postfix(psi=f"{ev.psi:.3f}")
+
+        res = run_search(method, decoder, latency, l_val, delta, initial, iterations, seed,
+                         None if log_path is None else Path(f"{log_path}.{method}.jsonl"), tick)
+        bar.close()
+        b = res.best
+        results[method] = {"best_objective": b.psi, "l_val": b.l_val, "predicted_latency_ms": b.latency_ms,
+                           "t1_ms": b.t1_ms, "t2_ms": b.t2_ms, "t3_ms": b.t3_ms, "evaluations": len(res.evaluations),
+                           "policy": [s.summary() for s in b.policy.submodels]}
+        if chosen is None:
+            chosen = b
+    results["evaluations"] = results[methods[0]]["evaluations"]
+    results["delta"] = delta
+    results["central_flops_per_ms"] = g
+    return chosen.policy, results

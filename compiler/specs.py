@@ -175,6 +175,9 @@ class DeviceSpec:
         backend: engine backend, ``onnxruntime``.
         precision: ``fp32``.
         address: where the device is reached (informational for local runs).
+        profile: a device profile (``coformer-runtime profile`` output) or a
+            fitted predictor (``coformer fit-predictor``) for this device, used
+            by the search; relative paths are relative to the devices file.
     """
 
     name: str
@@ -186,6 +189,7 @@ class DeviceSpec:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     address: str = "127.0.0.1"
+    profile: Optional[str] = None
 
     def __post_init__(self) -> None:
         where = f"device {self.name!r}"

@@ -31,7 +31,7 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-cores", default=None, help="pin to these cores, e.g. '0' or '2,3'")
     p.add_argument("--cpu-share", type=float, default=1.0, help="emulate a device with this share of one core")
     p.add_argument("--throttle", default="auto", choices=["auto", "cgroup", "duty-cycle", "none"],
-                   help="how --cpu-share is enforced (auto: a cgroup quota where root allows, else a duty cycle)")
+                   help="how --cpu-share is enforced (auto = duty-cycle; cgroup: a CFS quota, needs root)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", type=Path, required=True, help=".npy of model inputs, [N, ...]")
     p.add_argument("--out", type=Path, required=True, help=".npz to write: outputs and latency_ms")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first")
+    _add_limits(p)
+
+    p = sub.add_parser("profile", help="time every model of a profile kit on this device; write DEVICE.json")
+    p.add_argument("kit", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="DEVICE.json to write")
+    p.add_argument("--device", default="this-device", help="the device's name in devices.yaml")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    p.add_argument("--warmup", type=float, default=100.0, help="warm-up per model, ms (trtexec --warmUp)")
+    p.add_argument("--iterations", type=int, default=10, help="at least this many runs (trtexec --iterations)")
+    p.add_argument("--duration", type=float, default=0.3, help="and at least this many seconds (trtexec --duration)")
+    p.add_argument("--idle-time", type=float, default=2.0, help="ms idle before each run, as between served "
+                   "requests (trtexec --idleTime)")
+    p.add_argument("--trtexec", action="append", default=[], metavar="ID=TIMES.json",
+                   help="use trtexec --exportTimes output for kit entry ID instead of timing it here")
+    p.add_argument("--no-progress", action="store_true")
+    _add_limits(p)
+
+    p = sub.add_parser("benchmark", help="trtexec-style timing of one model: warm-up, iterations, duration")
+    p.add_argument("model", type=Path)
+    p.add_argument("--warmup", type=float, default=200.0, help="ms (trtexec --warmUp)")
+    p.add_argument("--iterations", type=int, default=10, help="at least this many runs")
+    p.add_argument("--duration", type=float, default=3.0, help="and at least this many seconds")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
+    p.add_argument("--json", type=Path, default=None, help="write the full result here")
     _add_limits(p)
 
     p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
@@ -116,6 +141,32 @@ def run(args: argparse.Namespace) -> int:
         np.savez(buf, outputs=outputs, latency_ms=latency)
         atomic_write_bytes(args.out, buf.getvalue())
         print(json.dumps(summarise(latency)))
+    elif args.command == "profile":
+        from coformer.runtime.profile import profile_kit
+
+        trt = {}
+        for item in args.trtexec:
+            key, _, path = item.partition("=")
+            if not key.isdigit() or not path:
+                raise CoFormerError(f"--trtexec {item!r}: expected ID=TIMES.json")
+            trt[int(key)] = Path(path)
+        prof = profile_kit(args.kit, args.device, args.backend, args.threads or 1, _limits(args), args.warmup,
+                           args.iterations, args.duration, args.idle_time, trt, progress=not args.no_progress,
+                           out=args.out)
+        print(f"{args.out}: {len(prof['entries'])} kit entries timed on {args.device}")
+    elif args.command == "benchmark":
+        from coformer.runtime._files import atomic_write_json
+        from coformer.runtime.timing import benchmark_engine
+
+        t = benchmark_engine(args.model, "onnxruntime", args.warmup, args.iterations, args.duration,
+                             args.threads or 1, args.batch, limits=_limits(args), idle_ms=args.idle_time)
+        lat = t.latency_ms
+        print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s, throughput {t.throughput_qps:.1f} qps")
+        print(f"latency ms: median {lat['median']:.3f}, mean {lat['mean']:.3f}, p90 {lat['p90']:.3f}, "
+              f"p99 {lat['p99']:.3f}, min {lat['min']:.3f}, max {lat['max']:.3f}")
+        print(f"compute ms: median {t.compute_ms['median']:.3f}; host ms: median {t.host_ms['median']:.3f}")
+        if args.json:
+            atomic_write_json(args.json, t.to_dict())
     elif args.command == "verify":
         from coformer.runtime.manifest import load_manifest
 

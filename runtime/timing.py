@@ -1,21 +1,39 @@
-"""Time an engine on given inputs, one sample at a time, under device limits.
+"""Engine timing, the way trtexec does it, without torch.
 
-The measurement follows trtexec's habits: warm-up runs first, then every
-sample timed on its own; the summary gives the median and p90/p99.
+``benchmark_engine`` warms up for ``warmup_ms``, then runs at least
+``iterations`` inferences *and* for at least ``duration_s`` seconds, and
+reports latency statistics (median, mean, p90, p99, min, max), throughput, the
+engine's own compute time separately from host-side time (input and output
+handling outside the engine's run: the H2D/D2H of a GPU backend), peak memory
+and an environment record. Defaults and words follow trtexec (``--warmUp=200``
+ms, ``--iterations=10``, ``--duration=3`` s, ``--idleTime=0`` ms) so TensorRT
+users read it as they read trtexec.
+
+``time_samples`` runs given samples one by one (batch 1), e.g. a test split,
+and returns every output with its latency.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from coformer.runtime.engines import open_engine
+from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def summarise(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """median, mean, p90, p99, min, max (ms) and the count."""
     a = np.asarray(latencies_ms, dtype=np.float64)
     if a.size == 0:
         return {"count": 0}
@@ -28,6 +46,128 @@ def summarise(latencies_ms: Sequence[float]) -> dict[str, float]:
         "min": float(a.min()),
         "max": float(a.max()),
     }
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One benchmark: all times in milliseconds."""
+
+    latency_ms: Mapping[str, float]
+    compute_ms: Mapping[str, float]
+    host_ms: Mapping[str, float]
+    throughput_qps: float
+    iterations: int
+    total_s: float
+    warmup_ms: float
+    batch: int
+    peak_rss_bytes: int
+    environment: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(backend: str, threads: int, throttle_desc: str) -> dict[str, Any]:
+    version = "unknown"
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "threads": threads,
+        "backend": backend,
+        "backend_version": version,
+        "precision": "fp32",
+        "limits": throttle_desc,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def random_inputs(engine, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs matching the model's declared inputs; symbolic axes become ``batch``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in engine.session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
+        dtype = _ORT_DTYPES.get(spec.type)
+        if dtype is None:
+            raise CoFormerError(f"input {spec.name} has type {spec.type}, which the benchmark cannot generate")
+        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype == np.float32
+                            else rng.integers(0, 2, size=shape).astype(dtype))
+    return feeds
+
+
+def benchmark_engine(
+    path: Path,
+    backend: str = "onnxruntime",
+    warmup_ms: float = 200.0,
+    iterations: int = 10,
+    duration_s: float = 3.0,
+    threads: int = 1,
+    batch: int = 1,
+    inputs: Optional[Mapping[str, np.ndarray]] = None,
+    limits: DeviceLimits = DeviceLimits(),
+    idle_ms: float = 0.0,
+) -> Timing:
+    """Benchmark one model file (see the module doc); the process is held to ``limits``.
+
+    ``idle_ms`` sleeps between iterations (trtexec ``--idleTime``): a served
+    device idles between requests, and a CPU quota treats a burst after idle
+    differently from back-to-back work, so profiles of emulated devices use it.
+    """
+    if iterations < 1 or duration_s < 0 or warmup_ms < 0:
+        raise CoFormerError(f"iterations {iterations} must be >= 1, duration {duration_s} and warm-up "
+                            f"{warmup_ms} must be >= 0")
+    throttle = apply_limits(limits, "benchmark")
+    try:
+        with open_engine(Path(path), backend, threads) as engine:
+            feeds = dict(inputs) if inputs is not None else random_inputs(engine, batch)
+            end_warmup = time.perf_counter() + warmup_ms / 1e3
+            while True:
+                engine.infer(feeds)
+                throttle.after_compute(engine.last_compute_ms / 1e3)
+                if time.perf_counter() >= end_warmup:
+                    break
+            lat, comp = [], []
+            start = time.perf_counter()
+            while len(lat) < iterations or time.perf_counter() - start < duration_s:
+                if idle_ms:
+                    time.sleep(idle_ms / 1e3)
+                t0 = time.perf_counter()
+                engine.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3)
+                lat.append((time.perf_counter() - t0) * 1e3)
+                comp.append(engine.last_compute_ms + idle * 1e3)
+            total = time.perf_counter() - start
+    finally:
+        throttle.release()
+    host = np.maximum(np.asarray(lat) - np.asarray(comp), 0.0)
+    return Timing(
+        latency_ms=summarise(lat),
+        compute_ms=summarise(comp),
+        host_ms=summarise(host),
+        throughput_qps=len(lat) * batch / (total - len(lat) * idle_ms / 1e3),
+        iterations=len(lat),
+        total_s=total,
+        warmup_ms=warmup_ms,
+        batch=batch,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        environment=environment(backend, threads, throttle.describe()),
+    )
 
 
 def time_samples(

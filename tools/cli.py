@@ -1,7 +1,9 @@
 """``coformer``: compile a transformer for a few unequal devices, serve it, try it.
 
   coformer quickstart [--fast] [--out DIR] [--report-json PATH]
-  coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--policy FILE]
+  coformer profile-kit --model quickstart --out KIT       (then, on each device: coformer-runtime profile KIT ...)
+  coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
+  coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
   coformer serve BUNDLE [--front tcp://127.0.0.1:5555]
 """
 
@@ -31,21 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a small teacher and short calibration (for tests)")
     p.add_argument("--report-json", type=Path, default=None, help="write the measured report here")
     p.add_argument("--throttle", default="auto", choices=THROTTLES,
-                   help="how device shares are enforced (auto: cgroup quota where root allows, else duty cycle)")
+                   help="how device shares are enforced (auto = duty-cycle; cgroup: a CFS quota, needs root)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("compile", help="decompose, calibrate and lower a teacher into a bundle")
-    p.add_argument("--model", required=True,
-                   help="'quickstart' (the quickstart teacher) or 'timm:NAME' with --checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=None, help="local state_dict for a timm model")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
+    _add_model(p)
     p.add_argument("--devices", type=Path, required=True, help="devices file (YAML or JSON)")
     p.add_argument("--data", default="digits", choices=["digits"], help="calibration data set")
-    p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON) instead of the heuristic")
+    p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
+    p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
+                   help="how to choose the policy (auto: bo when every device has a profile, else heuristic)")
+    p.add_argument("--compare", action="store_true", help="also run the random and uniform baselines")
+    p.add_argument("--delta", type=float, default=0.05, help="weight of latency (per ms) against validation loss")
+    p.add_argument("--initial", type=int, default=8, help="random policies before the GP guides (r)")
+    p.add_argument("--iterations", type=int, default=24, help="guided search iterations (I_s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--search-log", type=Path, default=None,
+                   help="append every evaluation here (JSON lines); a rerun resumes from it (default: OUT.search)")
+    p.add_argument("--measure", action="store_true",
+                   help="serve the bundle on this machine (devices emulated) and measure its latency")
+    p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--epochs", type=int, default=5, help="calibration epochs per sub-model")
     p.add_argument("--unlabeled", action="store_true", help="calibrate from the teacher's decisions only")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("profile-kit", help="ONNX sub-models spanning the search space, to time on each device")
+    _add_model(p)
+    p.add_argument("--out", type=Path, required=True, help="kit folder to write")
+    p.add_argument("--count", type=int, default=40, help="number of sub-models")
+    p.add_argument("--refine", type=Path, default=None,
+                   help="a DEVICE.json of this kit: add --count entries next to the worst-predicted ones")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("fit-predictor", help="fit a device's latency predictor from its profile")
+    p.add_argument("profile", type=Path, help="DEVICE.json from coformer-runtime profile")
+    p.add_argument("--out", type=Path, default=None, help="predictor JSON to write")
+    p.add_argument("--report-json", type=Path, default=None, help="accuracy on held-out kit entries")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("serve", help="serve a bundle on this machine: central node and workers as processes")
     p.add_argument("bundle", type=Path)
@@ -54,13 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="'quickstart' (the quickstart teacher) or 'timm:NAME' with --checkpoint")
+    p.add_argument("--checkpoint", type=Path, default=None, help="local state_dict for a timm model")
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
+
+
 def _load_teacher(args: argparse.Namespace):
     if args.model == "quickstart":
         from coformer.calibration.data import load_digits_dataset
         from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher
 
         cfg = QuickstartConfig()
-        return load_or_train_teacher(cfg, load_digits_dataset(cfg.img_size), not args.no_progress)[0]
+        return load_or_train_teacher(cfg, load_digits_dataset(cfg.img_size), not getattr(args, "no_progress", False))[0]
     if args.model.startswith("timm:"):
         import timm
         import torch
@@ -89,8 +122,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.data import load_digits_dataset
     from coformer.compiler.devices import load_devices
-    from coformer.compiler.pipeline import compile_bundle
+    from coformer.compiler.pipeline import compile_bundle, search_policy
+    from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
+    from coformer.runtime._files import atomic_write_json
 
     devices = load_devices(args.devices)
     policy = Policy.load(args.policy) if args.policy else None
@@ -98,16 +133,97 @@ def cmd_compile(args: argparse.Namespace) -> int:
     in_chans, h, w = teacher.patch_embed.proj.in_channels, *teacher.patch_embed.img_size
     if in_chans != 1 or h != w:
         raise CoFormerError(f"the built-in digits data is 1-channel square; the model takes {in_chans}x{h}x{w}")
-    result = compile_bundle(teacher, devices, load_digits_dataset(h), args.out, policy=policy,
+    data = load_digits_dataset(h)
+    report: dict = {}
+    method = args.search
+    if method == "auto":
+        method = "bo" if all(d.profile for d in devices) else "heuristic"
+        if method == "heuristic" and policy is None:
+            print("no profile for " + ", ".join(d.name for d in devices if not d.profile)
+                  + ": using the heuristic policy (set 'profile:' in the devices file to search)", file=sys.stderr)
+    if policy is None and method != "heuristic":
+        missing = [d.name for d in devices if not d.profile]
+        if missing:
+            raise CoFormerError(f"--search {method} needs a profile for every device; missing for {missing}")
+        predictors = []
+        for d in devices:
+            pred, fit = predictor_for(Path(d.profile), args.seed)
+            predictors.append(pred)
+            if fit is not None:
+                report.setdefault("predictor", {})[d.name] = fit
+        methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if args.compare else [])
+        log = args.search_log or Path(f"{args.out}.search")
+        policy, found = search_policy(teacher, devices, predictors, data, methods, args.delta, args.initial,
+                                      args.iterations, args.seed, log, not args.unlabeled, not args.no_progress)
+        report["search"] = found
+        report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
+    result = compile_bundle(teacher, devices, data, args.out, policy=policy,
                             boost=BoostConfig(epochs=args.epochs), use_labels=not args.unlabeled,
                             model_name=args.model, progress=not args.no_progress)
     acc = result.accuracy
-    print(f"bundle: {args.out}")
+    report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
+                  submodel_accuracies=acc["submodel_accuracies"], policy_source=result.policy.source)
+    if args.measure:
+        from coformer.tools.measure import measure_served
+
+        served = measure_served(args.out, data.test.x.numpy())
+        report["measured_latency_ms"] = served["latency_ms"]["median"]
+        report["served_accuracy"] = float((served["predictions"] == data.test.y.numpy()).mean())
+        report["runtime_overhead_ms"] = served["status_round_trip_ms"]
+    print(f"bundle: {args.out} (policy: {result.policy.source})")
     print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
           f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}")
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")
+    if "search" in report:
+        s = report["search"]
+        print("search: " + ", ".join(f"{m} best objective {s[m]['best_objective']:.4f}"
+                                     for m in ("bo", "random", "uniform") if m in s)
+              + f"; predicted latency {report['predicted_latency_ms']:.2f} ms")
+    if "measured_latency_ms" in report:
+        print(f"measured latency (served here, devices emulated): {report['measured_latency_ms']:.2f} ms")
+    if args.report_json:
+        atomic_write_json(args.report_json, report)
+    return 0
+
+
+def cmd_profile_kit(args: argparse.Namespace) -> int:
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.predictor import fit_predictor, worst_configs
+    from coformer.compiler.profile_kit import refine_configs, sample_configs, write_kit
+    from coformer.runtime.profile import load_kit
+
+    teacher = _load_teacher(args)
+    shape = adapter_for(teacher).read_shape(teacher)
+    if args.refine:
+        kit = load_kit(args.out)
+        profile = json.loads(args.refine.read_text())
+        pred, _ = fit_predictor(profile, seed=args.seed)
+        configs = refine_configs(shape, worst_configs(pred, profile, max(1, args.count // 2)), 2, args.seed)
+        configs = [c for c in configs if c not in {tuple(e["config"]) for e in kit["entries"]}][: args.count]
+        kit = write_kit(teacher, configs, args.out, not args.no_progress, existing=kit)
+    else:
+        kit = write_kit(teacher, sample_configs(shape, args.count, args.seed), args.out, not args.no_progress)
+    print(f"{args.out}: {len(kit['entries'])} sub-models; on each device run: "
+          f"coformer-runtime profile {args.out} --device NAME --out NAME.json")
+    return 0
+
+
+def cmd_fit_predictor(args: argparse.Namespace) -> int:
+    from coformer.compiler.predictor import fit_predictor
+    from coformer.runtime._files import atomic_write_json
+
+    if not args.profile.is_file():
+        raise CoFormerError(f"profile {args.profile} does not exist")
+    pred, report = fit_predictor(json.loads(args.profile.read_text()), seed=args.seed)
+    if args.out:
+        pred.save(args.out)
+    if args.report_json:
+        atomic_write_json(args.report_json, report)
+    print(f"{pred.kind} predictor: {report['within_10pct'] * 100:.0f}% of {report['n_test']} held-out entries "
+          f"within 10% ({report['within_5pct'] * 100:.0f}% within 5%), MAPE {report['mape'] * 100:.1f}%, "
+          f"RMSE {report['rmse_ms']:.3f} ms")
     return 0
 
 
@@ -150,6 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "compile":
             return cmd_compile(args)
+        if args.command == "profile-kit":
+            return cmd_profile_kit(args)
+        if args.command == "fit-predictor":
+            return cmd_fit_predictor(args)
         if args.command == "serve":
             return cmd_serve(args)
     except CoFormerError as e:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Optional
+from typing import IO, Mapping, Optional, Sequence
 
 from coformer.runtime.client import Client
 from coformer.runtime.errors import CoFormerError
@@ -31,18 +31,23 @@ class Placement:
 
 
 def default_placements(manifest) -> dict[str, Placement]:
-    """Central node alone on core 0; workers packed onto the other cores by share.
+    """Placements for a bundle's devices: see :func:`place_devices`."""
+    return place_devices([(d.device, d.cpu_share) for d in manifest.devices])
 
-    Each worker goes to the core with the most share left (a core holds 1.0).
-    On a one-core machine everything shares core 0.
+
+def place_devices(devices: Sequence[tuple[str, float]]) -> dict[str, Placement]:
+    """Central node (the first device) alone on core 0; the others packed onto the
+    remaining cores by share, each to the core with the most share left (a core
+    holds 1.0). On a one-core machine everything shares core 0.
     """
     ncpu = os.cpu_count() or 1
-    out = {manifest.central.device: Placement((0,), manifest.central.cpu_share)}
-    load = {c: 0.0 for c in range(1, ncpu)} or {0: manifest.central.cpu_share}
-    for w in sorted(manifest.workers, key=lambda w: -w.cpu_share):
+    (central, central_share), others = devices[0], devices[1:]
+    out = {central: Placement((0,), central_share)}
+    load = {c: 0.0 for c in range(1, ncpu)} or {0: central_share}
+    for name, share in sorted(others, key=lambda w: -w[1]):
         core = min(load, key=lambda c: (load[c], c))
-        load[core] += w.cpu_share
-        out[w.device] = Placement((core,), w.cpu_share)
+        load[core] += share
+        out[name] = Placement((core,), share)
     return out
 
 

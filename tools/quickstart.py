@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,10 +50,15 @@ class QuickstartConfig:
     flops_fraction: float = 0.5
     seed: int = 0
     warmup_requests: int = 10
+    kit_count: int = 30
+    search_initial: int = 8
+    search_iterations: int = 24
+    delta: float = 0.05
 
 
 FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
-                        teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3)
+                        teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3,
+                        kit_count=12, search_initial=4, search_iterations=4)
 
 
 def cache_dir() -> Path:
@@ -78,8 +83,8 @@ def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
 
     from coformer.calibration.train import train_classifier
 
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("boost_epochs", "aggregator_epochs",
-                                                             "shares", "flops_fraction", "warmup_requests")}
+    key = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "img_size", "patch_size",
+                                         "teacher_epochs", "teacher_lr", "seed")}
     digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "quickstart" / f"teacher-{digest}.pt"
     model = build_teacher(cfg)
@@ -120,6 +125,38 @@ def make_devices(cfg: QuickstartConfig, teacher_flops: int):
                        link_mbit_s=1000.0, cpu_share=s) for n, s in zip(names, cfg.shares)]
 
 
+def profile_devices(teacher, devices, placements, out_dir: Path, cfg: QuickstartConfig, throttle: str,
+                    progress: bool) -> dict[str, dict]:
+    """Build a profile kit and time it on every emulated device at once, each in its own
+    process under its own limits (as they will serve); the kit's ONNX files are removed after."""
+    import shutil
+
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.profile_kit import sample_configs, write_kit
+
+    shape = adapter_for(teacher).read_shape(teacher)
+    kit_dir = out_dir / "kit"
+    shutil.rmtree(kit_dir, ignore_errors=True)
+    write_kit(teacher, sample_configs(shape, cfg.kit_count, cfg.seed), kit_dir, progress)
+    (out_dir / "profiles").mkdir(exist_ok=True)
+    procs = {}
+    for d in devices:
+        p = placements[d.name]
+        cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
+               "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
+               "--cpu-cores", ",".join(map(str, p.cores or [0])), "--throttle", throttle, "--threads", "1",
+               "--no-progress"]
+        procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    profiles = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise CoFormerError(f"profiling {name} failed: {err.strip()[-2000:]}")
+        profiles[name] = json.loads((out_dir / "profiles" / f"{name}.json").read_text())
+    shutil.rmtree(kit_dir / "models", ignore_errors=True)
+    return profiles
+
+
 def time_teacher(onnx_path: Path, inputs_path: Path, out_path: Path, throttle: str, warmup: int) -> np.lib.npyio.NpzFile:
     """Time the teacher in its own process under the central (strongest) device's limits."""
     cmd = [sys.executable, "-m", "coformer.runtime.cli", "time", str(onnx_path), "--inputs", str(inputs_path),
@@ -147,8 +184,10 @@ def run_quickstart(
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
     from coformer.compiler.lower import check_parity, export_onnx
-    from coformer.compiler.pipeline import compile_bundle
-    from coformer.tools.cluster import LocalCluster, default_placements
+    from coformer.compiler.pipeline import compile_bundle, search_policy
+    from coformer.compiler.predictor import fit_predictor
+    from coformer.tools.cluster import place_devices
+    from coformer.tools.measure import measure_runtime_overhead, measure_served
 
     cfg = config or (FAST if fast else QuickstartConfig())
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
@@ -164,9 +203,26 @@ def run_quickstart(
     t_cost = teacher_cost(shape)
     devices = make_devices(cfg, t_cost.flops)
 
-    _say("compile: importance -> policy -> decompose -> calibrate -> ONNX -> bundle")
+    placements = place_devices([(d.name, d.cpu_share) for d in devices])
+
+    _say(f"profiling the {len(devices)} emulated devices on a kit of {cfg.kit_count} sub-models")
+    profiles = profile_devices(teacher, devices, placements, out_dir, cfg, throttle, progress)
+    predictors, fits = [], {}
+    for d in devices:
+        pred, fits[d.name] = fit_predictor(profiles[d.name], seed=cfg.seed)
+        pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
+        predictors.append(pred)
+
+    _say("search: DeBo (Bayesian optimisation), random search and uniform decomposition")
+    policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
+                                   cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress)
+
+    _say("measuring the serving runtime's own per-request cost with a probe bundle")
+    overhead = measure_runtime_overhead(teacher, devices, data, out_dir, throttle)
+
+    _say("compile: decompose -> calibrate -> ONNX -> bundle")
     result = compile_bundle(
-        teacher, devices, data, out_dir / "bundle",
+        teacher, devices, data, out_dir / "bundle", policy=policy,
         boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
         aggregator_epochs=cfg.aggregator_epochs,
         model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", progress=progress,
@@ -177,28 +233,17 @@ def run_quickstart(
     y_test = data.test.y.numpy()
     np.save(out_dir / "test_inputs.npy", x_test)
 
-    _say(f"timing the teacher alone on edge-a's limits ({len(x_test)} test images)")
+    _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(x_test)} test images)")
     timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
                          cfg.warmup_requests)
     teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
 
     manifest = result.manifest
-    placements = default_placements(manifest)
     _say("serving: central node + workers as separate processes on loopback")
-    rtts, preds, wire, breakdown = [], [], [], []
-    with LocalCluster(out_dir / "bundle", placements, throttle=throttle, log_dir=out_dir / "logs") as cluster:
-        with cluster.client() as client:
-            for i in range(cfg.warmup_requests):
-                client.infer(x_test[i: i + 1])
-            for i in range(len(x_test)):
-                r = client.infer(x_test[i: i + 1])
-                rtts.append(r.round_trip_ms)
-                preds.append(r.label_index[0])
-                wire.append(r.wire_bytes_from_workers)
-                breakdown.append(r.timing_ms)
-    ensemble_acc = float((np.asarray(preds) == y_test).mean())
-    t_lat, c_lat = summarise(timed["latency_ms"]), summarise(rtts)
-    feature_payload = sum(4 * d.feature_dim for d in manifest.workers)
+    served = measure_served(out_dir / "bundle", x_test, cfg.warmup_requests, throttle, out_dir / "logs")
+    ensemble_acc = float((served["predictions"] == y_test).mean())
+    t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
+    predicted = search["bo"]["predicted_latency_ms"] + overhead
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
@@ -206,21 +251,20 @@ def run_quickstart(
         "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
         "collaborative_latency_ms": {"median": c_lat["median"], "p90": c_lat["p90"]},
         "speedup": t_lat["median"] / c_lat["median"],
-        "bytes_per_inference": int(np.median(wire)),
-        "feature_payload_bytes": feature_payload,
+        "bytes_per_inference": served["bytes_per_inference"],
+        "feature_payload_bytes": sum(4 * d.feature_dim for d in manifest.workers),
         "devices": [
-            {"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "cores": list(placements[d.device].cores or []),
-             "flops": d.flops, "params": d.params, "flops_budget": next(x.flops_budget for x in devices if x.name == d.device)}
+            {"name": d.device, "role": d.role, "cpu_share": d.cpu_share,
+             "cores": list(placements[d.device].cores or []), "flops": d.flops, "params": d.params,
+             "flops_budget": next(x.flops_budget for x in devices if x.name == d.device)}
             for d in manifest.devices
         ],
-        "breakdown_ms_median": {
-            "central_compute": float(np.median([b["central_compute"] for b in breakdown])),
-            "wait_for_workers": float(np.median([b["wait_for_workers"] for b in breakdown])),
-            "aggregate": float(np.median([b["aggregate"] for b in breakdown])),
-            "central_total": float(np.median([b["total"] for b in breakdown])),
-            **{f"worker_compute.{k}": float(np.median([b["workers_compute"][k] for b in breakdown]))
-               for k in breakdown[0]["workers_compute"]},
-        },
+        "search": search,
+        "predictor": fits,
+        "predicted_latency_ms": predicted,
+        "predicted_latency_terms_ms": {"T_eq3": search["bo"]["predicted_latency_ms"], "runtime_overhead": overhead},
+        "measured_latency_ms": c_lat["median"],
+        "breakdown_ms_median": served["breakdown_ms_median"],
         "pytorch_accuracy": result.accuracy,
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
                     "config": {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "img_size", "patch_size")}},
@@ -266,4 +310,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"speedup {r['speedup']:.2f}x, accuracy {100 * (r['ensemble_accuracy'] - r['teacher_accuracy']):+.1f} points; "
         f"bundle: {r['bundle']}",
     ]
+    if "search" in r:
+        s, pt = r["search"], r["predicted_latency_terms_ms"]
+        lines += [
+            f"search, best objective (L_val + delta*T, {s['evaluations']} evaluations): "
+            + ", ".join(f"{m} {s[m]['best_objective']:.3f}" for m in ("bo", "random", "uniform") if m in s),
+            f"latency predicted {r['predicted_latency_ms']:.2f} ms (T {pt['T_eq3']:.2f} + runtime "
+            f"{pt['runtime_overhead']:.2f}), measured {r['measured_latency_ms']:.2f} ms",
+            "predictor, held-out kit entries within 10%: "
+            + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items()),
+        ]
     return "\n".join(lines)

@@ -42,6 +42,15 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
     # the served ensemble answers as the in-process one did (same split, same ONNX numerics)
     assert abs(r["ensemble_accuracy"] - r["pytorch_accuracy"]["ensemble_accuracy"]) <= 0.01
     assert "speedup" in done.stdout and (tmp_path / "qs" / "bundle" / "manifest.json").is_file()
+    # the search ran on profiles of the emulated devices, with both baselines
+    for method in ("bo", "random", "uniform"):
+        assert isinstance(r["search"][method]["best_objective"], float)
+    assert r["search"]["bo"]["evaluations"] == r["search"]["random"]["evaluations"] == 8
+    assert set(r["predictor"]) == {"edge-a", "edge-b", "edge-c"}
+    for fit in r["predictor"].values():
+        assert {"within_10pct", "within_5pct", "mape", "rmse_ms", "n_train", "n_test"} <= set(fit)
+    assert r["predicted_latency_ms"] > 0 and r["measured_latency_ms"] == r["collaborative_latency_ms"]["median"]
+    assert not (tmp_path / "qs" / "kit" / "models").exists()  # the kit's ONNX files are removed
     # the teacher is cached: a second run does not train it again
     again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",
                             "--throttle", "duty-cycle"], capture_output=True, text=True, env=env, timeout=600)

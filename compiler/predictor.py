@@ -1,0 +1,218 @@
+"""Per-device latency predictor t1_n = f(C_n) (paper eq. 4, supplementary §A).
+
+Two models, chosen per device by 5-fold cross-validation on the profile:
+
+* ``mlp``: the paper's predictor, a three-layer perceptron (two hidden layers of
+  600, ReLU) on (l, d, mean heads, mean MLP width), trained on standardised log
+  latency (full-batch Adam; a profile holds tens of entries, not thousands);
+* ``analytic``: a roofline-style baseline with a cache cliff,
+  ``a*FLOPs + b*P + c*max(0, P - P_cache) + e*l + f*l*h + g`` for P parameters:
+  compute, weight traffic, the extra cost of weights that no longer fit the
+  last-level cache (measured here: about 0.3 ms per million fp32 parameters
+  below ~10 M, 0.5 above), per-layer and per-head dispatch, and a constant.
+  Coefficients are non-negative (non-negative least squares on relative
+  error); P_cache is chosen from the profile's own sizes.
+
+A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
+numpy alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from coformer.runtime._files import atomic_write_json
+from coformer.runtime.errors import CoFormerError
+
+KINDS = ("mlp", "analytic")
+
+
+def _paper_features(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    return np.asarray([r["config"] for r in rows], dtype=np.float64)
+
+
+def _analytic_features(rows: Sequence[Mapping[str, Any]], cache_mparams: float) -> np.ndarray:
+    return np.asarray([[r["flops"] / 1e9, r["params"] / 1e6, max(0.0, r["params"] / 1e6 - cache_mparams),
+                        r["config"][0], r["config"][0] * r["config"][2], r["config"][0] * r["config"][3] / 1e3,
+                        r["config"][0] * r["config"][1] / 1e3, 1.0] for r in rows], dtype=np.float64)
+
+
+@dataclass
+class LatencyPredictor:
+    """Predicts a sub-model's latency (ms) on one device from its config, FLOPs and parameters."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+
+    def predict(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        if self.kind == "analytic":
+            return _analytic_features(rows, self.params["cache_mparams"]) @ np.asarray(self.params["coef"])
+        if self.kind == "mlp":
+            x = (_paper_features(rows) - self.params["x_mean"]) / self.params["x_std"]
+            for i, (W, b) in enumerate(zip(self.params["coefs"], self.params["intercepts"])):
+                x = x @ np.asarray(W) + np.asarray(b)
+                if i < len(self.params["coefs"]) - 1:
+                    x = np.maximum(x, 0.0)
+            return np.exp(x[:, 0] * self.params["y_std"] + self.params["y_mean"])
+        raise CoFormerError(f"predictor kind {self.kind!r} is not one of {KINDS}")
+
+    def predict_one(self, config: Sequence[float], flops: int, params: int) -> float:
+        return float(self.predict([{"config": list(config), "flops": flops, "params": params}])[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        p = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.params.items()}
+        return {"version": 1, "kind": self.kind, "device": self.device, "params": p}
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "LatencyPredictor":
+        path = Path(path)
+        if not path.is_file():
+            raise CoFormerError(f"predictor file {path} does not exist")
+        d = json.loads(path.read_text())
+        if d.get("version") != 1 or d.get("kind") not in KINDS:
+            raise CoFormerError(f"{path} is not a CoFormer latency predictor (version 1, kind in {KINDS})")
+        return cls(d["kind"], d["params"], d.get("device", ""))
+
+
+def _fit(kind: str, rows: Sequence[Mapping[str, Any]], seed: int) -> LatencyPredictor:
+    y = np.asarray([r["latency_ms"] for r in rows], dtype=np.float64)
+    if kind == "analytic":
+        from scipy.optimize import nnls
+
+        w = 1.0 / y  # least squares on relative error
+        best = None
+        sizes = sorted({r["params"] / 1e6 for r in rows})
+        for cache in [0.0] + sizes[:-1]:
+            X = _analytic_features(rows, cache)
+            coef, resid = nnls(X * w[:, None], y * w)
+            if best is None or resid < best[0] - 1e-12:
+                best = (resid, cache, coef)
+        return LatencyPredictor("analytic", {"coef": best[2].tolist(), "cache_mparams": best[1]})
+    X = _paper_features(rows)
+    x_mean, x_std = X.mean(0), X.std(0) + 1e-9
+    ly = np.log(y)
+    y_mean, y_std = float(ly.mean()), float(ly.std() + 1e-9)
+    coefs, intercepts = _train_mlp((X - x_mean) / x_std, (ly - y_mean) / y_std, seed)
+    return LatencyPredictor("mlp", {
+        "x_mean": x_mean.tolist(), "x_std": x_std.tolist(), "y_mean": y_mean, "y_std": y_std,
+        "coefs": coefs, "intercepts": intercepts,
+    })
+
+
+def _train_mlp(X: np.ndarray, y: np.ndarray, seed: int, hidden: int = 600, steps: int = 400,
+               lr: float = 3e-3) -> tuple[list, list]:
+    """The paper's 3-layer MLP (4 -> 600 -> 600 -> 1, ReLU), full-batch Adam with cosine decay."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and deterministic
+    try:
+        g = torch.Generator().manual_seed(seed)
+        layers = [torch.nn.Linear(X.shape[1], hidden), torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 1)]
+        with torch.no_grad():
+            for lin in layers:
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * (2.0 / lin.in_features) ** 0.5)
+                lin.bias.zero_()
+        net = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1], torch.nn.ReLU(), layers[2])
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        Xt = torch.tensor(X, dtype=torch.float32)
+        yt = torch.tensor(y, dtype=torch.float32)[:, None]
+        for _ in range(steps):
+            loss = torch.mean((net(Xt) - yt) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    return ([lin.weight.detach().T.double().tolist() for lin in layers],
+            [lin.bias.detach().double().tolist() for lin in layers])
+
+
+def accuracy_report(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """RMSE, MAPE and nn-Meter's share of predictions within +-5% and +-10%."""
+    rel = np.abs(pred - actual) / actual
+    return {
+        "rmse_ms": float(np.sqrt(np.mean((pred - actual) ** 2))),
+        "mape": float(rel.mean()),
+        "within_5pct": float((rel <= 0.05).mean()),
+        "within_10pct": float((rel <= 0.10).mean()),
+    }
+
+
+def _rows(profile: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"config": e["config"], "flops": e["flops"], "params": e["params"],
+             "latency_ms": float(e["latency_ms"]["median"])} for e in profile["entries"]]
+
+
+def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: int = 0,
+                  kinds: Sequence[str] = KINDS) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Fit on a device profile; hold out ``test_fraction`` of entries for the report.
+
+    The kind is chosen by 5-fold cross-validated MAPE on the training entries,
+    then refitted on all of them. Returns the predictor and the report
+    (``within_10pct``, ``within_5pct``, ``mape``, ``rmse_ms``, ``n_train``,
+    ``n_test``, ``chosen``, ``cv_mape``).
+    """
+    rows = _rows(profile)
+    n = len(rows)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n - n_test < 5:
+        raise CoFormerError(f"profile has {n} entries; at least {5 + n_test} are needed to fit and test")
+    order = np.random.default_rng(seed).permutation(n)
+    test = [rows[i] for i in order[:n_test]]
+    train = [rows[i] for i in order[n_test:]]
+    folds = np.array_split(np.arange(len(train)), 5)
+    cv = {}
+    for kind in kinds:
+        errs = []
+        for f in folds:
+            held = set(f.tolist())
+            fit_rows = [train[i] for i in range(len(train)) if i not in held]
+            val = [train[i] for i in f]
+            p = _fit(kind, fit_rows, seed)
+            actual = np.asarray([r["latency_ms"] for r in val])
+            errs.extend(np.abs(p.predict(val) - actual) / actual)
+        cv[kind] = float(np.mean(errs))
+    chosen = min(cv, key=lambda k: (cv[k], k))
+    predictor = _fit(chosen, train, seed)
+    predictor.device = str(profile.get("device", ""))
+    actual = np.asarray([r["latency_ms"] for r in test])
+    report = {**accuracy_report(predictor.predict(test), actual), "n_train": len(train), "n_test": len(test),
+              "chosen": chosen, "cv_mape": cv}
+    if not all(math.isfinite(v) for v in (report["mape"], report["rmse_ms"])):
+        raise CoFormerError("the predictor produced non-finite predictions; the profile may be degenerate")
+    return predictor, report
+
+
+def worst_configs(predictor: LatencyPredictor, profile: Mapping[str, Any], count: int) -> list[tuple[int, ...]]:
+    """The profile entries the predictor gets most wrong (for kit refinement)."""
+    rows = _rows(profile)
+    actual = np.asarray([r["latency_ms"] for r in rows])
+    rel = np.abs(predictor.predict(rows) - actual) / actual
+    return [tuple(rows[i]["config"]) for i in np.argsort(-rel)[:count]]
+
+
+def predictor_for(path: Path, seed: int = 0) -> tuple[LatencyPredictor, Optional[dict[str, Any]]]:
+    """A predictor from a fitted predictor file, or fitted now from a device profile."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoFormerError(f"profile or predictor file {path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CoFormerError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(d, dict) and "entries" in d:
+        return fit_predictor(d, seed=seed)
+    return LatencyPredictor.load(path), None

@@ -1,0 +1,105 @@
+"""Profile kit: ONNX sub-models spanning the decomposition search space, to be
+timed on each device (supplementary §A, "latency dataset collection").
+
+Configurations (l, d, h, D) are drawn by Latin hypercube sampling, so few
+points cover the four axes evenly, plus the two corners (the smallest and the
+whole teacher). Each entry is a real slice of the teacher with uniform width
+across its layers; the kit also records each entry's FLOPs and parameters,
+which the analytic predictor uses. ``refine_configs`` adds points next to the
+entries a fitted predictor gets most wrong (nn-Meter's adaptive sampling).
+
+A kit is large (the ONNX files carry weights: about the teacher's size times
+the mean kept fraction, per entry); profile it, then delete it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from coformer.compiler.cost import submodel_cost
+from coformer.compiler.specs import SubModelSpec, TransformerShape
+from coformer.runtime._files import atomic_write_json
+from coformer.runtime.errors import CoFormerError
+
+KIT_VERSION = 1
+KIT_NAME = "kit.json"
+
+Config = tuple[int, int, int, int]  # l, d, h (per layer), D (per layer)
+
+
+def _clip_config(shape: TransformerShape, l: float, d: float, h: float, D: float) -> Config:
+    return (
+        int(min(max(round(l), 1), shape.num_layers)),
+        int(min(max(round(d), 8), shape.embed_dim)),
+        int(min(max(round(h), 1), min(shape.heads))),
+        int(min(max(round(D), 8), min(shape.mlp_dims))),
+    )
+
+
+def sample_configs(shape: TransformerShape, count: int, seed: int = 0) -> list[Config]:
+    """``count`` configurations: both corners plus a Latin hypercube over the rest."""
+    if count < 2:
+        raise CoFormerError(f"a kit needs at least 2 entries, asked for {count}")
+    from scipy.stats import qmc
+
+    u = qmc.LatinHypercube(d=4, seed=seed).random(count - 2)
+    top = np.array([shape.num_layers, shape.embed_dim, min(shape.heads), min(shape.mlp_dims)], dtype=float)
+    pts = 0.5 + u * (top - 0.5)
+    configs = [_clip_config(shape, 1, 8, 1, 8), _clip_config(shape, *top)]
+    configs += [_clip_config(shape, *p) for p in pts]
+    return list(dict.fromkeys(configs))  # no duplicates, order kept
+
+
+def refine_configs(shape: TransformerShape, worst: Sequence[Config], per_point: int = 2, seed: int = 0) -> list[Config]:
+    """New configurations within +-15% of each badly predicted one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for cfg in worst:
+        for _ in range(per_point):
+            out.append(_clip_config(shape, *(np.asarray(cfg) * rng.uniform(0.85, 1.15, size=4))))
+    return list(dict.fromkeys(c for c in out if c not in worst))
+
+
+def uniform_spec(shape: TransformerShape, config: Config) -> SubModelSpec:
+    """The sub-model keeping the first l layers, d channels, h heads and D neurons of each layer."""
+    l, d, h, D = config
+    return SubModelSpec(tuple(range(l)), tuple(range(d)), tuple(tuple(range(h)) for _ in range(l)),
+                        tuple(tuple(range(D)) for _ in range(l)))
+
+
+def config_features(config: Config) -> list[float]:
+    return [float(x) for x in config]
+
+
+def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: bool = True,
+              existing: Optional[dict] = None) -> dict:
+    """Export one ONNX per configuration into ``out_dir`` and write ``kit.json``.
+
+    With ``existing`` (a kit already there), new entries are appended.
+    """
+    import torch
+
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.lower import export_onnx
+
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    out_dir = Path(out_dir)
+    kit = existing or {"version": KIT_VERSION, "family": shape.family, "shape": shape.to_dict(),
+                       "input": {"name": adapter.input_name, "shape": list(adapter.input_shape(teacher))},
+                       "entries": []}
+    start = len(kit["entries"])
+    example = torch.zeros(1, *adapter.input_shape(teacher))
+    for i, cfg in enumerate(tqdm(configs, desc="profile kit", disable=not progress)):
+        spec = uniform_spec(shape, cfg)
+        rel = f"models/{start + i:04d}.onnx"
+        export_onnx(adapter.slice(teacher, spec), [example], out_dir / rel, [adapter.input_name], ["features"])
+        cost = submodel_cost(spec, shape)
+        kit["entries"].append({"id": start + i, "file": rel, "config": list(cfg), "flops": cost.flops,
+                               "params": cost.params})
+    atomic_write_json(out_dir / KIT_NAME, kit)
+    return kit

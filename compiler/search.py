@@ -1,0 +1,247 @@
+"""DeBo decomposer: Bayesian optimisation over decomposition policies
+(paper §III-C-1, eq. 9-12, Algorithm 1 lines 1-11), with random search and
+uniform decomposition as baselines (paper Fig. 11).
+
+Encoding. A policy is a point of [0.05, 1]^(4N): for each device n, the
+fractions of the teacher's layers, embedding channels, heads per layer and MLP
+neurons per layer it keeps (uniform across its layers). Which units are kept
+follows importance (most important first), as in the heuristic policy.
+
+Constraints. Infeasible points are *repaired*, not rejected: widths whose sum
+over devices exceeds the teacher's (C2-C4) are scaled down in proportion, and
+a sub-model over its FLOPs or memory budget (C5, C6) loses its least
+important layers, then width, until it fits. Every evaluated policy therefore
+satisfies C1-C6 (``policy_violations`` is asserted empty); the GP learns
+Psi at the proposed point, which is the repaired policy's value.
+
+Objective (eq. 8): Psi(C) = L_val(C) + delta * T(C), with
+L_val the mean over sub-models of their validation cross-entropy (eq. 7; a
+mean per sample rather than a sum, so delta does not depend on the size of
+the validation set), and T = max_n(t1_n + t2_n) + t3 (eq. 3): t1 from each
+device's latency predictor, t2 = |X_n| / r_n (eq. 5; zero for the central
+device's own features), t3 = 2 d_agg d_i / g (eq. 6) with g the central
+device's measured FLOPs per ms.
+
+Prior and acquisition: scikit-optimize's Gaussian process with a Matern
+kernel, nu = 1.5 (eq. 9; the length scales start at 1 and are fitted),
+Gaussian observation noise (eq. 10), expected improvement (eq. 12); ``r``
+random initial policies, then ``iterations`` guided ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from coformer.compiler.cost import Cost, submodel_cost
+from coformer.compiler.importance import Importance, top_k
+from coformer.compiler.policy import apportion, policy_violations
+from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
+from coformer.runtime.errors import CoFormerError
+
+LOW = 0.05
+HEADER_BYTES = 128  # a features message's JSON header, rounded up
+METHODS = ("bo", "random", "uniform")
+
+
+@dataclass
+class Evaluation:
+    index: int
+    method: str
+    x: list[float]
+    policy: Policy
+    l_val: float
+    t1_ms: list[float]
+    t2_ms: list[float]
+    t3_ms: float
+    latency_ms: float
+    psi: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "method": self.method, "x": self.x,
+                "policy": [s.summary() for s in self.policy.submodels], "l_val": self.l_val,
+                "t1_ms": self.t1_ms, "t2_ms": self.t2_ms, "t3_ms": self.t3_ms, "latency_ms": self.latency_ms,
+                "psi": self.psi}
+
+
+@dataclass
+class SearchResult:
+    method: str
+    best: Evaluation
+    evaluations: list[Evaluation] = field(default_factory=list)
+
+    @property
+    def best_objective(self) -> float:
+        return self.best.psi
+
+
+class Decoder:
+    """Turns a point of the search space into a feasible policy (see the module doc)."""
+
+    def __init__(self, shape: TransformerShape, importance: Importance, devices: Sequence[DeviceSpec],
+                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost) -> None:
+        self.shape, self.imp, self.devices, self.cost = shape, importance.check(shape), list(devices), cost
+        self.n = len(self.devices)
+
+    @property
+    def dims(self) -> int:
+        return 4 * self.n
+
+    def _counts(self, total: int, fracs: Sequence[float], minimum: int = 1) -> list[int]:
+        want = [max(minimum, int(round(f * total))) for f in fracs]
+        if sum(want) > total:
+            want = apportion(total, want, minimum)
+        return want
+
+    def decode(self, x: Sequence[float]) -> Policy:
+        if len(x) != self.dims:
+            raise CoFormerError(f"a policy point has {self.dims} coordinates, got {len(x)}")
+        s = self.shape
+        f = np.clip(np.asarray(x, dtype=float).reshape(self.n, 4), LOW, 1.0)
+        d_n = self._counts(s.embed_dim, f[:, 1])
+        h_n = self._counts(min(s.heads), f[:, 2])
+        D_n = self._counts(min(s.mlp_dims), f[:, 3])
+        subs = []
+        for n, dev in enumerate(self.devices):
+            l = max(1, int(round(f[n, 0] * s.num_layers)))
+            layers = sorted(top_k(self.imp.layers, l))
+            d, h, D = d_n[n], h_n[n], D_n[n]
+            while True:
+                spec = self._spec(layers, d, h, D)
+                c = self.cost(spec, s)
+                if c.flops <= dev.flops_budget and c.memory_bytes <= dev.memory_bytes:
+                    break
+                if len(layers) > 1:
+                    layers.remove(min(layers, key=lambda i: (self.imp.layers[i], i)))
+                elif d > 1 or D > 1:
+                    d, D = max(1, int(d * 0.9)), max(1, int(D * 0.9))
+                else:
+                    raise CoFormerError(f"device {dev.name!r} cannot hold the smallest sub-model "
+                                        f"({c.flops} FLOPs, {c.memory_bytes} B)")
+            subs.append(spec)
+        policy = Policy(tuple(subs), tuple(d.name for d in self.devices), source="search")
+        bad = policy_violations(policy, s, self.devices, self.cost)
+        assert not bad, bad  # the repair above guarantees C1-C6
+        return policy
+
+    def _spec(self, layers: Sequence[int], d: int, h: int, D: int) -> SubModelSpec:
+        return SubModelSpec(tuple(layers), top_k(self.imp.channels, d),
+                            tuple(top_k(self.imp.heads[l], h) for l in layers),
+                            tuple(top_k(self.imp.neurons[l], D) for l in layers))
+
+    def uniform_point(self) -> list[float]:
+        """DeViT-style: every device the same 1/N of each width and all layers."""
+        return [1.0, 1.0 / self.n, 1.0 / self.n, 1.0 / self.n] * self.n
+
+
+class LatencyModel:
+    """T(C) of eq. 3 from per-device predictors, link rates and the central node's speed."""
+
+    def __init__(self, shape: TransformerShape, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
+                 central_flops_per_ms: float, feature_dim: Callable[[SubModelSpec], int],
+                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost) -> None:
+        self.shape, self.devices, self.predictors = shape, list(devices), list(predictors)
+        self.g, self.feature_dim, self.cost = central_flops_per_ms, feature_dim, cost
+
+    def terms(self, policy: Policy) -> tuple[list[float], list[float], float, float]:
+        t1, t2 = [], []
+        for n, (spec, dev, pred) in enumerate(zip(policy.submodels, self.devices, self.predictors)):
+            c = self.cost(spec, self.shape)
+            config = [spec.num_layers, spec.embed_dim, float(np.mean(spec.head_counts)), float(np.mean(spec.mlp_dims))]
+            t1.append(pred.predict_one(config, c.flops, c.params))
+            nbytes = 0 if n == 0 else 4 * self.feature_dim(spec) + HEADER_BYTES
+            t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
+        d_agg = sum(self.feature_dim(s) for s in policy.submodels)
+        d_i = self.feature_dim(SubModelSpec.full(self.shape))
+        t3 = (2 * d_agg * d_i + 2 * d_i * self.shape.num_classes) / self.g
+        total = max(a + b for a, b in zip(t1, t2)) + t3
+        return t1, t2, t3, total
+
+
+def _log_key(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_search(
+    method: str,
+    decoder: Decoder,
+    latency: LatencyModel,
+    l_val: Callable[[Policy], float],
+    delta: float,
+    initial: int = 8,
+    iterations: int = 24,
+    seed: int = 0,
+    log_path: Optional[Path] = None,
+    progress: Optional[Callable[[Evaluation], None]] = None,
+) -> SearchResult:
+    """Search with ``method`` (bo, random or uniform); every evaluation is logged.
+
+    With ``log_path``, evaluations are appended as JSON lines; a search started
+    again with the same settings replays the logged points (no re-evaluation)
+    and continues where it stopped.
+    """
+    if method not in METHODS:
+        raise CoFormerError(f"search method {method!r} is not one of {METHODS}")
+    if delta < 0:
+        raise CoFormerError(f"delta {delta} must be >= 0")
+    key = _log_key({"method": method, "seed": seed, "delta": delta, "initial": initial,
+                    "devices": [d.to_dict() for d in decoder.devices], "shape": decoder.shape.to_dict()})
+    done: list[dict[str, Any]] = []
+    if log_path is not None and Path(log_path).is_file():
+        for line in Path(log_path).read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("key") == key:
+                done.append(rec)
+
+    def evaluate(i: int, x: Sequence[float]) -> Evaluation:
+        x = [float(v) for v in x]
+        policy = decoder.decode(x)
+        if i < len(done):
+            r = done[i]
+            ev = Evaluation(i, method, x, policy, r["l_val"], r["t1_ms"], r["t2_ms"], r["t3_ms"],
+                            r["latency_ms"], r["psi"])
+        else:
+            lv = float(l_val(policy))
+            t1, t2, t3, total = latency.terms(policy)
+            ev = Evaluation(i, method, x, policy, lv, t1, t2, t3, total, lv + delta * total)
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"key": key, **ev.to_dict()}) + "\n")
+        if progress:
+            progress(ev)
+        return ev
+
+    evals: list[Evaluation] = []
+    if method == "uniform":
+        evals.append(evaluate(0, decoder.uniform_point()))
+    elif method == "random":
+        rng = random.Random(seed)
+        for i in range(initial + iterations):
+            evals.append(evaluate(i, [rng.uniform(LOW, 1.0) for _ in range(decoder.dims)]))
+    else:
+        from skopt import Optimizer
+        from skopt.learning import GaussianProcessRegressor
+        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
+
+        kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=np.ones(decoder.dims),
+                                                              length_scale_bounds=(0.01, 100.0), nu=1.5)
+        gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, noise="gaussian",
+                                      n_restarts_optimizer=2, random_state=seed)
+        opt = Optimizer([(LOW, 1.0)] * decoder.dims, base_estimator=gp, acq_func="EI",
+                        n_initial_points=initial, initial_point_generator="random", random_state=seed)
+        for i in range(initial + iterations):
+            x = [float(v) for v in opt.ask()]
+            ev = evaluate(i, x)
+            opt.tell(x, ev.psi)
+            evals.append(ev)
+    best = min(evals, key=lambda e: (e.psi, e.index))
+    if not all(math.isfinite(e.psi) for e in evals):
+        raise CoFormerError("the search produced a non-finite objective; check the predictors and delta")
+    return SearchResult(method, best, evals)

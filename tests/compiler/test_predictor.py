@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from coformer.compiler.predictor import LatencyPredictor, fit_predictor
+from coformer.runtime.errors import CoFormerError
+
+
+def _profile(n=40, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(n):
+        l, d, h, D = int(rng.integers(1, 13)), int(rng.integers(8, 769)), int(rng.integers(1, 25)), int(rng.integers(8, 3073))
+        flops = l * 17 * (2 * d * 3 * h * 32 + 2 * h * 32 * d + 4 * d * D)
+        params = l * (4 * h * 32 * d + 2 * d * D)
+        ms = 0.3 + 0.02 * l + 18.0 * flops / 1e9 + 0.05 * params / 1e6
+        ms *= 1 + noise * rng.standard_normal()
+        entries.append({"id": i, "config": [l, d, h, D], "flops": flops, "params": params,
+                        "latency_ms": {"median": ms}})
+    return {"device": "planted", "entries": entries}
+
+
+def test_predictor_recovers_a_planted_latency_law_and_round_trips(tmp_path):
+    pred, report = fit_predictor(_profile())
+    assert report["within_10pct"] >= 0.9 and report["mape"] < 0.05
+    assert report["n_train"] + report["n_test"] == 40 and report["chosen"] in ("mlp", "analytic")
+    pred.save(tmp_path / "p.json")
+    again = LatencyPredictor.load(tmp_path / "p.json")
+    rows = _profile(5, seed=1)["entries"]
+    np.testing.assert_allclose(again.predict(rows), pred.predict(rows))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "analytic"])
+def test_each_kind_saves_and_loads(kind, tmp_path):
+    pred, _ = fit_predictor(_profile(30), kinds=[kind])
+    pred.save(tmp_path / "p.json")
+    rows = _profile(3, seed=2)["entries"]
+    np.testing.assert_allclose(LatencyPredictor.load(tmp_path / "p.json").predict(rows), pred.predict(rows))
+
+
+def test_too_small_profile_and_bad_file_are_named(tmp_path):
+    with pytest.raises(CoFormerError, match="at least"):
+        fit_predictor(_profile(4))
+    (tmp_path / "x.json").write_text('{"kind": "magic"}')
+    with pytest.raises(CoFormerError, match="not a CoFormer latency predictor"):
+        LatencyPredictor.load(tmp_path / "x.json")
