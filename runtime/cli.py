@@ -175,17 +175,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def cli_main(prog: str, parser: argparse.ArgumentParser, run_fn, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, set up logging, run; a :class:`CoFormerError` becomes one line and exit code 2.
+
+    Shared by ``coformer`` and ``coformer-runtime``. Other exceptions are bugs
+    and keep their traceback.
+    """
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        return run(args)
+        return run_fn(args)
     except CoFormerError as e:
-        print(f"coformer-runtime: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli_main("coformer-runtime", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

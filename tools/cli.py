@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -253,31 +252,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    try:
-        if args.command == "quickstart":
-            from coformer.tools.quickstart import run_quickstart
+def run(args: argparse.Namespace) -> int:
+    if args.command == "quickstart":
+        from coformer.tools.quickstart import run_quickstart
 
-            run_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
-                           progress=not args.no_progress)
-            return 0
-        if args.command == "compile":
-            return cmd_compile(args)
-        if args.command == "profile-kit":
-            return cmd_profile_kit(args)
-        if args.command == "fit-predictor":
-            return cmd_fit_predictor(args)
-        if args.command == "serve":
-            return cmd_serve(args)
-    except CoFormerError as e:
-        print(f"coformer: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 1
+        run_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
+                       progress=not args.no_progress)
+        return 0
+    commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
+                "serve": cmd_serve}
+    return commands[args.command](args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from coformer.runtime.cli import cli_main
+
+    return cli_main("coformer", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
