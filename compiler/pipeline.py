@@ -161,24 +161,35 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
     }
 
 
-def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True):
+def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, probe_samples: int = 512):
     """L_val of eq. 7 for a policy: mean over sub-models of their validation cross-entropy.
 
-    Sub-models are evaluated as sliced, before calibration, each with the
-    teacher's head restricted to its channels (what the paper's evaluator sees).
+    Choice written down: a freshly sliced sub-model with the teacher's head
+    restricted to its channels is close to chance whatever its size, so its raw
+    loss barely tells a large sub-model from a small one (we saw the search then
+    pick near-empty sub-models). Each sub-model's head is therefore refit first,
+    in closed form: ridge regression from its pooled features to the teacher's
+    logits on ``probe_samples`` training images, a cheap stand-in for the
+    calibration it will get. The loss is then measured on the validation split.
     """
     import torch.nn.functional as F
 
     adapter = adapter_for(teacher)
-    x = data.val.x
-    target = data.val.y if (use_labels and data.val.y is not None) else run_batched(teacher, x).argmax(-1)
+    x_fit, x_val = data.train.x[:probe_samples], data.val.x
+    t_fit = run_batched(teacher, x_fit).double()
+    target = data.val.y if (use_labels and data.val.y is not None) else run_batched(teacher, x_val).argmax(-1)
 
     @torch.no_grad()
     def l_val(policy: Policy) -> float:
         losses = []
         for spec in policy.submodels:
-            sub, head = adapter.slice(teacher, spec), adapter.submodel_head(teacher, spec).eval()
-            losses.append(float(F.cross_entropy(head(run_batched(sub, x)), target)))
+            sub = adapter.slice(teacher, spec)
+            f_fit, f_val = run_batched(sub, x_fit).double(), run_batched(sub, x_val).double()
+            A = torch.cat([f_fit, torch.ones(len(f_fit), 1, dtype=torch.float64)], dim=1)
+            ridge = 1e-3 * float((A * A).sum()) / A.shape[1]
+            W = torch.linalg.solve(A.T @ A + ridge * torch.eye(A.shape[1], dtype=torch.float64), A.T @ t_fit)
+            logits = torch.cat([f_val, torch.ones(len(f_val), 1, dtype=torch.float64)], dim=1) @ W
+            losses.append(float(F.cross_entropy(logits.float(), target)))
         return sum(losses) / len(losses)
 
     return l_val

@@ -17,7 +17,8 @@ Psi at the proposed point, which is the repaired policy's value.
 Objective (eq. 8): Psi(C) = L_val(C) + delta * T(C), with
 L_val the mean over sub-models of their validation cross-entropy (eq. 7; a
 mean per sample rather than a sum, so delta does not depend on the size of
-the validation set), and T = max_n(t1_n + t2_n) + t3 (eq. 3): t1 from each
+the validation set; each head refit in closed form first, see
+``pipeline.validation_loss``), and T = max_n(t1_n + t2_n) + t3 (eq. 3): t1 from each
 device's latency predictor, t2 = |X_n| / r_n (eq. 5; zero for the central
 device's own features), t3 = 2 d_agg d_i / g (eq. 6) with g the central
 device's measured FLOPs per ms.

@@ -166,7 +166,7 @@ class CentralNode:
             self.back.send_multipart([self.workers[name]] + fwd)
         out = self._own.infer({self.manifest.input.name: x})
         own_features = next(iter(out.values()))
-        idle = self._throttle.after_compute(self._own.last_compute_ms / 1e3)
+        idle = self._throttle.after_compute(self._own.last_compute_ms / 1e3, self._own.last_cpu_ms / 1e3)
         central_ms = self._own.last_compute_ms + idle * 1e3
         t_own = time.perf_counter()
         gathered = self._gather(rid, batch=x.shape[0], expected=sent_to)

@@ -139,7 +139,7 @@ def benchmark_engine(
             end_warmup = time.perf_counter() + warmup_ms / 1e3
             while True:
                 engine.infer(feeds)
-                throttle.after_compute(engine.last_compute_ms / 1e3)
+                throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 if time.perf_counter() >= end_warmup:
                     break
             lat, comp = [], []
@@ -149,7 +149,7 @@ def benchmark_engine(
                     time.sleep(idle_ms / 1e3)
                 t0 = time.perf_counter()
                 engine.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3)
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 lat.append((time.perf_counter() - t0) * 1e3)
                 comp.append(engine.last_compute_ms + idle * 1e3)
             total = time.perf_counter() - start
@@ -192,7 +192,7 @@ def time_samples(
             outs, lat = [], []
             for x in inputs:
                 out = next(iter(engine.infer({name: x[None]}).values()))
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3)
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 outs.append(out[0])
                 lat.append(engine.last_compute_ms + idle * 1e3)
     finally:

@@ -99,7 +99,7 @@ def run_worker(
             elif msg.op == "infer":
                 out = engine.infer({input_name: msg.tensor})
                 features = next(iter(out.values()))
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3)
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 sock.send_multipart(
                     protocol.encode(
                         "features", msg.id, features, device=device,

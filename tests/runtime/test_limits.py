@@ -9,6 +9,9 @@ from coformer.runtime.limits import DeviceLimits, Throttle, apply_limits, parse_
 def test_duty_cycle_idles_so_work_runs_at_the_share():
     t = Throttle(DeviceLimits(cpu_share=0.25), "duty-cycle")
     assert t.after_compute(0.004) == pytest.approx(0.012)
+    # CPU time counts, not wall time: contention from a neighbour is not charged twice
+    assert t.after_compute(0.010, cpu_s=0.004) == pytest.approx(0.006)
+    assert t.after_compute(0.020, cpu_s=0.004) == 0.0
     assert Throttle(DeviceLimits(cpu_share=1.0), "duty-cycle").after_compute(0.01) == 0.0
 
 
