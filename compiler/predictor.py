@@ -6,12 +6,17 @@ Two models, chosen per device by 5-fold cross-validation on the profile:
   600, ReLU) on (l, d, mean heads, mean MLP width), trained on standardised log
   latency (full-batch Adam; a profile holds tens of entries, not thousands);
 * ``analytic``: a roofline-style baseline with a cache cliff,
-  ``a*FLOPs + b*P + c*max(0, P - P_cache) + e*l + f*l*h + g`` for P parameters:
-  compute, weight traffic, the extra cost of weights that no longer fit the
-  last-level cache (measured here: about 0.3 ms per million fp32 parameters
-  below ~10 M, 0.5 above), per-layer and per-head dispatch, and a constant.
-  Coefficients are non-negative (non-negative least squares on relative
-  error); P_cache is chosen from the profile's own sizes.
+  ``a*FLOPs + b*P + c*P*[P > P_c] + e*max(0, P - P_c) + f*l + g*l*h + k*l*D
+  + m*l*d + n`` for P parameters: compute, weight traffic, the cliff where the
+  weights stop fitting the last-level cache (then *every* weight is fetched
+  from memory on every inference, LRU thrashing, hence the step in the cost per
+  parameter and not only a hinge), per-layer, per-head and per-width dispatch,
+  and a constant. Measured on this 2-core VM (ONNX Runtime, one thread, 17
+  tokens): 0.33 ms per million fp32 parameters up to 8.3 M, 0.50 from 10.4 M;
+  leave-one-out on a 60-entry kit, 95-97% of entries within 10% with step and
+  hinge, 85-92% with the hinge alone. Coefficients are non-negative
+  (non-negative least squares on relative error); P_c is chosen among the
+  midpoints between the profile's own sizes (or none).
 
 A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
 numpy alone.
@@ -31,6 +36,7 @@ from coformer.runtime._files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 
 KINDS = ("mlp", "analytic")
+PREDICTOR_VERSION = 2  # 2: the analytic model's step at the cache cliff
 
 
 def _paper_features(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -38,9 +44,13 @@ def _paper_features(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 
 def _analytic_features(rows: Sequence[Mapping[str, Any]], cache_mparams: float) -> np.ndarray:
-    return np.asarray([[r["flops"] / 1e9, r["params"] / 1e6, max(0.0, r["params"] / 1e6 - cache_mparams),
-                        r["config"][0], r["config"][0] * r["config"][2], r["config"][0] * r["config"][3] / 1e3,
-                        r["config"][0] * r["config"][1] / 1e3, 1.0] for r in rows], dtype=np.float64)
+    out = []
+    for r in rows:
+        l, d, h, D = r["config"][:4]
+        p = r["params"] / 1e6
+        out.append([r["flops"] / 1e9, p, p * (p > cache_mparams), max(0.0, p - cache_mparams),
+                    l, l * h, l * D / 1e3, l * d / 1e3, 1.0])
+    return np.asarray(out, dtype=np.float64)
 
 
 @dataclass
@@ -66,9 +76,15 @@ class LatencyPredictor:
     def predict_one(self, config: Sequence[float], flops: int, params: int) -> float:
         return float(self.predict([{"config": list(config), "flops": flops, "params": params}])[0])
 
+    @property
+    def served_factor(self) -> float:
+        """How much slower the device is when served (idling between requests) than when
+        timed back to back; measured by the profiler, 1.0 if unknown."""
+        return float(self.params.get("served_factor", 1.0))
+
     def to_dict(self) -> dict[str, Any]:
         p = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.params.items()}
-        return {"version": 1, "kind": self.kind, "device": self.device, "params": p}
+        return {"version": PREDICTOR_VERSION, "kind": self.kind, "device": self.device, "params": p}
 
     def save(self, path: Path) -> None:
         atomic_write_json(Path(path), self.to_dict())
@@ -79,8 +95,9 @@ class LatencyPredictor:
         if not path.is_file():
             raise CoFormerError(f"predictor file {path} does not exist")
         d = json.loads(path.read_text())
-        if d.get("version") != 1 or d.get("kind") not in KINDS:
-            raise CoFormerError(f"{path} is not a CoFormer latency predictor (version 1, kind in {KINDS})")
+        if d.get("version") != PREDICTOR_VERSION or d.get("kind") not in KINDS:
+            raise CoFormerError(f"{path} is not a CoFormer latency predictor (version {PREDICTOR_VERSION}, "
+                                f"kind in {KINDS}); fit it again with `coformer fit-predictor`")
         return cls(d["kind"], d["params"], d.get("device", ""))
 
 
@@ -92,7 +109,7 @@ def _fit(kind: str, rows: Sequence[Mapping[str, Any]], seed: int) -> LatencyPred
         w = 1.0 / y  # least squares on relative error
         best = None
         sizes = sorted({r["params"] / 1e6 for r in rows})
-        for cache in [0.0] + sizes[:-1]:
+        for cache in [(a + b) / 2 for a, b in zip(sizes, sizes[1:])] + [sizes[-1] + 1.0]:
             X = _analytic_features(rows, cache)
             coef, resid = nnls(X * w[:, None], y * w)
             if best is None or resid < best[0] - 1e-12:
@@ -151,9 +168,17 @@ def accuracy_report(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
     }
 
 
+def entry_latency_ms(entry: Mapping[str, Any]) -> float:
+    """An entry's latency: the median of its round medians (robust to one slow
+    session, see ``coformer.runtime.profile``), else its median."""
+    if entry.get("round_medians_ms"):
+        return float(np.median(entry["round_medians_ms"]))
+    return float(entry["latency_ms"]["median"])
+
+
 def _rows(profile: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"config": e["config"], "flops": e["flops"], "params": e["params"],
-             "latency_ms": float(e["latency_ms"]["median"])} for e in profile["entries"]]
+             "latency_ms": entry_latency_ms(e)} for e in profile["entries"]]
 
 
 def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: int = 0,
@@ -188,6 +213,7 @@ def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: 
     chosen = min(cv, key=lambda k: (cv[k], k))
     predictor = _fit(chosen, train, seed)
     predictor.device = str(profile.get("device", ""))
+    predictor.params["served_factor"] = float(profile.get("served_factor", 1.0))
     actual = np.asarray([r["latency_ms"] for r in test])
     report = {**accuracy_report(predictor.predict(test), actual), "n_train": len(train), "n_test": len(test),
               "chosen": chosen, "cv_mape": cv}

@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=100.0, help="warm-up per model, ms (trtexec --warmUp)")
     p.add_argument("--iterations", type=int, default=10, help="at least this many runs (trtexec --iterations)")
     p.add_argument("--duration", type=float, default=0.3, help="and at least this many seconds (trtexec --duration)")
-    p.add_argument("--idle-time", type=float, default=2.0, help="ms idle before each run, as between served "
-                   "requests (trtexec --idleTime)")
+    p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
+    p.add_argument("--rounds", type=int, default=3, help="time every entry this many times, each in a fresh "
+                   "session; an entry's latency is the median of the round medians")
+    p.add_argument("--gap", type=float, default=2.0, help="ms idle between the extra runs that measure how much "
+                   "slower a served (idling) device is than back-to-back timing (0: skip)")
     p.add_argument("--trtexec", action="append", default=[], metavar="ID=TIMES.json",
                    help="use trtexec --exportTimes output for kit entry ID instead of timing it here")
     p.add_argument("--no-progress", action="store_true")
@@ -151,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 raise CoFormerError(f"--trtexec {item!r}: expected ID=TIMES.json")
             trt[int(key)] = Path(path)
         prof = profile_kit(args.kit, args.device, args.backend, args.threads or 1, _limits(args), args.warmup,
-                           args.iterations, args.duration, args.idle_time, trt, progress=not args.no_progress,
-                           out=args.out)
+                           args.iterations, args.duration, args.idle_time, trt, args.rounds, args.gap,
+                           10 if args.gap > 0 else 0, progress=not args.no_progress, out=args.out)
         print(f"{args.out}: {len(prof['entries'])} kit entries timed on {args.device}")
     elif args.command == "benchmark":
         from coformer.runtime._files import atomic_write_json

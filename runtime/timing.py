@@ -62,6 +62,7 @@ class Timing:
     batch: int
     peak_rss_bytes: int
     environment: Mapping[str, Any] = field(default_factory=dict)
+    compute_samples_ms: tuple[float, ...] = ()  # every iteration's compute time, if asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,12 +123,14 @@ def benchmark_engine(
     inputs: Optional[Mapping[str, np.ndarray]] = None,
     limits: DeviceLimits = DeviceLimits(),
     idle_ms: float = 0.0,
+    keep_samples: bool = False,
 ) -> Timing:
     """Benchmark one model file (see the module doc); the process is held to ``limits``.
 
     ``idle_ms`` sleeps between iterations (trtexec ``--idleTime``): a served
     device idles between requests, and a CPU quota treats a burst after idle
-    differently from back-to-back work, so profiles of emulated devices use it.
+    differently from back-to-back work. ``keep_samples`` returns every
+    iteration's compute time in ``compute_samples_ms``.
     """
     if iterations < 1 or duration_s < 0 or warmup_ms < 0:
         raise CoFormerError(f"iterations {iterations} must be >= 1, duration {duration_s} and warm-up "
@@ -167,6 +170,7 @@ def benchmark_engine(
         batch=batch,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         environment=environment(backend, threads, throttle.describe()),
+        compute_samples_ms=tuple(comp) if keep_samples else (),
     )
 
 

@@ -50,7 +50,7 @@ class QuickstartConfig:
     flops_fraction: float = 0.5
     seed: int = 0
     warmup_requests: int = 10
-    kit_count: int = 30
+    kit_count: int = 40
     search_initial: int = 8
     search_iterations: int = 24
     delta: float = 0.05
@@ -127,8 +127,8 @@ def make_devices(cfg: QuickstartConfig, teacher_flops: int):
 
 def profile_devices(teacher, devices, placements, out_dir: Path, cfg: QuickstartConfig, throttle: str,
                     progress: bool) -> dict[str, dict]:
-    """Build a profile kit and time it on every emulated device at once, each in its own
-    process under its own limits (as they will serve); the kit's ONNX files are removed after."""
+    """Build a profile kit and time it on every emulated device, each in its own process
+    under its own limits (as they will serve); the kit's ONNX files are removed after."""
     import shutil
 
     from coformer.compiler.families import adapter_for
@@ -139,20 +139,31 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
     shutil.rmtree(kit_dir, ignore_errors=True)
     write_kit(teacher, sample_configs(shape, cfg.kit_count, cfg.seed), kit_dir, progress)
     (out_dir / "profiles").mkdir(exist_ok=True)
-    procs = {}
+    # Devices on different cores are profiled at once; devices sharing a core one
+    # after another, so each profile is the device alone, as a real one would be.
+    waves: list[list] = []
     for d in devices:
-        p = placements[d.name]
-        cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
-               "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
-               "--cpu-cores", ",".join(map(str, p.cores or [0])), "--throttle", throttle, "--threads", "1",
-               "--no-progress"]
-        procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cores = set(placements[d.name].cores or [0])
+        wave = next((w for w in waves if all(cores.isdisjoint(placements[x.name].cores or [0]) for x in w)), None)
+        if wave is None:
+            waves.append([d])
+        else:
+            wave.append(d)
     profiles = {}
-    for name, proc in procs.items():
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            raise CoFormerError(f"profiling {name} failed: {err.strip()[-2000:]}")
-        profiles[name] = json.loads((out_dir / "profiles" / f"{name}.json").read_text())
+    for wave in waves:
+        procs = {}
+        for d in wave:
+            p = placements[d.name]
+            cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
+                   "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
+                   "--cpu-cores", ",".join(map(str, p.cores or [0])), "--throttle", throttle, "--threads", "1",
+                   "--no-progress"]
+            procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for name, proc in procs.items():
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise CoFormerError(f"profiling {name} failed: {err.strip()[-2000:]}")
+            profiles[name] = json.loads((out_dir / "profiles" / f"{name}.json").read_text())
     shutil.rmtree(kit_dir / "models", ignore_errors=True)
     return profiles
 

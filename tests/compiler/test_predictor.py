@@ -5,7 +5,7 @@ from coformer.compiler.predictor import LatencyPredictor, fit_predictor
 from coformer.runtime.errors import CoFormerError
 
 
-def _profile(n=40, noise=0.0, seed=0):
+def _profile(n=40, noise=0.0, seed=0, cliff_mparams=None):
     rng = np.random.default_rng(seed)
     entries = []
     for i in range(n):
@@ -13,6 +13,8 @@ def _profile(n=40, noise=0.0, seed=0):
         flops = l * 17 * (2 * d * 3 * h * 32 + 2 * h * 32 * d + 4 * d * D)
         params = l * (4 * h * 32 * d + 2 * d * D)
         ms = 0.3 + 0.02 * l + 18.0 * flops / 1e9 + 0.05 * params / 1e6
+        if cliff_mparams is not None and params / 1e6 > cliff_mparams:
+            ms += 0.2 * params / 1e6  # weights no longer fit the cache: every one comes from memory
         ms *= 1 + noise * rng.standard_normal()
         entries.append({"id": i, "config": [l, d, h, D], "flops": flops, "params": params,
                         "latency_ms": {"median": ms}})
@@ -43,3 +45,12 @@ def test_too_small_profile_and_bad_file_are_named(tmp_path):
     (tmp_path / "x.json").write_text('{"kind": "magic"}')
     with pytest.raises(CoFormerError, match="not a CoFormer latency predictor"):
         LatencyPredictor.load(tmp_path / "x.json")
+
+
+def test_analytic_predictor_finds_a_planted_cache_cliff():
+    # Latency per parameter jumps once the weights exceed the cache (LRU
+    # thrashing): a hinge alone bends too late and misses entries just past it.
+    profile = _profile(60, noise=0.01, seed=3, cliff_mparams=20.0)
+    pred, report = fit_predictor(profile, kinds=["analytic"])
+    assert report["within_10pct"] >= 0.9, report
+    assert 10.0 < pred.params["cache_mparams"] < 30.0

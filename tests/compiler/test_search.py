@@ -24,7 +24,7 @@ def setup():
     imp = adapter.importance(teacher, [data.train.x[:64]])
     decoder = Decoder(shape, imp, devices)
     # A planted per-device latency law: ms = FLOPs / (share * 1 GFLOP/s) + 0.1 per layer.
-    preds = [LatencyPredictor("analytic", {"coef": [1e3 / d.cpu_share, 0, 0, 0.1, 0, 0, 0, 0.05], "cache_mparams": 0.0})
+    preds = [LatencyPredictor("analytic", {"coef": [1e3 / d.cpu_share, 0, 0, 0, 0.1, 0, 0, 0, 0.05], "cache_mparams": 0.0})
              for d in devices]
     latency = LatencyModel(shape, devices, preds, 1e6, lambda s: s.embed_dim)
     return teacher, shape, devices, decoder, latency, validation_loss(teacher, data)

@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+import pytest
+
+from coformer.runtime.errors import CoFormerError
+from coformer.runtime.profile import profile_kit
+from tests.conftest import tiny_vit
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    from coformer.compiler.profile_kit import write_kit
+
+    out = tmp_path_factory.mktemp("kit")
+    write_kit(tiny_vit(), [(1, 16, 1, 16), (3, 48, 4, 192), (2, 32, 2, 64)], out, progress=False)
+    return out
+
+
+def test_profile_times_every_entry_in_rounds_and_merges_trtexec(kit, tmp_path):
+    from coformer.compiler.predictor import entry_latency_ms
+
+    times = tmp_path / "times.json"
+    times.write_text(json.dumps([{"latencyMs": 7.0 + i, "startComputeMs": 0.0, "endComputeMs": 6.0 + i}
+                                 for i in range(3)]))
+    out = tmp_path / "device.json"
+    prof = profile_kit(kit, "dev", warmup_ms=5, iterations=5, duration_s=0.02, rounds=2, trtexec={2: times},
+                       progress=False, out=out)
+    assert json.loads(out.read_text()) == prof
+    assert [e["id"] for e in prof["entries"]] == [0, 1, 2] and prof["rounds"] == 2
+    small, big, imported = prof["entries"]
+    for e in (small, big):
+        assert e["source"] == "benchmark_engine" and len(e["round_medians_ms"]) == 2
+        assert e["latency_ms"]["count"] >= 10  # at least `iterations` in each round
+        assert entry_latency_ms(e) == pytest.approx(np.median(e["round_medians_ms"]))
+    assert entry_latency_ms(big) > entry_latency_ms(small)  # 3 wide layers vs one narrow one
+    # the extra gapped runs give each timed entry a ratio and the profile its served factor
+    assert "gap_ratio" in small and "gap_ratio" not in imported
+    assert prof["served_factor"] == pytest.approx(np.median([small["gap_ratio"], big["gap_ratio"]]))
+    assert imported["source"].startswith("trtexec") and entry_latency_ms(imported) == pytest.approx(8.0)  # median latencyMs
+
+
+def test_profile_refuses_unknown_trtexec_ids_and_bad_rounds(kit, tmp_path):
+    with pytest.raises(CoFormerError, match=r"ids \[9\]"):
+        profile_kit(kit, trtexec={9: tmp_path / "t.json"}, progress=False)
+    with pytest.raises(CoFormerError, match="rounds 0"):
+        profile_kit(kit, rounds=0, progress=False)
+    with pytest.raises(CoFormerError, match="not a profile kit"):
+        profile_kit(tmp_path, progress=False)
