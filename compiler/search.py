@@ -31,6 +31,7 @@ random initial policies, then ``iterations`` guided ones.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -197,8 +198,12 @@ def run_search(
         raise CoFormerError(f"search method {method!r} is not one of {METHODS}")
     if delta < 0:
         raise CoFormerError(f"delta {delta} must be >= 0")
+    # The key covers everything an evaluation depends on, predictors included: a log
+    # written under other profiles is not replayed.
     key = _log_key({"method": method, "seed": seed, "delta": delta, "initial": initial,
-                    "devices": [d.to_dict() for d in decoder.devices], "shape": decoder.shape.to_dict()})
+                    "devices": [d.to_dict() for d in decoder.devices], "shape": decoder.shape.to_dict(),
+                    "predictors": [p.to_dict() if hasattr(p, "to_dict") else repr(p) for p in latency.predictors],
+                    "central_flops_per_ms": latency.g})
     done: list[dict[str, Any]] = []
     if log_path is not None and Path(log_path).is_file():
         for line in Path(log_path).read_text().splitlines():
@@ -208,7 +213,7 @@ def run_search(
 
     def evaluate(i: int, x: Sequence[float]) -> Evaluation:
         x = [float(v) for v in x]
-        policy = decoder.decode(x)
+        policy = dataclasses.replace(decoder.decode(x), source=method)
         if i < len(done):
             r = done[i]
             ev = Evaluation(i, method, x, policy, r["l_val"], r["t1_ms"], r["t2_ms"], r["t3_ms"],

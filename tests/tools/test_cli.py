@@ -105,3 +105,44 @@ def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled):
     assert proc.returncode == 0
     leftovers = subprocess.run(["pgrep", "-f", str(tmp / "bundle")], capture_output=True, text=True).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []
+
+
+def test_compile_searches_with_device_profiles_and_reports_every_method(compiled):
+    import timm
+
+    from coformer.compiler.profile_kit import sample_configs, write_kit
+    from coformer.compiler.families import adapter_for
+    from coformer.runtime.profile import profile_kit
+
+    tmp, _ = compiled
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM_KWARGS)
+    shape = adapter_for(model).read_shape(model)
+    write_kit(model, sample_configs(shape, 10), tmp / "kit", progress=False)
+    for name in ("big", "small"):  # real timings of real kit models on this machine
+        profile_kit(tmp / "kit", name, warmup_ms=5, iterations=5, duration_s=0.03, rounds=1, gap_iterations=3,
+                    progress=False, out=tmp / f"{name}.json")
+    (tmp / "devices-profiled.yaml").write_text(DEVICES.replace(
+        "cpu_share: 1.0", f"cpu_share: 1.0\n    profile: {tmp / 'big.json'}").replace(
+        "cpu_share: 0.5", f"cpu_share: 0.5\n    profile: {tmp / 'small.json'}"))
+    args = ["compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+            "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices-profiled.yaml",
+            "--out", tmp / "searched", "--epochs", "1", "--no-progress", "--compare", "--initial", "3",
+            "--iterations", "2", "--report-json", tmp / "report.json"]
+    done = coformer(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp / "report.json").read_text())
+    search = report["search"]
+    assert search["evaluations"] == 5 and search["uniform"]["evaluations"] == 1
+    assert {m: search[m]["best_objective"] > 0 for m in ("bo", "random", "uniform")} == dict.fromkeys(
+        ("bo", "random", "uniform"), True)
+    assert report["predicted_latency_ms"] == search["bo"]["predicted_latency_ms"] > 0
+    assert set(report["predictor"]) == {"big", "small"} and 0 <= report["predictor"]["big"]["within_10pct"] <= 1
+    assert 0 <= report["ensemble_accuracy"] <= 1 and load_manifest(tmp / "searched").policy["source"] == "bo"
+    # every evaluation was logged; a rerun replays the log instead of searching again
+    log = (tmp / "searched.search.bo.jsonl").read_text().splitlines()
+    assert len(log) == 5
+    again = coformer(*args[:-1], tmp / "report2.json", "--out", tmp / "searched2",
+                     "--search-log", tmp / "searched.search")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp / "report2.json").read_text())["search"]["bo"]["best_objective"] == search["bo"]["best_objective"]
+    assert len((tmp / "searched.search.bo.jsonl").read_text().splitlines()) == 5
