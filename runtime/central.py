@@ -164,6 +164,7 @@ class CentralNode:
         sent_to = [w.device for w in self.manifest.workers]
         for name in sent_to:
             self.back.send_multipart([self.workers[name]] + fwd)
+        t_sent = time.perf_counter()
         out = self._own.infer({self.manifest.input.name: x})
         own_features = next(iter(out.values()))
         idle = self._throttle.after_compute(self._own.last_compute_ms / 1e3, self._own.last_cpu_ms / 1e3)
@@ -188,12 +189,16 @@ class CentralNode:
                 "aggregate": self._agg.last_compute_ms,
                 "total": (t_end - t0) * 1e3,
                 "workers_compute": gathered["compute_ms"],
+                "workers_service": gathered["service_ms"],
+                "dispatch": (t_sent - t0) * 1e3,
+                "central_own": (t_own - t_sent) * 1e3,
             },
         )
 
     # -- workers ---------------------------------------------------------
     def _gather(self, rid: int, batch: int, expected: list[str]) -> dict:
-        pending = {"id": rid, "batch": batch, "features": {}, "compute_ms": {}, "wire_bytes": 0, "error": None}
+        pending = {"id": rid, "batch": batch, "features": {}, "compute_ms": {}, "service_ms": {}, "wire_bytes": 0,
+                   "error": None}
         deadline = time.monotonic() + self.timeout_s
         while len(pending["features"]) < len(expected) and pending["error"] is None:
             left_ms = int((deadline - time.monotonic()) * 1e3)
@@ -234,6 +239,7 @@ class CentralNode:
             return
         pending["features"][name] = t
         pending["compute_ms"][name] = float(msg.header.get("compute_ms", 0.0))
+        pending["service_ms"][name] = float(msg.header.get("service_ms", 0.0))
         pending["wire_bytes"] += msg.wire_bytes
 
     def _register(self, ident: bytes, msg: protocol.Message) -> None:

@@ -72,20 +72,29 @@ class Throttle:
         self.limits = limits
         self.mode = mode
         self.cgroup = cgroup
+        self._overshoot_s = 0.0  # how much longer than asked time.sleep() has been taking
 
-    def after_compute(self, compute_s: float, cpu_s: Optional[float] = None) -> float:
-        """Idle for the duty cycle's off time; returns the seconds idled.
+    def after_compute(self, compute_s: float, cpu_s: Optional[float] = None, sleep: bool = True) -> float:
+        """Idle for the duty cycle's off time; returns the off time in seconds.
 
         ``compute_s`` is the wall time the inference took, ``cpu_s`` the CPU
         time it used (default: the wall time). The device's time for it is
         ``cpu_s / share``; whatever of that has not yet passed is idled.
+        ``sleep=False`` returns the off time without idling: the device's time
+        for back-to-back work (profiling), without the emulation's own pauses.
         """
         if self.mode != "duty-cycle" or self.limits.cpu_share >= 1.0:
             return 0.0
         cpu = compute_s if cpu_s is None else cpu_s
         off = max(0.0, cpu / self.limits.cpu_share - compute_s)
-        if off:
-            time.sleep(off)
+        if off and sleep:
+            # A sub-millisecond sleep overshoots (here by 0.1-0.3 ms: timer slack and a vCPU
+            # waking up); ask for less by the running mean overshoot so the pause is what the
+            # share calls for.
+            ask = max(0.0, off - self._overshoot_s)
+            t0 = time.perf_counter()
+            time.sleep(ask)
+            self._overshoot_s = 0.8 * self._overshoot_s + 0.2 * max(0.0, time.perf_counter() - t0 - ask)
         return off
 
     def release(self) -> None:

@@ -124,13 +124,18 @@ def benchmark_engine(
     limits: DeviceLimits = DeviceLimits(),
     idle_ms: float = 0.0,
     keep_samples: bool = False,
+    duty_pauses: bool = True,
 ) -> Timing:
     """Benchmark one model file (see the module doc); the process is held to ``limits``.
 
     ``idle_ms`` sleeps between iterations (trtexec ``--idleTime``): a served
     device idles between requests, and a CPU quota treats a burst after idle
     differently from back-to-back work. ``keep_samples`` returns every
-    iteration's compute time in ``compute_samples_ms``.
+    iteration's compute time in ``compute_samples_ms``. ``duty_pauses=False``
+    runs a duty-cycled device back to back and charges each run its device time
+    (CPU time / share) without pausing: the emulation's pauses between runs
+    make the next run start cold, which is serving's condition, not a
+    benchmark's (see ``coformer.runtime.profile``).
     """
     if iterations < 1 or duration_s < 0 or warmup_ms < 0:
         raise CoFormerError(f"iterations {iterations} must be >= 1, duration {duration_s} and warm-up "
@@ -142,7 +147,7 @@ def benchmark_engine(
             end_warmup = time.perf_counter() + warmup_ms / 1e3
             while True:
                 engine.infer(feeds)
-                throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
+                throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
                 if time.perf_counter() >= end_warmup:
                     break
             lat, comp = [], []
@@ -152,7 +157,7 @@ def benchmark_engine(
                     time.sleep(idle_ms / 1e3)
                 t0 = time.perf_counter()
                 engine.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
                 lat.append((time.perf_counter() - t0) * 1e3)
                 comp.append(engine.last_compute_ms + idle * 1e3)
             total = time.perf_counter() - start

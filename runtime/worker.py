@@ -84,6 +84,7 @@ def run_worker(
             if not sock.poll(POLL_MS):
                 continue
             frames = sock.recv_multipart()
+            t_recv = time.perf_counter()
             try:
                 msg = protocol.decode(frames, limits_in)
             except protocol.ProtocolError as e:
@@ -104,6 +105,9 @@ def run_worker(
                     protocol.encode(
                         "features", msg.id, features, device=device,
                         compute_ms=engine.last_compute_ms + idle * 1e3,
+                        # received -> reply ready: decoding, the engine, the duty cycle's
+                        # actual (not requested) pause
+                        service_ms=(time.perf_counter() - t_recv) * 1e3,
                     )
                 )
             else:

@@ -50,8 +50,12 @@ def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: 
             "wait_for_workers": med("wait_for_workers"),
             "aggregate": med("aggregate"),
             "central_total": med("total"),
+            "dispatch": med("dispatch"),
+            "central_own": med("central_own"),
             **{f"worker_compute.{k}": float(np.median([b["workers_compute"][k] for b in breakdown]))
                for k in breakdown[0]["workers_compute"]},
+            **{f"worker_service.{k}": float(np.median([b["workers_service"][k] for b in breakdown]))
+               for k in breakdown[0]["workers_service"]},
         },
         "placements": {k: {"cores": list(v.cores or []), "cpu_share": v.cpu_share} for k, v in placements.items()},
     }

@@ -107,8 +107,13 @@ def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
     return model.eval(), path
 
 
+_T0 = time.perf_counter()
+
+
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line on stderr, with the minutes and seconds since the run began."""
+    m, sec = divmod(int(time.perf_counter() - _T0), 60)
+    print(f"[{m:2d}:{sec:02d}] {msg}", file=sys.stderr, flush=True)
 
 
 def make_devices(cfg: QuickstartConfig, teacher_flops: int):
@@ -157,7 +162,7 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
             cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
                    "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
                    "--cpu-cores", ",".join(map(str, p.cores or [0])), "--throttle", throttle, "--threads", "1",
-                   "--no-progress"]
+                   "--warmup", "50", "--no-progress"]
             procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for name, proc in procs.items():
             _, err = proc.communicate()
@@ -204,8 +209,9 @@ def run_quickstart(
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
     check_target(out_dir / "bundle")  # refuse before an expensive run, not after
     out_dir.mkdir(parents=True, exist_ok=True)
+    global _T0
+    _T0 = t_start = time.perf_counter()
     _say(f"quickstart: writing to {out_dir}")
-    t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
     teacher, teacher_ckpt = load_or_train_teacher(cfg, data, progress)
