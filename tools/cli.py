@@ -5,6 +5,7 @@
   coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
   coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
   coformer serve BUNDLE [--front tcp://127.0.0.1:5555]
+  coformer testbed up|down|status --devices devices.yaml   (root: one namespace, shaped link and cgroups per device)
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="predictor JSON to write")
     p.add_argument("--report-json", type=Path, default=None, help="accuracy on held-out kit entries")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("testbed", help="emulate the devices on this host: namespaces, shaped links, cgroups (root)")
+    p.add_argument("action", choices=["up", "down", "status", "exec"])
+    p.add_argument("--devices", type=Path, default=None, help="devices file (for up)")
+    p.add_argument("--link-delay", type=float, default=0.0, help="ms of delay on every link (needs netem)")
+    p.add_argument("--device", default=None, help="for exec: the device to run the command in")
+    p.epilog = "exec: coformer testbed exec --device NAME -- COMMAND ..."
 
     p = sub.add_parser("serve", help="serve a bundle on this machine: central node and workers as processes")
     p.add_argument("bundle", type=Path)
@@ -267,6 +275,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from coformer.tools import testbed
+
+    if args.action == "up":
+        if args.devices is None:
+            raise CoFormerError("testbed up needs --devices devices.yaml")
+        from coformer.compiler.devices import load_devices
+
+        bed = testbed.up(load_devices(args.devices), args.link_delay)
+        for d in bed.devices:
+            link = "central node" if d.link_mbit_s is None else f"{d.link_mbit_s:g} Mbit/s to {d.address}"
+            print(f"  {d.name:<12} netns {d.namespace:<8} {link:<28} cores {list(d.cores)} share "
+                  f"{d.cpu_share:.2f} memory {d.memory_bytes / 2**20:.0f} MiB")
+        print("testbed up; `coformer testbed down` removes it")
+    elif args.action == "down":
+        removed = testbed.down()
+        print(f"testbed down: removed {len(removed['namespaces'])} namespaces, {len(removed['cgroups'])} cgroups")
+    elif args.action == "status":
+        print(json.dumps(testbed.status(), indent=2))
+    else:
+        cmd = getattr(args, "cmd", [])
+        if args.device is None or not cmd:
+            raise CoFormerError("testbed exec needs --device NAME -- COMMAND ...")
+        return testbed.load().run(args.device, cmd).returncode
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         from coformer.tools.quickstart import run_quickstart
@@ -275,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
         return 0
     commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
+                "testbed": cmd_testbed,
                 "serve": cmd_serve}
     return commands[args.command](args)
 
@@ -282,7 +318,17 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from coformer.runtime.cli import cli_main
 
-    return cli_main("coformer", build_parser(), run, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if "--" in argv:  # `testbed exec ... -- COMMAND`: argparse's subparsers cannot take it
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
+
+    def run_with_rest(args: argparse.Namespace) -> int:
+        args.cmd = rest
+        return run(args)
+
+    return cli_main("coformer", build_parser(), run_with_rest, argv)
 
 
 if __name__ == "__main__":

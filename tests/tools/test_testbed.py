@@ -1,0 +1,125 @@
+"""The emulated cluster on this host: real namespaces, tc token buckets and cgroups.
+
+These tests take down any testbed already up on the host (its names are fixed).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from coformer.compiler.specs import DeviceSpec
+from coformer.runtime.errors import CoFormerError
+
+pytestmark = pytest.mark.testbed
+
+
+def _why_not() -> str:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces, tc and cgroups"
+    if not (shutil.which("ip") and shutil.which("tc")):
+        return "needs iproute2 (ip, tc)"
+    from coformer.tools import testbed
+
+    try:
+        testbed.check_can_run()
+    except CoFormerError as e:
+        return str(e)
+    return ""
+
+
+if _why_not():
+    pytest.skip(_why_not(), allow_module_level=True)
+
+from coformer.tools import testbed  # noqa: E402
+
+DEVICES = [
+    DeviceSpec("hub", 1 << 30, 10**9, 1000.0, 1.0),
+    DeviceSpec("slow", 1 << 30, 10**9, 4.0, 0.5),
+    DeviceSpec("fast", 64 << 20, 10**9, 16.0, 0.5),
+]
+
+SERVER = textwrap.dedent("""
+    import socket, sys, time
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1); print("ready", flush=True)
+    c, _ = s.accept(); n = 0; t0 = None
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        t0 = t0 or time.perf_counter(); n += len(b)
+    print(n, time.perf_counter() - t0, flush=True)
+""")
+CLIENT = "import socket, sys; s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); " \
+         "s.sendall(b'x' * int(sys.argv[3])); s.close()"
+BURN = "import time; c = time.process_time(); t = time.perf_counter()\n" \
+       "while time.process_time() - c < 0.25: pass\nprint(time.perf_counter() - t)"
+
+
+@pytest.fixture
+def bed(tmp_path, monkeypatch):
+    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    b = testbed.up(DEVICES)
+    yield b
+    testbed.down()
+
+
+def _transfer_s(bed, device, nbytes, port):
+    server = bed.popen("hub", [sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        client = bed.run(device, [sys.executable, "-c", CLIENT, bed.central_address(device), str(port), str(nbytes)],
+                         capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        received, seconds = server.communicate(timeout=60)[0].split()
+    finally:
+        server.kill()
+    assert int(received) == nbytes
+    return float(seconds)
+
+
+def test_links_carry_data_at_their_rate(bed):
+    # 200 KB at 4 Mbit/s is 0.4 s; 400 KB at 16 Mbit/s is 0.2 s (TCP/IP headers add ~4%)
+    for device, nbytes, mbit in (("slow", 200_000, 4.0), ("fast", 400_000, 16.0)):
+        expected = nbytes * 8 / (mbit * 1e6)
+        assert _transfer_s(bed, device, nbytes, 9100 + bed.device(device).index) == pytest.approx(expected, rel=0.2)
+
+
+def test_cpu_share_and_memory_limit_are_enforced(bed):
+    # 0.25 s of CPU work at half a core takes 0.5 s of wall time
+    done = bed.run("slow", [sys.executable, "-c", BURN], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(0.5, rel=0.2)
+    pinned = bed.run("slow", [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                     capture_output=True, text=True)
+    assert pinned.stdout.strip() == str(list(bed.device("slow").cores))
+    # "fast" has 64 MiB: a process that touches 256 MiB is killed by the kernel, not left to hang
+    hog = bed.run("fast", [sys.executable, "-c", "b = bytearray(256 << 20); print('survived')"],
+                  capture_output=True, text=True, timeout=60)
+    assert hog.returncode == -9 and "survived" not in hog.stdout
+
+
+def test_down_leaves_nothing_even_with_processes_running_and_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    bed = testbed.up(DEVICES)
+    assert len(testbed.leftovers()["namespaces"]) == 3 and testbed.status()["up"]
+    orphan = bed.popen("slow", ["sleep", "300"])  # as if a bench was killed mid-run
+    time.sleep(0.2)
+    removed = testbed.down()
+    assert len(removed["namespaces"]) == 3
+    assert testbed.leftovers() == {"namespaces": [], "links": [], "cgroups": []}
+    assert orphan.wait(timeout=10) != 0  # killed by the teardown
+    assert not testbed.status()["up"]
+    testbed.down()  # again: nothing to do, no error
+    with pytest.raises(CoFormerError, match="no testbed is up"):
+        testbed.load()
+
+
+def test_bad_device_names_are_refused_before_touching_the_host():
+    with pytest.raises(CoFormerError, match="device name 'a b'"):
+        testbed.plan([DeviceSpec("a b", 1 << 30, 10**9, 10.0, 1.0)])
