@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Optional, Sequence
+from typing import IO, Any, Mapping, Optional, Sequence
 
 from coformer.runtime.client import Client
 from coformer.runtime.errors import CoFormerError
@@ -64,6 +64,10 @@ class LocalCluster:
         throttle: how shares are enforced (see :mod:`coformer.runtime.limits`).
         log_dir: where each process's stderr goes (default: discarded unless it fails).
         front: the client endpoint (default: a free loopback port).
+        testbed: run every process inside its device of this
+            :class:`coformer.tools.testbed.Testbed` (its namespace, link and
+            cgroups; the cgroup quota then holds the share, so no duty cycle);
+            clients connect over the testbed's client link.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class LocalCluster:
         log_dir: Optional[Path] = None,
         front: str = "tcp://127.0.0.1:*",
         timeout_s: float = 10.0,
+        testbed: Optional[Any] = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = load_manifest(self.bundle_dir)
@@ -86,8 +91,20 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: dict[str, IO] = {}
         self.endpoints: dict[str, str] = {}
+        self.testbed = testbed
+        if testbed is not None:
+            missing = [d.device for d in self.manifest.devices if d.device not in {x.name for x in testbed.devices}]
+            if missing or testbed.central.name != self.manifest.central.device:
+                raise CoFormerError(f"the testbed ({[x.name for x in testbed.devices]}, central "
+                                    f"{testbed.central.name}) does not hold this bundle's devices "
+                                    f"({[d.device for d in self.manifest.devices]})")
+            self.throttle = "none"
+            if front == "tcp://127.0.0.1:*":
+                self.front_request = f"tcp://{testbed.client_address}:*"
 
     def _limits_args(self, device: str) -> list[str]:
+        if self.testbed is not None:
+            return ["--throttle", "none"]  # the device's cgroups hold cores, share and memory
         p = self.placements.get(device, Placement())
         args = ["--cpu-share", str(p.cpu_share), "--throttle", self.throttle]
         return args + (["--cpu-cores", cores_text(p.cores)] if p.cores else [])
@@ -99,8 +116,12 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         err = open(self.log_dir / f"{name}.log", "w")
         self._logs[name] = err
-        proc = subprocess.Popen(_runtime_cmd() + ["-v"] + args, stdout=stdout, stderr=err, text=True,
-                                start_new_session=True)
+        cmd = _runtime_cmd() + ["-v"] + args
+        if self.testbed is not None:
+            device = name.split("-", 1)[1]
+            proc = self.testbed.popen(device, cmd, stdout=stdout, stderr=err, text=True, start_new_session=True)
+        else:
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, text=True, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -116,14 +137,18 @@ class LocalCluster:
         m = self.manifest
         central = self._spawn(
             f"central-{m.central.device}",
-            ["central", str(self.bundle_dir), "--front", self.front_request, "--back", "tcp://127.0.0.1:*",
+            ["central", str(self.bundle_dir), "--front", self.front_request,
+             "--back", "tcp://127.0.0.1:*" if self.testbed is None else "tcp://0.0.0.0:*",
              "--timeout", str(self.timeout_s)] + self._limits_args(m.central.device),
             stdout=subprocess.PIPE,
         )
         self.endpoints = self._read_ready(central, timeout_s)
         for w in m.workers:
+            back = self.endpoints["back"]
+            if self.testbed is not None:  # the central node as this worker's link sees it
+                back = f"tcp://{self.testbed.central_address(w.device)}:{back.rsplit(':', 1)[1]}"
             self._spawn(f"worker-{w.device}", ["worker", str(self.bundle_dir), "--device", w.device,
-                                               "--central", self.endpoints["back"]] + self._limits_args(w.device))
+                                               "--central", back] + self._limits_args(w.device))
         try:
             with self.client() as c:
                 c.wait_ready(timeout_s)

@@ -6,6 +6,8 @@ Per device (the first one in the devices file is the central node):
   the central node's by a veth pair (``10.87.<i>.1`` on the central side,
   ``10.87.<i>.2`` on the device's), shaped on both ends by a token bucket
   (``tc ... tbf``) at the device's ``link_mbit_s``;
+* an unshaped veth from this (root) namespace to the central node's
+  (``10.87.0.1`` here, ``10.87.0.2`` there), for clients;
 * cgroups (v1 ``cpu``, ``cpuset``, ``memory`` controllers, or the v2 unified
   hierarchy): its cores (the central node alone on core 0, the others packed by
   share, as the local cluster does), a CFS quota of ``cpu_share`` of a core with
@@ -22,8 +24,13 @@ in the testbed's cgroups and namespaces are killed, namespaces (and with them
 their veth ends) deleted, cgroups removed, the state file deleted.
 
 Link delay would need the ``netem`` qdisc, which this host's kernel lacks
-(``CONFIG_NET_SCH_NETEM`` is not set); a device with ``link_delay_ms`` is
-refused with that reason where netem is missing. Needs root.
+(``CONFIG_NET_SCH_NETEM`` is not set); a link delay is refused with that
+reason where netem is missing. A token bucket also lets a message that fits
+its burst (one frame, ~1.5 KB) through an idle link at once: bulk transfers
+take size / rate, but a lone 1 KB message does not pay its 4 ms of
+serialisation at 2 Mbit/s (measured: 0.3 ms round trip). Only netem's ``rate``
+models that; until then, small-message latencies on slow links are
+optimistic. Needs root.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ CGROUP_NAME = "coformer-testbed"
 STATE_PATH = Path(os.environ.get("COFORMER_TESTBED_STATE", "/run/coformer-testbed.json"))
 CGROUP_V1 = Path("/sys/fs/cgroup")
 PERIOD_QUOTA_US = 1_000  # quota per period: the kernel's minimum
+CLIENT_NET = "10.87.0"  # .1 here (the root namespace), .2 the central node: where clients connect
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,11 @@ class Testbed:
     def central(self) -> TestbedDevice:
         return self.devices[0]
 
+    @property
+    def client_address(self) -> str:
+        """The central node's address for clients in this (root) namespace."""
+        return f"{CLIENT_NET}.2"
+
     def central_address(self, device: str) -> str:
         """The central node's address on ``device``'s link (its own loopback for itself)."""
         d = self.device(device)
@@ -246,6 +259,12 @@ class Testbed:
         """Start ``cmd`` inside ``device`` (cgroups joined before it runs)."""
         name = self.device(device).name
         return subprocess.Popen(self.command(device, cmd), preexec_fn=lambda: join_cgroups(name), **kw)
+
+    def contains(self, device: str, pid: int) -> bool:
+        """Whether process ``pid`` runs in ``device``'s network namespace and cgroups."""
+        ns = self.device(device).namespace
+        in_ns = str(pid) in _run("ip", "netns", "pids", ns, check=False).stdout.split()
+        return in_ns and all(pid in _pids_in(d) for d in _cgroup_dirs(device))
 
     def run(self, device: str, cmd: Sequence[str], **kw: Any) -> subprocess.CompletedProcess:
         name = self.device(device).name
@@ -288,6 +307,15 @@ def up(devices: Sequence[Any], link_delay_ms: float = 0.0) -> Testbed:
             _run("ip", "netns", "add", d.namespace)
             _run("ip", "netns", "exec", d.namespace, "ip", "link", "set", "lo", "up")
             _make_cgroups(d)
+        # The clients' link: this (root) namespace to the central node, unshaped, as an
+        # application running on the central device would reach it.
+        _run("ip", "link", "add", f"{VETH_PREFIX}0r", "type", "veth", "peer", "name", f"{VETH_PREFIX}0c",
+             "netns", central.namespace)
+        _run("ip", "addr", "add", f"{CLIENT_NET}.1/24", "dev", f"{VETH_PREFIX}0r")
+        _run("ip", "link", "set", f"{VETH_PREFIX}0r", "up")
+        _run("ip", "netns", "exec", central.namespace, "ip", "addr", "add", f"{CLIENT_NET}.2/24", "dev",
+             f"{VETH_PREFIX}0c")
+        _run("ip", "netns", "exec", central.namespace, "ip", "link", "set", f"{VETH_PREFIX}0c", "up")
         for d in bed.devices[1:]:
             c_end, d_end = f"{VETH_PREFIX}{d.index}c", f"{VETH_PREFIX}{d.index}d"
             _run("ip", "link", "add", c_end, "netns", central.namespace, "type", "veth", "peer", "name", d_end,

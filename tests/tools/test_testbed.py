@@ -123,3 +123,33 @@ def test_down_leaves_nothing_even_with_processes_running_and_is_idempotent(tmp_p
 def test_bad_device_names_are_refused_before_touching_the_host():
     with pytest.raises(CoFormerError, match="device name 'a b'"):
         testbed.plan([DeviceSpec("a b", 1 << 30, 10**9, 10.0, 1.0)])
+
+
+def test_a_bundle_served_inside_the_testbed_answers_like_the_ensemble(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from coformer.calibration.booster import BoostConfig
+    from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.pipeline import compile_bundle
+    from coformer.tools.cluster import LocalCluster
+    from tests.conftest import tiny_vit
+
+    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    data = load_digits_dataset(size=16)
+    result = compile_bundle(tiny_vit(num_heads=6), DEVICES, data, tmp_path / "bundle", boost=BoostConfig(epochs=0),
+                            aggregator_epochs=1, progress=False)
+    bed = testbed.up(DEVICES)
+    try:
+        with LocalCluster(result.bundle_dir, testbed=bed, timeout_s=5.0) as cluster:
+            assert cluster.endpoints["front"].startswith(f"tcp://{bed.client_address}:")
+            for name, proc in cluster.procs.items():  # every process in its own device
+                assert bed.contains(name.split("-", 1)[1], proc.pid), name
+            x = data.test.x[:4]
+            with torch.no_grad():
+                expected = result.aggregator(*[s(x) for s in result.submodels]).numpy()
+            with cluster.client() as client:
+                for i in range(len(x)):
+                    np.testing.assert_allclose(client.infer(x[i: i + 1].numpy()).logits[0], expected[i], atol=1e-4)
+    finally:
+        testbed.down()
