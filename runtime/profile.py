@@ -21,11 +21,10 @@ of entries within 10%), so every entry is also run ``gap_iterations`` times
 with ``gap_ms`` of idle before each (in the first round), and the profile
 records the median over entries of (gapped median / back-to-back median) as
 ``served_factor``: the latency model multiplies a predicted back-to-back
-latency by it. A device
-emulated by a duty cycle is timed the same way: back to back, each run charged
-its device time (CPU time / share) without the emulation's pauses, which would
-make every run start cold (rounds 23% apart at share 0.6); its gapped runs do
-pause, as it will when served.
+latency by it. A device emulated by a duty cycle is timed the same way: back
+to back, each run charged its device time (CPU time / share) without the
+emulation's pauses, which would make every run start cold (rounds 23% apart at
+share 0.6); its gapped runs do pause, as it will when served.
 """
 
 from __future__ import annotations
