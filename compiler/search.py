@@ -24,9 +24,14 @@ device's own features), t3 = 2 d_agg d_i / g (eq. 6) with g the central
 device's measured FLOPs per ms.
 
 Prior and acquisition: scikit-optimize's Gaussian process with a Matern
-kernel, nu = 1.5 (eq. 9; the length scales start at 1 and are fitted),
-Gaussian observation noise (eq. 10), expected improvement (eq. 12); ``r``
-random initial policies, then ``iterations`` guided ones.
+kernel, nu = 1.5 (eq. 9), Gaussian observation noise (eq. 10), expected
+improvement (eq. 12); ``r`` random initial policies, then ``iterations``
+guided ones. The kernel is isotropic (one length scale, fitted): eq. 9 does
+not say, and on the quickstart (12 dimensions, 8 + 24 evaluations, the same
+predictors and seeds 0-4) a length scale per coordinate reached best
+objectives 0.541-0.642, no better than random search on one seed of five,
+while one length scale reached 0.516-0.530, better than random (0.597-0.664)
+on all five.
 """
 
 from __future__ import annotations
@@ -241,8 +246,10 @@ def run_search(
         from skopt.learning import GaussianProcessRegressor
         from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
 
-        kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=np.ones(decoder.dims),
-                                                              length_scale_bounds=(0.01, 100.0), nu=1.5)
+        # One length scale for all coordinates: with a few dozen points in 4N dimensions, a
+        # length scale per coordinate (ARD) overfits the GP (see the module doc).
+        kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=1.0, length_scale_bounds=(0.01, 100.0),
+                                                              nu=1.5)
         gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, noise="gaussian",
                                       n_restarts_optimizer=2, random_state=seed)
         opt = Optimizer([(LOW, 1.0)] * decoder.dims, base_estimator=gp, acq_func="EI",
