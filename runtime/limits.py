@@ -122,6 +122,13 @@ def _cgroup_root() -> tuple[Optional[Path], str]:
     return None, ""
 
 
+def cfs_quota(share: float) -> tuple[int, int]:
+    """(quota, period) in microseconds for ``share`` of a core: the kernel's minimum
+    quota per period, so a burst is cut within about a millisecond."""
+    period = min(1_000_000, max(MIN_QUOTA_US, int(round(MIN_QUOTA_US / share))))
+    return int(round(share * period)), period
+
+
 def _enter_cgroup(name: str, share: float) -> Optional[Path]:
     root, version = _cgroup_root()
     if root is None or not os.access(root, os.W_OK):
@@ -134,8 +141,7 @@ def _enter_cgroup(name: str, share: float) -> Optional[Path]:
             (parent / "cgroup.subtree_control").write_text("+cpu")
         group = parent / f"{name}-{os.getpid()}"
         group.mkdir(exist_ok=True)
-        period = min(1_000_000, max(MIN_QUOTA_US, int(round(MIN_QUOTA_US / share))))
-        quota = int(round(share * period))
+        quota, period = cfs_quota(share)
         if version == "v1":
             (group / "cpu.cfs_period_us").write_text(str(period))
             (group / "cpu.cfs_quota_us").write_text(str(quota))

@@ -138,6 +138,7 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
 
     from coformer.compiler.families import adapter_for
     from coformer.compiler.profile_kit import sample_configs, write_kit
+    from coformer.runtime.limits import cores_text
 
     shape = adapter_for(teacher).read_shape(teacher)
     kit_dir = out_dir / "kit"
@@ -161,7 +162,7 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
             p = placements[d.name]
             cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
                    "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
-                   "--cpu-cores", ",".join(map(str, p.cores or [0])), "--throttle", throttle, "--threads", "1",
+                   "--cpu-cores", cores_text(p.cores or [0]), "--throttle", throttle, "--threads", "1",
                    "--warmup", "50", "--no-progress"]
             procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for name, proc in procs.items():

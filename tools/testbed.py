@@ -48,13 +48,13 @@ from typing import Any, Optional, Sequence
 
 from coformer.runtime._files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
+from coformer.runtime.limits import cfs_quota, cores_text
 
 NS_PREFIX = "cf-tb-"
 VETH_PREFIX = "cftb"
 CGROUP_NAME = "coformer-testbed"
 STATE_PATH = Path(os.environ.get("COFORMER_TESTBED_STATE", "/run/coformer-testbed.json"))
 CGROUP_V1 = Path("/sys/fs/cgroup")
-PERIOD_QUOTA_US = 1_000  # quota per period: the kernel's minimum
 CLIENT_NET = "10.87.0"  # .1 here (the root namespace), .2 the central node: where clients connect
 
 
@@ -160,9 +160,8 @@ def _write(path: Path, value: str) -> None:
 
 def _make_cgroups(dev: TestbedDevice) -> None:
     layout = _cgroup_layout()
-    period = int(round(PERIOD_QUOTA_US / dev.cpu_share))
-    quota = int(round(dev.cpu_share * period))
-    cores = ",".join(map(str, dev.cores))
+    quota, period = cfs_quota(dev.cpu_share)
+    cores = cores_text(dev.cores)
     if layout == "v1":
         cpu, cpuset, memory = _cgroup_dirs(dev.name)
         for d in (cpu, cpuset, memory):
