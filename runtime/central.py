@@ -2,6 +2,10 @@
 worker's pooled features X_n, applies the aggregator and the teacher's head
 (paper eq. 2) and answers the client.
 
+The same node drives the baselines ``coformer bench`` compares against (the
+manifest's ``strategy``): the teacher alone, a layer pipeline and tensor
+parallelism, so every strategy is measured through one runtime.
+
 Sockets: a ROUTER ``front`` for clients and a ROUTER ``back`` that workers
 connect to. One request is served at a time; others queue in ZeroMQ. The
 input is forwarded to the workers first, then the central node computes its
@@ -95,9 +99,12 @@ class CentralNode:
             self.bind()
         throttle = apply_limits(self.limits, f"central-{m.central.device}")
         try:
-            own = open_engine(self.bundle_dir / m.central.artifact, m.central.backend, self.threads or m.central.threads)
-            agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1)
-            self._throttle, self._own, self._agg = throttle, own, agg
+            c = m.central
+            files = {name: spec.artifact for name, spec in c.models.items()} or {"": c.artifact}
+            self._own = {name: open_engine(self.bundle_dir / f, c.backend, self.threads or c.threads)
+                         for name, f in files.items()}
+            self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
+            self._throttle = throttle
             if ready_stream is not None:
                 ready_stream.write(json.dumps({"event": "ready", **self.endpoints}) + "\n")
                 ready_stream.flush()
@@ -156,49 +163,145 @@ class CentralNode:
         status = self.status()
         if not status["ready"]:
             raise protocol.ProtocolError("not_ready", f"waiting for workers {status['missing']} to register")
+        if msg.tensor is None:
+            raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
         t0 = time.perf_counter()
-        rid = self._next_id
-        self._next_id += 1
-        x = msg.tensor
-        fwd = protocol.encode("infer", rid, x)
-        sent_to = [w.device for w in self.manifest.workers]
-        for name in sent_to:
-            self.back.send_multipart([self.workers[name]] + fwd)
-        t_sent = time.perf_counter()
-        out = self._own.infer({self.manifest.input.name: x})
-        own_features = next(iter(out.values()))
-        idle = self._throttle.after_compute(self._own.last_compute_ms / 1e3, self._own.last_cpu_ms / 1e3)
-        central_ms = self._own.last_compute_ms + idle * 1e3
-        t_own = time.perf_counter()
-        gathered = self._gather(rid, batch=x.shape[0], expected=sent_to)
-        t_gather = time.perf_counter()
-        feeds = {}
-        for i, dev in enumerate(self.manifest.devices):
-            feeds[f"feature_{i}"] = own_features if dev.role == "central" else gathered["features"][dev.device]
-        logits = next(iter(self._agg.infer(feeds).values()))
+        acct = _Account(t0)
+        index = msg.header.get("input_index")
+        if index is not None and self.manifest.strategy != "coformer":
+            raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer bundles, this one is "
+                                                       f"{self.manifest.strategy!r}")
+        if index is not None and (not isinstance(index, list) or len(index) != msg.tensor.shape[0]):
+            raise protocol.ProtocolError("bad_index", f"input_index {index!r} must list one row per sample of the "
+                                                      f"batch of {msg.tensor.shape[0]}")
+        run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
+               "tensor_parallel": self._run_tensor_parallel}[self.manifest.strategy]
+        logits = run(msg.tensor, index, acct)
         t_end = time.perf_counter()
         return protocol.encode(
             "result",
             msg.id,
             np.ascontiguousarray(logits, dtype=np.float32),
             label_index=[int(i) for i in np.argmax(logits, axis=-1)],
-            wire_bytes_from_workers=gathered["wire_bytes"],
+            wire_bytes_from_workers=acct.bytes_from,
+            wire_bytes_to_workers=acct.bytes_to,
+            rounds=acct.rounds,
             timing_ms={
-                "central_compute": central_ms,
-                "wait_for_workers": (t_gather - t_own) * 1e3,
-                "aggregate": self._agg.last_compute_ms,
+                "central_compute": acct.central_ms,
+                "wait_for_workers": acct.wait_ms,
+                "aggregate": acct.aggregate_ms,
                 "total": (t_end - t0) * 1e3,
-                "workers_compute": gathered["compute_ms"],
-                "workers_service": gathered["service_ms"],
-                "dispatch": (t_sent - t0) * 1e3,
-                "central_own": (t_own - t_sent) * 1e3,
+                "workers_compute": acct.workers_compute,
+                "workers_service": acct.workers_service,
+                "dispatch": acct.dispatch_ms,
+                "central_own": acct.own_ms,
+                # the critical path, in the terms of the paper's Fig. 3/4
+                "critical_compute": acct.central_ms - acct.own_in_rounds + acct.round_compute,
+                "critical_transfer": acct.round_transfer,
             },
         )
 
+    # -- strategies ------------------------------------------------------
+    def _run_own(self, name: str, x: np.ndarray, acct: "_Account") -> np.ndarray:
+        """One of the central node's models on ``x``, held to its device's share."""
+        engine = self._own[name]
+        out = next(iter(engine.infer({engine.input_names[0]: x}).values()))
+        idle = self._throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
+        acct.central_ms += engine.last_compute_ms + idle * 1e3
+        return out
+
+    def _run_coformer(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
+        """Paper eq. 2: every device runs its sub-model on the input; the aggregator fuses the X_n.
+
+        With ``index`` the workers hold the input themselves (``--local-inputs``),
+        so only the index goes on the wire.
+        """
+        extra = {} if index is None else {"input_index": index}
+        workers = {w.device: (None, None if index is not None else x, extra) for w in self.manifest.workers}
+        own, gathered = self._round(workers, x.shape[0], acct, own=lambda: self._run_own("", x, acct))
+        t = time.perf_counter()
+        feeds = {f"feature_{i}": own if dev.role == "central" else gathered[dev.device]
+                 for i, dev in enumerate(self.manifest.devices)}
+        logits = next(iter(self._agg.infer(feeds).values()))
+        acct.aggregate_ms += (time.perf_counter() - t) * 1e3
+        return logits
+
+    def _run_teacher(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
+        """The teacher alone on the central device (the strongest one)."""
+        return self._run_own("", x, acct)
+
+    def _run_pipeline(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
+        """EdgeShard-style: stage 0 here, then each worker's layers in turn, the token tensor
+        passed along. Devices reach each other through the central node's switch, so each hop
+        crosses the sender's link and the receiver's link, as it is relayed here."""
+        h = self._run_own(next(iter(self._own)), x, acct)
+        for w in self.manifest.workers:
+            model = next(iter(w.models))
+            _, out = self._round({w.device: (model, h, {})}, x.shape[0], acct)
+            h = out[w.device]
+        return h
+
+    def _run_tensor_parallel(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
+        """Galaxy-style: every layer's heads and MLP neurons are split over the devices; after
+        attention and after the MLP the partial outputs are summed here (the reduction of a
+        star network) and the residual stream goes back out."""
+        h = self._run_own("embed", x, acct)
+        for layer in range(int(self.manifest.model["layers"])):
+            for part in ("attn", "mlp"):
+                name = f"{part}{layer}"
+                reqs = {w.device: (name, h, {}) for w in self.manifest.workers if name in w.models}
+                own, outs = self._round(reqs, x.shape[0], acct,
+                                        own=(lambda n=name: self._run_own(n, h, acct)) if name in self._own else None)
+                t = time.perf_counter()
+                h = h + sum(outs.values(), own if own is not None else 0.0)
+                acct.aggregate_ms += (time.perf_counter() - t) * 1e3
+        return self._run_own("head", h, acct)
+
+    def _round(self, requests: dict, batch: int, acct: "_Account", own=None):
+        """Send each worker its request ``(model, tensor or None, header fields)``, run ``own()``
+        here meanwhile, then gather every answer; returns ``(own's result, {worker: output})``."""
+        rid = self._next_id
+        self._next_id += 1
+        t0 = time.perf_counter()
+        expected = {}
+        for name, (model, tensor, extra) in requests.items():
+            fields = dict(extra) if model is None else {"model": model, **extra}
+            frames = protocol.encode("infer", rid, tensor, **fields)
+            acct.bytes_to += sum(len(f) for f in frames)
+            self.back.send_multipart([self.workers[name]] + frames)
+            art = self.manifest.device(name)
+            expected[name] = (batch, *(art.models[model].output_shape if model is not None else (art.feature_dim,)))
+        t_sent = time.perf_counter()
+        own_before = acct.central_ms
+        result = own() if own is not None else None
+        t_own = time.perf_counter()
+        own_ms = acct.central_ms - own_before
+        gathered = self._gather(rid, expected) if expected else {"features": {}, "compute_ms": {},
+                                                                 "service_ms": {}, "arrival": {}, "wire_bytes": 0}
+        acct.dispatch_ms += (t_sent - t0) * 1e3
+        acct.own_ms += (t_own - t_sent) * 1e3
+        acct.wait_ms += (time.perf_counter() - t_own) * 1e3
+        acct.bytes_from += gathered["wire_bytes"]
+        acct.rounds += 1 if expected else 0
+        # The round's critical path: the central node's own part, or the worker that answered last
+        # (its compute, and the rest of its dispatch-to-arrival time: the links and message handling).
+        acct.own_in_rounds += own_ms
+        last = max(gathered["arrival"], key=gathered["arrival"].get) if expected else None
+        if last is None or t_own >= gathered["arrival"][last]:
+            acct.round_compute += own_ms
+        else:
+            acct.round_compute += gathered["compute_ms"][last]
+            acct.round_transfer += max(0.0, (gathered["arrival"][last] - t0) * 1e3 - gathered["service_ms"][last])
+        for k, v in gathered["compute_ms"].items():
+            acct.workers_compute[k] = acct.workers_compute.get(k, 0.0) + v
+        for k, v in gathered["service_ms"].items():
+            acct.workers_service[k] = acct.workers_service.get(k, 0.0) + v
+        return result, gathered["features"]
+
     # -- workers ---------------------------------------------------------
-    def _gather(self, rid: int, batch: int, expected: list[str]) -> dict:
-        pending = {"id": rid, "batch": batch, "features": {}, "compute_ms": {}, "service_ms": {}, "wire_bytes": 0,
-                   "error": None}
+    def _gather(self, rid: int, expected: dict) -> dict:
+        pending = {"id": rid, "expected": expected, "features": {}, "compute_ms": {}, "service_ms": {},
+                   "arrival": {}, "wire_bytes": 0, "error": None}
         deadline = time.monotonic() + self.timeout_s
         while len(pending["features"]) < len(expected) and pending["error"] is None:
             left_ms = int((deadline - time.monotonic()) * 1e3)
@@ -207,7 +310,9 @@ class CentralNode:
                 raise protocol.ProtocolError("timeout", f"workers {late} did not answer within {self.timeout_s:g} s")
             self._on_back(self.back.recv_multipart(), pending)
         if pending["error"] is not None:
-            raise protocol.ProtocolError("worker_error", pending["error"])
+            # a fault in the client's request (a bad input_index) keeps its code; anything else is the worker's
+            code = pending.get("code") if pending.get("code") in _CLIENT_FAULTS else "worker_error"
+            raise protocol.ProtocolError(code, pending["error"])
         return pending
 
     def _on_back(self, frames: list[bytes], pending: Optional[dict]) -> None:
@@ -230,14 +335,18 @@ class CentralNode:
             return  # a late answer to a request that already timed out
         if msg.op == "error":
             pending["error"] = f"worker {name}: {msg.header.get('message')}"
+            pending["code"] = msg.header.get("code")
             return
-        dim = self.manifest.device(name).feature_dim
+        want = pending["expected"].get(name)
+        if want is None:
+            return  # not asked in this round
         t = msg.tensor
-        if msg.op != "features" or t is None or t.dtype != np.float32 or t.shape != (pending["batch"], dim):
+        if msg.op != "features" or t is None or t.dtype != np.float32 or t.shape != tuple(want):
             got = None if t is None else (str(t.dtype), list(t.shape))
-            pending["error"] = f"worker {name} sent {msg.op} {got}, expected float32 {[pending['batch'], dim]}"
+            pending["error"] = f"worker {name} sent {msg.op} {got}, expected float32 {list(want)}"
             return
         pending["features"][name] = t
+        pending["arrival"][name] = time.perf_counter()
         pending["compute_ms"][name] = float(msg.header.get("compute_ms", 0.0))
         pending["service_ms"][name] = float(msg.header.get("service_ms", 0.0))
         pending["wire_bytes"] += msg.wire_bytes
@@ -255,6 +364,21 @@ class CentralNode:
             reply = protocol.encode("welcome", 0)
             log.debug("worker %s registered", name)
         self.back.send_multipart([ident] + reply)
+
+
+_CLIENT_FAULTS = ("bad_index", "no_local_inputs")
+
+
+class _Account:
+    """What one request cost, summed over its rounds (a baseline makes many)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.central_ms = self.wait_ms = self.aggregate_ms = self.dispatch_ms = self.own_ms = 0.0
+        self.bytes_to = self.bytes_from = self.rounds = 0
+        self.own_in_rounds = self.round_compute = self.round_transfer = 0.0
+        self.workers_compute: dict[str, float] = {}
+        self.workers_service: dict[str, float] = {}
 
 
 def run_central(bundle_dir: Path, front: str, back: str, **kwargs) -> None:

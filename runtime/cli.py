@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--device", required=True, help="this device's name in the bundle")
     p.add_argument("--central", required=True, help="the central node's back endpoint")
+    p.add_argument("--local-inputs", type=Path, default=None,
+                   help=".npy of model inputs this device captures itself: requests may name a row instead of "
+                        "sending the tensor")
     _add_limits(p)
 
     p = sub.add_parser("infer", help="send one input (.npy, model input or raw data) and print the answer")
@@ -109,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "worker":
         from coformer.runtime.worker import run_worker
 
-        run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads)
+        run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads,
+                   local_inputs=args.local_inputs)
     elif args.command == "infer":
         from coformer.runtime.client import Client
         from coformer.runtime.manifest import load_manifest

@@ -21,6 +21,8 @@ class Result:
     wire_bytes_from_workers: int
     timing_ms: Mapping[str, Any] = field(default_factory=dict)
     round_trip_ms: float = 0.0
+    wire_bytes_to_workers: int = 0
+    rounds: int = 0
 
 
 class ServerError(CoFormerError):
@@ -64,11 +66,17 @@ class Client:
                 raise ServerError(str(msg.header.get("code")), str(msg.header.get("message")))
             return msg
 
-    def infer(self, x: np.ndarray) -> Result:
-        """Run one input (a batch, shape ``[B, *input.shape]``) through the cluster."""
+    def infer(self, x: np.ndarray, input_index: Optional[list[int]] = None) -> Result:
+        """Run one input (a batch, shape ``[B, *input.shape]``) through the cluster.
+
+        ``input_index``: the rows of the workers' ``--local-inputs`` that hold the
+        same batch (each device captures the input itself, as in the paper);
+        the central node then sends the workers the index, not the tensor.
+        """
         rid = next(self._ids)
         start = time.perf_counter()
-        msg = self._call(protocol.encode("infer", rid, np.asarray(x)), rid)
+        fields = {} if input_index is None else {"input_index": [int(i) for i in input_index]}
+        msg = self._call(protocol.encode("infer", rid, np.asarray(x), **fields), rid)
         rtt = (time.perf_counter() - start) * 1e3
         return Result(
             logits=msg.tensor,
@@ -76,6 +84,8 @@ class Client:
             wire_bytes_from_workers=int(msg.header.get("wire_bytes_from_workers", 0)),
             timing_ms=dict(msg.header.get("timing_ms", {})),
             round_trip_ms=rtt,
+            wire_bytes_to_workers=int(msg.header.get("wire_bytes_to_workers", 0)),
+            rounds=int(msg.header.get("rounds", 0)),
         )
 
     def send_raw(self, frames: list[bytes], timeout_s: Optional[float] = None) -> protocol.Message:

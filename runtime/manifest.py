@@ -15,9 +15,14 @@ from typing import Any, Mapping
 from coformer.runtime._files import atomic_write_json, sha256_file
 from coformer.runtime.errors import CoFormerError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # CoFormer bundles
+BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes must refuse them
+READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
+# How the central node drives the devices (see coformer.runtime.central): CoFormer's
+# decomposition, and the baselines of ``coformer bench`` served by the same runtime.
+STRATEGIES = ("coformer", "teacher", "pipeline", "tensor_parallel")
 DTYPES = ("float32", "int64", "int32")
 
 
@@ -69,8 +74,31 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """One of a device's models in a baseline bundle: its file, input and output per sample."""
+
+    artifact: str
+    dtype: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "ModelSpec":
+        dtype = _need(d, "dtype", str, where)
+        if dtype not in DTYPES:
+            raise CoFormerError(f"{where}: dtype {dtype!r} is not one of {DTYPES}")
+        return cls(_need(d, "artifact", str, where), dtype, tuple(_need(d, "input_shape", list, where)),
+                   tuple(_need(d, "output_shape", list, where)))
+
+
+@dataclass(frozen=True)
 class DeviceArtifact:
-    """Which device runs which sub-model, and what it sends to the central node."""
+    """Which device runs which sub-model, and what it sends to the central node.
+
+    ``models`` (baseline bundles only) names every model the device holds, e.g.
+    a pipeline stage or a tensor-parallel layer's share; a request names the
+    one to run. A CoFormer device has one model, ``artifact``, fed the bundle's input.
+    """
 
     device: str
     role: str
@@ -81,6 +109,7 @@ class DeviceArtifact:
     backend: str = "onnxruntime"
     threads: int = 1
     cpu_share: float = 1.0
+    models: Mapping[str, ModelSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -103,6 +132,7 @@ class DeviceArtifact:
             backend=d.get("backend", "onnxruntime"),
             threads=int(d.get("threads", 1)),
             cpu_share=float(d.get("cpu_share", 1.0)),
+            models={k: ModelSpec.from_dict(v, f"{w} model {k!r}") for k, v in d.get("models", {}).items()},
         )
 
 
@@ -123,16 +153,24 @@ class Manifest:
     parity: Mapping[str, float] = field(default_factory=dict)
     expected: Mapping[str, Any] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=dict)
+    strategy: str = "coformer"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.strategy != "coformer":
+            object.__setattr__(self, "schema_version", BASELINE_SCHEMA_VERSION)
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")
         centrals = [d.device for d in self.devices if d.role == "central"]
         if len(centrals) != 1:
             raise CoFormerError(f"manifest needs exactly one central device, found {centrals}")
-        for rel in [d.artifact for d in self.devices] + [self.aggregator]:
+        needed = [d.artifact for d in self.devices] + [m.artifact for d in self.devices for m in d.models.values()]
+        if self.strategy == "coformer" or self.aggregator:
+            needed.append(self.aggregator)
+        for rel in needed:
             if rel not in self.files:
                 raise CoFormerError(f"manifest artifact {rel!r} has no checksum in 'files'")
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -160,15 +198,20 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input"]["shape"] = list(self.input.shape)
+        for dev in d["devices"]:
+            if not dev["models"]:
+                del dev["models"]
+            for m in dev.get("models", {}).values():
+                m["input_shape"], m["output_shape"] = list(m["input_shape"]), list(m["output_shape"])
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READ_VERSIONS:
             raise CoFormerError(
                 f"bundle schema_version {version!r} is not understood by this runtime "
-                f"(it reads version {SCHEMA_VERSION}); rebuild the bundle with a matching coformer"
+                f"(it reads versions {list(READ_VERSIONS)}); rebuild the bundle with a matching coformer"
             )
         w = "manifest"
         return cls(
@@ -181,6 +224,7 @@ class Manifest:
             parity=d.get("parity", {}),
             expected=d.get("expected", {}),
             policy=d.get("policy", {}),
+            strategy=d.get("strategy", "coformer"),
             schema_version=version,
         )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -88,11 +88,14 @@ def error_frames(request_id: int, code: str, message: str) -> list[bytes]:
     return encode("error", request_id, code=code, message=message)
 
 
-def decode(frames: Sequence[bytes], limits: Optional[TensorLimits] = None) -> Message:
+def decode(frames: Sequence[bytes], limits: Union[None, TensorLimits, Callable[[Mapping[str, Any]], TensorLimits]] = None) -> Message:
     """Parse and validate a message; raise :class:`ProtocolError` with a code on any fault.
 
     With ``limits``, a tensor must match its dtype and per-sample shape, have a
     batch in ``1..max_batch`` and carry exactly the bytes its shape implies.
+    ``limits`` may be a function of the header (a peer holding several models
+    checks the tensor against the one the header names; it raises
+    :class:`ProtocolError` for an unknown one).
     """
     wire = sum(len(f) for f in frames)
     if len(frames) != 2:
@@ -120,6 +123,8 @@ def decode(frames: Sequence[bytes], limits: Optional[TensorLimits] = None) -> Me
         if payload:
             raise ProtocolError("bad_payload", f"{len(payload)} payload bytes but no dtype/shape in the header")
         return Message(header, None, wire)
+    if callable(limits):
+        limits = limits(header)
     tensor = _tensor(header, payload, limits)
     return Message(header, tensor, wire)
 

@@ -29,6 +29,57 @@ def input_limits(manifest) -> protocol.TensorLimits:
     return protocol.TensorLimits(spec.dtype, spec.shape, spec.max_batch)
 
 
+def model_limits(manifest, art) -> dict[str, protocol.TensorLimits]:
+    """What each of a device's models accepts; ``""`` is a CoFormer device's one model."""
+    if not art.models:
+        return {"": input_limits(manifest)}
+    return {name: protocol.TensorLimits(m.dtype, m.input_shape, manifest.input.max_batch)
+            for name, m in art.models.items()}
+
+
+def header_limits(limits: dict[str, protocol.TensorLimits]):
+    """``protocol.decode``'s limits for a request that names one of ``limits``' models."""
+    default = next(iter(limits)) if len(limits) == 1 else None
+
+    def pick(header) -> protocol.TensorLimits:
+        name = header.get("model", default)
+        if name not in limits:
+            raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's {sorted(limits)}")
+        return limits[name]
+
+    return pick
+
+
+def load_local_inputs(path: Optional[Path], manifest) -> Optional["np.ndarray"]:
+    """The inputs this device captures itself (the paper's setting: every device sees the
+    same frame), so the central node sends an index instead of the tensor."""
+    if path is None:
+        return None
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise CoFormerError(f"local inputs {path} do not exist")
+    x = np.load(path, mmap_mode="r")
+    spec = manifest.input
+    if str(x.dtype) != spec.dtype or tuple(x.shape[1:]) != tuple(spec.shape):
+        raise CoFormerError(f"local inputs {path} are {x.dtype} {list(x.shape)}, the bundle takes "
+                            f"{spec.dtype} [N, {', '.join(map(str, spec.shape))}]")
+    return np.ascontiguousarray(x)
+
+
+def local_input(local, header) -> "np.ndarray":
+    """The batch of local inputs a request names by ``input_index`` (a list of row numbers)."""
+    if local is None:
+        raise protocol.ProtocolError("no_local_inputs", "this worker holds no local inputs; send the tensor")
+    idx = header.get("input_index")
+    if (not isinstance(idx, list) or not idx
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(local) for i in idx)):
+        raise protocol.ProtocolError("bad_index", f"input_index {idx!r} must be a non-empty list of row numbers "
+                                                  f"in 0..{len(local) - 1}")
+    return local[idx]
+
+
 def max_message_bytes(limits: protocol.TensorLimits) -> int:
     """Frames above this are dropped by ZeroMQ itself; below it, bad sizes get an error reply."""
     return max(16 << 20, 2 * limits.max_payload_bytes + protocol.MAX_HEADER_BYTES)
@@ -47,6 +98,7 @@ def run_worker(
     limits: DeviceLimits = DeviceLimits(),
     threads: Optional[int] = None,
     stop: Optional[threading.Event] = None,
+    local_inputs: Optional[Path] = None,
 ) -> None:
     """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
 
@@ -55,6 +107,10 @@ def run_worker(
     ``KEEPALIVE_S`` so a restarted central node finds it again), then answers each
     ``infer`` with ``features``. A bad message gets an ``error`` reply; the
     worker keeps serving. Returns when ``stop`` is set or on SIGTERM/SIGINT.
+
+    A baseline bundle's device may hold several models: each ``infer`` names
+    one in ``model``. With ``local_inputs`` (a .npy of model inputs), an
+    ``infer`` may carry ``input_index`` instead of a tensor.
     """
     stop = stop or threading.Event()
     install_stop_signals(stop)
@@ -62,16 +118,20 @@ def run_worker(
     art = manifest.device(device)
     if art.role != "worker":
         raise CoFormerError(f"device {device!r} has role {art.role!r} in this bundle; run it as the central node")
-    limits_in = input_limits(manifest)
+    limits_by_model = model_limits(manifest, art)
+    limits_in = header_limits(limits_by_model)
+    local = load_local_inputs(local_inputs, manifest)
     throttle = apply_limits(limits, f"worker-{device}")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        engine = open_engine(Path(bundle_dir) / art.artifact, art.backend, threads or art.threads)
-        input_name = manifest.input.name
+        files = {name: (m.artifact if name else art.artifact) for name, m in
+                 ([("", None)] if not art.models else art.models.items())}
+        engines = {name: open_engine(Path(bundle_dir) / f, art.backend, threads or art.threads)
+                   for name, f in files.items()}
         sock.setsockopt(zmq.IDENTITY, device.encode())
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(limits_in))
+        sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))
         sock.connect(central)
         digest = manifest_digest(bundle_dir)
         hello = protocol.encode("hello", 0, device=device, digest=digest, feature_dim=art.feature_dim)
@@ -98,7 +158,17 @@ def run_worker(
                 else:
                     raise CoFormerError(f"central node refused worker {device!r}: {msg.header.get('message')}")
             elif msg.op == "infer":
-                out = engine.infer({input_name: msg.tensor})
+                name = msg.header.get("model", next(iter(engines)) if len(engines) == 1 else None)
+                try:
+                    if name not in engines:  # (with a tensor, decode has already refused it)
+                        raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's "
+                                                                  f"{sorted(engines)}")
+                    engine = engines[name]
+                    x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
+                except protocol.ProtocolError as e:
+                    sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
+                    continue
+                out = engine.infer({engine.input_names[0]: x})
                 features = next(iter(out.values()))
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 sock.send_multipart(

@@ -68,6 +68,8 @@ class LocalCluster:
             :class:`coformer.tools.testbed.Testbed` (its namespace, link and
             cgroups; the cgroup quota then holds the share, so no duty cycle);
             clients connect over the testbed's client link.
+        local_inputs: a .npy of model inputs every worker loads, so a client may
+            send ``input_index`` and the input never crosses the links.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LocalCluster:
         front: str = "tcp://127.0.0.1:*",
         timeout_s: float = 10.0,
         testbed: Optional[Any] = None,
+        local_inputs: Optional[Path] = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = load_manifest(self.bundle_dir)
@@ -92,6 +95,7 @@ class LocalCluster:
         self._logs: dict[str, IO] = {}
         self.endpoints: dict[str, str] = {}
         self.testbed = testbed
+        self.local_inputs = Path(local_inputs).resolve() if local_inputs else None
         if testbed is not None:
             missing = [d.device for d in self.manifest.devices if d.device not in {x.name for x in testbed.devices}]
             if missing or testbed.central.name != self.manifest.central.device:
@@ -148,7 +152,8 @@ class LocalCluster:
             if self.testbed is not None:  # the central node as this worker's link sees it
                 back = f"tcp://{self.testbed.central_address(w.device)}:{back.rsplit(':', 1)[1]}"
             self._spawn(f"worker-{w.device}", ["worker", str(self.bundle_dir), "--device", w.device,
-                                               "--central", back] + self._limits_args(w.device))
+                                               "--central", back] + self._limits_args(w.device)
+                        + (["--local-inputs", str(self.local_inputs)] if self.local_inputs else []))
         try:
             with self.client() as c:
                 c.wait_ready(timeout_s)

@@ -130,3 +130,36 @@ def test_runtime_cli_infer_with_raw_input(compiled, cluster, tmp_path):
     with torch.no_grad():
         expected = result.aggregator(*[s(data.test.x[:1]) for s in result.submodels]).argmax(-1).item()
     assert out["label"] == [str(expected)]
+
+
+def test_workers_with_local_inputs_take_an_index_instead_of_the_tensor(compiled, tmp_path):
+    result, data = compiled
+    x = data.test.x[:6].numpy()
+    np.save(tmp_path / "x.npy", x)
+    with LocalCluster(result.bundle_dir, throttle="none", timeout_s=2.0, local_inputs=tmp_path / "x.npy") as c:
+        with c.client() as client:
+            sent = client.infer(x[2:4])
+            local = client.infer(x[2:4], input_index=[2, 3])
+            np.testing.assert_allclose(local.logits, sent.logits, atol=1e-5)
+            # only the index crossed to the workers: a small header each, no image
+            assert local.wire_bytes_to_workers < 2 * 300 < 2 * x[2:4].nbytes < sent.wire_bytes_to_workers
+            # (headers carry timings, whose digits vary)
+            assert local.wire_bytes_from_workers == pytest.approx(sent.wire_bytes_from_workers, abs=30)
+            for bad in ([9], [-1], [], [0, 1]):  # out of range, empty, not the batch's length
+                with pytest.raises(ServerError, match="bad_index"):
+                    client.infer(x[:1], input_index=bad)
+            for bad in (["0"], [True], 0):  # not row numbers (sent raw: the client would convert them)
+                reply = client.send_raw(protocol.encode("infer", 99, x[:1], input_index=bad))
+                assert reply.op == "error" and reply.header["code"] == "bad_index"
+            assert client.infer(x[:1], input_index=[0]).label_index == client.infer(x[:1]).label_index
+
+
+def test_an_index_to_workers_without_local_inputs_is_an_error_not_a_crash(cluster, compiled):
+    _, data = compiled
+    x = data.test.x[:1].numpy()
+    with cluster.client() as client:
+        with pytest.raises(ServerError, match="no_local_inputs"):
+            client.infer(x, input_index=[0])
+        reply = client.send_raw(protocol.encode("infer", 7))  # no tensor at all
+        assert reply.op == "error" and reply.header["code"] == "bad_payload"
+        assert client.infer(x).logits.shape == (1, 10)  # still serving
