@@ -1,0 +1,278 @@
+"""The strategies CoFormer is measured against, built from the teacher's real weights
+and served by the same runtime (``coformer bench``; paper §II-B and §IV):
+
+* ``teacher``: the whole teacher on the central (strongest) device;
+* ``pipeline`` (EdgeShard-style): the layers split into consecutive stages, one per
+  device, in proportion to each device's compute share; the token tensor goes
+  from stage to stage;
+* ``tensor_parallel`` (Galaxy-style): every layer's heads and MLP neurons split over
+  the devices in proportion to compute; after attention and after the MLP the
+  partial outputs are summed (an all-reduce; in a star network the central node
+  is where they meet) and the residual stream goes back to every device.
+
+The fourth baseline, a uniform decomposition that ignores heterogeneity
+(DeViT-style), is an ordinary CoFormer bundle compiled with the uniform
+policy (see :mod:`coformer.tools.bench`).
+
+Pipeline and tensor parallelism compute exactly the teacher's function; each
+builder checks that the composed pieces reproduce the teacher's logits and
+records the difference in the manifest's ``parity``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from coformer.compiler.bundle import write_bundle
+from coformer.compiler.families import adapter_for
+from coformer.compiler.families.vit import _check_supported
+from coformer.compiler.lower import check_parity, export_onnx
+from coformer.compiler.specs import DeviceSpec
+from coformer.runtime.errors import CoFormerError
+from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest, ModelSpec
+
+BASELINES = ("teacher", "pipeline", "tensor_parallel")
+PARITY_TOLERANCE = 1e-3  # logits; float32 sums in another order
+
+
+def split_by_share(total: int, shares: Sequence[float], minimum: int = 0) -> list[int]:
+    """``total`` units split in proportion to ``shares`` (largest remainder), each at least ``minimum``.
+
+    >>> split_by_share(7, [1.0, 0.6, 0.4], minimum=1)
+    [4, 2, 1]
+    """
+    if total < minimum * len(shares):
+        raise CoFormerError(f"cannot give {len(shares)} devices at least {minimum} of {total} each")
+    w = np.asarray(shares, dtype=float)
+    if (w <= 0).any():
+        raise CoFormerError(f"compute shares {list(shares)} must be positive")
+    exact = w / w.sum() * total
+    out = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - out), kind="stable")[: total - out.sum()]:
+        out[i] += 1
+    while (out < minimum).any():  # the smallest devices take from the largest
+        out[int(np.argmax(out))] -= 1
+        out[int(np.argmin(out))] += 1
+    return [int(v) for v in out]
+
+
+class _Embed(nn.Module):
+    """Image -> token tensor: the teacher's patch embedding, prefix tokens and positions."""
+
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.patch_embed, self.patch_drop, self.norm_pre = t.patch_embed, t.patch_drop, t.norm_pre
+        self._pos_embed = t._pos_embed  # a bound method: not a submodule, so the rest of t is not held
+        for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):  # ... but its parameters are
+            if getattr(t, name, None) is not None:
+                setattr(self, name, getattr(t, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+
+class _Head(nn.Module):
+    """Token tensor -> logits: the teacher's final norm, pooling and classifier."""
+
+    def __init__(self, t: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.fc_norm, self.head = t.norm, t.fc_norm, t.head
+        if getattr(t, "head_dist", None) is not None:  # DeiT distilled: two heads, averaged
+            self.head_dist = t.head_dist
+        self._forward_head = t.forward_head  # pooling as the teacher does it (bound, not a submodule)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_head(self.norm(x))
+
+
+class _Stage(nn.Module):
+    """A pipeline stage: consecutive teacher blocks, with the embedding first / the head last."""
+
+    def __init__(self, t: nn.Module, first: int, last: int, embed: bool, head: bool) -> None:
+        super().__init__()
+        self.embed = _Embed(t) if embed else None
+        self.blocks = nn.Sequential(*[t.blocks[i] for i in range(first, last)])
+        self.head = _Head(t) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        x = self.blocks(x)
+        return self.head(x) if self.head is not None else x
+
+
+class _AttnShare(nn.Module):
+    """One device's share of a layer's attention: its heads' Q/K/V rows and output-projection
+    columns; the projection bias only on the device that ``owns`` it, so the shares sum to the
+    teacher's attention output (layer scale is linear, so it applies to each share)."""
+
+    def __init__(self, blk: nn.Module, heads: Sequence[int], owns_bias: bool) -> None:
+        super().__init__()
+        from coformer.compiler.families.vit import _Attention
+
+        a = blk.attn
+        hd, H, D = a.head_dim, a.num_heads, a.qkv.in_features
+        self.norm1, self.ls1 = copy.deepcopy(blk.norm1), copy.deepcopy(blk.ls1)
+        self.attn = _Attention(D, len(heads), hd, a.qkv.bias is not None, not isinstance(a.q_norm, nn.Identity),
+                               getattr(a.q_norm, "eps", 1e-6))
+        cols = torch.tensor([j * hd + i for j in heads for i in range(hd)])
+        rows = torch.cat([p * H * hd + cols for p in range(3)])
+        with torch.no_grad():
+            self.attn.qkv.weight.copy_(a.qkv.weight[rows])
+            if a.qkv.bias is not None:
+                self.attn.qkv.bias.copy_(a.qkv.bias[rows])
+            if not isinstance(a.q_norm, nn.Identity):
+                self.attn.q_norm.load_state_dict(a.q_norm.state_dict())
+                self.attn.k_norm.load_state_dict(a.k_norm.state_dict())
+            self.attn.proj.weight.copy_(a.proj.weight[:, cols])
+            self.attn.proj.bias.copy_(a.proj.bias if owns_bias else torch.zeros_like(a.proj.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+
+class _MlpShare(nn.Module):
+    """One device's share of a layer's MLP: its neurons' fc1 rows and fc2 columns (fc2's bias
+    only on the owner)."""
+
+    def __init__(self, blk: nn.Module, neurons: Sequence[int], owns_bias: bool) -> None:
+        super().__init__()
+        m = blk.mlp
+        n = torch.tensor(list(neurons))
+        self.norm2, self.ls2, self.act = copy.deepcopy(blk.norm2), copy.deepcopy(blk.ls2), copy.deepcopy(m.act)
+        self.fc1 = nn.Linear(m.fc1.in_features, len(neurons))
+        self.fc2 = nn.Linear(len(neurons), m.fc2.out_features)
+        with torch.no_grad():
+            self.fc1.weight.copy_(m.fc1.weight[n])
+            self.fc1.bias.copy_(m.fc1.bias[n])
+            self.fc2.weight.copy_(m.fc2.weight[:, n])
+            self.fc2.bias.copy_(m.fc2.bias if owns_bias else torch.zeros_like(m.fc2.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.fc2(self.act(self.fc1(self.norm2(x)))))
+
+
+def _onnx_params(path: Path) -> int:
+    """Weights an exported model holds (its initializers), which is what a device loads."""
+    import onnx
+
+    return int(sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer))
+
+
+def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSpec], x_example: torch.Tensor,
+                   out_dir: Path, labels: Sequence[str], preprocessing: dict[str, Any],
+                   model_name: str = "teacher") -> Manifest:
+    """Write the bundle of ``strategy`` (one of :data:`BASELINES`) for ``devices`` to ``out_dir``.
+
+    The first device is the central node; ``teacher`` uses it alone. Only timm
+    ViT/DeiT teachers are supported (the families CoFormer decomposes).
+    """
+    if strategy not in BASELINES:
+        raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
+    teacher = teacher.eval()
+    adapter = adapter_for(teacher)
+    if adapter.name != "vit":
+        raise CoFormerError(f"baselines are built for timm ViT/DeiT teachers, not the {adapter.name!r} family")
+    _check_supported(teacher)
+    shape = adapter.read_shape(teacher)
+    L, D, N = shape.num_layers, shape.embed_dim, shape.num_tokens
+    devices = list(devices) if strategy != "teacher" else list(devices[:1])
+    shares = [d.cpu_share for d in devices]
+    x3 = x_example[:3]
+    with torch.no_grad():
+        want = teacher(x3)
+
+    # pieces[device] = [(model name, module, input kind)], in the order the device uses them
+    pieces: dict[str, list[tuple[str, nn.Module, str]]] = {d.name: [] for d in devices}
+    plan: dict[str, Any] = {"strategy": strategy}
+    if strategy == "teacher":
+        pieces[devices[0].name].append(("", teacher, "pixels"))
+        composed = want
+    elif strategy == "pipeline":
+        if L < len(devices):
+            raise CoFormerError(f"a pipeline over {len(devices)} devices needs at least as many layers; "
+                                f"the teacher has {L}")
+        counts = split_by_share(L, shares, minimum=1)
+        first = 0
+        for i, (d, c) in enumerate(zip(devices, counts)):
+            stage = _Stage(teacher, first, first + c, embed=i == 0, head=i == len(devices) - 1)
+            pieces[d.name].append(("stage", stage, "pixels" if i == 0 else "tokens"))
+            first += c
+        plan["layers_per_device"] = dict(zip([d.name for d in devices], counts))
+        with torch.no_grad():
+            h = x3
+            for d in devices:
+                h = pieces[d.name][0][1](h)
+        composed = h
+    else:
+        embed, head = _Embed(teacher), _Head(teacher)
+        pieces[devices[0].name].append(("embed", embed, "pixels"))
+        heads_split, neurons_split = [], []
+        for layer, blk in enumerate(teacher.blocks):
+            hc = split_by_share(blk.attn.num_heads, shares)
+            nc = split_by_share(blk.mlp.fc1.out_features, shares)
+            heads_split.append(hc)
+            neurons_split.append(nc)
+            h0 = n0 = 0
+            for i, d in enumerate(devices):
+                if hc[i]:
+                    pieces[d.name].append((f"attn{layer}", _AttnShare(blk, range(h0, h0 + hc[i]), i == 0), "tokens"))
+                if nc[i]:
+                    pieces[d.name].append((f"mlp{layer}", _MlpShare(blk, range(n0, n0 + nc[i]), i == 0), "tokens"))
+                h0, n0 = h0 + hc[i], n0 + nc[i]
+        pieces[devices[0].name].append(("head", head, "tokens"))
+        plan["heads_per_device"] = {d.name: [hc[i] for hc in heads_split] for i, d in enumerate(devices)}
+        plan["neurons_per_device"] = {d.name: [nc[i] for nc in neurons_split] for i, d in enumerate(devices)}
+        with torch.no_grad():
+            h = embed(x3)
+            for layer in range(L):
+                for part in ("attn", "mlp"):
+                    h = h + sum(m(h) for d in devices for name, m, _ in pieces[d.name] if name == f"{part}{layer}")
+            composed = head(h)
+    gap = float((composed - want).abs().max())
+    if not gap <= PARITY_TOLERANCE:
+        raise CoFormerError(f"{strategy}: the composed pieces differ from the teacher by {gap:.3g}")
+
+    with torch.no_grad():
+        tokens3 = _Embed(teacher)(x3)
+    in_shape = tuple(adapter.input_shape(teacher))
+
+    def build(staging: Path) -> dict[str, Any]:
+        arts, parity = [], {"composed_vs_teacher": gap}
+        for i, d in enumerate(devices):
+            models: dict[str, ModelSpec] = {}
+            flops = params = 0
+            for name, module, kind in pieces[d.name]:
+                rel = f"{strategy}/{i}-{d.name}{'-' + name if name else ''}.onnx"
+                example = x3 if kind == "pixels" else tokens3
+                with torch.no_grad():
+                    out_shape = tuple(module.eval()(example[:1]).shape[1:])
+                export_onnx(module, [example[:1]], staging / rel, [kind], ["output"])
+                parity[rel] = check_parity(module, staging / rel, [example], [kind], tolerance=PARITY_TOLERANCE)
+                if name:
+                    models[name] = ModelSpec(rel, "float32", in_shape if kind == "pixels" else (N, D), out_shape)
+                params += _onnx_params(staging / rel)
+            main = next(iter(models.values())).artifact if models else f"{strategy}/{i}-{d.name}.onnx"
+            out_dim = shape.num_classes if strategy == "teacher" else D
+            arts.append(DeviceArtifact(device=d.name, role="central" if i == 0 else "worker", artifact=main,
+                                       feature_dim=out_dim, flops=flops, params=params, backend=d.backend,
+                                       threads=1, cpu_share=d.cpu_share, models=models))
+        return dict(
+            # per-device "flops" are not counted for baselines (0); "params" are the ONNX weights
+            model={"name": model_name, "family": shape.family, "layers": L, "embed_dim": D, "tokens": N,
+                   "plan": plan},
+            task={"kind": "classification", "labels": list(labels)},
+            input=InputSpec(adapter.input_name, "float32", in_shape, 64, dict(preprocessing)),
+            devices=tuple(arts),
+            aggregator="",
+            parity=parity,
+            strategy=strategy,
+        )
+
+    return write_bundle(Path(out_dir), build)
