@@ -25,12 +25,14 @@ their veth ends) deleted, cgroups removed, the state file deleted.
 
 Link delay would need the ``netem`` qdisc, which this host's kernel lacks
 (``CONFIG_NET_SCH_NETEM`` is not set); a link delay is refused with that
-reason where netem is missing. A token bucket also lets a message that fits
-its burst (one frame, ~1.5 KB) through an idle link at once: bulk transfers
-take size / rate, but a lone 1 KB message does not pay its 4 ms of
-serialisation at 2 Mbit/s (measured: 0.3 ms round trip). Only netem's ``rate``
-models that; until then, small-message latencies on slow links are
-optimistic. Needs root.
+reason where netem is missing. A token bucket also lets a packet through an
+idle link at once: bulk transfers take size / rate, but the first packet of
+a message skips its serialisation (with a 1500-byte MTU a lone 1 KB message
+crossed a "2 Mbit/s" link in 0.3 ms instead of 4 ms). Links below 10 Mbit/s
+therefore get a 576-byte MTU, which bounds the unpaced part to one small
+packet per message (2.4 ms at 2 Mbit/s; see :func:`link_mtu`). Only netem's
+``rate`` models serialisation exactly; until then, small-message latencies
+on slow links stay slightly optimistic. Needs root.
 """
 
 from __future__ import annotations
@@ -136,11 +138,32 @@ def _netem_available() -> bool:
         _run("ip", "link", "del", probe, check=False)
 
 
+SLOW_LINK_MBIT_S = 10.0
+SLOW_LINK_MTU = 576  # the IPv4 minimum every host accepts; the historic MTU of slow serial links
+
+
+def link_mtu(mbit_s: float) -> int:
+    """The MTU of a testbed link: 576 bytes below 10 Mbit/s, else Ethernet's 1500.
+
+    A token bucket sends a packet at once while it holds enough tokens, so after
+    an idle moment one packet crosses unpaced: up to 1500 bytes, 6 ms of
+    serialisation at 2 Mbit/s. Smaller packets on slow links bound that to
+    one 576-byte packet (2.4 ms at 2 Mbit/s) per message.
+    """
+    return SLOW_LINK_MTU if mbit_s < SLOW_LINK_MBIT_S else 1500
+
+
+def link_burst(mbit_s: float) -> int:
+    """The token bucket's size: one frame (MTU + 14 bytes of Ethernet header), or 2 ms at the rate if larger."""
+    return max(link_mtu(mbit_s) + 14, int(mbit_s * 1e6 / 8 * 0.002))
+
+
 def _shape(namespace: Optional[str], dev: str, mbit_s: float, delay_ms: float) -> None:
-    """Token bucket at ``mbit_s`` (burst: 2 ms at that rate, at least one 1514-byte frame)."""
+    """Token bucket at ``mbit_s`` with the MTU and burst of :func:`link_mtu` / :func:`link_burst`."""
     prefix = ["ip", "netns", "exec", namespace] if namespace else []
     rate = f"{mbit_s * 1000:.0f}kbit"
-    burst = max(1600, int(mbit_s * 1e6 / 8 * 0.002))
+    burst = link_burst(mbit_s)
+    _run(*prefix, "ip", "link", "set", dev, "mtu", str(link_mtu(mbit_s)))
     if delay_ms:
         _run(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem", "delay",
              f"{delay_ms}ms")
@@ -195,6 +218,51 @@ def join_cgroups(device: str, pid: int = 0) -> None:
     pid = pid or os.getpid()
     for d in _cgroup_dirs(device):
         _write(d / "cgroup.procs", str(pid))
+
+
+def _memory_dir(device: str) -> Optional[Path]:
+    dirs = _cgroup_dirs(device)
+    if not dirs:
+        return None
+    return dirs[2] if _cgroup_layout() == "v1" else dirs[0]
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start ``device``'s peak-memory record afresh (v1: ``memory.max_usage_in_bytes``;
+    v2: ``memory.peak``, resettable from Linux 6.12; older kernels keep the all-time peak)."""
+    d = _memory_dir(device)
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        if d is not None and (d / name).exists():
+            try:
+                (d / name).write_text("0")
+            except OSError:
+                pass
+
+
+def peak_memory(device: str) -> Optional[int]:
+    """The most memory ``device``'s processes held at once since the last reset (bytes), or None."""
+    d = _memory_dir(device)
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        if d is not None and (d / name).exists():
+            try:
+                return int((d / name).read_text().split()[0])
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def oom_kills(device: str) -> int:
+    """How many processes the kernel's OOM killer has ended in ``device`` (its memory limit)."""
+    d = _memory_dir(device)
+    for name in ("memory.oom_control", "memory.events"):
+        try:
+            text = (d / name).read_text() if d is not None else ""
+        except OSError:
+            continue
+        m = re.search(r"^oom_kill (\d+)", text, re.M)
+        if m:
+            return int(m.group(1))
+    return 0
 
 
 def _pids_in(path: Path) -> list[int]:
