@@ -6,6 +6,8 @@
   coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
   coformer serve BUNDLE [--front tcp://127.0.0.1:5555]
   coformer testbed up|down|status --devices devices.yaml   (root: one namespace, shaped link and cgroups per device)
+  coformer bench --quickstart [--report-json PATH]          (every strategy on the testbed, 2 Mbit/s links)
+  coformer bench BUNDLE --model quickstart --devices devices.yaml --bandwidth 2mbit,100mbit,1gbit
 """
 
 from __future__ import annotations
@@ -79,6 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link-delay", type=float, default=0.0, help="ms of delay on every link (needs netem)")
     p.add_argument("--device", default=None, help="for exec: the device to run the command in")
     p.epilog = "exec: coformer testbed exec --device NAME -- COMMAND ..."
+
+    p = sub.add_parser("bench", help="CoFormer against the teacher alone, a pipeline, tensor parallelism and a "
+                       "uniform split, on the testbed (root)")
+    p.add_argument("bundle", type=Path, nargs="?", default=None, help="the CoFormer bundle to measure")
+    p.add_argument("--quickstart", nargs="?", type=Path, const=Path("coformer-quickstart"), default=None,
+                   metavar="DIR", help="bench the quickstart's bundle (run in DIR, default ./coformer-quickstart; "
+                   "runs the quickstart first when DIR holds none)")
+    p.add_argument("--model", default=None, help="the bundle's teacher: 'quickstart' or 'timm:NAME' with --checkpoint")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--model-kwargs", default="{}")
+    p.add_argument("--devices", type=Path, default=None, help="the devices file the bundle was compiled for")
+    p.add_argument("--strategies", default=",".join(bench_strategies()),
+                   help="comma-separated, from: " + ", ".join(bench_strategies()))
+    p.add_argument("--bandwidth", default="2mbit", help="link rates to sweep, e.g. 2mbit,100mbit,1gbit")
+    p.add_argument("--input-source", default="device,central",
+                   help="where the input comes from: 'device' (every device captures it, the paper's setting), "
+                        "'central' (the central node sends it out), or both")
+    p.add_argument("--devices-count", default=None, metavar="K[,K..]|A..B",
+                   help="with --quickstart: also run on the first K devices alone (e.g. 1..3), "
+                        "a CoFormer bundle searched for each count")
+    p.add_argument("--samples", type=int, default=200, help="test samples per run (at most)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
+    p.add_argument("--no-testbed", action="store_true", help="loopback instead of the testbed: no link shaping")
+    p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md and the plots "
+                   "(default: BUNDLE/../bench, or the quickstart folder's bench/)")
+    p.add_argument("--report-json", type=Path, default=None, help="also write the JSON report here")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("serve", help="serve a bundle on this machine: central node and workers as processes")
     p.add_argument("bundle", type=Path)
@@ -302,6 +331,63 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_strategies() -> tuple[str, ...]:
+    from coformer.tools.bench import STRATEGIES
+
+    return STRATEGIES
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from coformer.tools import bench
+
+    if args.samples < 1:
+        raise CoFormerError(f"--samples {args.samples} must be >= 1")
+    if args.max_seconds <= 0:
+        raise CoFormerError(f"--max-seconds {args.max_seconds} must be > 0")
+    strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:")
+    sources = bench.parse_choice(args.input_source, bench.INPUT_SOURCES, "--input-source:")
+    bandwidths = bench.parse_bandwidths(args.bandwidth)
+    devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
+    progress = not args.no_progress
+    if args.quickstart is not None:
+        if args.bundle is not None:
+            raise CoFormerError("give either a BUNDLE or --quickstart, not both")
+        report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, sources,
+                                            args.samples, args.max_seconds, not args.no_testbed, progress,
+                                            devices_counts)
+    else:
+        if args.bundle is None or args.model is None or args.devices is None:
+            raise CoFormerError("bench needs a BUNDLE with --model and --devices (or --quickstart)")
+        if devices_counts:
+            raise CoFormerError("--devices-count needs --quickstart (its predictors compile a bundle per count); "
+                                "for your bundle, compile one per device count and bench each")
+        from coformer.calibration.data import load_digits_dataset
+        from coformer.compiler.devices import load_devices
+        from coformer.runtime.manifest import load_manifest
+
+        manifest = load_manifest(args.bundle)
+        devices = load_devices(args.devices)
+        order = [d.device for d in manifest.devices]
+        if sorted(order) != sorted(d.name for d in devices):
+            raise CoFormerError(f"--devices {args.devices} names {[d.name for d in devices]}, the bundle was "
+                                f"compiled for {order}")
+        devices = sorted(devices, key=lambda d: order.index(d.name))
+        teacher = _load_teacher(args)
+        size = manifest.input.shape[-1]
+        data = load_digits_dataset(size=size)
+        out = args.out or Path(args.bundle).resolve().parent / "bench"
+        bundles = bench.prepare_bundles(strategies, args.bundle, teacher, devices, data, out / "bundles",
+                                        progress=progress)
+        report = bench.run_bench([(devices, bundles)], data.test.x.numpy(), data.test.y.numpy(), out, bandwidths,
+                                 sources, not args.no_testbed, args.samples, args.max_seconds, progress=progress)
+    if args.report_json:
+        from coformer.runtime._files import atomic_write_json
+
+        atomic_write_json(args.report_json, report)
+    print(bench.format_summary(report))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         from coformer.tools.quickstart import run_quickstart
@@ -310,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
         return 0
     commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
-                "testbed": cmd_testbed,
+                "testbed": cmd_testbed, "bench": cmd_bench,
                 "serve": cmd_serve}
     return commands[args.command](args)
 

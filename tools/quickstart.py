@@ -9,6 +9,7 @@ teacher, timed under the strongest device's limits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -287,6 +288,7 @@ def run_quickstart(
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
                     "config": {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "img_size", "patch_size")}},
         "test_samples": int(len(x_test)),
+        "quickstart_config": dataclasses.asdict(cfg),
         "throttle": throttle,
         "bundle": str(out_dir / "bundle"),
         "wall_time_s": time.perf_counter() - t_start,

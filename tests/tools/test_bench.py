@@ -1,0 +1,175 @@
+"""`coformer bench`, run as a user would (console script, real processes, real sockets),
+on a `quickstart --fast` run: on loopback everywhere, and on the testbed where root allows."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tools.test_quickstart import _coformer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "COFORMER_CACHE_DIR": str(base / "cache")}
+    done = subprocess.run([_coformer(), "quickstart", "--fast", "--out", str(base / "qs"), "--no-progress",
+                           "--throttle", "duty-cycle"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base / "qs", env
+
+
+def _bench(args, env, timeout=900):
+    return subprocess.run([_coformer(), "bench", *args, "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart_dir, tmp_path):
+    qs, env = quickstart_dir
+    report_path = tmp_path / "r.json"
+    done = _bench(["--quickstart", str(qs), "--no-testbed", "--samples", "15", "--out", str(tmp_path / "out"),
+                   "--report-json", str(report_path)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report_path.read_text())
+    rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
+    assert set(rows) == {("coformer", "device"), ("coformer", "central"), ("uniform", "device"),
+                         ("uniform", "central"), ("teacher", "central"), ("pipeline", "central"),
+                         ("tensor_parallel", "central")}
+    for x in r["results"]:
+        assert x["samples"] == 15 and x["bandwidth"] == "loopback"
+        assert {"median", "p90", "p99"} <= set(x["latency_ms"])
+        assert set(x["breakdown_ms"]) == {"compute", "transfer", "aggregation", "other"}
+        assert "bytes_per_inference" in x and "peak_memory_bytes" in x
+    # pipeline and tensor parallelism compute the teacher's function exactly
+    assert rows["pipeline", "central"]["agreement_with_teacher"] == 1.0
+    assert rows["tensor_parallel", "central"]["agreement_with_teacher"] == 1.0
+    assert rows["teacher", "central"]["bytes_per_inference"] == 0
+    # with the input at every device only an index goes out; from the central node, the image does
+    dev, cen = rows["coformer", "device"], rows["coformer", "central"]
+    image = 16 * 16 * 4
+    assert dev["bytes_to_devices"] < 2 * 300
+    assert cen["bytes_to_devices"] > 2 * image
+    assert dev["bytes_from_devices"] == pytest.approx(cen["bytes_from_devices"], abs=40)
+    # features are far smaller than the token tensors a pipeline forwards
+    assert rows["pipeline", "central"]["bytes_per_inference"] > 5 * dev["bytes_per_inference"]
+    ratio = next(x for x in r["ratios"] if x["input_source"] == "device")
+    assert ratio["speedup_vs_pipeline"] == pytest.approx(
+        rows["pipeline", "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])
+    out = tmp_path / "out"
+    assert (out / "bench.md").read_text().count("| coformer |") == 2
+    assert {"latency_breakdown.png", "accuracy_vs_latency.png"} <= set(r["plots"])
+    for name in r["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "speedup vs pipeline" in done.stdout
+    # the baselines are reused by a second run, not rebuilt
+    stamp = qs / "baselines" / "pipeline" / "built-from.txt"
+    before = stamp.stat().st_mtime_ns
+    done = _bench(["--quickstart", str(qs), "--no-testbed", "--samples", "10", "--strategies", "pipeline,teacher",
+                   "--out", str(tmp_path / "out2")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stamp.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bandwidth", "2mbps"], "--bandwidth '2mbps'"),
+    (["--strategies", "coformer,ring"], "'ring' is not one of"),
+    (["--input-source", "cloud"], "'cloud' is not one of"),
+    (["--samples", "0"], "--samples 0"),
+    (["--no-testbed", "--bandwidth", "2mbit,1gbit"], "needs the testbed"),
+])
+def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
+    qs, env = quickstart_dir
+    done = _bench(["--quickstart", str(qs), *args], env, timeout=300)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def _testbed_reason() -> str:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces, tc and cgroups"
+    from coformer.runtime.errors import CoFormerError
+    from coformer.tools import testbed
+
+    try:
+        testbed.check_can_run()
+    except CoFormerError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.testbed
+@pytest.mark.skipif(bool(_testbed_reason()), reason=_testbed_reason() or "testbed available")
+def test_bench_on_the_testbed_then_killed_mid_run_leaves_nothing(quickstart_dir, tmp_path):
+    from coformer.tools import testbed
+
+    qs, env = quickstart_dir
+    report_path = tmp_path / "r.json"
+    done = _bench(["--quickstart", str(qs), "--bandwidth", "2mbit", "--samples", "12", "--max-seconds", "20",
+                   "--strategies", "coformer,teacher,pipeline,tensor_parallel", "--out", str(tmp_path / "out"),
+                   "--report-json", str(report_path)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report_path.read_text())
+    rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
+    assert all(x["bandwidth"] == "2mbit" for x in r["results"])
+    # at 2 Mbit/s a token tensor (17 x 96 floats, 6.5 KB) takes ~26 ms a hop; features a fraction of that
+    pipe, tp, dev = rows["pipeline", "central"], rows["tensor_parallel", "central"], rows["coformer", "device"]
+    assert pipe["latency_ms"]["median"] > 2 * 26
+    assert tp["latency_ms"]["median"] > pipe["latency_ms"]["median"]
+    assert dev["latency_ms"]["median"] < pipe["latency_ms"]["median"] / 2
+    assert pipe["breakdown_ms"]["transfer"] > pipe["breakdown_ms"]["compute"]
+    for x in r["results"]:  # each device's memory cgroup saw the processes run in it
+        assert all(v and v > 10 << 20 for v in x["peak_memory_bytes"].values()), x["peak_memory_bytes"]
+    assert r["memory"]["teacher"]["status"] in ("ok", "out_of_memory")
+    assert r["memory"]["submodel"]["status"] == "ok"
+    assert not any(testbed.leftovers().values())
+
+    # killed mid-run: `testbed down` still removes everything, processes included
+    proc = subprocess.Popen([_coformer(), "bench", "--quickstart", str(qs), "--samples", "200",
+                             "--strategies", "tensor_parallel", "--out", str(tmp_path / "killed"), "--no-progress"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+            "worker" in (Path(f"/proc/{p}/cmdline").read_bytes() if Path(f"/proc/{p}").exists() else b"").decode(errors="replace")
+            for ns in testbed.leftovers()["namespaces"]
+            for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(testbed.leftovers().values()), "the bench was killed before it set the testbed up"
+    done = subprocess.run([_coformer(), "testbed", "down"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not any(testbed.leftovers().values())
+
+
+@pytest.mark.testbed
+@pytest.mark.skipif(bool(_testbed_reason()), reason=_testbed_reason() or "testbed available")
+def test_a_strategy_that_does_not_fit_its_device_is_reported_out_of_memory(tmp_path):
+    import numpy as np
+    import torch
+
+    from coformer.compiler.baselines import build_baseline
+    from coformer.compiler.specs import DeviceSpec
+    from coformer.tools import testbed
+    from coformer.tools.bench import run_bench
+    from tests.conftest import tiny_vit
+
+    teacher = tiny_vit(depth=2)
+    x = torch.randn(12, 1, 16, 16)
+    roomy = [DeviceSpec(name="edge-a", memory_bytes=1 << 30, flops_budget=10**9, link_mbit_s=100.0, cpu_share=1.0)]
+    build_baseline("teacher", teacher, roomy, x, tmp_path / "teacher", [str(i) for i in range(10)], {})
+    # 24 MiB cannot hold a Python process with ONNX Runtime loaded
+    tight = [DeviceSpec(name="edge-a", memory_bytes=24 << 20, flops_budget=10**9, link_mbit_s=100.0, cpu_share=1.0)]
+    start = time.monotonic()
+    r = run_bench([(tight, {"teacher": tmp_path / "teacher"})], x.numpy(), np.zeros(12, dtype=np.int64),
+                  tmp_path / "out", [100.0], ["central"], samples=12, progress=False)
+    assert time.monotonic() - start < 90  # reported, not hung
+    (row,) = r["results"]
+    assert row["status"] == "out_of_memory" and row["out_of_memory_on"] == ["edge-a"], row
+    assert "out_of_memory edge-a" in (tmp_path / "out" / "bench.md").read_text()
+    assert not any(testbed.leftovers().values())
