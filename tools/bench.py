@@ -169,11 +169,12 @@ def _say(progress: bool, msg: str) -> None:
 
 
 # -- one run -------------------------------------------------------------------
-def run_strategy(bundle: Path, x: np.ndarray, y: np.ndarray, source: str, bed=None, inputs_path: Optional[Path] = None,
-                 samples: int = 200, max_seconds: float = 60.0, warmup: int = 5, timeout_s: float = 120.0,
-                 log_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Serve ``bundle`` (inside testbed ``bed`` when given) and send test samples one at a time,
-    at least 10 and then until ``samples`` or ``max_seconds``; returns the row's measurements."""
+def run_strategy(bundle: Path, x: np.ndarray, indices: Sequence[int], source: str, bed=None,
+                 inputs_path: Optional[Path] = None, max_seconds: float = 60.0, min_samples: int = 10,
+                 warmup: int = 5, timeout_s: float = 120.0, log_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Serve ``bundle`` (inside testbed ``bed`` when given) and send the samples ``indices`` of
+    ``x`` one at a time: at least ``min_samples``, then until ``max_seconds``. Returns the raw
+    measurements (see :func:`summarise_runs`)."""
     from coformer.tools import testbed as tb
     from coformer.tools.cluster import LocalCluster
 
@@ -181,43 +182,54 @@ def run_strategy(bundle: Path, x: np.ndarray, y: np.ndarray, source: str, bed=No
     if bed is not None:
         for d in bed.devices:
             tb.reset_peak_memory(d.name)
-    rtts, preds, wire_to, wire_from, timings = [], [], [], [], []
+    raw: dict[str, list] = {"index": [], "rtt": [], "pred": [], "wire_to": [], "wire_from": [], "timing": []}
     with LocalCluster(bundle, testbed=bed, local_inputs=local, timeout_s=timeout_s, log_dir=log_dir) as cluster:
         with cluster.client(timeout_s=timeout_s) as client:
             def one(i: int):
                 return client.infer(x[i:i + 1], input_index=[i] if local is not None else None)
 
             start = time.monotonic()
-            for i in range(min(warmup, len(x))):  # warm-up: `warmup` requests, or 10% of the run's time
+            for i in list(indices)[:warmup]:  # warm-up: `warmup` requests, or 10% of the run's time
                 one(i)
                 if time.monotonic() - start > 0.1 * max_seconds:
                     break
             start = time.monotonic()
-            for i in range(min(samples, len(x))):
-                if i >= 10 and time.monotonic() - start > max_seconds:
+            for n, i in enumerate(indices):
+                if n >= min_samples and time.monotonic() - start > max_seconds:
                     break
                 r = one(i)
-                rtts.append(r.round_trip_ms)
-                preds.append(r.label_index[0])
-                wire_to.append(r.wire_bytes_to_workers)
-                wire_from.append(r.wire_bytes_from_workers)
-                timings.append(r.timing_ms)
+                for key, value in (("index", i), ("rtt", r.round_trip_ms), ("pred", r.label_index[0]),
+                                   ("wire_to", r.wire_bytes_to_workers), ("wire_from", r.wire_bytes_from_workers),
+                                   ("timing", r.timing_ms)):
+                    raw[key].append(value)
         used = [d.device for d in cluster.manifest.devices]  # the teacher alone leaves the others idle
-        peak = {d.name: tb.peak_memory(d.name) for d in bed.devices if d.name in used} if bed is not None else {}
-    n = len(rtts)
-    med = lambda k: float(np.median([t.get(k, 0.0) for t in timings]))  # noqa: E731
-    lat = summarise(rtts)
+        raw["peak"] = {d.name: tb.peak_memory(d.name) for d in bed.devices if d.name in used} if bed else {}
+    return raw
+
+
+def summarise_runs(raws: Sequence[dict[str, Any]], y: np.ndarray) -> dict[str, Any]:
+    """One row from the passes of one strategy and setting: latency statistics over every
+    request, medians of the breakdown and bytes, the highest peak memory per device."""
+    cat = {k: [v for r in raws for v in r[k]] for k in ("index", "rtt", "pred", "wire_to", "wire_from", "timing")}
+    med = lambda k: float(np.median([t.get(k, 0.0) for t in cat["timing"]]))  # noqa: E731
+    lat = summarise(cat["rtt"])
     compute, transfer, agg = med("critical_compute"), med("critical_transfer"), med("aggregate")
+    peak: dict[str, Optional[int]] = {}
+    for r in raws:
+        for dev, v in r["peak"].items():
+            peak[dev] = v if peak.get(dev) is None else max(peak[dev], v or 0)
+    idx, preds = np.asarray(cat["index"]), np.asarray(cat["pred"])
     return {
-        "samples": n,
-        "predictions": [int(p) for p in preds],
-        "accuracy": float(np.mean(np.asarray(preds) == y[:n])),
+        "samples": len(idx),
+        "passes": len(raws),
+        "predictions": dict(zip(idx.tolist(), preds.tolist())),
+        "accuracy": float(np.mean(preds == y[idx])),
         "latency_ms": {k: lat[k] for k in ("median", "mean", "p90", "p99", "min", "max")},
         "breakdown_ms": {"compute": compute, "transfer": transfer, "aggregation": agg,
                          "other": max(0.0, lat["median"] - compute - transfer - agg)},
-        "bytes_per_inference": int(np.median(np.asarray(wire_to) + np.asarray(wire_from))),
-        "bytes_to_devices": int(np.median(wire_to)),
-        "bytes_from_devices": int(np.median(wire_from)),
+        "bytes_per_inference": int(np.median(np.asarray(cat["wire_to"]) + np.asarray(cat["wire_from"]))),
+        "bytes_to_devices": int(np.median(cat["wire_to"])),
+        "bytes_from_devices": int(np.median(cat["wire_from"])),
         "peak_memory_bytes": peak,
     }
 
@@ -262,9 +274,15 @@ def memory_story(bed, device: str, teacher_onnx: Path, submodel_onnx: Path, inpu
 def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.ndarray, y: np.ndarray,
               out_dir: Path, bandwidths: Sequence[float], sources: Sequence[str], use_testbed: bool = True,
               samples: int = 200, max_seconds: float = 60.0, warmup: int = 5, progress: bool = True,
-              memory_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+              memory_check: Optional[dict[str, Any]] = None, passes: int = 3) -> dict[str, Any]:
     """Every strategy x bandwidth x input source, for each ``(devices, {strategy: bundle})`` setup
-    (one per device count); writes ``bench.json``, ``bench.md`` and plots to ``out_dir``."""
+    (one per device count); writes ``bench.json``, ``bench.md`` and plots to ``out_dir``.
+
+    Each strategy gets ``samples`` test samples (at least 10; fewer when
+    ``max_seconds`` runs out first), spread over ``passes`` interleaved passes.
+    """
+    if passes < 1:
+        raise CoFormerError(f"--passes {passes} must be >= 1")
     from coformer.tools import testbed as tb
 
     out_dir = Path(out_dir)
@@ -283,21 +301,36 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
             for mbit in bandwidths:
                 bed = tb.up([replace(d, link_mbit_s=mbit) for d in devices]) if use_testbed else None
                 bw = _bw_name(mbit) if bed else "loopback"
-                for strategy, bundle in bundles.items():
-                    for source in (sources if strategy in ("coformer", "uniform") else ["central"]):
-                        _say(progress, f"bench: {strategy:<15} {bw:<8} {k} device(s), input from {source}")
+                # Interleaved passes: every strategy runs a slice of the samples, then the next
+                # strategy, and round again, so the machine's drift (tens of % over minutes here)
+                # falls on all of them alike and the ratios hold.
+                runs = [(strategy, bundle, source) for strategy, bundle in bundles.items()
+                        for source in (sources if strategy in ("coformer", "uniform") else ["central"])]
+                order = list(range(min(samples, len(x))))
+                raws: dict[tuple[str, str], list] = {(st, so): [] for st, _, so in runs}
+                failed: dict[tuple[str, str], dict] = {}
+                for p in range(passes):
+                    for strategy, bundle, source in runs:
+                        if (strategy, source) in failed:
+                            continue
+                        _say(progress, f"bench: {strategy:<15} {bw:<8} {k} device(s), input from {source}, "
+                                       f"pass {p + 1}/{passes}")
                         kills = {d.name: tb.oom_kills(d.name) for d in bed.devices} if bed else {}
                         try:
-                            row = run_strategy(bundle, x, y, source, bed, inputs_path, samples, max_seconds, warmup,
-                                               log_dir=out_dir / "logs" / f"{strategy}-{source}-{bw}-{k}")
-                            row["status"] = "ok"
+                            raws[strategy, source].append(run_strategy(
+                                bundle, x, order[p::passes], source, bed, inputs_path, max_seconds / passes,
+                                -(-10 // passes), warmup, log_dir=out_dir / "logs" / f"{strategy}-{source}-{bw}-{k}"))
                         except CoFormerError as e:  # a device ran out of memory, a process died, a timeout
                             oom = [n for n in kills if tb.oom_kills(n) > kills[n]]
-                            row = {"status": "out_of_memory" if oom else "failed", "error": str(e)[-1000:],
-                                   "out_of_memory_on": oom, "predictions": []}
-                            _say(progress, f"bench: {strategy} {row['status']}: {str(e).splitlines()[0]}")
-                        results.append({"strategy": strategy, "bandwidth": bw, "bandwidth_mbit_s": mbit if bed else None,
-                                        "devices_count": k, "input_source": source, **row})
+                            failed[strategy, source] = {"status": "out_of_memory" if oom else "failed",
+                                                        "error": str(e)[-1000:], "out_of_memory_on": oom,
+                                                        "predictions": {}}
+                            _say(progress, f"bench: {strategy} {failed[strategy, source]['status']}: "
+                                           f"{str(e).splitlines()[0]}")
+                for strategy, _, source in runs:
+                    row = failed.get((strategy, source)) or {"status": "ok", **summarise_runs(raws[strategy, source], y)}
+                    results.append({"strategy": strategy, "bandwidth": bw, "bandwidth_mbit_s": mbit if bed else None,
+                                    "devices_count": k, "input_source": source, **row})
                 if bed is not None and memory_check and memory is None and memory_check["device"] in \
                         [d.name for d in devices]:
                     memory = memory_story(bed, inputs_path=inputs_path, **memory_check)
@@ -308,9 +341,9 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                      if r["strategy"] == "teacher" and r["status"] == "ok"}
     for r in results:
         ref = teacher_preds.get((r["bandwidth"], r["devices_count"]))
-        if ref is not None and r["status"] == "ok":
-            n = min(len(ref), len(r["predictions"]))
-            r["agreement_with_teacher"] = float(np.mean(np.asarray(ref[:n]) == np.asarray(r["predictions"][:n])))
+        both = sorted(set(ref or {}) & set(r["predictions"]))
+        if both and r["status"] == "ok":  # over the samples both ran
+            r["agreement_with_teacher"] = float(np.mean([ref[i] == r["predictions"][i] for i in both]))
     largest = max(setups, key=lambda s: len(s[0]))[0]
     report = {"results": [{k: v for k, v in r.items() if k != "predictions"} for r in results],
               "ratios": ratios([r for r in results if r["status"] == "ok"]), "memory": memory,
@@ -501,7 +534,7 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                          bandwidths: str = DEFAULT_BANDWIDTHS, strategies: Sequence[str] = STRATEGIES,
                          sources: Sequence[str] = INPUT_SOURCES, samples: int = 200, max_seconds: float = 60.0,
                          use_testbed: bool = True, progress: bool = True,
-                         devices_counts: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                         devices_counts: Optional[Sequence[int]] = None, passes: int = 3) -> dict[str, Any]:
     """``coformer bench --quickstart``: every strategy on the quickstart's three devices, 2 Mbit/s links.
 
     On the testbed the devices get 1 GiB / 512 MiB / 192 MiB of memory: the
@@ -540,7 +573,7 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                         "submodel_onnx": bundle / load_manifest(bundle).device(weakest).artifact}
     x, y = data.test.x.numpy(), data.test.y.numpy()
     return run_bench(setups, x, y, out_dir, parse_bandwidths(bandwidths), sources, use_testbed,
-                     samples, max_seconds, progress=progress, memory_check=memory_check)
+                     samples, max_seconds, progress=progress, memory_check=memory_check, passes=passes)
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a CoFormer bundle searched for each count")
     p.add_argument("--samples", type=int, default=200, help="test samples per run (at most)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
+    p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
+                   "samples, so the machine's drift falls on all of them alike")
     p.add_argument("--no-testbed", action="store_true", help="loopback instead of the testbed: no link shaping")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md and the plots "
                    "(default: BUNDLE/../bench, or the quickstart folder's bench/)")
@@ -342,6 +344,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise CoFormerError(f"--samples {args.samples} must be >= 1")
+    if args.passes < 1:
+        raise CoFormerError(f"--passes {args.passes} must be >= 1")
     if args.max_seconds <= 0:
         raise CoFormerError(f"--max-seconds {args.max_seconds} must be > 0")
     strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:")
@@ -354,7 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CoFormerError("give either a BUNDLE or --quickstart, not both")
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,
-                                            devices_counts)
+                                            devices_counts, args.passes)
     else:
         if args.bundle is None or args.model is None or args.devices is None:
             raise CoFormerError("bench needs a BUNDLE with --model and --devices (or --quickstart)")
@@ -379,7 +383,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bundles = bench.prepare_bundles(strategies, args.bundle, teacher, devices, data, out / "bundles",
                                         progress=progress)
         report = bench.run_bench([(devices, bundles)], data.test.x.numpy(), data.test.y.numpy(), out, bandwidths,
-                                 sources, not args.no_testbed, args.samples, args.max_seconds, progress=progress)
+                                 sources, not args.no_testbed, args.samples, args.max_seconds, progress=progress,
+                                 passes=args.passes)
     if args.report_json:
         from coformer.runtime._files import atomic_write_json
 

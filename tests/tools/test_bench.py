@@ -42,7 +42,7 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
                          ("uniform", "central"), ("teacher", "central"), ("pipeline", "central"),
                          ("tensor_parallel", "central")}
     for x in r["results"]:
-        assert x["samples"] == 15 and x["bandwidth"] == "loopback"
+        assert x["samples"] == 15 and x["passes"] == 3 and x["bandwidth"] == "loopback"
         assert {"median", "p90", "p99"} <= set(x["latency_ms"])
         assert set(x["breakdown_ms"]) == {"compute", "transfer", "aggregation", "other"}
         assert "bytes_per_inference" in x and "peak_memory_bytes" in x
@@ -81,6 +81,7 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     (["--strategies", "coformer,ring"], "'ring' is not one of"),
     (["--input-source", "cloud"], "'cloud' is not one of"),
     (["--samples", "0"], "--samples 0"),
+    (["--passes", "0"], "--passes 0"),
     (["--no-testbed", "--bandwidth", "2mbit,1gbit"], "needs the testbed"),
 ])
 def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
