@@ -290,7 +290,11 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     inputs_path = out_dir / "inputs.npy"
     np.save(inputs_path, np.ascontiguousarray(x))
     if use_testbed:
-        tb.check_can_run()
+        try:
+            tb.check_can_run()
+        except CoFormerError as e:
+            raise CoFormerError(f"{e}; or bench on loopback with --no-testbed (no link shaping, no memory limits)") \
+                from None
     elif len(bandwidths) > 1:
         raise CoFormerError("a bandwidth sweep needs the testbed (root); without it links are loopback")
     results, memory = [], None
