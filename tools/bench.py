@@ -271,6 +271,17 @@ def memory_story(bed, device: str, teacher_onnx: Path, submodel_onnx: Path, inpu
 
 
 # -- the whole bench -----------------------------------------------------------
+def check_testbed() -> None:
+    """Raise with the reason (and the way out) when this host cannot hold the testbed."""
+    from coformer.tools import testbed as tb
+
+    try:
+        tb.check_can_run()
+    except CoFormerError as e:
+        raise CoFormerError(f"{e}; or bench on loopback with --no-testbed (no link shaping, no memory limits)") \
+            from None
+
+
 def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.ndarray, y: np.ndarray,
               out_dir: Path, bandwidths: Sequence[float], sources: Sequence[str], use_testbed: bool = True,
               samples: int = 200, max_seconds: float = 60.0, warmup: int = 5, progress: bool = True,
@@ -290,11 +301,7 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     inputs_path = out_dir / "inputs.npy"
     np.save(inputs_path, np.ascontiguousarray(x))
     if use_testbed:
-        try:
-            tb.check_can_run()
-        except CoFormerError as e:
-            raise CoFormerError(f"{e}; or bench on loopback with --no-testbed (no link shaping, no memory limits)") \
-                from None
+        check_testbed()
     elif len(bandwidths) > 1:
         raise CoFormerError("a bandwidth sweep needs the testbed (root); without it links are loopback")
     results, memory = [], None

@@ -353,6 +353,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bandwidths = bench.parse_bandwidths(args.bandwidth)
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
     progress = not args.no_progress
+    if not args.no_testbed:  # before any expensive preparation
+        bench.check_testbed()
     if args.quickstart is not None:
         if args.bundle is not None:
             raise CoFormerError("give either a BUNDLE or --quickstart, not both")
