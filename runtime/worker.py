@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import zmq
 
 from coformer.runtime import protocol
@@ -50,13 +51,11 @@ def header_limits(limits: dict[str, protocol.TensorLimits]):
     return pick
 
 
-def load_local_inputs(path: Optional[Path], manifest) -> Optional["np.ndarray"]:
+def load_local_inputs(path: Optional[Path], manifest) -> Optional[np.ndarray]:
     """The inputs this device captures itself (the paper's setting: every device sees the
     same frame), so the central node sends an index instead of the tensor."""
     if path is None:
         return None
-    import numpy as np
-
     path = Path(path)
     if not path.is_file():
         raise CoFormerError(f"local inputs {path} do not exist")
@@ -68,7 +67,7 @@ def load_local_inputs(path: Optional[Path], manifest) -> Optional["np.ndarray"]:
     return np.ascontiguousarray(x)
 
 
-def local_input(local, header) -> "np.ndarray":
+def local_input(local, header) -> np.ndarray:
     """The batch of local inputs a request names by ``input_index`` (a list of row numbers)."""
     if local is None:
         raise protocol.ProtocolError("no_local_inputs", "this worker holds no local inputs; send the tensor")
