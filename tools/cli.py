@@ -378,9 +378,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CoFormerError(f"--devices {args.devices} names {[d.name for d in devices]}, the bundle was "
                                 f"compiled for {order}")
         devices = sorted(devices, key=lambda d: order.index(d.name))
+        shape = tuple(manifest.input.shape)
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
+            raise CoFormerError(f"the bench's test data is digits (1 x N x N images); this bundle takes {list(shape)}. "
+                                "Other data sets come with a later release")
         teacher = _load_teacher(args)
-        size = manifest.input.shape[-1]
-        data = load_digits_dataset(size=size)
+        data = load_digits_dataset(size=shape[-1])
         out = args.out or Path(args.bundle).resolve().parent / "bench"
         bundles = bench.prepare_bundles(strategies, args.bundle, teacher, devices, data, out / "bundles",
                                         progress=progress)
