@@ -76,6 +76,33 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     assert stamp.stat().st_mtime_ns == before
 
 
+def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, tmp_path):
+    """The general path: BUNDLE, --model timm:NAME --checkpoint, --devices (here the fast
+    quickstart's teacher, rebuilt by timm from its config)."""
+    qs, env = quickstart_dir
+    r = json.loads((qs / "report.json").read_text())
+    cfg = r["teacher"]["config"]
+    kwargs = {"img_size": cfg["img_size"], "patch_size": cfg["patch_size"], "embed_dim": cfg["embed_dim"],
+              "depth": cfg["depth"], "num_heads": cfg["num_heads"], "in_chans": 1, "num_classes": 10,
+              "global_pool": "avg"}
+    lines = ["devices:"] + [f"  - {{name: {d['name']}, memory_bytes: 536870912, flops_budget: {d['flops_budget']}, "
+                            f"link_mbit_s: 2, cpu_share: {d['cpu_share']}}}" for d in r["devices"]]
+    (tmp_path / "devices.yaml").write_text("\n".join(lines) + "\n")
+    done = _bench([str(qs / "bundle"), "--model", "timm:vit_tiny_patch16_224", "--checkpoint", r["teacher"]["checkpoint"],
+                   "--model-kwargs", json.dumps(kwargs), "--devices", str(tmp_path / "devices.yaml"),
+                   "--strategies", "coformer,pipeline", "--input-source", "device", "--no-testbed", "--samples", "10",
+                   "--out", str(tmp_path / "out"), "--report-json", str(tmp_path / "r.json")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {x["strategy"]: x for x in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(rows) == {"coformer", "pipeline"} and rows["pipeline"]["samples"] == 10
+    assert rows["pipeline"]["bytes_per_inference"] > rows["coformer"]["bytes_per_inference"]
+    # devices that do not match the bundle are refused by name
+    (tmp_path / "other.yaml").write_text(lines[0] + "\n" + lines[1].replace(r["devices"][0]["name"], "jetson") + "\n")
+    done = _bench([str(qs / "bundle"), "--model", "quickstart", "--devices", str(tmp_path / "other.yaml"),
+                   "--no-testbed"], env, timeout=300)
+    assert done.returncode != 0 and "jetson" in done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bandwidth", "2mbps"], "--bandwidth '2mbps'"),
     (["--strategies", "coformer,ring"], "'ring' is not one of"),
