@@ -31,7 +31,7 @@ from torch import nn
 
 from coformer.compiler.bundle import write_bundle
 from coformer.compiler.families import adapter_for
-from coformer.compiler.families.vit import _check_supported
+from coformer.compiler.families.vit import _check_supported, head_rows_cols
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.specs import DeviceSpec
 from coformer.runtime.errors import CoFormerError
@@ -121,8 +121,7 @@ class _AttnShare(nn.Module):
         self.norm1, self.ls1 = copy.deepcopy(blk.norm1), copy.deepcopy(blk.ls1)
         self.attn = _Attention(D, len(heads), hd, a.qkv.bias is not None, not isinstance(a.q_norm, nn.Identity),
                                getattr(a.q_norm, "eps", 1e-6))
-        cols = torch.tensor([j * hd + i for j in heads for i in range(hd)])
-        rows = torch.cat([p * H * hd + cols for p in range(3)])
+        rows, cols = head_rows_cols(heads, H, hd)
         with torch.no_grad():
             self.attn.qkv.weight.copy_(a.qkv.weight[rows])
             if a.qkv.bias is not None:

@@ -100,9 +100,8 @@ class CentralNode:
         throttle = apply_limits(self.limits, f"central-{m.central.device}")
         try:
             c = m.central
-            files = {name: spec.artifact for name, spec in c.models.items()} or {"": c.artifact}
             self._own = {name: open_engine(self.bundle_dir / f, c.backend, self.threads or c.threads)
-                         for name, f in files.items()}
+                         for name, f in c.model_files().items()}
             self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
             self._throttle = throttle
             if ready_stream is not None:
@@ -166,7 +165,7 @@ class CentralNode:
         if msg.tensor is None:
             raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
         t0 = time.perf_counter()
-        acct = _Account(t0)
+        acct = _Account()
         index = msg.header.get("input_index")
         if index is not None and self.manifest.strategy != "coformer":
             raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer bundles, this one is "
@@ -372,8 +371,7 @@ _CLIENT_FAULTS = ("bad_index", "no_local_inputs")
 class _Account:
     """What one request cost, summed over its rounds (a baseline makes many)."""
 
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
+    def __init__(self) -> None:
         self.central_ms = self.wait_ms = self.aggregate_ms = self.dispatch_ms = self.own_ms = 0.0
         self.bytes_to = self.bytes_from = self.rounds = 0
         self.own_in_rounds = self.round_compute = self.round_transfer = 0.0

@@ -119,6 +119,10 @@ class DeviceArtifact:
         if not 0.0 < self.cpu_share <= 1.0:
             raise CoFormerError(f"device {self.device!r}: cpu_share {self.cpu_share} must be in (0, 1]")
 
+    def model_files(self) -> dict[str, str]:
+        """Model name -> artifact for every model the device loads (``""``: a CoFormer device's one)."""
+        return {name: m.artifact for name, m in self.models.items()} or {"": self.artifact}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DeviceArtifact":
         w = f"manifest device {d.get('device', '?')!r}"

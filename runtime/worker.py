@@ -124,10 +124,8 @@ def run_worker(
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        files = {name: (m.artifact if name else art.artifact) for name, m in
-                 ([("", None)] if not art.models else art.models.items())}
         engines = {name: open_engine(Path(bundle_dir) / f, art.backend, threads or art.threads)
-                   for name, f in files.items()}
+                   for name, f in art.model_files().items()}
         sock.setsockopt(zmq.IDENTITY, device.encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))

@@ -262,8 +262,7 @@ class VitAdapter:
             t = model.blocks[layer]
             if blk.attn is not None:
                 H = t.attn.num_heads
-                cols = torch.tensor([j * hd + i for j in heads for i in range(hd)])
-                rows = torch.cat([p * H * hd + cols for p in range(3)])
+                rows, cols = head_rows_cols(heads, H, hd)
                 _copy_norm(blk.norm1, t.norm1, K)
                 blk.attn.qkv.weight.copy_(t.attn.qkv.weight[rows][:, K])
                 if t.attn.qkv.bias is not None:
@@ -334,6 +333,13 @@ class VitAdapter:
         if method not in _SCORERS:
             raise CoFormerError(f"importance method {method!r} is not available for ViT; use one of {sorted(_SCORERS)}")
         return _SCORERS[method](model, batches)
+
+
+def head_rows_cols(heads, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a subset of a timm attention's ``heads``: the rows of its fused Q/K/V weight and the
+    columns of its output projection that belong to them."""
+    cols = torch.tensor([j * head_dim + i for j in heads for i in range(head_dim)])
+    return torch.cat([p * num_heads * head_dim + cols for p in range(3)]), cols
 
 
 def _copy_norm(dst: nn.LayerNorm, src: nn.Module, K: torch.Tensor) -> None:
