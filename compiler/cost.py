@@ -33,28 +33,43 @@ class Cost:
 
 
 def submodel_cost(spec: SubModelSpec, shape: TransformerShape, bytes_per_value: int = 4) -> Cost:
-    """Cost of the sub-model ``spec`` of a teacher of ``shape`` (batch 1), head excluded."""
+    """Cost of the sub-model ``spec`` of a teacher of ``shape`` (batch 1), head excluded.
+
+    Language families count ``num_tokens`` tokens (the bundle's maximum
+    length), their embedding tables (``extras["embed_rows"]`` rows of d: vocabulary,
+    positions, token types; a lookup costs no FLOPs), RMS norms with one
+    parameter per channel (``norm_params``), absent biases, gated MLPs (three
+    matrices) and BERT's pooler on one token.
+    """
     ex = shape.extras
     T, d, hd = shape.num_tokens, spec.embed_dim, shape.head_dim
     patches = T - shape.num_prefix_tokens
     P = shape.patch_in_features
     flops = 2 * patches * P * d
     params = P * d + (d if ex.get("patch_bias", True) else 0) + shape.num_prefix_tokens * d + int(ex.get("pos_tokens", T)) * d
-    params += 2 * d * (bool(ex.get("norm_pre")) + bool(ex.get("final_norm", True)) + bool(ex.get("fc_norm")))
+    params += int(ex.get("embed_rows", 0)) * d
+    norm = int(ex.get("norm_params", 2)) * d
+    params += norm * (bool(ex.get("norm_pre")) + bool(ex.get("final_norm", True)) + bool(ex.get("fc_norm")))
+    if ex.get("pooler"):
+        flops += 2 * d * d
+        params += d * d + d
     ls = bool(ex.get("layer_scale"))
+    mats = 3 if ex.get("gated") else 2
+    mlp_bias = bool(ex.get("mlp_bias", True))
     peak = 0
     for h, D in zip(spec.head_counts, spec.mlp_dims):
         a = h * hd
         if h:
             flops += 2 * T * d * 3 * a + 4 * T * T * a + 2 * T * a * d
-            params += 2 * d + d * 3 * a + (3 * a if ex.get("qkv_bias", True) else 0) + a * d + d
+            params += norm + d * 3 * a + (3 * a if ex.get("qkv_bias", True) else 0) + a * d
+            params += d if ex.get("proj_bias", True) else 0
             params += 4 * hd if ex.get("qk_norm") else 0
             params += d if ls else 0
             peak = max(peak, 3 * T * a + h * T * T + T * a)
         if D:
-            flops += 4 * T * d * D
-            params += 2 * d + d * D + D + D * d + d + (d if ls else 0)
-            peak = max(peak, 2 * T * D)
+            flops += 2 * mats * T * d * D
+            params += norm + mats * d * D + ((mats - 1) * D + d if mlp_bias else 0) + (d if ls else 0)
+            peak = max(peak, mats * T * D)
     activation = (2 * T * d + peak) * bytes_per_value
     return Cost(flops=flops, params=params, activation_bytes=activation, bytes_per_value=bytes_per_value)
 

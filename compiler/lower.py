@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,11 +30,13 @@ def export_onnx(
     path: Path,
     input_names: Sequence[str],
     output_names: Sequence[str],
+    dynamic_axes: Optional[Mapping[str, Mapping[int, str]]] = None,
 ) -> Path:
-    """Export ``module`` with a dynamic batch axis on every input and output; atomic write."""
+    """Export ``module`` with a dynamic batch axis on every input and output (or the
+    given ``dynamic_axes``, name -> {axis: label}); atomic write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
+    dynamic = dict(dynamic_axes) if dynamic_axes else {n: {0: "batch"} for n in list(input_names) + list(output_names)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     module = module.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,6 +26,7 @@ from coformer.compiler.families import adapter_for
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
 from coformer.compiler.specs import DeviceSpec, Policy
+from coformer.runtime._files import public_mode
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
 
@@ -108,10 +110,11 @@ def compile_bundle(
 
     def build(staging: Path) -> dict[str, Any]:
         arts, parity = [], {}
+        names_in = adapter.input_names(teacher)
+        text = data.preprocessing.get("kind") == "text"
         for i, (name, sub, c) in enumerate(zip(policy.devices, subs, costs)):
             rel = f"submodels/{i}-{name}.onnx"
-            export_onnx(sub, [x_example[:1]], staging / rel, [adapter.input_name], [FEATURE_OUTPUT])
-            parity[rel] = check_parity(sub, staging / rel, [x_example], [adapter.input_name])
+            lower_submodel(adapter.export_module(sub), x_example, staging / rel, names_in, text, parity, rel)
             dev = by_name[name]
             arts.append(DeviceArtifact(
                 device=name, role="central" if i == 0 else "worker", artifact=rel,
@@ -122,12 +125,20 @@ def compile_bundle(
         names = [f"feature_{i}" for i in range(len(subs))]
         export_onnx(agg, [f[:1] for f in feats_example], staging / "aggregator.onnx", names, ["logits"])
         parity["aggregator.onnx"] = check_parity(agg, staging / "aggregator.onnx", feats_example, names)
+        preprocessing = dict(data.preprocessing)
+        if text:
+            shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
+            public_mode(staging / preprocessing["tokenizer"])
+        model_info = {"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
+                      "shape": shape.to_dict()}
+        if text:
+            model_info["source"] = getattr(teacher, "source", "")
         return dict(
-            model={"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
-                   "shape": shape.to_dict()},
+            model=model_info,
             task={"kind": "classification", "labels": list(data.labels)},
-            input=InputSpec(adapter.input_name, "float32", tuple(adapter.input_shape(teacher)), 64,
-                            dict(data.preprocessing)),
+            input=InputSpec(
+                "tokens" if text else names_in[0], "int64" if text else "float32",
+                tuple(adapter.input_shape(teacher)), 64, preprocessing, dynamic_axes=(1,) if text else ()),
             devices=tuple(arts),
             aggregator="aggregator.onnx",
             parity=parity,
@@ -137,6 +148,35 @@ def compile_bundle(
 
     manifest = write_bundle(Path(out_dir), build)
     return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report)
+
+
+def parity_lengths(x: torch.Tensor) -> list[int]:
+    """Three sequence lengths to check a text model's ONNX at: short, middle and the longest."""
+    T = int(x.shape[-1])
+    return sorted({max(2, T // 4), max(2, T // 2), T})
+
+
+def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], text: bool,
+                   parity: dict, key: str) -> None:
+    """Export one sub-model to ONNX and record its parity with PyTorch under ``parity[key]``.
+
+    A text model (packed ``x``: ``[B, k, T]``) is exported with dynamic batch and
+    sequence axes on every input and checked at three sequence lengths (the
+    worst difference is recorded); an image model with a dynamic batch.
+    """
+    if not text:
+        export_onnx(module, [x[:1]], path, input_names, [FEATURE_OUTPUT])
+        parity[key] = check_parity(module, path, [x], input_names)
+        return
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    dynamic[FEATURE_OUTPUT] = {0: "batch"}
+    export_onnx(module, list(x[:2].unbind(1)), path, input_names, [FEATURE_OUTPUT], dynamic)
+    worst = 0.0
+    for T in parity_lengths(x):
+        cut = x[..., :T].clone()
+        cut[:, 1, 0] = 1  # a text keeps at least its first token
+        worst = max(worst, check_parity(module, path, list(cut.unbind(1)), input_names))
+    parity[key] = worst
 
 
 def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:

@@ -30,6 +30,7 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
+from coformer.runtime.text import check_tokens, model_feeds
 from coformer.runtime.worker import KEEPALIVE_S, POLL_MS, _id_of, input_limits, install_stop_signals, max_message_bytes
 
 log = logging.getLogger("coformer.central")
@@ -173,6 +174,8 @@ class CentralNode:
         if index is not None and (not isinstance(index, list) or len(index) != msg.tensor.shape[0]):
             raise protocol.ProtocolError("bad_index", f"input_index {index!r} must list one row per sample of the "
                                                       f"batch of {msg.tensor.shape[0]}")
+        if self.manifest.input.is_text:
+            check_tokens(msg.tensor, self.manifest.input.preprocessing)
         run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
                "tensor_parallel": self._run_tensor_parallel}[self.manifest.strategy]
         logits = run(msg.tensor, index, acct)
@@ -204,7 +207,7 @@ class CentralNode:
     def _run_own(self, name: str, x: np.ndarray, acct: "_Account") -> np.ndarray:
         """One of the central node's models on ``x``, held to its device's share."""
         engine = self._own[name]
-        out = next(iter(engine.infer({engine.input_names[0]: x}).values()))
+        out = next(iter(engine.infer(model_feeds(engine, x, self.manifest.input.preprocessing)).values()))
         idle = self._throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
         acct.central_ms += engine.last_compute_ms + idle * 1e3
         return out

@@ -88,6 +88,15 @@ class Client:
             rounds=int(msg.header.get("rounds", 0)),
         )
 
+    def classify(self, texts, encoder, labels: Optional[list[str]] = None) -> tuple[list[str], Result]:
+        """Tokenise ``texts`` (strings, or ``[first, second]`` pairs) with ``encoder`` (a
+        :class:`~coformer.runtime.text.TextEncoder`, e.g. ``TextEncoder.from_bundle(BUNDLE)``),
+        send the token ids and return the predicted label names with the full result.
+        Bad text (empty, too long, a pair where one text is expected) raises before anything is sent."""
+        result = self.infer(encoder.encode(texts))
+        names = labels or []
+        return [names[i] if i < len(names) else str(i) for i in result.label_index], result
+
     def send_raw(self, frames: list[bytes], timeout_s: Optional[float] = None) -> protocol.Message:
         """Send hand-made frames and return the reply as is (errors included); for tests and probes."""
         self._sock.send_multipart(frames)

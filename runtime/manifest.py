@@ -17,7 +17,8 @@ from coformer.runtime.errors import CoFormerError
 
 SCHEMA_VERSION = 1  # CoFormer bundles
 BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes must refuse them
-READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION)
+TEXT_SCHEMA_VERSION = 3  # bundles that take text (variable-length token tensors): older runtimes must refuse them
+READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION)
 MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
 # How the central node drives the devices (see coformer.runtime.central): CoFormer's
@@ -43,7 +44,9 @@ class InputSpec:
 
     ``shape`` is the per-sample shape, without the batch axis; ``max_batch`` caps
     the batch a server accepts. ``preprocessing`` says how raw data becomes this
-    tensor (see :mod:`coformer.runtime.preprocess`).
+    tensor (see :mod:`coformer.runtime.preprocess`, :mod:`coformer.runtime.text`).
+    ``dynamic_axes`` lists per-sample axes whose length may be anything from 1
+    to ``shape``'s (a text input's sequence axis).
     """
 
     name: str
@@ -51,6 +54,7 @@ class InputSpec:
     shape: tuple[int, ...]
     max_batch: int = 64
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    dynamic_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,6 +64,14 @@ class InputSpec:
         if self.max_batch < 1:
             raise CoFormerError(f"input max_batch {self.max_batch} must be >= 1")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dynamic_axes", tuple(int(a) for a in self.dynamic_axes))
+        bad = [a for a in self.dynamic_axes if not 0 <= a < len(self.shape)]
+        if bad:
+            raise CoFormerError(f"input dynamic_axes {bad} are not axes of the per-sample shape {list(self.shape)}")
+
+    @property
+    def is_text(self) -> bool:
+        return self.preprocessing.get("kind") == "text"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InputSpec":
@@ -70,6 +82,7 @@ class InputSpec:
             shape=tuple(_need(d, "shape", list, w)),
             max_batch=_need(d, "max_batch", int, w),
             preprocessing=dict(d.get("preprocessing", {})),
+            dynamic_axes=tuple(d.get("dynamic_axes", ())),
         )
 
 
@@ -165,6 +178,10 @@ class Manifest:
             raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.strategy != "coformer":
             object.__setattr__(self, "schema_version", BASELINE_SCHEMA_VERSION)
+        if self.input.is_text or self.input.dynamic_axes:
+            object.__setattr__(self, "schema_version", TEXT_SCHEMA_VERSION)
+            if self.input.preprocessing.get("tokenizer") not in self.files:
+                raise CoFormerError("a text bundle must carry its tokenizer with a checksum in 'files'")
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")
@@ -202,6 +219,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input"]["shape"] = list(self.input.shape)
+        d["input"]["dynamic_axes"] = list(self.input.dynamic_axes)
         for dev in d["devices"]:
             if not dev["models"]:
                 del dev["models"]

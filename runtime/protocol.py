@@ -55,12 +55,17 @@ class Message:
 
 @dataclass(frozen=True)
 class TensorLimits:
-    """What a receiver accepts as a tensor: dtype, per-sample shape, batch cap."""
+    """What a receiver accepts as a tensor: dtype, per-sample shape, batch cap.
+
+    ``dynamic`` lists per-sample axes that may be shorter than ``shape`` says
+    (1 up to it): a text input's sequence axis.
+    """
 
     dtype: str
     shape: tuple[int, ...]
     max_batch: int = 64
     extra: Mapping[str, Any] = field(default_factory=dict)
+    dynamic: tuple[int, ...] = ()
 
     @property
     def max_payload_bytes(self) -> int:
@@ -148,11 +153,13 @@ def _tensor(header: Mapping[str, Any], payload: bytes, limits: Optional[TensorLi
             )
         if dtype != limits.dtype:
             raise ProtocolError("bad_dtype", f"dtype {dtype} does not match the expected {limits.dtype}")
-        if tuple(shape[1:]) != tuple(limits.shape):
-            raise ProtocolError(
-                "bad_shape",
-                f"shape {shape} does not match the expected [batch, {', '.join(map(str, limits.shape))}]",
-            )
+        per_sample = shape[1:]
+        fits = len(per_sample) == len(limits.shape) and all(
+            (1 <= s <= m) if a in limits.dynamic else s == m for a, (s, m) in enumerate(zip(per_sample, limits.shape))
+        )
+        if not fits:
+            want = ", ".join(f"1..{m}" if a in limits.dynamic else str(m) for a, m in enumerate(limits.shape))
+            raise ProtocolError("bad_shape", f"shape {shape} does not match the expected [batch, {want}]")
         if not 1 <= shape[0] <= limits.max_batch:
             raise ProtocolError("bad_shape", f"batch {shape[0]} is outside 1..{limits.max_batch}")
     np_dtype = np.dtype(_DTYPES[dtype])

@@ -18,6 +18,7 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
+from coformer.runtime.text import check_tokens, model_feeds
 
 log = logging.getLogger("coformer.worker")
 HELLO_INTERVAL_S = 1.0  # until the central node welcomes us
@@ -27,7 +28,7 @@ POLL_MS = 100
 
 def input_limits(manifest) -> protocol.TensorLimits:
     spec = manifest.input
-    return protocol.TensorLimits(spec.dtype, spec.shape, spec.max_batch)
+    return protocol.TensorLimits(spec.dtype, spec.shape, spec.max_batch, dynamic=spec.dynamic_axes)
 
 
 def model_limits(manifest, art) -> dict[str, protocol.TensorLimits]:
@@ -120,6 +121,7 @@ def run_worker(
     limits_by_model = model_limits(manifest, art)
     limits_in = header_limits(limits_by_model)
     local = load_local_inputs(local_inputs, manifest)
+    text = manifest.input.is_text and not art.models
     throttle = apply_limits(limits, f"worker-{device}")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -162,10 +164,12 @@ def run_worker(
                                                                   f"{sorted(engines)}")
                     engine = engines[name]
                     x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
+                    if text and msg.tensor is not None:
+                        check_tokens(x, manifest.input.preprocessing)
                 except protocol.ProtocolError as e:
                     sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
                     continue
-                out = engine.infer({engine.input_names[0]: x})
+                out = engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
                 features = next(iter(out.values()))
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 sock.send_multipart(

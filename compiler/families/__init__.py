@@ -22,10 +22,13 @@ def register(name: str) -> Callable[[type], type]:
     return wrap
 
 
+def _load_all() -> None:
+    from coformer.compiler.families import bert, gpt2, t5, vit  # noqa: F401  (each registers itself)
+
+
 def adapter_for(model: Any):
     """The adapter whose family ``model`` belongs to; a clear error listing the supported ones."""
-    from coformer.compiler.families import vit  # noqa: F401  (registers itself)
-
+    _load_all()
     for adapter in _REGISTRY.values():
         if adapter.matches(model):
             return adapter
@@ -35,8 +38,18 @@ def adapter_for(model: Any):
 
 
 def get_adapter(name: str):
-    from coformer.compiler.families import vit  # noqa: F401
+    _load_all()
 
     if name not in _REGISTRY:
         raise CoFormerError(f"model family {name!r} is not supported; supported: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def hf_adapter_for(hf: Any):
+    """The language-family adapter for a HuggingFace model, or an error listing the supported architectures."""
+    _load_all()
+    for adapter in _REGISTRY.values():
+        if getattr(adapter, "matches_hf", None) and adapter.matches_hf(hf):
+            return adapter
+    supported = sorted(a for ad in _REGISTRY.values() for a in getattr(ad, "architectures", ()))
+    raise CoFormerError(f"HF architecture {type(hf).__name__} is not supported; supported: {supported}")

@@ -235,6 +235,12 @@ class VitAdapter:
             tuple(b.mlp.fc1.out_features for b in model.blocks), 1, 0, 1, model.num_classes,
         )
 
+    def input_names(self, model: nn.Module) -> list[str]:
+        return [self.input_name]
+
+    def export_module(self, sub: nn.Module) -> nn.Module:
+        return sub
+
     def input_shape(self, model: nn.Module) -> tuple[int, ...]:
         h, w = model.patch_embed.img_size
         return (model.patch_embed.proj.in_channels, h, w)

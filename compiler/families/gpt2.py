@@ -1,0 +1,81 @@
+"""HF GPT-2 family: ``GPT2Model``, ``GPT2LMHeadModel`` and ``GPT2ForSequenceClassification``.
+
+Pre-norm blocks with causal attention, learned absolute positions, fused
+``c_attn`` (Conv1D, weight ``[in, out]``) split here into Q, K and V, GELU
+(tanh), a final LayerNorm. The pooled feature is the last non-padding
+token's state, as ``GPT2ForSequenceClassification`` pools. Choice written
+down: HF finds that token by comparing ids with ``pad_token_id``; we read it
+off the attention mask (right padding), which agrees whenever the text itself
+never contains the pad id and stays right when the pad id is the EOS id (a
+common GPT-2 set-up). For ``GPT2Model``/``GPT2LMHeadModel`` the task head is a
+new linear layer fitted on the calibration labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from coformer.compiler.families import register
+from coformer.compiler.families.textnet import TextAdapter, TextTeacher, pool_features
+from coformer.runtime.errors import CoFormerError
+
+
+def _base(model: TextTeacher):
+    hf = model.hf
+    return getattr(hf, "transformer", hf)
+
+
+@register("gpt2")
+class Gpt2Adapter(TextAdapter):
+    name = "gpt2"
+    architectures = ("GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification")
+
+    def matches_hf(self, hf: Any) -> bool:
+        return type(hf).__name__ in self.architectures
+
+    def default_pool(self, hf: Any) -> str:
+        return "last"
+
+    def task_head(self, hf: Any):
+        return getattr(hf, "score", None)
+
+    def net_config(self, model: TextTeacher) -> dict:
+        c = _base(model).config
+        if c.scale_attn_by_inverse_layer_idx:
+            raise CoFormerError("GPT-2 with scale_attn_by_inverse_layer_idx=True is not supported")
+        if not c.scale_attn_weights:
+            raise CoFormerError("GPT-2 with scale_attn_weights=False is not supported")
+        d, L = c.n_embd, c.n_layer
+        return {
+            "family": "gpt2", "vocab_size": c.vocab_size, "embed_dim": d, "heads": [c.n_head] * L,
+            "mlp_dims": [c.n_inner or 4 * d] * L, "head_dim": d // c.n_head, "max_positions": c.n_positions,
+            "type_vocab_size": 0, "norm": "layer", "norm_place": "pre", "eps": c.layer_norm_epsilon,
+            "emb_norm": False, "final_norm": True, "causal": True, "qkv_bias": True, "proj_bias": True,
+            "mlp_bias": True, "gated": False, "act": c.activation_function, "attn_scale": True,
+            "rel_bias": None, "pool": model.pool_kind,
+        }
+
+    def net_weights(self, model: TextTeacher) -> dict[str, torch.Tensor]:
+        b = _base(model)
+        d = b.config.n_embd
+        w = {"word.weight": b.wte.weight, "pos.weight": b.wpe.weight,
+             "final_norm.weight": b.ln_f.weight, "final_norm.bias": b.ln_f.bias}
+        for i, blk in enumerate(b.h):
+            p = f"blocks.{i}."
+            qkv_w, qkv_b = blk.attn.c_attn.weight.t(), blk.attn.c_attn.bias  # Conv1D: [in, out]
+            for j, n in enumerate(("q", "k", "v")):
+                w[p + f"attn.{n}.weight"] = qkv_w[j * d:(j + 1) * d]
+                w[p + f"attn.{n}.bias"] = qkv_b[j * d:(j + 1) * d]
+            w[p + "attn.o.weight"], w[p + "attn.o.bias"] = blk.attn.c_proj.weight.t(), blk.attn.c_proj.bias
+            w[p + "fc1.weight"], w[p + "fc1.bias"] = blk.mlp.c_fc.weight.t(), blk.mlp.c_fc.bias
+            w[p + "fc2.weight"], w[p + "fc2.bias"] = blk.mlp.c_proj.weight.t(), blk.mlp.c_proj.bias
+            for ours, theirs in (("norm1", blk.ln_1), ("norm2", blk.ln_2)):
+                w[p + f"{ours}.weight"], w[p + f"{ours}.bias"] = theirs.weight, theirs.bias
+        return w
+
+    def teacher_features(self, model: TextTeacher, tokens: torch.Tensor) -> torch.Tensor:
+        ids, mask = tokens.unbind(1)
+        out = _base(model)(input_ids=ids, attention_mask=mask)
+        return pool_features(out.last_hidden_state, mask, model.pool_kind)

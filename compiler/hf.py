@@ -1,0 +1,164 @@
+"""Language teachers from local HuggingFace checkpoints (``--model hf:PATH``).
+
+A checkpoint directory holds ``config.json``, the weights and the tokenizer
+(``tokenizer.json``; a checkpoint with only a slow tokenizer is converted once
+with transformers). The family is read from the config's ``architectures``
+(or ``model_type``), the weights are loaded with ``local_files_only=True``: no
+download is ever tried. An unsupported architecture is refused with the list
+of supported ones.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from coformer.compiler.families import hf_adapter_for
+from coformer.compiler.families.textnet import FIELDS, TextTeacher
+from coformer.runtime.errors import CoFormerError
+
+# model_type -> the class used when config.json names no architecture
+_BY_MODEL_TYPE = {"bert": "BertModel", "gpt2": "GPT2Model", "t5": "T5EncoderModel"}
+
+
+def wrap_hf(hf: nn.Module, source: str = "", max_length: int = 128, tokenizer: Optional[Path] = None,
+            pool: Optional[str] = None) -> TextTeacher:
+    """A HF model (already built) as a :class:`TextTeacher`; ``tokenizer`` is its ``tokenizer.json``."""
+    adapter = hf_adapter_for(hf)
+    head = adapter.task_head(hf)
+    fitted = head is not None
+    if head is None:
+        head = nn.Linear(_hidden_size(hf), 2)  # resized to the data's labels by fit_head
+    teacher = TextTeacher(hf.eval(), adapter.name, head, pool or adapter.default_pool(hf), fitted, source)
+    limit = _max_positions(hf)
+    if limit and max_length > limit:
+        raise CoFormerError(f"max_length {max_length} exceeds the model's {limit} positions")
+    teacher.max_length = int(max_length)
+    teacher.tokenizer_file = None if tokenizer is None else Path(tokenizer)
+    return teacher.eval()
+
+
+def _hidden_size(hf: nn.Module) -> int:
+    c = hf.config
+    return int(getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or c.d_model)
+
+
+def _max_positions(hf: nn.Module) -> int:
+    c = hf.config
+    return int(getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions", 0) or 0)
+
+
+def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
+    """Load the checkpoint directory ``path`` as a teacher (see the module doc)."""
+    import transformers
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CoFormerError(f"hf:{path} is not a HuggingFace checkpoint directory: no config.json in it")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CoFormerError(f"{cfg_file} is not valid JSON: {e}") from None
+    arch = (cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")])[0]
+    supported = sorted({a for name in FIELDS for a in _adapter(name).architectures})
+    if arch not in supported:
+        raise CoFormerError(f"hf:{path}: architecture {arch or cfg.get('model_type')!r} is not supported; "
+                            f"supported: {supported}")
+    cls = getattr(transformers, arch)
+    try:
+        hf = cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CoFormerError(f"hf:{path}: transformers cannot load the checkpoint: {str(e)[:400]}") from None
+    return wrap_hf(hf, f"hf:{path}", max_length=min(max_length, _max_positions(hf) or max_length),
+                   tokenizer=_tokenizer_json(path))
+
+
+def _adapter(family: str):
+    from coformer.compiler.families import get_adapter
+
+    return get_adapter(family)
+
+
+def _tokenizer_json(path: Path) -> Path:
+    tok = path / "tokenizer.json"
+    if tok.is_file():
+        return tok
+    try:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        out = Path(tempfile.mkdtemp(prefix="coformer-tok-")) / "tokenizer.json"
+        fast.backend_tokenizer.save(str(out))
+        return out
+    except Exception as e:  # transformers raises many kinds here
+        raise CoFormerError(f"hf:{path} has no tokenizer.json and its tokenizer cannot be converted: "
+                            f"{str(e)[:300]}") from None
+
+
+def text_spec_for(teacher: TextTeacher, pair: bool, truncation: bool = False,
+                  tokenizer_name: str = "tokenizer.json") -> dict[str, Any]:
+    """The bundle's text preprocessing record for ``teacher``."""
+    c = teacher.hf.config
+    pad = getattr(c, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(c, "eos_token_id", None)
+    if pad is None:
+        pad = 0
+    return {
+        "kind": "text", "tokenizer": tokenizer_name, "fields": list(teacher.fields),
+        "max_length": int(teacher.max_length), "pair": bool(pair), "truncation": bool(truncation),
+        "pad_id": int(pad), "vocab_size": int(c.vocab_size),
+        "type_vocab_size": int(getattr(c, "type_vocab_size", 0) or 0),
+        "source": teacher.source,
+    }
+
+
+def encoder_for(teacher: TextTeacher, pair: bool, truncation: bool = False):
+    """The :class:`~coformer.runtime.text.TextEncoder` the bundle will carry, for tokenising data."""
+    from coformer.runtime.text import TextEncoder
+
+    if getattr(teacher, "tokenizer_file", None) is None:
+        raise CoFormerError("this teacher has no tokenizer.json; give one (a HF checkpoint directory carries it)")
+    return TextEncoder(teacher.tokenizer_file, text_spec_for(teacher, pair, truncation))
+
+
+def fit_head(teacher: TextTeacher, data, epochs: int = 200, progress: bool = False) -> dict[str, Any]:
+    """Give a plain encoder a task head: a linear layer on its pooled feature, fitted on the
+    training labels with the backbone frozen (a linear probe). A checkpoint that came with a
+    head keeps it; its label count must match the data's."""
+    from coformer.calibration.train import train_classifier
+    from coformer.compiler.pipeline import run_batched
+
+    n = len(data.labels)
+    if teacher.head_fitted:
+        if teacher.num_labels != n:
+            raise CoFormerError(f"the checkpoint's task head has {teacher.num_labels} labels, the data has {n} "
+                                f"({data.labels})")
+        return {"head": "checkpoint"}
+    if data.train.y is None:
+        raise CoFormerError("this checkpoint has no task head and the data has no labels: give labelled data "
+                            "so CoFormer can fit one")
+    feats = run_batched(_Features(teacher), data.train.x)
+    head = nn.Linear(feats.shape[1], n)
+    train_classifier(head, feats, data.train.y, epochs=epochs, lr=1e-2, batch_size=64, weight_decay=1e-4,
+                     label_smoothing=0.0, progress=progress, desc="fit task head")
+    teacher.head = head.eval()
+    teacher.head_fitted = True
+    with torch.no_grad():
+        acc = float((head(feats).argmax(-1) == data.train.y).float().mean())
+    return {"head": "linear probe", "train_accuracy": acc}
+
+
+class _Features(nn.Module):
+    def __init__(self, teacher: TextTeacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.features(x)
