@@ -57,6 +57,7 @@ def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
     """Load the checkpoint directory ``path`` as a teacher (see the module doc)."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # CoFormer shows its own progress
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

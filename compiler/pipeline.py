@@ -157,7 +157,7 @@ def parity_lengths(x: torch.Tensor) -> list[int]:
 
 
 def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], text: bool,
-                   parity: dict, key: str) -> None:
+                   parity: dict, key: str, output: str = FEATURE_OUTPUT) -> None:
     """Export one sub-model to ONNX and record its parity with PyTorch under ``parity[key]``.
 
     A text model (packed ``x``: ``[B, k, T]``) is exported with dynamic batch and
@@ -165,12 +165,12 @@ def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: 
     worst difference is recorded); an image model with a dynamic batch.
     """
     if not text:
-        export_onnx(module, [x[:1]], path, input_names, [FEATURE_OUTPUT])
+        export_onnx(module, [x[:1]], path, input_names, [output])
         parity[key] = check_parity(module, path, [x], input_names)
         return
     dynamic = {n: {0: "batch", 1: "sequence"} for n in input_names}
-    dynamic[FEATURE_OUTPUT] = {0: "batch"}
-    export_onnx(module, list(x[:2].unbind(1)), path, input_names, [FEATURE_OUTPUT], dynamic)
+    dynamic[output] = {0: "batch"}
+    export_onnx(module, list(x[:2].unbind(1)), path, input_names, [output], dynamic)
     worst = 0.0
     for T in parity_lengths(x):
         cut = x[..., :T].clone()

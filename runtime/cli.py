@@ -56,10 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sending the tensor")
     _add_limits(p)
 
-    p = sub.add_parser("infer", help="send one input (.npy, model input or raw data) and print the answer")
+    p = sub.add_parser("infer", help="send one input (.npy, model input or raw data, or text) and print the answer")
     p.add_argument("bundle", type=Path)
     p.add_argument("--central", default="tcp://127.0.0.1:5555", help="the central node's front endpoint")
-    p.add_argument("--input", type=Path, required=True, help=".npy file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, help=".npy file")
+    src.add_argument("--text", nargs="+", metavar="TEXT",
+                     help="text bundles: one text per argument (a sentence-pair bundle takes exactly two: the pair)")
     p.add_argument("--raw", action="store_true", help="apply the bundle's preprocessing to the input first")
     p.add_argument("--timeout", type=float, default=30.0)
 
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_input(x: np.ndarray) -> np.ndarray:
+    """Integer arrays (token ids) stay int64; anything else becomes float32."""
+    return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "central":
         from coformer.runtime.central import run_central
@@ -120,6 +128,18 @@ def run(args: argparse.Namespace) -> int:
         from coformer.runtime.preprocess import preprocess
 
         manifest = load_manifest(args.bundle, verify=False)
+        if args.text is not None:
+            from coformer.runtime.text import TextEncoder
+
+            encoder = TextEncoder.from_bundle(args.bundle, manifest)
+            texts = [args.text] if encoder.spec["pair"] else args.text
+            with Client(args.central, timeout_s=args.timeout) as client:
+                labels, result = client.classify(texts, encoder, manifest.labels)
+            print(json.dumps({"label": labels, "logits": result.logits.tolist(),
+                              "round_trip_ms": round(result.round_trip_ms, 3)}))
+            return 0
+        if manifest.input.is_text:
+            raise CoFormerError("this bundle takes text: use --text")
         if not args.input.is_file():
             raise CoFormerError(f"input file {args.input} does not exist")
         x = np.load(args.input)
@@ -142,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.inputs.is_file():
             raise CoFormerError(f"inputs file {args.inputs} does not exist")
-        outputs, latency = time_samples(args.model, np.load(args.inputs).astype(np.float32), _limits(args),
+        outputs, latency = time_samples(args.model, _model_input(np.load(args.inputs)), _limits(args),
                                         threads=args.threads or 1, warmup=args.warmup)
         buf = io.BytesIO()
         np.savez(buf, outputs=outputs, latency_ms=latency)

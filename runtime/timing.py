@@ -195,12 +195,18 @@ def time_samples(
     throttle = apply_limits(limits, "timing")
     try:
         with open_engine(Path(model), backend, threads) as engine:
-            name = engine.input_names[0]
+            names = engine.input_names
+
+            def feeds(x: np.ndarray) -> dict[str, np.ndarray]:
+                # a model with several inputs (a text model's ids, mask, ...) takes the rows of a packed sample
+                b = x[None]
+                return {names[0]: b} if len(names) == 1 else {n: np.ascontiguousarray(b[:, i]) for i, n in enumerate(names)}
+
             for i in range(warmup):
-                engine.infer({name: inputs[i % len(inputs)][None]})
+                engine.infer(feeds(inputs[i % len(inputs)]))
             outs, lat = [], []
             for x in inputs:
-                out = next(iter(engine.infer({name: x[None]}).values()))
+                out = next(iter(engine.infer(feeds(x)).values()))
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
                 outs.append(out[0])
                 lat.append(engine.last_compute_ms + idle * 1e3)

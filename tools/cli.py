@@ -1,6 +1,6 @@
 """``coformer``: compile a transformer for a few unequal devices, serve it, try it.
 
-  coformer quickstart [--fast] [--out DIR] [--report-json PATH]
+  coformer quickstart [--task vision|text] [--fast] [--out DIR] [--report-json PATH]
   coformer profile-kit --model quickstart --out KIT       (then, on each device: coformer-runtime profile KIT ...)
   coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
   coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
@@ -29,9 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quickstart", help="the whole pipeline on digits with three emulated devices")
+    p = sub.add_parser("quickstart", help="the whole pipeline with three emulated devices: a ViT on digits, "
+                       "or (--task text) a BERT on a built-in sentiment task")
+    p.add_argument("--task", default="vision", choices=["vision", "text"],
+                   help="vision: ViT on scikit-learn digits (default); text: BERT, raw text through the client")
     p.add_argument("--out", type=Path, default=None, help="folder for the bundle, teacher and report "
-                   "(default: ./coformer-quickstart)")
+                   "(default: ./coformer-quickstart, or ./coformer-quickstart-text)")
     p.add_argument("--fast", action="store_true", help="a small teacher and short calibration (for tests)")
     p.add_argument("--report-json", type=Path, default=None, help="write the measured report here")
     p.add_argument("--throttle", default="auto", choices=THROTTLES,
@@ -41,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="decompose, calibrate and lower a teacher into a bundle")
     _add_model(p)
     p.add_argument("--devices", type=Path, required=True, help="devices file (YAML or JSON)")
-    p.add_argument("--data", default="digits", choices=["digits"], help="calibration data set")
+    p.add_argument("--data", default=None,
+                   help="calibration data: 'digits' (built in, images), 'sentiment' (built in, text) or a text "
+                        "file (.tsv GLUE-style, .jsonl, or .txt for label-free distillation); default: digits for "
+                        "images, sentiment for text")
+    p.add_argument("--max-length", type=int, default=128, help="text: longest token sequence a request may carry")
+    p.add_argument("--truncation", action="store_true",
+                   help="text: cut texts longer than --max-length instead of refusing them")
     p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
     p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
                    help="how to choose the policy (auto: bo when every device has a profile, else heuristic)")
@@ -120,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="'quickstart' (the quickstart teacher) or 'timm:NAME' with --checkpoint")
+                   help="'quickstart' (the quickstart teacher), 'timm:NAME' with --checkpoint, or 'hf:PATH' (a local "
+                        "HuggingFace checkpoint directory: BERT, GPT-2 or T5)")
     p.add_argument("--checkpoint", type=Path, default=None, help="local state_dict for a timm model")
     p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
 
@@ -153,12 +163,44 @@ def _load_teacher(args: argparse.Namespace):
         except RuntimeError as e:
             raise CoFormerError(f"checkpoint {args.checkpoint} does not fit {args.model}: {str(e)[:500]}") from None
         return model.eval()
-    raise CoFormerError(f"--model {args.model!r}: expected 'quickstart' or 'timm:NAME'")
+    if args.model.startswith("hf:"):
+        from coformer.compiler.hf import load_hf
+
+        return load_hf(Path(args.model[3:]), max_length=getattr(args, "max_length", 128))
+    raise CoFormerError(f"--model {args.model!r}: expected 'quickstart', 'timm:NAME' or 'hf:PATH'")
+
+
+def _load_data(args: argparse.Namespace, teacher):
+    """The calibration data for ``teacher`` (see ``--data``); a text teacher without a task
+    head gets one fitted here on the labels."""
+    from coformer.compiler.families.textnet import TextTeacher
+
+    if not isinstance(teacher, TextTeacher):
+        if args.data not in (None, "digits"):
+            raise CoFormerError(f"--data {args.data!r}: an image model takes the built-in 'digits' data")
+        from coformer.calibration.data import load_digits_dataset
+
+        in_chans, h, w = teacher.patch_embed.proj.in_channels, *teacher.patch_embed.img_size
+        if in_chans != 1 or h != w:
+            raise CoFormerError(f"the built-in digits data is 1-channel square; the model takes {in_chans}x{h}x{w}")
+        return load_digits_dataset(h), {}
+    from coformer.calibration.text import read_records, sentiment_records, text_dataset
+    from coformer.compiler.hf import encoder_for, fit_head
+
+    if args.data == "digits":
+        raise CoFormerError("--data digits holds images; a language model needs 'sentiment' or a text file")
+    records = sentiment_records() if args.data in (None, "sentiment") else read_records(Path(args.data))
+    label_names = None
+    id2label = getattr(teacher.hf.config, "id2label", None) or {}
+    if teacher.head_fitted and id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+        label_names = [str(id2label[i]) for i in sorted(id2label)]
+    encoder = encoder_for(teacher, pair=len(records[0]["text"]) == 2, truncation=args.truncation)
+    data = text_dataset(records, encoder, labels=label_names)
+    return data, fit_head(teacher, data)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
-    from coformer.calibration.data import load_digits_dataset
     from coformer.compiler.devices import load_devices
     from coformer.compiler.pipeline import compile_bundle, search_policy
     from coformer.compiler.predictor import predictor_for
@@ -168,12 +210,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     devices = load_devices(args.devices)
     policy = Policy.load(args.policy) if args.policy else None
     teacher = _load_teacher(args)
-    in_chans, h, w = teacher.patch_embed.proj.in_channels, *teacher.patch_embed.img_size
-    if in_chans != 1 or h != w:
-        raise CoFormerError(f"the built-in digits data is 1-channel square; the model takes {in_chans}x{h}x{w}")
-    data = load_digits_dataset(h)
-    report: dict = {}
+    data, head = _load_data(args, teacher)
+    report: dict = {"task_head": head} if head else {}
+    text = data.preprocessing.get("kind") == "text"
     method = args.search
+    if text and policy is None and method not in ("auto", "heuristic"):
+        raise CoFormerError(f"--search {method} is not available for language models yet (the profile kit and "
+                            "predictors are built for ViT); use --search heuristic or --policy FILE")
+    if text and method == "auto":
+        method = "heuristic"
     if method == "auto":
         method = "bo" if all(d.profile for d in devices) else "heuristic"
         if method == "heuristic" and policy is None:
@@ -200,7 +245,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                             model_name=args.model, progress=not args.no_progress)
     acc = result.accuracy
     report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
-                  submodel_accuracies=acc["submodel_accuracies"], policy_source=result.policy.source)
+                  submodel_accuracies=acc["submodel_accuracies"], policy_source=result.policy.source,
+                  memory=memory_report(result, devices))
     if args.measure:
         import tempfile
 
@@ -225,6 +271,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")
+    mem = report["memory"]
+    print(f"memory: teacher {mem['teacher_param_bytes'] / 2**20:.1f} MiB of parameters; largest sub-model "
+          f"{mem['largest_param_bytes'] / 2**20:.1f} MiB ({mem['largest_param_fraction'] * 100:.1f}% of the teacher)"
+          + (f"; the teacher exceeds the budget of {', '.join(mem['teacher_exceeds'])}" if mem["teacher_exceeds"] else ""))
     if "search" in report:
         s = report["search"]
         print("search: " + ", ".join(f"{m} best objective {s[m]['best_objective']:.4f}"
@@ -241,6 +291,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def memory_report(result, devices) -> dict:
+    """Parameter and peak memory (phi of C6) of the teacher and of each sub-model, against each budget."""
+    budgets = {d.name: d.memory_bytes for d in devices}
+    t = result.teacher_cost
+    subs = [{"device": name, "param_bytes": c.param_bytes, "memory_bytes": c.memory_bytes,
+             "budget_bytes": budgets[name], "param_fraction": c.param_bytes / t.param_bytes}
+            for name, c in zip(result.policy.devices, result.costs)]
+    largest = max(subs, key=lambda s: s["param_bytes"])
+    return {
+        "teacher_param_bytes": t.param_bytes, "teacher_memory_bytes": t.memory_bytes,
+        "teacher_exceeds": [n for n, b in budgets.items() if t.memory_bytes > b],
+        "submodels": subs, "largest_param_bytes": largest["param_bytes"],
+        "largest_param_fraction": largest["param_fraction"],
+        "flops_fraction_total": sum(c.flops for c in result.costs) / t.flops,
+    }
+
+
 def cmd_profile_kit(args: argparse.Namespace) -> int:
     from coformer.compiler.families import adapter_for
     from coformer.compiler.predictor import fit_predictor, worst_configs
@@ -248,6 +315,9 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
     from coformer.runtime.profile import load_kit
 
     teacher = _load_teacher(args)
+    if args.model.startswith("hf:"):
+        raise CoFormerError("profile kits are built for ViT teachers so far; compile language models with "
+                            "--search heuristic or --policy FILE")
     shape = adapter_for(teacher).read_shape(teacher)
     if args.refine:
         kit = load_kit(args.out)
@@ -400,6 +470,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
+        if args.task == "text":
+            from coformer.tools.quickstart_text import run_text_quickstart
+
+            run_text_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
+                                progress=not args.no_progress)
+            return 0
         from coformer.tools.quickstart import run_quickstart
 
         run_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,

@@ -225,14 +225,16 @@ def pool_features(x: torch.Tensor, attention_mask: torch.Tensor, kind: str,
 
 
 class PartsModule(nn.Module):
-    """A :class:`TextNet` with the packed rows as separate inputs: what ONNX gets."""
+    """A :class:`TextNet` with the packed rows as separate inputs: what ONNX gets.
+    With ``head``, the head is applied to the feature (a whole classifier)."""
 
-    def __init__(self, net: TextNet) -> None:
+    def __init__(self, net: TextNet, head: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.head = net, head
 
     def forward(self, *parts: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_parts(*parts)
+        f = self.net.forward_parts(*parts)
+        return self.head(f) if self.head is not None else f
 
 
 class TextTeacher(nn.Module):

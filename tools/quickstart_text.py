@@ -1,0 +1,214 @@
+"""``coformer quickstart --task text``: the language pipeline end to end, offline.
+
+A small BERT is built from a config, trained on the built-in sentiment task
+(:func:`coformer.calibration.text.sentiment_records`) with a word-level
+tokenizer made on the spot, and saved as a HuggingFace checkpoint directory.
+That checkpoint is then loaded back the way a user's would be (``hf:PATH``),
+decomposed for three emulated devices, calibrated, lowered to ONNX and served
+by real processes over ZeroMQ; every test sentence goes through the client as
+raw text (tokenised by the bundle's ``tokenizer.json``) and comes back as a
+label.
+
+Choice written down: the policy is the heuristic one (share-proportional
+widths, layers trimmed to each device's FLOPs budget); the profile kit and
+the latency predictors the DeBo search needs are built for ViT so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from coformer.runtime._files import atomic_write_json
+from coformer.runtime.timing import summarise
+
+
+@dataclass(frozen=True)
+class TextQuickstartConfig:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    intermediate: int = 1024
+    max_length: int = 32
+    examples: int = 2000
+    teacher_epochs: int = 6
+    teacher_lr: float = 5e-4
+    boost_epochs: int = 4
+    aggregator_epochs: int = 40
+    shares: tuple[float, ...] = (1.0, 0.6, 0.4)
+    flops_fraction: float = 0.5
+    seed: int = 0
+    warmup_requests: int = 5
+
+
+FAST_TEXT = TextQuickstartConfig(hidden=64, layers=2, heads=4, intermediate=256, examples=800, teacher_epochs=20,
+                                 teacher_lr=2e-3, boost_epochs=2, aggregator_epochs=20, warmup_requests=2)
+
+
+def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool = True):
+    """Train the quickstart's BERT and save it as a HF checkpoint directory (weights, config,
+    ``tokenizer.json``) at ``out_dir``; returns the directory."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from coformer.calibration.text import (SENTIMENT_LABELS, build_word_tokenizer, sentiment_records,
+                                           sentiment_vocabulary, text_dataset)
+    from coformer.calibration.train import train_classifier
+    from coformer.compiler.hf import encoder_for, wrap_hf
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tok = build_word_tokenizer(staging / "tokenizer.json", sentiment_vocabulary())
+    vocab = len(sentiment_vocabulary()) + 4
+    torch.manual_seed(cfg.seed)
+    hf = BertForSequenceClassification(BertConfig(
+        vocab_size=vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_length, num_labels=2, pad_token_id=0,
+        id2label=dict(enumerate(SENTIMENT_LABELS)), label2id={n: i for i, n in enumerate(SENTIMENT_LABELS)}))
+    teacher = wrap_hf(hf, "quickstart", max_length=cfg.max_length, tokenizer=tok)
+    data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
+                        labels=SENTIMENT_LABELS)
+    train_classifier(teacher, data.train.x, data.train.y, cfg.teacher_epochs, lr=cfg.teacher_lr, seed=cfg.seed,
+                     progress=progress, desc="train BERT teacher")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    hf.save_pretrained(str(staging))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return out_dir
+
+
+def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, report_json: Optional[Path] = None,
+                        throttle: str = "auto", progress: bool = True,
+                        config: Optional[TextQuickstartConfig] = None) -> dict[str, Any]:
+    import torch
+
+    from coformer.calibration.booster import BoostConfig
+    from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
+    from coformer.compiler.bundle import check_target
+    from coformer.compiler.hf import encoder_for, load_hf
+    from coformer.compiler.pipeline import compile_bundle, run_batched
+    from coformer.runtime.text import TextEncoder
+    from coformer.tools.cli import memory_report
+    from coformer.tools.cluster import LocalCluster
+    from coformer.compiler.families.textnet import PartsModule
+    from coformer.compiler.pipeline import lower_submodel
+    from coformer.tools.quickstart import _say, make_devices, time_teacher
+
+    cfg = config or (FAST_TEXT if fast else TextQuickstartConfig())
+    out_dir = Path(out_dir or "coformer-quickstart-text").resolve()
+    check_target(out_dir / "bundle")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    _say(f"quickstart (text): writing to {out_dir}")
+    _say(f"teacher: training BERT d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on {cfg.examples} "
+         "synthetic reviews (saved as a HuggingFace checkpoint)")
+    ckpt = train_text_teacher(cfg, out_dir / "teacher-hf", progress)
+    teacher = load_hf(ckpt, max_length=cfg.max_length)
+    data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
+                        labels=SENTIMENT_LABELS)
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
+
+    t_cost = teacher_cost(adapter_for(teacher).read_shape(teacher))
+    devices = make_devices(cfg, t_cost.flops)
+    _say("compile: decompose -> calibrate -> ONNX -> bundle (heuristic policy)")
+    result = compile_bundle(teacher, devices, data, out_dir / "bundle",
+                            boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
+                            aggregator_epochs=cfg.aggregator_epochs, model_name=f"hf:{ckpt}", progress=progress)
+    texts = list(data.test.raw)
+    y = data.test.y.numpy()
+    with torch.no_grad():
+        x_all = data.test.x
+        expected = result.aggregator(*[run_batched(s, x_all) for s in result.submodels]).argmax(-1).numpy()
+        teacher_pred = run_batched(teacher, x_all).argmax(-1).numpy()
+
+    _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(texts)} test sentences)")
+    adapter = adapter_for(teacher)
+    teacher_onnx = out_dir / "teacher.onnx"
+    parity: dict = {}
+    lower_submodel(PartsModule(adapter.full_net(teacher), teacher.head), data.val.x[:3], teacher_onnx,
+                   adapter.input_names(teacher), True, parity, "teacher", output="logits")
+    np.save(out_dir / "test_inputs.npy", data.test.x.numpy())
+    timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
+                         cfg.warmup_requests)
+    _say(f"serving: central node + workers as processes; {len(texts)} test sentences sent as raw text")
+    encoder = TextEncoder.from_bundle(out_dir / "bundle")
+    labels = result.manifest.labels
+    served, rtts, wire = [], [], []
+    with LocalCluster(out_dir / "bundle", throttle=throttle, log_dir=out_dir / "logs") as cluster:
+        with cluster.client() as client:
+            for t in texts[: cfg.warmup_requests]:
+                client.classify([t], encoder, labels)
+            for t in texts:
+                names, r = client.classify([t], encoder, labels)
+                served.append(labels.index(names[0]))
+                rtts.append(r.round_trip_ms)
+                wire.append(r.wire_bytes_from_workers)
+            samples = {t: client.classify([t], encoder, labels)[0][0]
+                       for t in ("the movie was not good", "honestly the food was really great today")}
+    served = np.asarray(served)
+    lat, t_lat = summarise(rtts), summarise(timed["latency_ms"])
+    report = {
+        "task": "text",
+        "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
+        "speedup": t_lat["median"] / lat["median"],
+        "teacher_accuracy": float((teacher_pred == y).mean()),
+        "ensemble_accuracy": float((served == y).mean()),
+        "pytorch_ensemble_accuracy": result.accuracy["ensemble_accuracy"],
+        "served_equals_pytorch": float((served == expected).mean()),
+        "submodel_accuracies": result.accuracy["submodel_accuracies"],
+        "collaborative_latency_ms": {"median": lat["median"], "p90": lat["p90"]},
+        "bytes_per_inference": int(np.median(wire)),
+        "memory": memory_report(result, devices),
+        "devices": [{"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "flops": d.flops,
+                     "params": d.params, "feature_dim": d.feature_dim} for d in result.manifest.devices],
+        "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(ckpt)},
+        "examples": samples,
+        "test_samples": len(texts),
+        "quickstart_config": dataclasses.asdict(cfg),
+        "bundle": str(out_dir / "bundle"),
+        "wall_time_s": time.perf_counter() - t_start,
+    }
+    atomic_write_json(out_dir / "report.json", report)
+    if report_json:
+        atomic_write_json(Path(report_json), report)
+    print(format_text_report(report))
+    return report
+
+
+def format_text_report(r: dict[str, Any]) -> str:
+    m = r["memory"]
+    c = r["quickstart_config"]
+    lines = [
+        "",
+        f"CoFormer quickstart (text): BERT (d={c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
+        f"{r['teacher']['flops'] / 1e6:.1f} MFLOPs at {c['max_length']} tokens) on synthetic reviews, "
+        f"{r['test_samples']} test sentences",
+        "",
+        f"{'device':<8} {'role':<8} {'share':>5} {'MFLOPs':>8} {'params':>9} {'sub-model acc':>13}",
+    ]
+    for d, acc in zip(r["devices"], r["submodel_accuracies"]):
+        lines.append(f"{d['name']:<8} {d['role']:<8} {d['cpu_share']:>5.2f} {d['flops'] / 1e6:>8.2f} "
+                     f"{d['params'] / 1e6:>8.3f}M {acc * 100:>12.1f}%")
+    lines += [
+        "",
+        f"teacher accuracy {r['teacher_accuracy'] * 100:.1f}%; CoFormer served {r['ensemble_accuracy'] * 100:.1f}% "
+        f"({m['flops_fraction_total'] * 100:.0f}% of the teacher's FLOPs in total, largest sub-model "
+        f"{m['largest_param_fraction'] * 100:.0f}% of its parameters)",
+        f"latency median: teacher alone on edge-a {r['teacher_latency_ms']['median']:.2f} ms (compute only), "
+        f"CoFormer served {r['collaborative_latency_ms']['median']:.2f} ms (round trip): {r['speedup']:.2f}x; "
+        f"{r['bytes_per_inference']:,} bytes from the workers per sentence; served = PyTorch ensemble on "
+        f"{r['served_equals_pytorch'] * 100:.1f}% of sentences",
+        "examples: " + "; ".join(f"{t!r} -> {lab}" for t, lab in r["examples"].items()),
+        f"bundle: {r['bundle']}",
+    ]
+    return "\n".join(lines)
