@@ -192,7 +192,9 @@ def _load_data(args: argparse.Namespace, teacher):
     records = sentiment_records() if args.data in (None, "sentiment") else read_records(Path(args.data))
     label_names = None
     id2label = getattr(teacher.hf.config, "id2label", None) or {}
-    if teacher.head_fitted and id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+    labelled = records[0]["label"] is not None
+    if teacher.head_fitted and id2label and (not labelled or not all(str(v).startswith("LABEL_")
+                                                                     for v in id2label.values())):
         label_names = [str(id2label[i]) for i in sorted(id2label)]
     encoder = encoder_for(teacher, pair=len(records[0]["text"]) == 2, truncation=args.truncation)
     data = text_dataset(records, encoder, labels=label_names)
@@ -254,7 +256,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         served = measure_served(args.out, data.test.x.numpy())
         report["measured_latency_ms"] = served["latency_ms"]["median"]
-        report["served_accuracy"] = float((served["predictions"] == data.test.y.numpy()).mean())
+        if data.test.y is not None:
+            report["served_accuracy"] = float((served["predictions"] == data.test.y.numpy()).mean())
         report["served_breakdown_ms_median"] = served["breakdown_ms_median"]
         if "search" in report:
             # Served here, every device is emulated on this machine and its link is loopback: the
@@ -266,8 +269,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
             report["runtime_overhead_ms"] = overhead
             report["predicted_latency_local_ms"] = max(best["t1_ms"]) + best["t3_ms"] + overhead
     print(f"bundle: {args.out} (policy: {result.policy.source})")
+    against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
     print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
-          f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}")
+          f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against}")
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")

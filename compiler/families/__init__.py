@@ -32,8 +32,11 @@ def adapter_for(model: Any):
     for adapter in _REGISTRY.values():
         if adapter.matches(model):
             return adapter
+    hint = ""
+    if any(getattr(a, "matches_hf", None) and a.matches_hf(model) for a in _REGISTRY.values()):
+        hint = " as it is: wrap a HuggingFace model with coformer.compiler.hf.wrap_hf (or load it with load_hf)"
     raise CoFormerError(
-        f"model type {type(model).__name__} is not supported; supported families: {sorted(_REGISTRY)}"
+        f"model type {type(model).__name__} is not supported{hint}; supported families: {sorted(_REGISTRY)}"
     )
 
 

@@ -45,3 +45,14 @@ def test_oversized_payload_is_refused_before_it_is_parsed():
     frames = protocol.encode("infer", 1, np.zeros((64, 1, 4, 4), np.float32))
     with pytest.raises(ProtocolError, match="limit is 128"):
         protocol.decode(frames, LIMITS)
+
+
+def test_a_dynamic_axis_takes_any_length_up_to_its_limit_and_no_more():
+    limits = protocol.TensorLimits("int64", (3, 16), max_batch=4, dynamic=(1,))
+    for T in (1, 7, 16):
+        msg = protocol.decode(protocol.encode("infer", 1, np.zeros((2, 3, T), dtype=np.int64)), limits)
+        assert msg.tensor.shape == (2, 3, T)
+    for shape in ((2, 3, 17), (2, 2, 8), (2, 3, 0)):
+        with pytest.raises(protocol.ProtocolError, match=r"expected \[batch, 3, 1..16\]") as e:
+            protocol.decode(protocol.encode("infer", 1, np.zeros(shape, dtype=np.int64)), limits)
+        assert e.value.code == "bad_shape"

@@ -1,0 +1,158 @@
+"""Language models through the `coformer` command: a HF checkpoint directory on disk, a text
+file of data, the memory headline (GPT-2), and `quickstart --task text`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coformer.calibration.text import read_records, sentiment_records
+from coformer.runtime.errors import CoFormerError
+from tests.text_models import build, word_tokenizer
+
+
+def _coformer() -> str:
+    sibling = Path(sys.executable).parent / "coformer"
+    exe = str(sibling) if sibling.exists() else shutil.which("coformer")
+    assert exe, "the coformer console script is not installed"
+    return exe
+
+
+def _checkpoint(kind, path: Path, **over) -> Path:
+    build(kind, **over).save_pretrained(str(path))
+    word_tokenizer(path / "tokenizer.json")
+    return path
+
+
+def _jsonl(path: Path, n=200) -> Path:
+    path.write_text("".join(json.dumps({"text": r["text"][0], "label": r["label"]}) + "\n"
+                            for r in sentiment_records(n)))
+    return path
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([_coformer(), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpt2_scaled_like_gpt2_xl_fits_a_budget_the_teacher_exceeds(tmp_path):
+    """GPT2-XL (48 layers, d=1600, 25 heads of 64) does not fit a 4 GB device; here a GPT-2 with the
+    same shape ratios, scaled down (12 layers, d=200, 5 heads of 40, MLP 4d), against devices whose
+    memory budget is a quarter of the teacher's parameter bytes."""
+    ckpt = _checkpoint("gpt2-plain", tmp_path / "gpt2", n_layer=12, n_embd=200, n_head=5, n_positions=64)
+    data = _jsonl(tmp_path / "reviews.jsonl")
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.hf import load_hf
+
+    teacher = load_hf(ckpt, max_length=32)
+    t = teacher_cost(adapter_for(teacher).read_shape(teacher))
+    budget = t.param_bytes // 4
+    (tmp_path / "devices.yaml").write_text("devices:\n" + "".join(
+        f"  - {{name: {n}, memory_bytes: {budget}, flops_budget: {t.flops}, cpu_share: {s}}}\n"
+        for n, s in (("edge-a", 1.0), ("edge-b", 0.6), ("edge-c", 0.4))))
+    report = tmp_path / "r.json"
+    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", tmp_path / "devices.yaml", "--data", data,
+                "--max-length", 32, "--out", tmp_path / "bundle", "--epochs", 1, "--report-json", report,
+                "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report.read_text())
+    mem = r["memory"]
+    assert mem["teacher_exceeds"] == ["edge-a", "edge-b", "edge-c"]
+    assert mem["largest_param_fraction"] <= 0.25
+    assert all(s["memory_bytes"] <= s["budget_bytes"] for s in mem["submodels"])
+    assert {"teacher_accuracy", "ensemble_accuracy"} <= set(r)  # the accuracy cost is reported
+    assert r["task_head"]["head"] == "linear probe"
+    assert "largest sub-model" in done.stdout and "exceeds the budget of edge-a" in done.stdout
+    from coformer.runtime.manifest import load_manifest
+
+    m = load_manifest(tmp_path / "bundle")
+    assert m.model["family"] == "gpt2" and m.input.preprocessing["source"] == f"hf:{ckpt}"
+
+
+def test_compile_refuses_bad_models_and_data_naming_them(tmp_path):
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("devices:\n  - {name: a, memory_bytes: 1000000000, flops_budget: 1000000000}\n")
+    bad = tmp_path / "roberta"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["RobertaForSequenceClassification"]}))
+    done = _run("compile", "--model", f"hf:{bad}", "--devices", devices, "--out", tmp_path / "b")
+    assert done.returncode == 2
+    assert "RobertaForSequenceClassification" in done.stderr and "GPT2ForSequenceClassification" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _run("compile", "--model", f"hf:{tmp_path / 'nothing'}", "--devices", devices, "--out", tmp_path / "b")
+    assert done.returncode == 2 and "no config.json" in done.stderr
+    ckpt = _checkpoint("bert", tmp_path / "bert")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--data", tmp_path / "d.csv",
+                "--out", tmp_path / "b", "--max-length", 32)
+    assert done.returncode == 2 and "'.csv' is not one of .tsv, .jsonl, .txt" in done.stderr
+    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--search", "bo",
+                "--out", tmp_path / "b", "--max-length", 32)
+    assert done.returncode == 2 and "--search bo is not available for language models" in done.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_text_files_glue_tsv_jsonl_and_plain_text(tmp_path):
+    tsv = tmp_path / "rte.tsv"
+    tsv.write_text("index\tsentence1\tsentence2\tlabel\n0\tthe cat\tthe dog\tentailment\n"
+                   "1\ta red car\ta blue car\tnot_entailment\n")
+    recs = read_records(tsv)
+    assert recs[0] == {"text": ("the cat", "the dog"), "label": "entailment"}
+    sst = tmp_path / "sst.jsonl"
+    sst.write_text('{"sentence": "good", "label": 1}\n\n{"sentence": "bad", "label": 0}\n')
+    assert [r["label"] for r in read_records(sst)] == ["1", "0"]
+    txt = tmp_path / "unlabeled.txt"
+    txt.write_text("one line\n\nanother line\n")
+    assert read_records(txt) == [{"text": ("one line",), "label": None}, {"text": ("another line",), "label": None}]
+    (tmp_path / "x.jsonl").write_text('{"body": "no text key"}\n')
+    with pytest.raises(CoFormerError, match=r"x.jsonl line 1: no text column.*found \['body'\]"):
+        read_records(tmp_path / "x.jsonl")
+    (tmp_path / "mix.jsonl").write_text('{"text": "a"}\n{"sentence1": "a", "sentence2": "b"}\n')
+    with pytest.raises(CoFormerError, match="mixes single texts and pairs"):
+        read_records(tmp_path / "mix.jsonl")
+
+
+@pytest.mark.slow
+def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path):
+    """The teacher is trained in the run on a learnable task; three sub-models with at most half its
+    FLOPs keep the ensemble within 3 points, and the served labels are the PyTorch ensemble's."""
+    report = tmp_path / "r.json"
+    done = subprocess.run([_coformer(), "quickstart", "--task", "text", "--fast", "--out", str(tmp_path / "q"),
+                           "--report-json", str(report), "--no-progress", "--throttle", "duty-cycle"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert r["teacher_accuracy"] >= 0.85, "the teacher must have learnt the task for the comparison to mean much"
+    assert r["ensemble_accuracy"] >= r["teacher_accuracy"] - 0.03
+    assert r["memory"]["flops_fraction_total"] <= 0.5 and len(r["devices"]) == 3
+    assert r["served_equals_pytorch"] == 1.0
+    assert r["examples"]["the movie was not good"] == "negative"
+    assert "CoFormer quickstart (text)" in done.stdout
+    assert (tmp_path / "q" / "teacher-hf" / "config.json").is_file()
+    assert (tmp_path / "q" / "bundle" / "tokenizer.json").is_file()
+
+
+def test_label_free_distillation_from_a_plain_text_file(tmp_path):
+    """A classifier checkpoint and unlabeled text: calibrated on the teacher's decisions alone,
+    scored by agreement with them, labels named from the checkpoint's config."""
+    ckpt = _checkpoint("bert", tmp_path / "bert", id2label={0: "no", 1: "yes"}, label2id={"no": 0, "yes": 1})
+    txt = tmp_path / "unlabeled.txt"
+    txt.write_text("\n".join(r["text"][0] for r in sentiment_records(120)) + "\n")
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("devices:\n  - {name: a, memory_bytes: 1000000000, flops_budget: 1000000000}\n"
+                       "  - {name: b, memory_bytes: 1000000000, flops_budget: 1000000000, cpu_share: 0.5}\n")
+    report = tmp_path / "r.json"
+    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--data", txt, "--max-length", 32,
+                "--out", tmp_path / "b", "--epochs", 1, "--report-json", report, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "agreement with the teacher" in done.stdout
+    r = json.loads(report.read_text())
+    assert r["teacher_accuracy"] == 1.0 and 0.0 <= r["ensemble_accuracy"] <= 1.0
+    from coformer.runtime.manifest import load_manifest
+
+    assert load_manifest(tmp_path / "b").labels == ["no", "yes"]
