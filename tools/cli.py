@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or (--task text) a BERT on a built-in sentiment task")
     p.add_argument("--task", default="vision", choices=["vision", "text"],
                    help="vision: ViT on scikit-learn digits (default); text: BERT, raw text through the client")
+    p.add_argument("--family", default="bert", choices=["bert", "gpt2", "t5"],
+                   help="with --task text: the teacher's family (default bert)")
     p.add_argument("--out", type=Path, default=None, help="folder for the bundle, teacher and report "
                    "(default: ./coformer-quickstart, or ./coformer-quickstart-text)")
     p.add_argument("--fast", action="store_true", help="a small teacher and short calibration (for tests)")
@@ -478,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
             from coformer.tools.quickstart_text import run_text_quickstart
 
             run_text_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, family=args.family)
             return 0
         from coformer.tools.quickstart import run_quickstart
 

@@ -1,6 +1,6 @@
 """``coformer quickstart --task text``: the language pipeline end to end, offline.
 
-A small BERT is built from a config, trained on the built-in sentiment task
+A small BERT (or GPT-2, or T5 encoder: ``--family``) is built from a config, trained on the built-in sentiment task
 (:func:`coformer.calibration.text.sentiment_records`) with a word-level
 tokenizer made on the spot, and saved as a HuggingFace checkpoint directory.
 That checkpoint is then loaded back the way a user's would be (``hf:PATH``),
@@ -29,8 +29,12 @@ from coformer.runtime._files import atomic_write_json
 from coformer.runtime.timing import summarise
 
 
+FAMILIES = ("bert", "gpt2", "t5")
+
+
 @dataclass(frozen=True)
 class TextQuickstartConfig:
+    family: str = "bert"
     hidden: int = 256
     layers: int = 4
     heads: int = 8
@@ -52,10 +56,12 @@ FAST_TEXT = TextQuickstartConfig(hidden=64, layers=2, heads=4, intermediate=256,
 
 
 def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool = True):
-    """Train the quickstart's BERT and save it as a HF checkpoint directory (weights, config,
-    ``tokenizer.json``) at ``out_dir``; returns the directory."""
+    """Train the quickstart's teacher (``cfg.family``: a BERT or GPT-2 classifier, or a T5
+    encoder with a linear head) and save it as a HF checkpoint directory (weights, config,
+    ``tokenizer.json``) at ``out_dir``; returns the directory. A T5 encoder checkpoint holds no
+    head: loaded back, it gets a linear head fitted on the trained encoder's features."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    import transformers as tf
 
     from coformer.calibration.text import (SENTIMENT_LABELS, build_word_tokenizer, sentiment_records,
                                            sentiment_vocabulary, text_dataset)
@@ -68,15 +74,30 @@ def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool 
     tok = build_word_tokenizer(staging / "tokenizer.json", sentiment_vocabulary())
     vocab = len(sentiment_vocabulary()) + 4
     torch.manual_seed(cfg.seed)
-    hf = BertForSequenceClassification(BertConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_length, num_labels=2, pad_token_id=0,
-        id2label=dict(enumerate(SENTIMENT_LABELS)), label2id={n: i for i, n in enumerate(SENTIMENT_LABELS)}))
+    labels = dict(id2label=dict(enumerate(SENTIMENT_LABELS)), label2id={n: i for i, n in enumerate(SENTIMENT_LABELS)})
+    if cfg.family == "bert":
+        hf = tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=vocab, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+            intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_length, num_labels=2,
+            pad_token_id=0, **labels))
+    elif cfg.family == "gpt2":
+        hf = tf.GPT2ForSequenceClassification(tf.GPT2Config(
+            vocab_size=vocab, n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads, n_inner=cfg.intermediate,
+            n_positions=cfg.max_length, num_labels=2, pad_token_id=0, bos_token_id=2, eos_token_id=3, **labels))
+    elif cfg.family == "t5":
+        hf = tf.T5EncoderModel(tf.T5Config(
+            vocab_size=vocab, d_model=cfg.hidden, d_kv=cfg.hidden // cfg.heads, d_ff=cfg.intermediate,
+            num_layers=cfg.layers, num_heads=cfg.heads, feed_forward_proj="gated-gelu", pad_token_id=0,
+            eos_token_id=3, decoder_start_token_id=0, **labels))
+    else:
+        from coformer.runtime.errors import CoFormerError
+
+        raise CoFormerError(f"text quickstart family {cfg.family!r} is not one of {FAMILIES}")
     teacher = wrap_hf(hf, "quickstart", max_length=cfg.max_length, tokenizer=tok)
     data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
                         labels=SENTIMENT_LABELS)
     train_classifier(teacher, data.train.x, data.train.y, cfg.teacher_epochs, lr=cfg.teacher_lr, seed=cfg.seed,
-                     progress=progress, desc="train BERT teacher")
+                     progress=progress, desc=f"train {cfg.family} teacher")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -88,13 +109,13 @@ def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool 
 
 def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, report_json: Optional[Path] = None,
                         throttle: str = "auto", progress: bool = True,
-                        config: Optional[TextQuickstartConfig] = None) -> dict[str, Any]:
+                        config: Optional[TextQuickstartConfig] = None, family: str = "bert") -> dict[str, Any]:
     import torch
 
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
     from coformer.compiler.bundle import check_target
-    from coformer.compiler.hf import encoder_for, load_hf
+    from coformer.compiler.hf import encoder_for, fit_head, load_hf
     from coformer.compiler.pipeline import compile_bundle, run_batched
     from coformer.runtime.text import TextEncoder
     from coformer.tools.cli import memory_report
@@ -103,18 +124,19 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.compiler.pipeline import lower_submodel
     from coformer.tools.quickstart import _say, make_devices, time_teacher
 
-    cfg = config or (FAST_TEXT if fast else TextQuickstartConfig())
+    cfg = config or dataclasses.replace(FAST_TEXT if fast else TextQuickstartConfig(), family=family)
     out_dir = Path(out_dir or "coformer-quickstart-text").resolve()
     check_target(out_dir / "bundle")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     _say(f"quickstart (text): writing to {out_dir}")
-    _say(f"teacher: training BERT d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on {cfg.examples} "
-         "synthetic reviews (saved as a HuggingFace checkpoint)")
+    _say(f"teacher: training {cfg.family} d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on "
+         f"{cfg.examples} synthetic reviews (saved as a HuggingFace checkpoint)")
     ckpt = train_text_teacher(cfg, out_dir / "teacher-hf", progress)
     teacher = load_hf(ckpt, max_length=cfg.max_length)
     data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
                         labels=SENTIMENT_LABELS)
+    task_head = fit_head(teacher, data)
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
 
@@ -159,6 +181,8 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     lat, t_lat = summarise(rtts), summarise(timed["latency_ms"])
     report = {
         "task": "text",
+        "family": cfg.family,
+        "task_head": task_head,
         "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
         "speedup": t_lat["median"] / lat["median"],
         "teacher_accuracy": float((teacher_pred == y).mean()),
@@ -190,7 +214,7 @@ def format_text_report(r: dict[str, Any]) -> str:
     c = r["quickstart_config"]
     lines = [
         "",
-        f"CoFormer quickstart (text): BERT (d={c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
+        f"CoFormer quickstart (text): {c['family']} (d={c['hidden']}, {c['layers']} layers, {c['heads']} heads, "
         f"{r['teacher']['flops'] / 1e6:.1f} MFLOPs at {c['max_length']} tokens) on synthetic reviews, "
         f"{r['test_samples']} test sentences",
         "",

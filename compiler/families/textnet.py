@@ -472,11 +472,14 @@ class TextAdapter:
         return (len(FIELDS[self.name]), int(model.max_length))
 
     def full_net(self, model: TextTeacher) -> TextNet:
+        """The teacher as a TextNet (what every sub-model is sliced from). Converted once and
+        reused while the teacher's weights are unchanged (in-place updates bump their versions)."""
+        version = sum(p._version for p in model.hf.parameters())
         cached = getattr(model, "_coformer_full_net", None)
-        if cached is None:
-            cached = load_state(TextNet(self.net_config(model)), self.net_weights(model))
+        if cached is None or cached[0] != version:
+            cached = (version, load_state(TextNet(self.net_config(model)), self.net_weights(model)))
             object.__setattr__(model, "_coformer_full_net", cached)  # not a submodule: no double parameters
-        return cached
+        return cached[1]
 
     def read_shape(self, model: TextTeacher) -> TransformerShape:
         return read_shape(self.full_net(model), model.num_labels, int(getattr(model, "max_length", 128)))

@@ -142,3 +142,15 @@ def test_text_costs_count_embeddings_and_gated_mlps(tokenizer):
         # the analytic count is the sliceable network's parameters (T5: its small bias table aside)
         exact = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("rel."))
         assert c.params == exact, kind
+
+
+def test_slices_follow_the_teacher_after_it_is_trained_further(tokenizer):
+    teacher, x = teacher_and_tokens("bert", tokenizer)
+    adapter = adapter_for(teacher)
+    full = SubModelSpec.full(adapter.read_shape(teacher))
+    before = adapter.slice(teacher, full)
+    with torch.no_grad():
+        teacher.hf.bert.encoder.layer[1].output.dense.weight.mul_(1.5)  # as an optimiser step would, in place
+        after = adapter.slice(teacher, full)
+        assert torch.allclose(after(x), teacher.features(x), atol=2e-5)
+        assert not torch.allclose(before(x), after(x), atol=1e-4)
