@@ -25,6 +25,19 @@ class Importance:
     neurons: tuple[tuple[float, ...], ...]
     method: str = "magnitude"
 
+    @classmethod
+    def from_sums(cls, layers, channels, heads, neurons, tokens: int, method: str = "magnitude") -> "Importance":
+        """Mean scores from sums over ``tokens`` calibration tokens (torch tensors); channel sums are
+        also summed over the layers, so they are divided by the layer count too."""
+        n = max(int(tokens), 1)
+        return cls(
+            layers=tuple((layers / n).tolist()),
+            channels=tuple((channels / (n * len(layers))).tolist()),
+            heads=tuple(tuple((h / n).tolist()) for h in heads),
+            neurons=tuple(tuple((v / n).tolist()) for v in neurons),
+            method=method,
+        )
+
     def check(self, shape: TransformerShape) -> "Importance":
         if (
             len(self.layers) != shape.num_layers

@@ -442,14 +442,7 @@ def magnitude(net: TextNet, batches: Iterable[torch.Tensor]) -> Importance:
     finally:
         for h in hooks:
             h.remove()
-    n = max(state["tokens"], 1)
-    return Importance(
-        layers=tuple((layers / n).tolist()),
-        channels=tuple((channels / (n * L)).tolist()),
-        heads=tuple(tuple((h / n).tolist()) for h in heads),
-        neurons=tuple(tuple((v / n).tolist()) for v in neurons),
-        method="magnitude",
-    )
+    return Importance.from_sums(layers, channels, heads, neurons, state["tokens"])
 
 
 class TextAdapter:

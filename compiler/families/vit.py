@@ -413,14 +413,7 @@ def _magnitude(model: nn.Module, batches: Iterable[torch.Tensor]) -> Importance:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    n = max(count["tokens"], 1)
-    return Importance(
-        layers=tuple((layers / n).tolist()),
-        channels=tuple((channels / (n * L)).tolist()),
-        heads=tuple(tuple((h / n).tolist()) for h in heads),
-        neurons=tuple(tuple((v / n).tolist()) for v in neurons),
-        method="magnitude",
-    )
+    return Importance.from_sums(layers, channels, heads, neurons, count["tokens"])
 
 
 _SCORERS = {"magnitude": _magnitude}

@@ -154,3 +154,23 @@ def test_slices_follow_the_teacher_after_it_is_trained_further(tokenizer):
         after = adapter.slice(teacher, full)
         assert torch.allclose(after(x), teacher.features(x), atol=2e-5)
         assert not torch.allclose(before(x), after(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5"])
+def test_importance_finds_planted_heads_and_neurons(kind, tokenizer):
+    teacher, x = teacher_and_tokens(kind, tokenizer)
+    adapter = adapter_for(teacher)
+    net = adapter.full_net(teacher)
+    with torch.no_grad():  # plant on the converted network the scores are read from
+        hd = net.cfg["head_dim"]
+        net.blocks[1].attn.o.weight[:, 2 * hd:3 * hd] *= 30.0
+        net.blocks[1].attn.o.weight[:, 0:hd] = 0.0
+        net.blocks[2].fc2.weight[:, 7] *= 50.0
+        net.blocks[2].fc2.weight[:, 3] = 0.0
+    imp = adapter.importance(teacher, [x])
+    assert max(range(4), key=lambda h: imp.heads[1][h]) == 2
+    assert min(range(4), key=lambda h: imp.heads[1][h]) == 0
+    assert max(range(len(imp.neurons[2])), key=lambda i: imp.neurons[2][i]) == 7
+    assert imp.neurons[2][3] == 0.0
+    with pytest.raises(CoFormerError, match="importance method 'taylor' is not available"):
+        adapter.importance(teacher, [x], "taylor")
