@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "session; an entry's latency is the median of the round medians")
     p.add_argument("--gap", type=float, default=2.0, help="ms idle between the extra runs that measure how much "
                    "slower a served (idling) device is than back-to-back timing (0: skip)")
+    p.add_argument("--extra-rounds", type=int, default=3,
+                   help="time an entry again, up to this many more rounds, while its round medians disagree")
+    p.add_argument("--tolerance", type=float, default=0.10,
+                   help="round medians further apart than this fraction count as disagreeing")
     p.add_argument("--trtexec", action="append", default=[], metavar="ID=TIMES.json",
                    help="use trtexec --exportTimes output for kit entry ID instead of timing it here")
     p.add_argument("--no-progress", action="store_true")
@@ -179,8 +183,15 @@ def run(args: argparse.Namespace) -> int:
             trt[int(key)] = Path(path)
         prof = profile_kit(args.kit, args.device, args.backend, args.threads or 1, _limits(args), args.warmup,
                            args.iterations, args.duration, args.idle_time, trt, args.rounds, args.gap,
-                           10 if args.gap > 0 else 0, progress=not args.no_progress, out=args.out)
-        print(f"{args.out}: {len(prof['entries'])} kit entries timed on {args.device}")
+                           10 if args.gap > 0 else 0, progress=not args.no_progress, out=args.out,
+                           extra_rounds=args.extra_rounds, tolerance=args.tolerance)
+        st = prof["stability"]
+        print(f"{args.out}: {len(prof['entries'])} kit entries timed on {args.device}; a majority of rounds "
+              f"within {st['tolerance']:.0%} of each entry's median: {st['within_tolerance_before']:.0%} of "
+              f"entries, {st['within_tolerance']:.0%} after timing {st['entries_retimed']} again")
+        if st["within_tolerance"] < 0.5:
+            print("warning: most entries still disagree between rounds; something else is loading this machine? "
+                  "A predictor fitted on this profile will be poor: profile again when it is quiet", file=sys.stderr)
     elif args.command == "benchmark":
         from coformer.runtime._files import atomic_write_json
         from coformer.runtime.timing import benchmark_engine

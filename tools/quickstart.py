@@ -281,6 +281,7 @@ def run_quickstart(
         ],
         "search": search,
         "predictor": fits,
+        "profile_stability": {name: prof.get("stability") for name, prof in profiles.items()},
         "predicted_latency_ms": predicted,
         "predicted_latency_terms_ms": {"T_eq3": bo["predicted_latency_ms"], "intercept": calibration["intercept_ms"],
                                        "slope": calibration["slope"]},

@@ -25,7 +25,7 @@ def test_profile_times_every_entry_in_rounds_and_merges_trtexec(kit, tmp_path):
                                  for i in range(3)]))
     out = tmp_path / "device.json"
     prof = profile_kit(kit, "dev", warmup_ms=5, iterations=5, duration_s=0.02, rounds=2, trtexec={2: times},
-                       progress=False, out=out)
+                       progress=False, out=out, extra_rounds=0)
     assert json.loads(out.read_text()) == prof
     assert [e["id"] for e in prof["entries"]] == [0, 1, 2] and prof["rounds"] == 2
     small, big, imported = prof["entries"]
@@ -47,3 +47,22 @@ def test_profile_refuses_unknown_trtexec_ids_and_bad_rounds(kit, tmp_path):
         profile_kit(kit, rounds=0, progress=False)
     with pytest.raises(CoFormerError, match="not a profile kit"):
         profile_kit(tmp_path, progress=False)
+
+
+def test_entries_whose_rounds_disagree_are_timed_again(kit, tmp_path):
+    """With a zero tolerance no majority of round medians agrees, so every entry gets the extra rounds; with a
+    generous one none does. Real timings either way; the latency stays the median of the round medians."""
+    from coformer.compiler.predictor import entry_latency_ms
+
+    strict = profile_kit(kit, "dev", warmup_ms=5, iterations=5, duration_s=0.02, rounds=2, gap_iterations=0,
+                         progress=False, extra_rounds=2, tolerance=0.0)
+    assert all(len(e["round_medians_ms"]) == 4 for e in strict["entries"])
+    st = strict["stability"]
+    assert st["extra_rounds"] == 2 and st["entries_retimed"] == 3 and st["within_tolerance_before"] <= 1.0
+    for e in strict["entries"]:
+        assert entry_latency_ms(e) == pytest.approx(np.median(e["round_medians_ms"]))
+    lax = profile_kit(kit, "dev", warmup_ms=5, iterations=5, duration_s=0.02, rounds=2, gap_iterations=0,
+                      progress=False, extra_rounds=2, tolerance=100.0)
+    assert all(len(e["round_medians_ms"]) == 2 for e in lax["entries"])
+    assert lax["stability"] == {"tolerance": 100.0, "within_tolerance_before": 1.0, "within_tolerance": 1.0,
+                                "extra_rounds": 0, "entries_retimed": 0}
