@@ -254,7 +254,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.measure:
         import tempfile
 
-        from coformer.tools.measure import measure_served, predict_served, served_calibration
+        from coformer.tools.measure import measure_runtime_overhead, measure_served
 
         served = measure_served(args.out, data.test.x.numpy())
         report["measured_latency_ms"] = served["latency_ms"]["median"]
@@ -263,14 +263,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         report["served_breakdown_ms_median"] = served["breakdown_ms_median"]
         if "search" in report:
             # Served here, every device is emulated on this machine and its link is loopback: the
-            # comparable prediction drops eq. 3's link terms (t2) and maps T to this machine's served
-            # round trip (two probe bundles on the same placements; see served_calibration).
+            # comparable prediction drops eq. 3's link terms (t2) and adds the runtime's own
+            # per-request cost, measured with a probe bundle on the same placements.
             with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as tmp:
-                best = report["search"][method]
-                calibration = served_calibration(teacher, devices, predictors, data, Path(tmp), links=False)
-            report["served_calibration"] = calibration
-            report["predicted_latency_local_ms"] = predict_served(calibration, best["t1_ms"], best["t2_ms"],
-                                                                  best["t3_ms"])
+                overhead = measure_runtime_overhead(teacher, devices, data, Path(tmp))
+            best = report["search"][method]
+            report["runtime_overhead_ms"] = overhead
+            report["predicted_latency_local_ms"] = max(best["t1_ms"]) + best["t3_ms"] + overhead
     print(f"bundle: {args.out} (policy: {result.policy.source})")
     against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
     print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
@@ -291,7 +290,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         line = f"measured latency (served here, devices emulated): {report['measured_latency_ms']:.2f} ms"
         if "predicted_latency_local_ms" in report:
             line += (f"; predicted for this machine {report['predicted_latency_local_ms']:.2f} ms "
-                     f"(loopback links, T calibrated on two probe bundles served here)")
+                     f"(loopback links, runtime {report['runtime_overhead_ms']:.2f} ms)")
         print(line)
     if args.report_json:
         atomic_write_json(args.report_json, report)

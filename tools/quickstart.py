@@ -205,7 +205,7 @@ def run_quickstart(
     from coformer.compiler.pipeline import compile_bundle, search_policy
     from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.measure import measure_served, predict_served, served_calibration
+    from coformer.tools.measure import measure_runtime_overhead, measure_served
 
     cfg = config or (FAST if fast else QuickstartConfig())
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
@@ -236,8 +236,8 @@ def run_quickstart(
     policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
                                    cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress)
 
-    _say("calibrating how this machine serves, with two probe bundles (uniform policies, not the chosen one)")
-    calibration = served_calibration(teacher, devices, predictors, data, out_dir, throttle)
+    _say("measuring the serving runtime's own per-request cost with a probe bundle")
+    overhead = measure_runtime_overhead(teacher, devices, data, out_dir, throttle)
 
     _say("compile: decompose -> calibrate -> ONNX -> bundle")
     result = compile_bundle(
@@ -262,8 +262,7 @@ def run_quickstart(
     served = measure_served(out_dir / "bundle", x_test, cfg.warmup_requests, throttle, out_dir / "logs")
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
-    bo = search["bo"]
-    predicted = predict_served(calibration, bo["t1_ms"], bo["t2_ms"], bo["t3_ms"])
+    predicted = search["bo"]["predicted_latency_ms"] + overhead
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
@@ -283,9 +282,7 @@ def run_quickstart(
         "predictor": fits,
         "profile_stability": {name: prof.get("stability") for name, prof in profiles.items()},
         "predicted_latency_ms": predicted,
-        "predicted_latency_terms_ms": {"T_eq3": bo["predicted_latency_ms"], "intercept": calibration["intercept_ms"],
-                                       "slope": calibration["slope"]},
-        "served_calibration": calibration,
+        "predicted_latency_terms_ms": {"T_eq3": search["bo"]["predicted_latency_ms"], "runtime_overhead": overhead},
         "measured_latency_ms": c_lat["median"],
         "breakdown_ms_median": served["breakdown_ms_median"],
         "pytorch_accuracy": result.accuracy,
@@ -339,9 +336,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines += [
             f"search, best objective (L_val + delta*T, {s['evaluations']} evaluations): "
             + ", ".join(f"{m} {s[m]['best_objective']:.3f}" for m in ("bo", "random", "uniform") if m in s),
-            f"latency predicted {r['predicted_latency_ms']:.2f} ms ({pt['intercept']:.2f} + {pt['slope']:.2f} x eq. 3's "
-            f"T {pt['T_eq3']:.2f}, the line through two probe bundles served here), measured "
-            f"{r['measured_latency_ms']:.2f} ms ({100 * (r['predicted_latency_ms'] / r['measured_latency_ms'] - 1):+.0f}%)",
+            f"latency predicted {r['predicted_latency_ms']:.2f} ms (T {pt['T_eq3']:.2f} + runtime "
+            f"{pt['runtime_overhead']:.2f}), measured {r['measured_latency_ms']:.2f} ms",
             "predictor, held-out kit entries within 10%: "
             + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items()),
         ]

@@ -50,11 +50,6 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
     for fit in r["predictor"].values():
         assert {"within_10pct", "within_5pct", "mape", "rmse_ms", "n_train", "n_test"} <= set(fit)
     assert r["predicted_latency_ms"] > 0 and r["measured_latency_ms"] == r["collaborative_latency_ms"]["median"]
-    # the prediction is the line through two probe bundles served here, at the chosen policy's T
-    cal, bo = r["served_calibration"], r["search"]["bo"]
-    assert set(cal["probes"]) == {"tiny", "mid"} and cal["slope"] >= 0
-    assert cal["probes"]["tiny"]["T_ms"] < cal["probes"]["mid"]["T_ms"]
-    assert r["predicted_latency_ms"] == pytest.approx(cal["intercept_ms"] + cal["slope"] * bo["predicted_latency_ms"])
     assert not (tmp_path / "qs" / "kit" / "models").exists()  # the kit's ONNX files are removed
     # the teacher is cached: a second run does not train it again
     again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",
