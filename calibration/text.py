@@ -61,7 +61,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     records: list[dict[str, Any]] = []
     if suffix == ".txt":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 records.append({"text": (line.strip(),), "label": None})
     elif suffix == ".tsv":

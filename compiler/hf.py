@@ -18,8 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from coformer.compiler.families import hf_adapter_for
-from coformer.compiler.families.textnet import FIELDS, TextTeacher
+from coformer.compiler.families import hf_adapter_for, supported_architectures
+from coformer.compiler.families.textnet import TextTeacher
 from coformer.runtime.errors import CoFormerError
 
 # model_type -> the class used when config.json names no architecture
@@ -67,7 +67,7 @@ def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
     except json.JSONDecodeError as e:
         raise CoFormerError(f"{cfg_file} is not valid JSON: {e}") from None
     arch = (cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")])[0]
-    supported = sorted({a for name in FIELDS for a in _adapter(name).architectures})
+    supported = supported_architectures()
     if arch not in supported:
         raise CoFormerError(f"hf:{path}: architecture {arch or cfg.get('model_type')!r} is not supported; "
                             f"supported: {supported}")
@@ -78,12 +78,6 @@ def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
         raise CoFormerError(f"hf:{path}: transformers cannot load the checkpoint: {str(e)[:400]}") from None
     return wrap_hf(hf, f"hf:{path}", max_length=min(max_length, _max_positions(hf) or max_length),
                    tokenizer=_tokenizer_json(path))
-
-
-def _adapter(family: str):
-    from coformer.compiler.families import get_adapter
-
-    return get_adapter(family)
 
 
 def _tokenizer_json(path: Path) -> Path:

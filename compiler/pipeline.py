@@ -150,6 +150,23 @@ def compile_bundle(
     return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report)
 
 
+def memory_report(result, devices) -> dict:
+    """Parameter and peak memory (phi of C6) of the teacher and of each sub-model, against each budget."""
+    budgets = {d.name: d.memory_bytes for d in devices}
+    t = result.teacher_cost
+    subs = [{"device": name, "param_bytes": c.param_bytes, "memory_bytes": c.memory_bytes,
+             "budget_bytes": budgets[name], "param_fraction": c.param_bytes / t.param_bytes}
+            for name, c in zip(result.policy.devices, result.costs)]
+    largest = max(subs, key=lambda s: s["param_bytes"])
+    return {
+        "teacher_param_bytes": t.param_bytes, "teacher_memory_bytes": t.memory_bytes,
+        "teacher_exceeds": [n for n, b in budgets.items() if t.memory_bytes > b],
+        "submodels": subs, "largest_param_bytes": largest["param_bytes"],
+        "largest_param_fraction": largest["param_fraction"],
+        "flops_fraction_total": sum(c.flops for c in result.costs) / t.flops,
+    }
+
+
 def parity_lengths(x: torch.Tensor) -> list[int]:
     """Three sequence lengths to check a text model's ONNX at: short, middle and the longest."""
     T = int(x.shape[-1])

@@ -206,7 +206,7 @@ def _load_data(args: argparse.Namespace, teacher):
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.devices import load_devices
-    from coformer.compiler.pipeline import compile_bundle, search_policy
+    from coformer.compiler.pipeline import compile_bundle, memory_report, search_policy
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
     from coformer.runtime._files import atomic_write_json
@@ -295,23 +295,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.report_json:
         atomic_write_json(args.report_json, report)
     return 0
-
-
-def memory_report(result, devices) -> dict:
-    """Parameter and peak memory (phi of C6) of the teacher and of each sub-model, against each budget."""
-    budgets = {d.name: d.memory_bytes for d in devices}
-    t = result.teacher_cost
-    subs = [{"device": name, "param_bytes": c.param_bytes, "memory_bytes": c.memory_bytes,
-             "budget_bytes": budgets[name], "param_fraction": c.param_bytes / t.param_bytes}
-            for name, c in zip(result.policy.devices, result.costs)]
-    largest = max(subs, key=lambda s: s["param_bytes"])
-    return {
-        "teacher_param_bytes": t.param_bytes, "teacher_memory_bytes": t.memory_bytes,
-        "teacher_exceeds": [n for n, b in budgets.items() if t.memory_bytes > b],
-        "submodels": subs, "largest_param_bytes": largest["param_bytes"],
-        "largest_param_fraction": largest["param_fraction"],
-        "flops_fraction_total": sum(c.flops for c in result.costs) / t.flops,
-    }
 
 
 def cmd_profile_kit(args: argparse.Namespace) -> int:

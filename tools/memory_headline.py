@@ -44,9 +44,7 @@ def run(layers: int = 24, width: int = 640, heads: int = 10, vocab: int = 50257,
 
     from coformer.compiler.cost import submodel_cost, teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.hf import wrap_hf
-    from coformer.compiler.pipeline import lower_submodel
     from coformer.compiler.policy import heuristic_policy
     from coformer.compiler.specs import DeviceSpec
 
@@ -81,12 +79,14 @@ def run(layers: int = 24, width: int = 640, heads: int = 10, vocab: int = 50257,
     }
     if use_testbed:
         report["testbed"] = _testbed_story(teacher, adapter, policy.submodels[largest], x[:2], out_dir,
-                                           device_mib, PartsModule, lower_submodel)
+                                           device_mib)
     (out_dir / "memory.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib, PartsModule, lower_submodel) -> dict:
+def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib) -> dict:
+    from coformer.compiler.families.textnet import PartsModule
+    from coformer.compiler.pipeline import lower_submodel
     from coformer.compiler.specs import DeviceSpec
     from coformer.runtime.errors import CoFormerError
     from coformer.tools import testbed as tb

@@ -115,10 +115,11 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
     from coformer.compiler.bundle import check_target
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
     from coformer.compiler.hf import encoder_for, fit_head, load_hf
-    from coformer.compiler.pipeline import compile_bundle, run_batched
+    from coformer.compiler.pipeline import compile_bundle, memory_report, run_batched
     from coformer.runtime.text import TextEncoder
-    from coformer.tools.cli import memory_report
     from coformer.tools.cluster import LocalCluster
     from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.pipeline import lower_submodel
@@ -137,9 +138,6 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
                         labels=SENTIMENT_LABELS)
     task_head = fit_head(teacher, data)
-    from coformer.compiler.cost import teacher_cost
-    from coformer.compiler.families import adapter_for
-
     t_cost = teacher_cost(adapter_for(teacher).read_shape(teacher))
     devices = make_devices(cfg, t_cost.flops)
     _say("compile: decompose -> calibrate -> ONNX -> bundle (heuristic policy)")

@@ -48,11 +48,17 @@ def get_adapter(name: str):
     return _REGISTRY[name]
 
 
+def supported_architectures() -> list[str]:
+    """Every HuggingFace architecture a language-family adapter takes."""
+    _load_all()
+    return sorted(a for ad in _REGISTRY.values() for a in getattr(ad, "architectures", ()))
+
+
 def hf_adapter_for(hf: Any):
     """The language-family adapter for a HuggingFace model, or an error listing the supported architectures."""
     _load_all()
     for adapter in _REGISTRY.values():
         if getattr(adapter, "matches_hf", None) and adapter.matches_hf(hf):
             return adapter
-    supported = sorted(a for ad in _REGISTRY.values() for a in getattr(ad, "architectures", ()))
-    raise CoFormerError(f"HF architecture {type(hf).__name__} is not supported; supported: {supported}")
+    raise CoFormerError(f"HF architecture {type(hf).__name__} is not supported; "
+                        f"supported: {supported_architectures()}")

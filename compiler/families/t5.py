@@ -72,12 +72,6 @@ class T5Adapter(TextAdapter):
             w[p + "fc2.weight"] = dense.wo.weight
         return w
 
-    def full_net(self, model: TextTeacher):
-        net = super().full_net(model)
-        for blk in net.blocks:  # every teacher layer reads all heads of the shared table
-            blk.bias_cols.copy_(torch.arange(len(blk.bias_cols)))
-        return net
-
     def teacher_features(self, model: TextTeacher, tokens: torch.Tensor) -> torch.Tensor:
         ids, mask = tokens.unbind(1)
         out = _encoder(model)(input_ids=ids, attention_mask=mask)

@@ -110,7 +110,9 @@ class _Block(nn.Module):
         self.fc1g = nn.Linear(d, mlp, bias=cfg["mlp_bias"]) if mlp and cfg["gated"] else None
         self.fc2 = nn.Linear(mlp, d, bias=cfg["mlp_bias"]) if mlp else None
         self.act = _act(cfg["act"])
-        self.register_buffer("bias_cols", torch.zeros(heads, dtype=torch.long), persistent=True)
+        # which columns of the shared relative-bias table (T5) this layer's heads read: in a full
+        # network its own heads 0..h-1; slice_net points a sub-model's layers at their kept heads
+        self.register_buffer("bias_cols", torch.arange(heads, dtype=torch.long), persistent=True)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.fc1(x))
@@ -370,9 +372,6 @@ def _copy_norm(dst: _Norm, src: _Norm, K: torch.Tensor) -> None:
 
 def sliced_head(head: nn.Module, index: Sequence[int]) -> nn.Module:
     """The teacher's task head restricted to the feature entries ``index`` (for calibration)."""
-    import copy
-
-    head = copy.deepcopy(head)
     lin = _last_linear(head)
     if lin is not head:
         raise CoFormerError("a multi-layer task head cannot be sliced; use a linear head")

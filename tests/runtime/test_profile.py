@@ -58,7 +58,7 @@ def test_entries_whose_rounds_disagree_are_timed_again(kit, tmp_path):
                          progress=False, extra_rounds=2, tolerance=0.0)
     assert all(len(e["round_medians_ms"]) == 4 for e in strict["entries"])
     st = strict["stability"]
-    assert st["extra_rounds"] == 2 and st["entries_retimed"] == 3 and st["within_tolerance_before"] <= 1.0
+    assert st["extra_rounds"] == 2 and st["entries_retimed"] == 3
     for e in strict["entries"]:
         assert entry_latency_ms(e) == pytest.approx(np.median(e["round_medians_ms"]))
     lax = profile_kit(kit, "dev", warmup_ms=5, iterations=5, duration_s=0.02, rounds=2, gap_iterations=0,
