@@ -18,6 +18,17 @@ Two models, chosen per device by 5-fold cross-validation on the profile:
   (non-negative least squares on relative error); P_c is chosen among the
   midpoints between the profile's own sizes (or none).
 
+Served, a device idles between requests and the first run after an idle is
+slower than back to back. The profiler measures that per kit entry
+(``gap_ratio``); the slow-down is mostly a fixed cost (caches refilled, a vCPU
+woken), so it is large for small sub-models and vanishes for large ones
+(here 1.3-2.5x below 1 ms, 0.9-1.15x above 5 ms, a median of 1.08 over a
+quickstart kit). :meth:`LatencyPredictor.served_factor_at` therefore takes the
+median ratio of the ``SERVED_NEIGHBOURS`` entries nearest in (log)
+back-to-back latency, not one factor for every size: on the quickstart's chosen
+sub-models (0.4-0.9 ms) the single median under-predicted served compute by
+1.3-2.4x.
+
 A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
 numpy alone.
 """
@@ -37,6 +48,7 @@ from coformer.runtime.errors import CoFormerError
 
 KINDS = ("mlp", "analytic")
 PREDICTOR_VERSION = 2  # 2: the analytic model's step at the cache cliff
+SERVED_NEIGHBOURS = 7  # entries of about the same latency whose gap ratios give a served factor
 
 
 def _paper_features(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -79,8 +91,25 @@ class LatencyPredictor:
     @property
     def served_factor(self) -> float:
         """How much slower the device is when served (idling between requests) than when
-        timed back to back; measured by the profiler, 1.0 if unknown."""
+        timed back to back, over the whole profile (median); 1.0 if unknown."""
         return float(self.params.get("served_factor", 1.0))
+
+    def served_factor_at(self, latency_ms: float) -> float:
+        """The served slow-down of a sub-model that takes ``latency_ms`` back to back: the
+        median gap ratio of the profile entries nearest in log latency (see the module doc);
+        the profile-wide factor where the predictor carries no per-entry ratios."""
+        points = self.params.get("served_points")
+        if not points:
+            return self.served_factor
+        lat = np.log(np.asarray([p[0] for p in points]))
+        ratio = np.asarray([p[1] for p in points])
+        near = np.argsort(np.abs(lat - math.log(max(latency_ms, 1e-6))), kind="stable")[:SERVED_NEIGHBOURS]
+        return float(np.median(ratio[near]))
+
+    def predict_served(self, config: Sequence[float], flops: int, params: int) -> float:
+        """Latency (ms) when served: the back-to-back prediction times its served factor."""
+        t = self.predict_one(config, flops, params)
+        return t * self.served_factor_at(t)
 
     def to_dict(self) -> dict[str, Any]:
         p = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.params.items()}
@@ -214,6 +243,8 @@ def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: 
     predictor = _fit(chosen, train, seed)
     predictor.device = str(profile.get("device", ""))
     predictor.params["served_factor"] = float(profile.get("served_factor", 1.0))
+    predictor.params["served_points"] = [[entry_latency_ms(e), float(e["gap_ratio"])]
+                                         for e in profile["entries"] if "gap_ratio" in e]
     actual = np.asarray([r["latency_ms"] for r in test])
     report = {**accuracy_report(predictor.predict(test), actual), "n_train": len(train), "n_test": len(test),
               "chosen": chosen, "cv_mape": cv}

@@ -151,9 +151,10 @@ class Decoder:
 class LatencyModel:
     """T(C) of eq. 3 from per-device predictors, link rates and the central node's speed.
 
-    t1_n is the predictor's back-to-back latency times its ``served_factor``
-    (the device's measured slow-down when idling between requests, see
-    ``coformer.runtime.profile``), so T is a served latency, not a benchmark's.
+    t1_n is the predictor's back-to-back latency times the served factor of a
+    sub-model of that latency (the device's measured slow-down when idling
+    between requests, see ``coformer.compiler.predictor``), so T is a served
+    latency, not a benchmark's.
     """
 
     def __init__(self, shape: TransformerShape, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
@@ -167,7 +168,7 @@ class LatencyModel:
         for n, (spec, dev, pred) in enumerate(zip(policy.submodels, self.devices, self.predictors)):
             c = self.cost(spec, self.shape)
             config = [spec.num_layers, spec.embed_dim, float(np.mean(spec.head_counts)), float(np.mean(spec.mlp_dims))]
-            t1.append(pred.predict_one(config, c.flops, c.params) * getattr(pred, "served_factor", 1.0))
+            t1.append(pred.predict_served(config, c.flops, c.params))
             nbytes = 0 if n == 0 else 4 * self.feature_dim(spec) + HEADER_BYTES
             t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
         d_agg = sum(self.feature_dim(s) for s in policy.submodels)

@@ -9,8 +9,9 @@ Measured here, on a 2-core VM: timing each entry once, two profiles of the same
 (with a 2 ms idle before each run), because some sessions land in a slow state
 for their whole life (one entry: 18.7 ms in one run, 10.5 ms in the next, each
 run tight around its own value) and because the machine drifts. So the kit is
-timed in ``rounds``: every round opens a fresh session for every entry, in kit
-order, and an entry's latency is the median of its round medians
+timed in ``rounds``: every round opens a fresh session for every entry (the
+first round in kit order, later ones shuffled), and an entry's latency is the
+median of its round medians
 (``round_medians_ms``), robust to one bad session and to drift that hits one
 round. ``latency_ms`` keeps the statistics of all samples pooled.
 
@@ -19,11 +20,13 @@ first run after an idle is slower (here 1.1-1.25x, sometimes 1.7x: caches and a
 descheduled vCPU). Timing with a gap is too noisy to fit on (run to run, 63%
 of entries within 10%), so every entry is also run ``gap_iterations`` times
 with ``gap_ms`` of idle before each (in the first round), and the profile
-records the median over entries of (gapped median / back-to-back median) as
-``served_factor``: the latency model multiplies a predicted back-to-back
-latency by it. A device emulated by a duty cycle is timed the same way: back
-to back, each run charged its device time (CPU time / share) without the
-emulation's pauses, which would make every run start cold (rounds 23% apart at
+records each entry's ratio (gapped median / back-to-back median) as
+``gap_ratio`` and their median as ``served_factor``. The slow-down is mostly
+a fixed cost, large for small sub-models and lost in large ones, so the
+latency predictor multiplies a predicted back-to-back latency by the ratios
+of entries of about the same latency (``coformer.compiler.predictor``). A
+device emulated by a duty cycle is timed the same way: back to back, each run
+charged its device time (CPU time / share) without the emulation's pauses, which would make every run start cold (rounds 23% apart at
 share 0.6); its gapped runs do pause, as it will when served.
 
 A profile taken while something else loads the machine is wrong, and every
@@ -112,8 +115,11 @@ def profile_kit(
     gap_ratios: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
     bar = tqdm(total=len(timed) * rounds, desc=f"profile {device}", disable=not progress)
+    order = np.random.default_rng(0)
     for r in range(rounds):
-        for e in timed:
+        # each round in its own order, so that a disturbance that comes back every round at the
+        # same point of it does not land on the same entries every time
+        for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
                                       duration_s / rounds, threads, limits=limits, idle_ms=idle_ms,
                                       keep_samples=True, duty_pauses=False)

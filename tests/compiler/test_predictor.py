@@ -54,3 +54,26 @@ def test_analytic_predictor_finds_a_planted_cache_cliff():
     pred, report = fit_predictor(profile, kinds=["analytic"])
     assert report["within_10pct"] >= 0.9, report
     assert 10.0 < pred.params["cache_mparams"] < 30.0
+
+
+def test_served_factor_follows_the_size_of_the_sub_model(tmp_path):
+    # Planted: after an idle gap every run pays 0.5 ms more (caches refilled), so small
+    # sub-models slow down by far more than large ones; one profile-wide factor fits neither.
+    profile = _profile(40, seed=4)
+    for e in profile["entries"]:
+        e["gap_ratio"] = 1 + 0.5 / e["latency_ms"]["median"]
+    profile["served_factor"] = float(np.median([e["gap_ratio"] for e in profile["entries"]]))
+    pred, _ = fit_predictor(profile, kinds=["analytic"])
+    lat = sorted(e["latency_ms"]["median"] for e in profile["entries"])
+    small, large = lat[2], lat[-3]
+    assert pred.served_factor_at(small) == pytest.approx(1 + 0.5 / small, rel=0.25)
+    assert pred.served_factor_at(large) == pytest.approx(1 + 0.5 / large, rel=0.05)
+    assert pred.served_factor_at(small) > pred.served_factor > pred.served_factor_at(large)
+    row = next(e for e in profile["entries"] if e["latency_ms"]["median"] == small)
+    t = pred.predict_one(row["config"], row["flops"], row["params"])
+    assert pred.predict_served(row["config"], row["flops"], row["params"]) == pytest.approx(t + 0.5, rel=0.2)
+    pred.save(tmp_path / "p.json")
+    assert LatencyPredictor.load(tmp_path / "p.json").served_factor_at(small) == pred.served_factor_at(small)
+    # a predictor fitted on a profile without per-entry ratios keeps the profile-wide factor
+    bare = LatencyPredictor(pred.kind, {k: v for k, v in pred.params.items() if k != "served_points"})
+    assert bare.served_factor_at(small) == bare.served_factor_at(large) == pred.served_factor
