@@ -113,6 +113,7 @@ class CentralNode:
             poller.register(self.front, zmq.POLLIN)
             poller.register(self.back, zmq.POLLIN)
             while not stop.is_set():
+                throttle.waiting()
                 events = dict(poller.poll(POLL_MS))
                 if self.back in events:
                     self._on_back(self.back.recv_multipart(), pending=None)
@@ -195,6 +196,7 @@ class CentralNode:
                 "total": (t_end - t0) * 1e3,
                 "workers_compute": acct.workers_compute,
                 "workers_service": acct.workers_service,
+                "workers_queued": acct.workers_queued,
                 "dispatch": acct.dispatch_ms,
                 "central_own": acct.own_ms,
                 # the critical path, in the terms of the paper's Fig. 3/4
@@ -207,8 +209,10 @@ class CentralNode:
     def _run_own(self, name: str, x: np.ndarray, acct: "_Account") -> np.ndarray:
         """One of the central node's models on ``x``, held to its device's share."""
         engine = self._own[name]
+        queued = self._throttle.queued_s()
         out = next(iter(engine.infer(model_feeds(engine, x, self.manifest.input.preprocessing)).values()))
-        idle = self._throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
+        idle = self._throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
+        self._throttle.waiting()  # a baseline's next model on this device starts its own clock
         acct.central_ms += engine.last_compute_ms + idle * 1e3
         return out
 
@@ -279,7 +283,8 @@ class CentralNode:
         t_own = time.perf_counter()
         own_ms = acct.central_ms - own_before
         gathered = self._gather(rid, expected) if expected else {"features": {}, "compute_ms": {},
-                                                                 "service_ms": {}, "arrival": {}, "wire_bytes": 0}
+                                                                 "service_ms": {}, "queued_ms": {}, "arrival": {},
+                                                                 "wire_bytes": 0}
         acct.dispatch_ms += (t_sent - t0) * 1e3
         acct.own_ms += (t_own - t_sent) * 1e3
         acct.wait_ms += (time.perf_counter() - t_own) * 1e3
@@ -298,12 +303,14 @@ class CentralNode:
             acct.workers_compute[k] = acct.workers_compute.get(k, 0.0) + v
         for k, v in gathered["service_ms"].items():
             acct.workers_service[k] = acct.workers_service.get(k, 0.0) + v
+        for k, v in gathered["queued_ms"].items():
+            acct.workers_queued[k] = acct.workers_queued.get(k, 0.0) + v
         return result, gathered["features"]
 
     # -- workers ---------------------------------------------------------
     def _gather(self, rid: int, expected: dict) -> dict:
         pending = {"id": rid, "expected": expected, "features": {}, "compute_ms": {}, "service_ms": {},
-                   "arrival": {}, "wire_bytes": 0, "error": None}
+                   "queued_ms": {}, "arrival": {}, "wire_bytes": 0, "error": None}
         deadline = time.monotonic() + self.timeout_s
         while len(pending["features"]) < len(expected) and pending["error"] is None:
             left_ms = int((deadline - time.monotonic()) * 1e3)
@@ -351,6 +358,7 @@ class CentralNode:
         pending["arrival"][name] = time.perf_counter()
         pending["compute_ms"][name] = float(msg.header.get("compute_ms", 0.0))
         pending["service_ms"][name] = float(msg.header.get("service_ms", 0.0))
+        pending["queued_ms"][name] = float(msg.header.get("queued_ms", 0.0))
         pending["wire_bytes"] += msg.wire_bytes
 
     def _register(self, ident: bytes, msg: protocol.Message) -> None:
@@ -380,6 +388,7 @@ class _Account:
         self.own_in_rounds = self.round_compute = self.round_transfer = 0.0
         self.workers_compute: dict[str, float] = {}
         self.workers_service: dict[str, float] = {}
+        self.workers_queued: dict[str, float] = {}  # waiting for a core shared with another emulated device
 
 
 def run_central(bundle_dir: Path, front: str, back: str, **kwargs) -> None:

@@ -19,6 +19,22 @@ duty cycle 28.2 ms with idle gaps between runs as when serving; CFS quota
 25.2 ms back to back but 36.4 ms with the same idle gaps. A profile taken
 back to back would thus mispredict served latency under a quota by ~40%,
 hence the duty cycle by default; ``cgroup`` stays for throughput studies.
+
+Two emulated devices that share a core queue behind each other: a request
+that reaches one while its neighbour computes waits for the core, which a real
+device of its own would not. A duty-cycled process therefore counts the time
+it spent runnable but not running since it began waiting for the request (the
+kernel's per-thread run delay, ``/proc/thread-self/schedstat``) as time its
+device was already working: the device's time for a request is ``cpu / share``
+from the moment the request could have started (``queued_ms`` in a worker's
+reply). Where the kernel does not keep run delays, nothing is credited.
+Served, the quickstart's two workers on core 1 rarely queue at the start
+(median 0.01 ms: the scheduler runs a freshly woken process at once); they
+queue at the end, when one's pause is over while the other computes, and it
+waits for the core to send its reply (its ``service_ms`` then exceeds its
+``compute_ms`` by 0.5-1.4 ms). No credit can undo a delay that comes after
+the device's time; the latency predicted for this machine counts it instead
+(``coformer.tools.measure.predict_served_here``).
 """
 
 from __future__ import annotations
@@ -73,20 +89,42 @@ class Throttle:
         self.mode = mode
         self.cgroup = cgroup
         self._overshoot_s = 0.0  # how much longer than asked time.sleep() has been taking
+        self._wait_mark: Optional[float] = None
 
-    def after_compute(self, compute_s: float, cpu_s: Optional[float] = None, sleep: bool = True) -> float:
+    @property
+    def _duty(self) -> bool:
+        return self.mode == "duty-cycle" and self.limits.cpu_share < 1.0
+
+    def waiting(self) -> None:
+        """Call when the process starts waiting for a request: run delay from here on is
+        queueing behind a neighbour on the core (see :meth:`queued_s`)."""
+        self._wait_mark = run_delay_s() if self._duty else None
+
+    def queued_s(self) -> float:
+        """Seconds this thread was runnable but kept off its core since :meth:`waiting`
+        (0 when the kernel keeps no run delays, ``waiting`` was not called, or there is
+        no duty cycle to credit it to)."""
+        if self._wait_mark is None:
+            return 0.0
+        now = run_delay_s()
+        return 0.0 if now is None else max(0.0, now - self._wait_mark)
+
+    def after_compute(self, compute_s: float, cpu_s: Optional[float] = None, sleep: bool = True,
+                      queued_s: float = 0.0) -> float:
         """Idle for the duty cycle's off time; returns the off time in seconds.
 
         ``compute_s`` is the wall time the inference took, ``cpu_s`` the CPU
         time it used (default: the wall time). The device's time for it is
-        ``cpu_s / share``; whatever of that has not yet passed is idled.
+        ``cpu_s / share``; whatever of that has not yet passed is idled, where
+        ``queued_s`` (from :meth:`queued_s`) has passed already: the request
+        waited that long for a core a real device would not share.
         ``sleep=False`` returns the off time without idling: the device's time
         for back-to-back work (profiling), without the emulation's own pauses.
         """
-        if self.mode != "duty-cycle" or self.limits.cpu_share >= 1.0:
+        if not self._duty:
             return 0.0
         cpu = compute_s if cpu_s is None else cpu_s
-        off = max(0.0, cpu / self.limits.cpu_share - compute_s)
+        off = max(0.0, cpu / self.limits.cpu_share - compute_s - queued_s)
         if off and sleep:
             # A sub-millisecond sleep overshoots (here by 0.1-0.3 ms: timer slack and a vCPU
             # waking up); ask for less by the running mean overshoot so the pause is what the
@@ -112,6 +150,18 @@ class Throttle:
     def describe(self) -> str:
         cores = list(self.limits.cpu_affinity) if self.limits.cpu_affinity else "any"
         return f"cores {cores}, share {self.limits.cpu_share:.2f} of a core by {self.mode}"
+
+
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+def run_delay_s() -> Optional[float]:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (the second
+    field of Linux's schedstat), or None where the kernel does not report it."""
+    try:
+        return int(_SCHEDSTAT.read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _cgroup_root() -> tuple[Optional[Path], str]:

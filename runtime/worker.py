@@ -140,6 +140,7 @@ def run_worker(
             if time.monotonic() - last_hello >= (KEEPALIVE_S if welcomed else HELLO_INTERVAL_S):
                 sock.send_multipart(hello)
                 last_hello = time.monotonic()
+            throttle.waiting()
             if not sock.poll(POLL_MS):
                 continue
             frames = sock.recv_multipart()
@@ -169,13 +170,15 @@ def run_worker(
                 except protocol.ProtocolError as e:
                     sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
                     continue
+                queued = throttle.queued_s()
                 out = engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
                 features = next(iter(out.values()))
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3)
+                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
                 sock.send_multipart(
                     protocol.encode(
                         "features", msg.id, features, device=device,
                         compute_ms=engine.last_compute_ms + idle * 1e3,
+                        queued_ms=queued * 1e3,  # kept off a core shared with another emulated device
                         # received -> reply ready: decoding, the engine, the duty cycle's
                         # actual (not requested) pause
                         service_ms=(time.perf_counter() - t_recv) * 1e3,

@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 
@@ -50,3 +51,51 @@ def test_cgroup_quota_is_created_and_removed():
     except subprocess.CalledProcessError as e:
         pytest.skip(f"no writable cgroup cpu controller here: {e.stderr.strip()[-200:]}")
     assert "coformer" in out[0] and out[1] == "False"
+
+
+def test_time_queued_behind_a_neighbour_counts_as_device_time():
+    t = Throttle(DeviceLimits(cpu_share=0.25), "duty-cycle")
+    # 4 ms of CPU at a quarter of a core is 16 ms of device time; 5 ms of it were spent
+    # waiting for the core after the request arrived, 4 ms computing: 7 ms are left to idle
+    assert t.after_compute(0.004, cpu_s=0.004, sleep=False, queued_s=0.005) == pytest.approx(0.007)
+    assert t.after_compute(0.004, cpu_s=0.004, sleep=False, queued_s=0.020) == 0.0
+
+
+def test_two_devices_woken_together_on_one_core_report_their_queueing():
+    """Two emulated devices on one core get a request at the same moment (as the central
+    node's two workers do): each waits while the other computes, and says so."""
+    import subprocess
+    import sys
+
+    from coformer.runtime.limits import run_delay_s
+
+    if run_delay_s() is None:
+        pytest.skip("this kernel keeps no per-thread run delay (/proc/thread-self/schedstat)")
+    core = max(os.sched_getaffinity(0))
+    code = ("import sys, time; from coformer.runtime.limits import DeviceLimits, apply_limits\n"
+            f"t = apply_limits(DeviceLimits(cpu_share=0.5, cpu_affinity=({core},), mode='duty-cycle'), 'q')\n"
+            "for _ in range(5):\n"
+            "    t.waiting(); sys.stdin.readline()\n"
+            "    c0 = time.process_time()\n"
+            "    while time.process_time() - c0 < 0.003: pass\n"  # 3 ms of compute
+            "    print(t.queued_s(), flush=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    queued: list[list[float]] = [[], []]
+    try:
+        time.sleep(1.0)  # both started and waiting
+        for _ in range(5):
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            for q, p in zip(queued, procs):
+                q.append(float(p.stdout.readline()))
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # while one computes the other waits: together at least one compute's 3 ms a request (the
+    # scheduler may also slice them, then each waits for the other's 3 ms)
+    total = sorted(a + b for a, b in zip(*queued))[2]
+    assert 1e-3 < total < 0.02, queued
