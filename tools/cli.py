@@ -252,24 +252,36 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   submodel_accuracies=acc["submodel_accuracies"], policy_source=result.policy.source,
                   memory=memory_report(result, devices))
     if args.measure:
+        import shutil
         import tempfile
 
-        from coformer.tools.measure import measure_runtime_overhead, measure_served
+        from coformer.tools.cluster import place_devices
+        from coformer.tools.measure import build_probe_bundle, measure_served, measure_served_with_probe, predict_served_here
 
-        served = measure_served(args.out, data.test.x.numpy())
+        x_test = data.test.x.numpy()
+        if "search" in report:
+            # Served here, every device is emulated on this machine and its link is loopback: the
+            # comparable prediction drops eq. 3's link terms (t2) and adds the runtime's own
+            # per-request cost, measured with a probe bundle served beside the bundle.
+            tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(args.out).resolve().parent))
+            try:
+                probe = build_probe_bundle(teacher, devices, data, tmp)
+                served, probed = measure_served_with_probe(args.out, probe, x_test)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            best = report["search"][method]
+            here = predict_served_here(best["t1_ms"], best["t3_ms"], devices,
+                                       place_devices([(d.name, d.cpu_share) for d in devices]),
+                                       probed["runtime_ms_median"])
+            report["runtime_overhead_ms"] = probed["runtime_ms_median"]
+            report["predicted_latency_local_ms"] = here["predicted_ms"]
+            report["predicted_latency_local_terms_ms"] = here["terms_ms"]
+        else:
+            served = measure_served(args.out, x_test)
         report["measured_latency_ms"] = served["latency_ms"]["median"]
         if data.test.y is not None:
             report["served_accuracy"] = float((served["predictions"] == data.test.y.numpy()).mean())
         report["served_breakdown_ms_median"] = served["breakdown_ms_median"]
-        if "search" in report:
-            # Served here, every device is emulated on this machine and its link is loopback: the
-            # comparable prediction drops eq. 3's link terms (t2) and adds the runtime's own
-            # per-request cost, measured with a probe bundle on the same placements.
-            with tempfile.TemporaryDirectory(dir=Path(args.out).resolve().parent) as tmp:
-                overhead = measure_runtime_overhead(teacher, devices, data, Path(tmp))
-            best = report["search"][method]
-            report["runtime_overhead_ms"] = overhead
-            report["predicted_latency_local_ms"] = max(best["t1_ms"]) + best["t3_ms"] + overhead
     print(f"bundle: {args.out} (policy: {result.policy.source})")
     against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
     print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "

@@ -205,7 +205,7 @@ def run_quickstart(
     from coformer.compiler.pipeline import compile_bundle, search_policy
     from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.measure import measure_runtime_overhead, measure_served
+    from coformer.tools.measure import build_probe_bundle, measure_served_with_probe, predict_served_here
 
     cfg = config or (FAST if fast else QuickstartConfig())
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
@@ -236,8 +236,8 @@ def run_quickstart(
     policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
                                    cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress)
 
-    _say("measuring the serving runtime's own per-request cost with a probe bundle")
-    overhead = measure_runtime_overhead(teacher, devices, data, out_dir, throttle)
+    _say("a probe bundle (the smallest sub-models) to measure the serving runtime's own cost")
+    probe = build_probe_bundle(teacher, devices, data, out_dir)
 
     _say("compile: decompose -> calibrate -> ONNX -> bundle")
     result = compile_bundle(
@@ -258,11 +258,16 @@ def run_quickstart(
     teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
 
     manifest = result.manifest
-    _say("serving: central node + workers as separate processes on loopback")
-    served = measure_served(out_dir / "bundle", x_test, cfg.warmup_requests, throttle, out_dir / "logs")
+    _say("serving: central node + workers as separate processes on loopback (the probe bundle beside it)")
+    served, probed = measure_served_with_probe(out_dir / "bundle", probe, x_test, cfg.warmup_requests, throttle,
+                                               out_dir / "logs")
+    import shutil
+
+    shutil.rmtree(probe, ignore_errors=True)
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
-    predicted = search["bo"]["predicted_latency_ms"] + overhead
+    bo = search["bo"]
+    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, placements, probed["runtime_ms_median"])
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
@@ -281,9 +286,11 @@ def run_quickstart(
         "search": search,
         "predictor": fits,
         "profile_stability": {name: prof.get("stability") for name, prof in profiles.items()},
-        "predicted_latency_ms": predicted,
-        "predicted_latency_terms_ms": {"T_eq3": search["bo"]["predicted_latency_ms"], "runtime_overhead": overhead},
+        "predicted_latency_ms": here["predicted_ms"],
+        "predicted_latency_terms_ms": {"T_eq3": bo["predicted_latency_ms"], **here["terms_ms"]},
         "measured_latency_ms": c_lat["median"],
+        "prediction_error": here["predicted_ms"] / c_lat["median"] - 1,
+        "probe_latency_ms": probed["latency_ms"]["median"],
         "breakdown_ms_median": served["breakdown_ms_median"],
         "pytorch_accuracy": result.accuracy,
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
@@ -336,8 +343,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines += [
             f"search, best objective (L_val + delta*T, {s['evaluations']} evaluations): "
             + ", ".join(f"{m} {s[m]['best_objective']:.3f}" for m in ("bo", "random", "uniform") if m in s),
-            f"latency predicted {r['predicted_latency_ms']:.2f} ms (T {pt['T_eq3']:.2f} + runtime "
-            f"{pt['runtime_overhead']:.2f}), measured {r['measured_latency_ms']:.2f} ms",
+            f"latency predicted {r['predicted_latency_ms']:.2f} ms (slowest device {pt['slowest_device']}; runtime "
+            f"{pt['runtime_overhead']:.2f} ms measured beside it with a probe bundle), measured "
+            f"{r['measured_latency_ms']:.2f} ms ({r['prediction_error'] * 100:+.0f}%)",
             "predictor, held-out kit entries within 10%: "
             + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items()),
         ]

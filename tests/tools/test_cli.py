@@ -146,3 +146,21 @@ def test_compile_searches_with_device_profiles_and_reports_every_method(compiled
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp / "report2.json").read_text())["search"]["bo"]["best_objective"] == search["bo"]["best_objective"]
     assert len((tmp / "searched.search.bo.jsonl").read_text().splitlines()) == 5
+
+
+def test_compile_measure_serves_the_bundle_beside_a_probe_and_predicts_it(compiled):
+    tmp, _ = compiled
+    if not (tmp / "devices-profiled.yaml").is_file():
+        pytest.skip("needs the profiles of test_compile_searches_with_device_profiles_and_reports_every_method")
+    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+                    "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices-profiled.yaml",
+                    "--out", tmp / "measured", "--epochs", "0", "--no-progress", "--initial", "2", "--iterations", "0",
+                    "--measure", "--report-json", tmp / "measured.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp / "measured.json").read_text())
+    terms = r["predicted_latency_local_terms_ms"]
+    assert r["measured_latency_ms"] > 0 and 0 < r["runtime_overhead_ms"] == terms["runtime_overhead"]
+    assert r["predicted_latency_local_ms"] == pytest.approx(
+        terms["runtime_overhead"] + max(t + c for t, c in zip(terms["t1"], terms["colocated"])) + terms["t3"])
+    assert "predicted for this machine" in done.stdout
+    assert not list(tmp.glob("coformer-probe-*"))  # the probe bundle is removed

@@ -50,6 +50,14 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
     for fit in r["predictor"].values():
         assert {"within_10pct", "within_5pct", "mape", "rmse_ms", "n_train", "n_test"} <= set(fit)
     assert r["predicted_latency_ms"] > 0 and r["measured_latency_ms"] == r["collaborative_latency_ms"]["median"]
+    # the prediction: the runtime's own cost, measured with a probe bundle served beside the
+    # bundle, plus the slowest device's compute (with its core-mates' on a shared core)
+    pt = r["predicted_latency_terms_ms"]
+    assert 0 < pt["runtime_overhead"] < r["probe_latency_ms"] and pt["t1"] == r["search"]["bo"]["t1_ms"]
+    assert r["predicted_latency_ms"] == pytest.approx(
+        pt["runtime_overhead"] + max(t + c for t, c in zip(pt["t1"], pt["colocated"])) + pt["t3"])
+    assert r["prediction_error"] == pytest.approx(r["predicted_latency_ms"] / r["measured_latency_ms"] - 1)
+    assert not (tmp_path / "qs" / "probe-bundle").exists()
     assert not (tmp_path / "qs" / "kit" / "models").exists()  # the kit's ONNX files are removed
     # the teacher is cached: a second run does not train it again
     again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",
