@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -135,8 +136,6 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
                     progress: bool) -> dict[str, dict]:
     """Build a profile kit and time it on every emulated device, each in its own process
     under its own limits (as they will serve); the kit's ONNX files are removed after."""
-    import shutil
-
     from coformer.compiler.families import adapter_for
     from coformer.compiler.profile_kit import sample_configs, write_kit
     from coformer.runtime.limits import cores_text
@@ -259,11 +258,11 @@ def run_quickstart(
 
     manifest = result.manifest
     _say("serving: central node + workers as separate processes on loopback (the probe bundle beside it)")
-    served, probed = measure_served_with_probe(out_dir / "bundle", probe, x_test, cfg.warmup_requests, throttle,
-                                               out_dir / "logs")
-    import shutil
-
-    shutil.rmtree(probe, ignore_errors=True)
+    try:
+        served, probed = measure_served_with_probe(out_dir / "bundle", probe, x_test, cfg.warmup_requests, throttle,
+                                                   out_dir / "logs")
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
     bo = search["bo"]
