@@ -10,7 +10,6 @@ of supported ones.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,7 @@ from torch import nn
 
 from coformer.compiler.families import hf_adapter_for, supported_architectures
 from coformer.compiler.families.textnet import TextTeacher
+from coformer.runtime._files import read_json
 from coformer.runtime.errors import CoFormerError
 
 # model_type -> the class used when config.json names no architecture
@@ -59,13 +59,7 @@ def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
 
     transformers.utils.logging.disable_progress_bar()  # CoFormer shows its own progress
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CoFormerError(f"hf:{path} is not a HuggingFace checkpoint directory: no config.json in it")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CoFormerError(f"{cfg_file} is not valid JSON: {e}") from None
+    cfg = read_json(path / "config.json", f"hf:{path} is not a HuggingFace checkpoint directory: no config.json in it")
     arch = (cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")])[0]
     supported = supported_architectures()
     if arch not in supported:

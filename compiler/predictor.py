@@ -43,7 +43,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime._files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 
 KINDS = ("mlp", "analytic")
@@ -263,13 +263,7 @@ def worst_configs(predictor: LatencyPredictor, profile: Mapping[str, Any], count
 
 def predictor_for(path: Path, seed: int = 0) -> tuple[LatencyPredictor, Optional[dict[str, Any]]]:
     """A predictor from a fitted predictor file, or fitted now from a device profile."""
-    path = Path(path)
-    if not path.is_file():
-        raise CoFormerError(f"profile or predictor file {path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CoFormerError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path, f"profile or predictor file {path} does not exist")
     if isinstance(d, dict) and "entries" in d:
         return fit_predictor(d, seed=seed)
     return LatencyPredictor.load(path), None

@@ -8,12 +8,11 @@ a teacher layer), so a spec alone fully determines the slice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime._files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 
 
@@ -265,10 +264,4 @@ class Policy:
 
     @classmethod
     def load(cls, path: Path) -> "Policy":
-        path = Path(path)
-        if not path.is_file():
-            raise CoFormerError(f"policy file {path} does not exist")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise CoFormerError(f"policy file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(read_json(path, f"policy file {path} does not exist"))

@@ -10,6 +10,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from coformer.runtime.errors import CoFormerError
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON in ``path``; :class:`CoFormerError` with ``missing`` when there is no such
+    file, and one naming the file when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoFormerError(missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CoFormerError(f"{path} is not valid JSON: {e}") from None
+
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()

@@ -7,12 +7,11 @@ checks the SHA-256 of every artifact before it loads anything.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from coformer.runtime._files import atomic_write_json, sha256_file
+from coformer.runtime._files import atomic_write_json, read_json, sha256_file
 from coformer.runtime.errors import CoFormerError
 
 SCHEMA_VERSION = 1  # CoFormer bundles
@@ -271,12 +270,7 @@ def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:
     """
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise CoFormerError(f"{bundle_dir} is not a CoFormer bundle: no {MANIFEST_NAME} in it")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CoFormerError(f"{path} is not valid JSON: {e}") from None
+    raw = read_json(path, f"{bundle_dir} is not a CoFormer bundle: no {MANIFEST_NAME} in it")
     if not isinstance(raw, dict):
         raise CoFormerError(f"{path} must hold a JSON object, found {type(raw).__name__}")
     manifest = Manifest.from_dict(raw)

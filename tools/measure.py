@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from coformer.runtime.timing import summarise
-from coformer.tools.cluster import LocalCluster, default_placements
+from coformer.tools.cluster import LocalCluster
 
 
 class _Records:
@@ -57,12 +57,6 @@ class _Records:
         }
 
 
-def _placements(bundle_dir: Path):
-    from coformer.runtime.manifest import load_manifest
-
-    return default_placements(load_manifest(bundle_dir))
-
-
 def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: str = "auto",
                    log_dir: Optional[Path] = None) -> dict[str, Any]:
     """Serve ``bundle_dir`` on this machine (devices emulated) and send each sample of ``x``.
@@ -72,9 +66,8 @@ def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: 
     critical path's compute (``runtime_ms_median``), and the median round trip
     of a ``status`` request (message handling and loopback alone).
     """
-    placements = _placements(bundle_dir)
     rec, pings = _Records(), []
-    with LocalCluster(bundle_dir, placements, throttle=throttle, log_dir=log_dir) as cluster:
+    with LocalCluster(bundle_dir, throttle=throttle, log_dir=log_dir) as cluster:
         with cluster.client() as client:
             for i in range(warmup):
                 client.infer(x[i % len(x): i % len(x) + 1])
@@ -84,7 +77,7 @@ def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: 
                 t0 = time.perf_counter()
                 client.status()
                 pings.append((time.perf_counter() - t0) * 1e3)
-    return {**rec.summary(placements), "status_round_trip_ms": float(np.median(pings))}
+    return {**rec.summary(cluster.placements), "status_round_trip_ms": float(np.median(pings))}
 
 
 def measure_served_with_probe(bundle_dir: Path, probe_dir: Path, x: np.ndarray, warmup: int = 10,
@@ -102,8 +95,7 @@ def measure_served_with_probe(bundle_dir: Path, probe_dir: Path, x: np.ndarray, 
     Blocks rather than single requests, so that each cluster idles between its
     requests as it does when served alone.
     """
-    clusters = [LocalCluster(d, _placements(d), throttle=throttle,
-                             log_dir=None if log_dir is None else Path(log_dir) / name)
+    clusters = [LocalCluster(d, throttle=throttle, log_dir=None if log_dir is None else Path(log_dir) / name)
                 for d, name in ((bundle_dir, "bundle"), (probe_dir, "probe"))]
     recs = [_Records(), _Records()]
     with ExitStack() as stack:
