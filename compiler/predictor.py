@@ -198,8 +198,12 @@ def accuracy_report(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 
 
 def entry_latency_ms(entry: Mapping[str, Any]) -> float:
-    """An entry's latency: the median of its round medians (robust to one slow
-    session, see ``coformer.runtime.profile``), else its median."""
+    """An entry's latency: the profiler's estimate (the lower quartile of its round
+    medians, see ``coformer.runtime.profile``); in profiles from before the estimate
+    was recorded, the median of its round medians (their ``gap_ratio`` is relative
+    to that), else its median."""
+    if "latency_estimate_ms" in entry:
+        return float(entry["latency_estimate_ms"])
     if entry.get("round_medians_ms"):
         return float(np.median(entry["round_medians_ms"]))
     return float(entry["latency_ms"]["median"])

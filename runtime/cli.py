@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=10, help="at least this many runs (trtexec --iterations)")
     p.add_argument("--duration", type=float, default=0.3, help="and at least this many seconds (trtexec --duration)")
     p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
-    p.add_argument("--rounds", type=int, default=3, help="time every entry this many times, each in a fresh "
-                   "session; an entry's latency is the median of the round medians")
+    p.add_argument("--rounds", type=int, default=7, help="time every entry this many times, each in a fresh "
+                   "session; an entry's latency is the lower quartile of the round medians")
     p.add_argument("--gap", type=float, default=2.0, help="ms idle between the extra runs that measure how much "
                    "slower a served (idling) device is than back-to-back timing (0: skip)")
     p.add_argument("--extra-rounds", type=int, default=3,

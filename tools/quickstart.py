@@ -52,7 +52,7 @@ class QuickstartConfig:
     flops_fraction: float = 0.5
     seed: int = 0
     warmup_requests: int = 10
-    kit_count: int = 40
+    kit_count: int = 60
     search_initial: int = 8
     search_iterations: int = 24
     delta: float = 0.05

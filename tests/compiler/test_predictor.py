@@ -77,3 +77,31 @@ def test_served_factor_follows_the_size_of_the_sub_model(tmp_path):
     # a predictor fitted on a profile without per-entry ratios keeps the profile-wide factor
     bare = LatencyPredictor(pred.kind, {k: v for k, v in pred.params.items() if k != "served_points"})
     assert bare.served_factor_at(small) == bare.served_factor_at(large) == pred.served_factor
+
+
+def test_a_profile_whose_rounds_are_disturbed_still_gives_the_latency_law():
+    """Planted: a third of the timing rounds run 10-60% slow (another tenant on the shared cache,
+    a descheduled vCPU; such disturbances only add time). The profiler's estimate, the lower
+    quartile of seven rounds, still lets the predictor recover the law; the median of three
+    rounds, the estimate before, does not."""
+    from coformer.runtime.profile import latency_estimate
+
+    rng = np.random.default_rng(5)
+    truth = _profile(40, seed=5)
+    fits = {}
+    for name, rounds, estimate in (("q25 of 7", 7, latency_estimate), ("median of 3", 3, np.median)):
+        profile = {"device": "planted", "entries": []}
+        for e in truth["entries"]:
+            ms = e["latency_ms"]["median"]
+            slow = np.where(rng.random(rounds) < 1 / 3, rng.uniform(1.1, 1.6, rounds), 1.0)
+            medians = (ms * slow * (1 + 0.01 * rng.standard_normal(rounds))).tolist()
+            profile["entries"].append({**e, "round_medians_ms": medians,
+                                       "latency_estimate_ms": float(estimate(medians))})
+        fits[name] = fit_predictor(profile, kinds=["analytic"])
+    rows = truth["entries"]
+    actual = np.asarray([e["latency_ms"]["median"] for e in rows])
+    robust, robust_report = fits["q25 of 7"]
+    assert np.mean(np.abs(robust.predict(rows) / actual - 1) <= 0.10) >= 0.95  # against the undisturbed law
+    # the criterion a user reads: held-out entries, judged against their own (disturbed) measurement
+    assert robust_report["within_10pct"] >= 0.875, robust_report
+    assert fits["median of 3"][1]["within_10pct"] < robust_report["within_10pct"]
