@@ -28,13 +28,23 @@ kernel's per-thread run delay, ``/proc/thread-self/schedstat``) as time its
 device was already working: the device's time for a request is ``cpu / share``
 from the moment the request could have started (``queued_ms`` in a worker's
 reply). Where the kernel does not keep run delays, nothing is credited.
-Served, the quickstart's two workers on core 1 rarely queue at the start
-(median 0.01 ms: the scheduler runs a freshly woken process at once); they
-queue at the end, when one's pause is over while the other computes, and it
-waits for the core to send its reply (its ``service_ms`` then exceeds its
-``compute_ms`` by 0.5-1.4 ms). No credit can undo a delay that comes after
-the device's time; the latency predicted for this machine counts it instead
+Served, the quickstart's two workers on core 1 rarely queue in the thread
+that computes (median 0.01 ms: it is woken once the request is in hand, and
+runs at once). They queue elsewhere: in ZeroMQ's I/O thread, which reads the
+request off the socket while the neighbour computes (0.7 and 2.1 ms median
+for edge-b and edge-c, in one run of a quickstart bundle whose workers
+compute 0.9 and 1.2 ms), and at the end, when one's pause is over while the
+other computes and it waits for the core to send its reply (its
+``service_ms`` then exceeds its ``compute_ms`` by 0.5-1.4 ms). Neither is
+credited: the I/O thread's wait cannot be told apart from its delay in
+sending the previous reply, and no credit can undo a delay that comes after
+the device's time. The latency predicted for this machine counts them instead
 (``coformer.tools.measure.predict_served_here``).
+
+Affinity applies to every thread of the process, also those started before
+the limits (ZeroMQ's I/O thread, once the sockets are bound): a device's
+message handling is its own work, and the central node's I/O thread used to
+float onto the workers' core.
 """
 
 from __future__ import annotations
@@ -164,6 +174,17 @@ def run_delay_s() -> Optional[float]:
         return None
 
 
+_TASKS = Path("/proc/self/task")
+
+
+def _thread_ids() -> list[str]:
+    """The ids of this process's threads (empty where /proc does not list them)."""
+    try:
+        return os.listdir(_TASKS)
+    except OSError:
+        return []
+
+
 def _cgroup_root() -> tuple[Optional[Path], str]:
     if (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
         return CGROUP_V1_CPU, "v1"
@@ -206,7 +227,16 @@ def _enter_cgroup(name: str, share: float) -> Optional[Path]:
 def apply_limits(limits: DeviceLimits, name: str) -> Throttle:
     """Apply ``limits`` to the calling process and return the :class:`Throttle` in force."""
     if limits.cpu_affinity is not None:
-        os.sched_setaffinity(0, set(limits.cpu_affinity))
+        cores = set(limits.cpu_affinity)
+        os.sched_setaffinity(0, cores)
+        # Threads started before keep their own mask: ZeroMQ's I/O thread, when the sockets
+        # were bound first, floated over every core (the central node's did, competing
+        # with the workers on theirs). A device's message handling is its own work.
+        for tid in _thread_ids():
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:
+                pass  # the thread ended meanwhile
     if limits.mode == "none" or limits.cpu_share >= 1.0:
         return Throttle(limits, "none")
     if limits.mode == "cgroup":

@@ -177,8 +177,10 @@ def run_worker(
                 sock.send_multipart(
                     protocol.encode(
                         "features", msg.id, features, device=device,
-                        compute_ms=engine.last_compute_ms + idle * 1e3,
-                        queued_ms=queued * 1e3,  # kept off a core shared with another emulated device
+                        # the device's time: waiting for a core a real device would not share
+                        # (credited against the duty cycle's pause), the engine, the pause
+                        compute_ms=queued * 1e3 + engine.last_compute_ms + idle * 1e3,
+                        queued_ms=queued * 1e3,
                         # received -> reply ready: decoding, the engine, the duty cycle's
                         # actual (not requested) pause
                         service_ms=(time.perf_counter() - t_recv) * 1e3,

@@ -37,6 +37,26 @@ def test_affinity_is_applied_in_a_child(tmp_path):
     assert out.split() == ["[0]", "duty-cycle"]
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to tell a pinned thread from a free one")
+def test_threads_started_before_the_limits_are_pinned_too():
+    """ZeroMQ starts its I/O thread when the first socket is made, before a central node
+    applies its device's limits; that thread's messages are the device's work too."""
+    import subprocess
+    import sys
+
+    code = ("import os, zmq; from coformer.runtime.limits import DeviceLimits, apply_limits\n"
+            "ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind_to_random_port('tcp://127.0.0.1')\n"
+            "apply_limits(DeviceLimits(cpu_affinity=(1,), mode='none'), 'test')\n"
+            "for t in sorted(os.listdir('/proc/self/task')):\n"
+            "    name = open(f'/proc/self/task/{t}/comm').read().strip()\n"
+            "    print(name.replace(' ', '_'), sorted(os.sched_getaffinity(int(t))))\n"
+            "s.close(0); ctx.term()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    threads = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert any(name.startswith("ZMQbg") for name in threads), out
+    assert set(threads.values()) == {"[1]"}, out
+
+
 @pytest.mark.testbed
 @pytest.mark.skipif(os.geteuid() != 0, reason="cgroup quotas need root")
 def test_cgroup_quota_is_created_and_removed():
