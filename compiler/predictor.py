@@ -21,13 +21,14 @@ Two models, chosen per device by 5-fold cross-validation on the profile:
 Served, a device idles between requests and the first run after an idle is
 slower than back to back. The profiler measures that per kit entry
 (``gap_ratio``); the slow-down is mostly a fixed cost (caches refilled, a vCPU
-woken), so it is large for small sub-models and vanishes for large ones
-(here 1.3-2.5x below 1 ms, 0.9-1.15x above 5 ms, a median of 1.08 over a
-quickstart kit). :meth:`LatencyPredictor.served_factor_at` therefore takes the
-median ratio of the ``SERVED_NEIGHBOURS`` entries nearest in (log)
-back-to-back latency, not one factor for every size: on the quickstart's chosen
-sub-models (0.4-0.9 ms) the single median under-predicted served compute by
-1.3-2.4x.
+woken), so it is large for small sub-models and shrinks for large ones
+(against the profiler's lower-quartile estimate, on two quickstart runs'
+profiles: 1.1-5x below 1 ms, the smaller the more; a median of 1.07-1.26
+above 5 ms; 1.19-1.37 over a whole kit). :meth:`LatencyPredictor.served_factor_at`
+therefore takes the median ratio of the ``SERVED_NEIGHBOURS`` entries nearest
+in (log) back-to-back latency, not one factor for every size: on the
+quickstart's chosen sub-models (0.4-0.9 ms) the single median under-predicted
+served compute by 1.3-2.4x (measured with the median-of-three estimate).
 
 A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
 numpy alone.
