@@ -255,7 +255,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
         import shutil
         import tempfile
 
-        from coformer.tools.cluster import place_devices
         from coformer.tools.measure import build_probe_bundle, measure_served, measure_served_with_probe, predict_served_here
 
         x_test = data.test.x.numpy()
@@ -270,8 +269,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             best = report["search"][method]
-            here = predict_served_here(best["t1_ms"], best["t3_ms"], devices,
-                                       place_devices([(d.name, d.cpu_share) for d in devices]),
+            here = predict_served_here(best["t1_ms"], best["t3_ms"], devices, served["placements"],
                                        probed["runtime_ms_median"])
             report["runtime_overhead_ms"] = probed["runtime_ms_median"]
             report["predicted_latency_local_ms"] = here["predicted_ms"]

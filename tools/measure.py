@@ -129,8 +129,10 @@ def build_probe_bundle(teacher, devices, data, out_dir: Path) -> Path:
 
 
 def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[Any],
-                        placements: Mapping[str, Any], overhead_ms: float) -> dict[str, Any]:
-    """The latency a policy should measure when served on this machine, devices emulated.
+                        placements: Mapping[str, Mapping[str, Any]], overhead_ms: float) -> dict[str, Any]:
+    """The latency a policy should measure when served on this machine, devices emulated
+    on ``placements`` as the served measurement records them (``served["placements"]``:
+    each device's ``cores`` and ``cpu_share``).
 
     ``overhead_ms`` (the runtime's own cost: the probe bundle's round trip less
     the compute on its critical path) plus the
@@ -145,7 +147,7 @@ def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[
     device n's time adds its core-mates' CPU time, ``sum_j t1_j * share_j``.
     Real devices have cores of their own; the search's T leaves this out.
     """
-    cores = {d.name: set(getattr(placements.get(d.name), "cores", None) or [0]) for d in devices}
+    cores = {d.name: set(placements[d.name]["cores"] or [0]) for d in devices}
     colocated = []
     for n, d in enumerate(devices):
         colocated.append(sum(t1_ms[j] * e.cpu_share for j, e in enumerate(devices)

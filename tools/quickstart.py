@@ -266,7 +266,7 @@ def run_quickstart(
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
     bo = search["bo"]
-    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, placements, probed["runtime_ms_median"])
+    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, served["placements"], probed["runtime_ms_median"])
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
