@@ -3,6 +3,7 @@
   coformer quickstart [--task vision|text] [--fast] [--out DIR] [--report-json PATH]
   coformer profile-kit --model quickstart --out KIT       (then, on each device: coformer-runtime profile KIT ...)
   coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
+  coformer profile-stats DEVICE.json [DEVICE2.json ...]   (predictor error vs profile noise, over profiles of one kit)
   coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
   coformer serve BUNDLE [--front tcp://127.0.0.1:5555]
   coformer testbed up|down|status --devices devices.yaml   (root: one namespace, shaped link and cgroups per device)
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="predictor JSON to write")
     p.add_argument("--report-json", type=Path, default=None, help="accuracy on held-out kit entries")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("profile-stats", help="how far device profiles can be trusted: leave-one-out accuracy, "
+                       "and over profiles of one kit, the predictor's systematic error against the noise")
+    p.add_argument("profiles", type=Path, nargs="+", help="DEVICE.json files from coformer-runtime profile")
+    p.add_argument("--report-json", type=Path, default=None, help="the report as JSON")
 
     p = sub.add_parser("testbed", help="emulate the devices on this host: namespaces, shaped links, cgroups (root)")
     p.add_argument("action", choices=["up", "down", "status", "exec"])
@@ -338,7 +344,7 @@ def cmd_fit_predictor(args: argparse.Namespace) -> int:
 
     if not args.profile.is_file():
         raise CoFormerError(f"profile {args.profile} does not exist")
-    pred, report = fit_predictor(json.loads(args.profile.read_text()), seed=args.seed)
+    pred, report = fit_predictor(json.loads(args.profile.read_text()), seed=args.seed, all_entries=True)
     if args.out:
         pred.save(args.out)
     if args.report_json:
@@ -346,7 +352,18 @@ def cmd_fit_predictor(args: argparse.Namespace) -> int:
     print(f"{pred.kind} predictor: {report['within_10pct'] * 100:.0f}% of {report['n_test']} held-out entries "
           f"within 10% ({report['within_5pct'] * 100:.0f}% within 5%), MAPE {report['mape'] * 100:.1f}%, "
           f"RMSE {report['rmse_ms']:.3f} ms")
+    every = report["all_entries"]
+    how = "leave-one-out" if every["folds"] == every["n"] else f"{every['folds']}-fold"
+    print(f"all {every['n']} entries, each predicted by a fit without it ({how}): "
+          f"{every['within_10pct'] * 100:.0f}% within 10%, MAPE {every['mape'] * 100:.1f}%; worst: "
+          + ", ".join(f"#{w['id']} {w['config']} {w['error'] * 100:+.0f}%" for w in every["worst"][:3]))
     return 0
+
+
+def cmd_profile_stats(args: argparse.Namespace) -> int:
+    from coformer.tools.profile_stats import main
+
+    return main(args.profiles, args.report_json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -481,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
         return 0
     commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
+                "profile-stats": cmd_profile_stats,
                 "testbed": cmd_testbed, "bench": cmd_bench,
                 "serve": cmd_serve}
     return commands[args.command](args)

@@ -105,3 +105,27 @@ def test_a_profile_whose_rounds_are_disturbed_still_gives_the_latency_law():
     # the criterion a user reads: held-out entries, judged against their own (disturbed) measurement
     assert robust_report["within_10pct"] >= 0.875, robust_report
     assert fits["median of 3"][1]["within_10pct"] < robust_report["within_10pct"]
+
+
+def test_every_entry_is_predicted_without_it_and_a_planted_miss_is_named():
+    """The all-entries report refits once per entry (leave-one-out for the analytic model): on a
+    law the model can express, an entry planted 1.3x slow is predicted about a quarter low by a
+    fit on the others and is named among the worst. (It also drags a fit or two: FLOPs and
+    parameters are nearly collinear, so one outlier can move weight between them and cost an
+    entry of extreme shape, here [11, 14, 24, 3007], 25%.)"""
+    from coformer.compiler.predictor import all_entries_report
+
+    profile = _profile(40, noise=0.01, seed=6)
+    profile["entries"][7]["latency_ms"]["median"] *= 1.3
+    _, report = fit_predictor(profile, kinds=["analytic"], all_entries=True)
+    every = report["all_entries"]
+    assert every["kind"] == "analytic" and every["folds"] == every["n"] == 40
+    planted = next(w for w in every["worst"][:2] if w["id"] == 7)
+    assert planted["config"] == profile["entries"][7]["config"]
+    assert planted["error"] == pytest.approx(-0.3 / 1.3, abs=0.05)
+    assert 0.9 <= every["within_10pct"] < 1.0
+    assert "errors" not in every
+    errors = all_entries_report(profile, "analytic", keep_errors=True)["errors"]
+    assert len(errors) == 40 and errors[7] == planted["error"]
+    # the MLP is refitted ten times, not forty (seconds a fit)
+    assert all_entries_report(_profile(20, seed=7), "mlp")["folds"] == 10
