@@ -91,6 +91,21 @@ def _bw_name(mbit: float) -> str:
 
 
 # -- bundles -------------------------------------------------------------------
+def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, seed: int) -> str:
+    """What the built bundles depend on: every byte of the teacher's weights (not a prefix
+    of each tensor: a fine-tuned head or a retrained last row differs late), the devices
+    and the calibration settings."""
+    import hashlib
+
+    key = hashlib.sha256(f"bundles v{BUNDLES_VERSION}".encode())
+    for name, p in sorted(teacher.state_dict().items()):
+        key.update(name.encode())
+        key.update(p.detach().cpu().contiguous().numpy().tobytes())
+    key.update(json.dumps([d.to_dict() for d in devices], sort_keys=True, default=str).encode())
+    key.update(json.dumps([boost_epochs, aggregator_epochs, seed]).encode())
+    return key.hexdigest()[:16]
+
+
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
                     boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
                     progress: bool = True, predictors: Optional[Sequence[Any]] = None) -> dict[str, Path]:
@@ -100,20 +115,12 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     Without ``coformer_bundle``, CoFormer's is compiled here too: DeBo over
     ``predictors`` (one per device), then calibration, as ``coformer compile`` does.
     """
-    import hashlib
-
     import torch
 
     from coformer.compiler.baselines import BASELINES, build_baseline
     from coformer.runtime.manifest import load_manifest
 
-    key = hashlib.sha256(f"bundles v{BUNDLES_VERSION}".encode())
-    for name, p in sorted(teacher.state_dict().items()):
-        key.update(name.encode())
-        key.update(p.detach().cpu().numpy().tobytes()[:4096])
-    key.update(json.dumps([d.to_dict() for d in devices], sort_keys=True, default=str).encode())
-    key.update(json.dumps([boost_epochs, aggregator_epochs, seed]).encode())
-    digest = key.hexdigest()[:16]
+    digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed)
     out: dict[str, Path] = {}
     for s in strategies:
         if s == "coformer" and coformer_bundle is not None:

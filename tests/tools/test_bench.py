@@ -201,3 +201,22 @@ def test_a_strategy_that_does_not_fit_its_device_is_reported_out_of_memory(tmp_p
     assert row["status"] == "out_of_memory" and row["out_of_memory_on"] == ["edge-a"], row
     assert "out_of_memory edge-a" in (tmp_path / "out" / "bench.md").read_text()
     assert not any(testbed.leftovers().values())
+
+
+def test_baselines_are_rebuilt_when_any_weight_changes():
+    """The cache key covers every byte of the teacher: a change at the end of a large tensor
+    (a retrained last row) must not reuse bundles built from the old weights."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from coformer.tools.bench import bundles_digest
+
+    torch.manual_seed(0)
+    teacher = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=1,
+                                num_heads=2)
+    before = bundles_digest(teacher, [], 5, 60, 0)
+    assert bundles_digest(teacher, [], 5, 60, 0) == before and bundles_digest(teacher, [], 5, 60, 1) != before
+    fc1 = teacher.blocks[0].mlp.fc1.weight  # 384 x 96 floats: 147 KB
+    with torch.no_grad():
+        fc1[-1, -1] += 1.0
+    assert bundles_digest(teacher, [], 5, 60, 0) != before
