@@ -33,9 +33,14 @@ from coformer.runtime.errors import CoFormerError
 
 
 class _Attention(nn.Module):
+    """timm's attention on a subset of heads. ``fused_attn`` as in timm: scaled_dot_product_attention
+    in PyTorch, the explicit form with a constant scale when exported (``coformer.compiler.lower``)."""
+
     def __init__(self, dim: int, heads: int, head_dim: int, qkv_bias: bool, qk_norm: bool, eps: float) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
@@ -45,7 +50,11 @@ class _Attention(nn.Module):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 

@@ -121,3 +121,28 @@ def test_importance_scorer_is_pluggable():
     with pytest.raises(CoFormerError, match=r"use one of \['magnitude'\]"):
         adapter.importance(teacher, [], method="taylor")
     assert shape.num_layers == 3
+
+
+@pytest.mark.parametrize("variant", ["vit-avg", "vit-layerscale-qknorm"])
+def test_attention_is_exported_with_a_constant_scale(variant, tmp_path):
+    """Exported sub-models and teachers carry the explicit attention (no run-time scale from the
+    shape: Shape/Cast/Sqrt/Div a layer), agree with PyTorch's fused attention in ONNX Runtime, and
+    the modules are left on their fused path after the export."""
+    import onnx
+
+    from coformer.compiler.lower import check_parity, export_onnx
+
+    teacher = _randomised(VARIANTS[variant]())
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    spec = SubModelSpec((0, 1), tuple(range(20)), ((0, 2), (1,)), (tuple(range(30)), tuple(range(40))))
+    sub = adapter.slice(teacher, spec)
+    x = torch.randn(3, 1, 16, 16)
+    for name, module in (("sub", sub), ("teacher", teacher)):
+        path = export_onnx(module, [x[:1]], tmp_path / f"{name}.onnx", ["pixels"], ["out"])
+        ops = {n.op_type for n in onnx.load(path).graph.node}
+        assert "Sqrt" not in ops and "Softmax" in ops, (name, sorted(ops))
+        assert check_parity(module, path, [x], ["pixels"], tolerance=1e-5) <= 1e-5
+        fused = [m.fused_attn for m in module.modules() if hasattr(m, "fused_attn")]
+        assert fused and all(fused), name
+    assert shape.num_layers >= 2
