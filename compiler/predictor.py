@@ -210,7 +210,8 @@ def entry_latency_ms(entry: Mapping[str, Any]) -> float:
     return float(entry["latency_ms"]["median"])
 
 
-def _rows(profile: Mapping[str, Any]) -> list[dict[str, Any]]:
+def profile_rows(profile: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A profile's entries as the rows a predictor fits: config, FLOPs, parameters, latency (ms)."""
     return [{"config": e["config"], "flops": e["flops"], "params": e["params"],
              "latency_ms": entry_latency_ms(e)} for e in profile["entries"]]
 
@@ -225,7 +226,7 @@ def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: 
     ``n_test``, ``chosen``, ``cv_mape``; with ``all_entries``, also ``all_entries``:
     :func:`all_entries_report`, every entry predicted by a fit that did not see it).
     """
-    rows = _rows(profile)
+    rows = profile_rows(profile)
     n = len(rows)
     n_test = max(1, int(round(n * test_fraction)))
     if n - n_test < 5:
@@ -278,7 +279,7 @@ def all_entries_report(profile: Mapping[str, Any], kind: str, seed: int = 0, wor
     (id, config, relative error) so that a systematic miss can be told from noise by
     comparing profiles (``coformer profile-stats``); ``keep_errors`` adds every entry's
     error (``errors``, in profile order)."""
-    rows = _rows(profile)
+    rows = profile_rows(profile)
     folds = None if kind in LOO_KINDS else min(10, len(rows))
     err = cross_validate(rows, kind, folds, seed)
     actual = np.asarray([r["latency_ms"] for r in rows])
@@ -292,7 +293,7 @@ def all_entries_report(profile: Mapping[str, Any], kind: str, seed: int = 0, wor
 
 def worst_configs(predictor: LatencyPredictor, profile: Mapping[str, Any], count: int) -> list[tuple[int, ...]]:
     """The profile entries the predictor gets most wrong (for kit refinement)."""
-    rows = _rows(profile)
+    rows = profile_rows(profile)
     actual = np.asarray([r["latency_ms"] for r in rows])
     rel = np.abs(predictor.predict(rows) - actual) / actual
     return [tuple(rows[i]["config"]) for i in np.argsort(-rel)[:count]]

@@ -30,14 +30,13 @@ different days. It needs no model and no kit files.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from coformer.compiler.predictor import _rows, all_entries_report, cross_validate
-from coformer.runtime._files import read_json
+from coformer.compiler.predictor import all_entries_report, cross_validate, profile_rows
+from coformer.runtime._files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.profile import ROUND_QUANTILE
 
@@ -75,16 +74,16 @@ def _one(profile: Mapping[str, Any]) -> dict[str, Any]:
     if min(len(m) for m in medians) >= 3:
         est = {}
         for name, f in ESTIMATES.items():
-            rows = [{**r, "latency_ms": f(np.asarray(m))} for r, m in zip(_rows(profile), medians)]
+            rows = [{**r, "latency_ms": f(np.asarray(m))} for r, m in zip(profile_rows(profile), medians)]
             est[name] = _within(cross_validate(rows, "analytic"))
         out["estimates_within_10pct"] = est
     bands = {}
     for band, (lo, hi) in BANDS_MS.items():
-        g = [e["gap_ratio"] for e, r in zip(profile["entries"], _rows(profile))
+        g = [e["gap_ratio"] for e, r in zip(profile["entries"], profile_rows(profile))
              if "gap_ratio" in e and lo <= r["latency_ms"] < hi]
         if g:
             bands[band] = {"n": len(g), "min": float(np.min(g)), "median": float(np.median(g)),
-                                         "max": float(np.max(g))}
+                           "max": float(np.max(g))}
     out["gap_ratio"] = bands
     return out
 
@@ -99,7 +98,7 @@ def profile_stats(profiles: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for configs, members in groups.items():
         if len(members) < 2:
             continue
-        lat = np.asarray([[r["latency_ms"] for r in _rows(profiles[i])] for i in members])
+        lat = np.asarray([[r["latency_ms"] for r in profile_rows(profiles[i])] for i in members])
         pairs = [{"a": profiles[a]["path"], "b": profiles[b]["path"],
                   "agree_within_10pct": float(np.mean(np.abs(lat[x] / lat[y] - 1) <= 0.10))}
                  for (x, a), (y, b) in itertools.combinations(enumerate(members), 2)
@@ -144,11 +143,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(paths: Sequence[Path], json_out: Path | None = None) -> int:
-    from coformer.runtime._files import atomic_write_json
-
+def main(paths: Sequence[Path], json_out: Optional[Path] = None) -> int:
     report = profile_stats(load_profiles(paths))
     print(format_report(report))
     if json_out is not None:
-        atomic_write_json(Path(json_out), json.loads(json.dumps(report)))
+        atomic_write_json(Path(json_out), report)
     return 0
