@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=10, help="at least this many runs (trtexec --iterations)")
     p.add_argument("--duration", type=float, default=0.3, help="and at least this many seconds (trtexec --duration)")
     p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
-    p.add_argument("--rounds", type=int, default=7, help="time every entry this many times, each in a fresh "
-                   "session; an entry's latency is the lower quartile of the round medians")
+    # default None: the profiler's DEFAULT_ROUNDS, read when the command runs (the profiler is not
+    # imported while the parser is built, to keep a worker's start-up light)
+    p.add_argument("--rounds", type=int, default=None, help="time every entry this many times, each in a fresh "
+                   "session; an entry's latency is the lower quartile of the round medians (default 7)")
     p.add_argument("--gap", type=float, default=2.0, help="ms idle between the extra runs that measure how much "
                    "slower a served (idling) device is than back-to-back timing (0: skip)")
     p.add_argument("--extra-rounds", type=int, default=3,
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(args.out, buf.getvalue())
         print(json.dumps(summarise(latency)))
     elif args.command == "profile":
-        from coformer.runtime.profile import profile_kit
+        from coformer.runtime.profile import DEFAULT_ROUNDS, profile_kit
 
         trt = {}
         for item in args.trtexec:
@@ -182,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                 raise CoFormerError(f"--trtexec {item!r}: expected ID=TIMES.json")
             trt[int(key)] = Path(path)
         prof = profile_kit(args.kit, args.device, args.backend, args.threads or 1, _limits(args), args.warmup,
-                           args.iterations, args.duration, args.idle_time, trt, args.rounds, args.gap,
+                           args.iterations, args.duration, args.idle_time, trt,
+                           DEFAULT_ROUNDS if args.rounds is None else args.rounds, args.gap,
                            10 if args.gap > 0 else 0, progress=not args.no_progress, out=args.out,
                            extra_rounds=args.extra_rounds, tolerance=args.tolerance)
         st = prof["stability"]

@@ -69,3 +69,22 @@ def test_entries_whose_rounds_disagree_are_timed_again(kit, tmp_path):
     assert all(len(e["round_medians_ms"]) == 2 for e in lax["entries"])
     assert lax["stability"] == {"tolerance": 100.0, "within_tolerance_before": 1.0, "within_tolerance": 1.0,
                                 "extra_rounds": 0, "entries_retimed": 0}
+
+
+@pytest.mark.parametrize("rounds", [None, 2])
+def test_runtime_cli_profiles_with_the_profilers_default_rounds(kit, tmp_path, rounds):
+    """`coformer-runtime profile` without --rounds uses the profiler's DEFAULT_ROUNDS (one value,
+    not a copy in the parser); with it, the count given."""
+    import subprocess
+    import sys
+
+    from coformer.runtime.profile import DEFAULT_ROUNDS
+
+    args = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit), "--out", str(tmp_path / "d.json"),
+            "--warmup", "5", "--iterations", "3", "--duration", "0.01", "--gap", "0", "--extra-rounds", "0",
+            "--no-progress"] + ([] if rounds is None else ["--rounds", str(rounds)])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    prof = json.loads((tmp_path / "d.json").read_text())
+    want = DEFAULT_ROUNDS if rounds is None else rounds
+    assert prof["rounds"] == want and all(len(e["round_medians_ms"]) == want for e in prof["entries"])
