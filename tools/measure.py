@@ -57,6 +57,12 @@ class _Records:
         }
 
 
+def _warm_up(client, x: np.ndarray, n: int) -> None:
+    """``n`` untimed requests (sessions, sockets and caches warm), cycling over ``x``."""
+    for i in range(n):
+        client.infer(x[i % len(x): i % len(x) + 1])
+
+
 def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: str = "auto",
                    log_dir: Optional[Path] = None) -> dict[str, Any]:
     """Serve ``bundle_dir`` on this machine (devices emulated) and send each sample of ``x``.
@@ -69,8 +75,7 @@ def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: 
     rec, pings = _Records(), []
     with LocalCluster(bundle_dir, throttle=throttle, log_dir=log_dir) as cluster:
         with cluster.client() as client:
-            for i in range(warmup):
-                client.infer(x[i % len(x): i % len(x) + 1])
+            _warm_up(client, x, warmup)
             for i in range(len(x)):
                 rec.add(client.infer(x[i: i + 1]))
             for _ in range(20):
@@ -101,8 +106,7 @@ def measure_served_with_probe(bundle_dir: Path, probe_dir: Path, x: np.ndarray, 
     with ExitStack() as stack:
         clients = [stack.enter_context(stack.enter_context(c).client()) for c in clusters]
         for client in clients:
-            for i in range(warmup):
-                client.infer(x[i % len(x): i % len(x) + 1])
+            _warm_up(client, x, warmup)
         for lo in range(0, len(x), block):
             for client, rec in zip(clients, recs):
                 for i in range(lo, min(lo + block, len(x))):
