@@ -340,11 +340,10 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
 
 def cmd_fit_predictor(args: argparse.Namespace) -> int:
     from coformer.compiler.predictor import fit_predictor
-    from coformer.runtime._files import atomic_write_json
+    from coformer.runtime._files import atomic_write_json, read_json
 
-    if not args.profile.is_file():
-        raise CoFormerError(f"profile {args.profile} does not exist")
-    pred, report = fit_predictor(json.loads(args.profile.read_text()), seed=args.seed, all_entries=True)
+    profile = read_json(args.profile, f"profile {args.profile} does not exist")
+    pred, report = fit_predictor(profile, seed=args.seed, all_entries=True)
     if args.out:
         pred.save(args.out)
     if args.report_json:

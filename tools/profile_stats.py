@@ -70,16 +70,17 @@ def _one(profile: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"path": profile["path"], "device": profile.get("device", ""),
                            "entries": len(profile["entries"]), "stability": profile.get("stability"),
                            "all_entries": every}
+    rows = profile_rows(profile)
     medians = [e.get("round_medians_ms") or [] for e in profile["entries"]]
     if min(len(m) for m in medians) >= 3:
         est = {}
         for name, f in ESTIMATES.items():
-            rows = [{**r, "latency_ms": f(np.asarray(m))} for r, m in zip(profile_rows(profile), medians)]
-            est[name] = _within(cross_validate(rows, "analytic"))
+            again = [{**r, "latency_ms": f(np.asarray(m))} for r, m in zip(rows, medians)]
+            est[name] = _within(cross_validate(again, "analytic"))
         out["estimates_within_10pct"] = est
     bands = {}
     for band, (lo, hi) in BANDS_MS.items():
-        g = [e["gap_ratio"] for e, r in zip(profile["entries"], profile_rows(profile))
+        g = [e["gap_ratio"] for e, r in zip(profile["entries"], rows)
              if "gap_ratio" in e and lo <= r["latency_ms"] < hi]
         if g:
             bands[band] = {"n": len(g), "min": float(np.min(g)), "median": float(np.median(g)),

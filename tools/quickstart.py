@@ -348,7 +348,6 @@ def format_report(r: dict[str, Any]) -> str:
             "predictor, held-out kit entries within 10%: "
             + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items())
             + "; all entries, each by a fit without it: "
-            + ", ".join(f"{k} {v['all_entries']['within_10pct'] * 100:.0f}%" for k, v in r["predictor"].items()
-                        if "all_entries" in v),
+            + ", ".join(f"{k} {v['all_entries']['within_10pct'] * 100:.0f}%" for k, v in r["predictor"].items()),
         ]
     return "\n".join(lines)
