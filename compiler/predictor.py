@@ -22,9 +22,11 @@ Served, a device idles between requests and the first run after an idle is
 slower than back to back. The profiler measures that per kit entry
 (``gap_ratio``); the slow-down is mostly a fixed cost (caches refilled, a vCPU
 woken), so it is large for small sub-models and shrinks for large ones
-(against the profiler's lower-quartile estimate, on two quickstart runs'
-profiles: 1.1-5x below 1 ms, the smaller the more; a median of 1.07-1.26
-above 5 ms; 1.19-1.37 over a whole kit). :meth:`LatencyPredictor.served_factor_at`
+(against the profiler's estimate, the fastest run, over the nine profiles of
+three quickstart runs: per-profile medians of 1.05-1.89 below 1 ms, 1.14-1.91
+from 1 to 5 ms, 1.06-1.16 above 5 ms; single entries up to 2.4x; against the
+lower quartile of the round medians, the estimate before, 1.1-5x below 1 ms
+and 1.07-1.26 above 5 ms). :meth:`LatencyPredictor.served_factor_at`
 therefore takes the median ratio of the ``SERVED_NEIGHBOURS`` entries nearest
 in (log) back-to-back latency, not one factor for every size: on the
 quickstart's chosen sub-models (0.4-0.9 ms) the single median under-predicted
@@ -199,10 +201,11 @@ def accuracy_report(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 
 
 def entry_latency_ms(entry: Mapping[str, Any]) -> float:
-    """An entry's latency: the profiler's estimate (the lower quartile of its round
-    medians, see ``coformer.runtime.profile``); in profiles from before the estimate
-    was recorded, the median of its round medians (their ``gap_ratio`` is relative
-    to that), else its median."""
+    """An entry's latency: the estimate the profiler recorded (now the minimum of all
+    its samples, see ``coformer.runtime.profile``; profiles taken before that carry
+    the lower quartile of their round medians, and their ``gap_ratio`` is relative
+    to it, so the recorded value is used as it is); in profiles from before the
+    estimate was recorded, the median of its round medians, else its median."""
     if "latency_estimate_ms" in entry:
         return float(entry["latency_estimate_ms"])
     if entry.get("round_medians_ms"):

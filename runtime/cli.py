@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     # default None: the profiler's DEFAULT_ROUNDS, read when the command runs (the profiler is not
     # imported while the parser is built, to keep a worker's start-up light)
     p.add_argument("--rounds", type=int, default=None, help="time every entry this many times, each in a fresh "
-                   "session; an entry's latency is the lower quartile of the round medians (default 7)")
+                   "session; an entry's latency is the fastest of all its runs (default: the profiler's "
+                   "DEFAULT_ROUNDS, in coformer.runtime.profile)")
     p.add_argument("--gap", type=float, default=2.0, help="ms idle between the extra runs that measure how much "
                    "slower a served (idling) device is than back-to-back timing (0: skip)")
     p.add_argument("--extra-rounds", type=int, default=3,

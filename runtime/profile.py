@@ -10,27 +10,31 @@ Measured here, on a 2-core VM: timing each entry once, two profiles of the same
 for their whole life (one entry: 18.7 ms in one run, 10.5 ms in the next, each
 run tight around its own value) and because the machine drifts. So the kit is
 timed in ``rounds``: every round opens a fresh session for every entry (the
-first round in kit order, later ones shuffled), and an entry's latency
-(``latency_estimate_ms``) is the lower quartile (``ROUND_QUANTILE``) of its
-round medians (``round_medians_ms``). ``latency_ms`` keeps the statistics of
-all samples pooled.
+first round in kit order, later ones shuffled). ``latency_ms`` keeps the
+statistics of all samples pooled, ``round_medians_ms`` each round's median,
+and an entry's latency (``latency_estimate_ms``, the one the predictor fits)
+is the **minimum of all its samples** (``ESTIMATE``).
 
-Why the lower quartile of seven rounds, not the median of three: on this
-shared VM the disturbances only ever add time (another tenant's use of the
-shared L3 and memory bus, a descheduled vCPU, a session that lands in a slow
-state), they come and go within a profile, and they hit sub-models between the
-2 MiB L2 and the 32 MiB L3 hardest. An entry's median of three rounds then
-says more about when it was timed than about its size: two profiles of the
-same 40-entry kit taken back to back agreed within 10% on 57% of entries, and
-a predictor fitted on one held 68-75% of its entries within 10% leave-one-out.
-The lower quartile of seven rounds (of 50-100 ms each) is the device's
-undisturbed latency, and that does reproduce: 93-97% agreement between two
-profiles, 92-100% of entries within 10% leave-one-out (two pairs of
-profiles; with nine rounds, 100% and 100%; the median of the same seven
-rounds agreed on 75-95%). How much slower the device is when served, with
-disturbances and idle gaps, is measured separately (``gap_ratio`` below) and
-applied by the predictor, so the undisturbed estimate does not make served
-predictions optimistic.
+Why the minimum: on this shared VM the disturbances only ever add time
+(another tenant's use of the shared L3 and memory bus, a descheduled vCPU, a
+session that lands in a slow state, the co-profiled devices' context
+switches), they come and go within a profile, and they hit sub-models between
+the 2 MiB L2 and the 32 MiB L3 hardest. Any statistic that averages over them
+says partly when an entry was timed; the fastest of some hundred runs over
+seven sessions is the run nothing disturbed, and it reproduces. Python's
+``timeit`` documentation recommends the minimum of repeats for the same
+reason. Measured over 21 profiles of the quickstart's 60-entry kit (three
+emulated devices, seven quickstart runs, taken side by side): two profiles of
+one device agreed within 10% on 87% of entries (worst pair 63%) with the
+minimum, 72% (worst 12%) with the lower quartile of the round medians (this
+profiler's estimate until then), 81% with the minimum of the round medians;
+an analytic predictor held 88.9% of entries within 10% leave-one-out on the
+minimum against 84.4% on the lower quartile (worst profile 82% against 72%).
+Sample minima of one entry across profiles were within about 1% (0.441,
+0.443, 0.447 ms where the lower quartiles were 0.457, 0.471, 0.625). How much
+slower the device is when served, with disturbances and idle gaps, is
+measured separately (``gap_ratio`` below) and applied by the predictor, so
+the undisturbed estimate does not make served predictions optimistic.
 
 A served device is not run back to back: it idles between requests, and the
 first run after an idle is slower (here 1.1-1.25x, sometimes 1.7x: caches and a
@@ -54,8 +58,9 @@ predictor fitted on it inherits the error: on one quickstart run here only
 on a quiet run), and its predictors then held 62-75% of held-out entries
 within 10% (against 100%). So after the rounds, every entry without a
 majority of round medians within ``tolerance`` of their median is timed
-again, one round at a time, up to ``extra_rounds`` more rounds, and its
-latency stays the lower quartile of all its round medians.
+again, one round at a time, up to ``extra_rounds`` more rounds (more
+sessions, more chances of an undisturbed run), and its latency stays the
+minimum of all its samples.
 ``stability`` in the profile records the share of entries within tolerance
 before and after, and how many were timed again; a profile that stays
 unstable is worth taking again on a quiet machine.
@@ -77,14 +82,14 @@ from coformer.runtime.timing import benchmark_engine, cpu_model, summarise
 from coformer.runtime.trtexec import load_trtexec_times
 
 KIT_NAME = "kit.json"
-ROUND_QUANTILE = 0.25  # an entry's latency: this quantile of its round medians (see the module doc)
+ESTIMATE = "min"  # an entry's latency: this statistic of all its samples (see the module doc)
 DEFAULT_ROUNDS = 7
 
 
-def latency_estimate(round_medians_ms) -> float:
-    """An entry's latency from its round medians: their lower quartile (``ROUND_QUANTILE``,
-    linear interpolation); the module doc says why."""
-    return float(np.quantile(np.asarray(round_medians_ms, dtype=np.float64), ROUND_QUANTILE))
+def latency_estimate(latency_ms: Mapping[str, float]) -> float:
+    """An entry's latency from the statistics of all its samples (``summarise``, or a
+    trtexec import's): their minimum (``ESTIMATE``); the module doc says why."""
+    return float(latency_ms[ESTIMATE])
 
 
 def load_kit(kit_dir: Path) -> dict:
@@ -192,7 +197,7 @@ def profile_kit(
             latency, source, rm = t["latency_ms"], t["source"], [t["latency_ms"]["median"]]
         else:
             latency, source, rm = summarise(samples[e["id"]]), "benchmark_engine", medians[e["id"]]
-        estimate = latency_estimate(rm)
+        estimate = latency_estimate(latency)
         entries.append({"id": e["id"], "config": e["config"], "flops": e["flops"], "params": e["params"],
                         "latency_estimate_ms": estimate, "latency_ms": latency, "round_medians_ms": rm,
                         "source": source})
@@ -206,7 +211,7 @@ def profile_kit(
         "threads": threads,
         "cpu_share": limits.cpu_share,
         "rounds": rounds,
-        "round_quantile": ROUND_QUANTILE,
+        "estimate": ESTIMATE,
         "idle_ms": idle_ms,
         "gap_ms": gap_ms,
         "served_factor": float(np.median(ratios)) if ratios else 1.0,

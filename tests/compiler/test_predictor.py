@@ -79,32 +79,39 @@ def test_served_factor_follows_the_size_of_the_sub_model(tmp_path):
     assert bare.served_factor_at(small) == bare.served_factor_at(large) == pred.served_factor
 
 
-def test_a_profile_whose_rounds_are_disturbed_still_gives_the_latency_law():
-    """Planted: a third of the timing rounds run 10-60% slow (another tenant on the shared cache,
-    a descheduled vCPU; such disturbances only add time). The profiler's estimate, the lower
-    quartile of seven rounds, still lets the predictor recover the law; the median of three
-    rounds, the estimate before, does not."""
+def test_a_profile_whose_runs_are_disturbed_still_gives_the_latency_law():
+    """Planted: half of the timing rounds (sessions) run 10-60% slow, and within every round half
+    of the runs are up to 50% slow (another tenant on the shared cache, a descheduled vCPU; such
+    disturbances only add time). The profiler's estimate, the fastest of ten runs in each of seven
+    rounds, still lets the predictor recover the law; the lower quartile of the seven round medians
+    (the estimate before) does less well, and the median of three rounds (the one before that)
+    worse still."""
     from coformer.runtime.profile import latency_estimate
+    from coformer.runtime.timing import summarise
 
     rng = np.random.default_rng(5)
     truth = _profile(40, seed=5)
-    fits = {}
-    for name, rounds, estimate in (("q25 of 7", 7, latency_estimate), ("median of 3", 3, np.median)):
-        profile = {"device": "planted", "entries": []}
-        for e in truth["entries"]:
-            ms = e["latency_ms"]["median"]
-            slow = np.where(rng.random(rounds) < 1 / 3, rng.uniform(1.1, 1.6, rounds), 1.0)
-            medians = (ms * slow * (1 + 0.01 * rng.standard_normal(rounds))).tolist()
-            profile["entries"].append({**e, "round_medians_ms": medians,
-                                       "latency_estimate_ms": float(estimate(medians))})
-        fits[name] = fit_predictor(profile, kinds=["analytic"])
+    estimates = {"min of all runs": lambda runs: latency_estimate(summarise(runs.ravel())),
+                 "q25 of round medians": lambda runs: float(np.quantile(np.median(runs, 1), 0.25)),
+                 "median of 3 rounds": lambda runs: float(np.median(np.median(runs[:3], 1)))}
+    profiles = {name: {"device": "planted", "entries": []} for name in estimates}
+    for e in truth["entries"]:
+        ms = e["latency_ms"]["median"]
+        session = np.where(rng.random((7, 1)) < 0.5, rng.uniform(1.1, 1.6, (7, 1)), 1.0)
+        run = np.where(rng.random((7, 10)) < 0.5, rng.uniform(1.0, 1.5, (7, 10)), 1.0)
+        runs = ms * session * run * (1 + 0.005 * np.abs(rng.standard_normal((7, 10))))
+        for name, f in estimates.items():
+            profiles[name]["entries"].append({**e, "latency_estimate_ms": f(runs)})
+    fits = {name: fit_predictor(profile, kinds=["analytic"]) for name, profile in profiles.items()}
     rows = truth["entries"]
     actual = np.asarray([e["latency_ms"]["median"] for e in rows])
-    robust, robust_report = fits["q25 of 7"]
-    assert np.mean(np.abs(robust.predict(rows) / actual - 1) <= 0.10) >= 0.95  # against the undisturbed law
-    # the criterion a user reads: held-out entries, judged against their own (disturbed) measurement
-    assert robust_report["within_10pct"] >= 0.875, robust_report
-    assert fits["median of 3"][1]["within_10pct"] < robust_report["within_10pct"]
+    on_law = {name: float(np.mean(np.abs(pred.predict(rows) / actual - 1) <= 0.10))
+              for name, (pred, _) in fits.items()}
+    held_out = {name: report["within_10pct"] for name, (_, report) in fits.items()}
+    # against the undisturbed law, over all 40 entries
+    assert on_law["min of all runs"] >= 0.95 > on_law["q25 of round medians"] > on_law["median of 3 rounds"], on_law
+    # the criterion a user reads: held-out entries (8 of them), judged against their own measurement
+    assert held_out["min of all runs"] >= 0.875, held_out
 
 
 def test_every_entry_is_predicted_without_it_and_a_planted_miss_is_named():
