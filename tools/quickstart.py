@@ -53,6 +53,7 @@ class QuickstartConfig:
     seed: int = 0
     warmup_requests: int = 10
     kit_count: int = 60
+    profile_alone: bool = True  # profile one device at a time (see profile_devices)
     search_initial: int = 8
     search_iterations: int = 24
     delta: float = 0.05
@@ -145,12 +146,14 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
     shutil.rmtree(kit_dir, ignore_errors=True)
     write_kit(teacher, sample_configs(shape, cfg.kit_count, cfg.seed), kit_dir, progress)
     (out_dir / "profiles").mkdir(exist_ok=True)
-    # Devices on different cores are profiled at once; devices sharing a core one
-    # after another, so each profile is the device alone, as a real one would be.
+    # Devices sharing a core are profiled one after another, so each profile is the device alone,
+    # as a real one would be. With cfg.profile_alone so are devices on different cores: they
+    # still share this machine's L3 cache and memory bus, which a real device does not.
     waves: list[list] = []
     for d in devices:
         cores = set(placements[d.name].cores or [0])
-        wave = next((w for w in waves if all(cores.isdisjoint(placements[x.name].cores or [0]) for x in w)), None)
+        wave = None if cfg.profile_alone else next(
+            (w for w in waves if all(cores.isdisjoint(placements[x.name].cores or [0]) for x in w)), None)
         if wave is None:
             waves.append([d])
         else:
