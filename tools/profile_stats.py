@@ -42,7 +42,7 @@ from coformer.runtime.errors import CoFormerError
 from coformer.runtime.profile import latency_estimate
 
 BANDS_MS = {"below 1 ms": (0.0, 1.0), "1-5 ms": (1.0, 5.0), "5 ms and above": (5.0, float("inf"))}
-# estimates of an entry's latency from its entry: its round medians and the statistics of all its samples
+# estimates of an entry's latency, each from the entry's round medians or the statistics of all its samples
 ESTIMATES = {
     "median of the first 3 rounds": lambda e: float(np.median(e["round_medians_ms"][:3])),
     "median of all rounds": lambda e: float(np.median(e["round_medians_ms"])),
