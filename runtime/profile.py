@@ -23,8 +23,10 @@ the 2 MiB L2 and the 32 MiB L3 hardest. Any statistic that averages over them
 says partly when an entry was timed; the fastest of some hundred runs over
 seven sessions is the run nothing disturbed, and it reproduces. Python's
 ``timeit`` documentation recommends the minimum of repeats for the same
-reason. Measured over 21 profiles of the quickstart's 60-entry kit (three
-emulated devices, seven quickstart runs, taken side by side): two profiles of
+reason. Measured by an ad-hoc script (not kept; ``coformer profile-stats``
+compares the estimates leave-one-out) over 21 profiles of the quickstart's
+60-entry kit (three emulated devices, seven quickstart runs, taken side by
+side; docs/benchmarks.md): two profiles of
 one device agreed within 10% on 87% of entries (worst pair 63%) with the
 minimum, 72% (worst 12%) with the lower quartile of the round medians (this
 profiler's estimate until then), 81% with the minimum of the round medians;
