@@ -259,6 +259,26 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     return l_val
 
 
+def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset):
+    """The search's decoder (points to feasible policies, ranked by importance on training
+    data) and latency model (eq. 3-6 from the devices' predictors), as :func:`search_policy`
+    uses them.
+
+    The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
+    central device's predicted latency for the teacher.
+    """
+    from coformer.compiler.search import Decoder, LatencyModel
+
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher)
+    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
+    full = teacher_cost(shape)
+    g = full.flops / predictors[0].predict_one([shape.num_layers, shape.embed_dim, float(np.mean(shape.heads)),
+                                                 float(np.mean(shape.mlp_dims))], full.flops, full.params)
+    return (Decoder(shape, imp, devices),
+            LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s))))
+
+
 def search_policy(
     teacher: nn.Module,
     devices: Sequence[DeviceSpec],
@@ -280,17 +300,9 @@ def search_policy(
     """
     from tqdm.auto import tqdm
 
-    from coformer.compiler.search import Decoder, LatencyModel, run_search
+    from coformer.compiler.search import run_search
 
-    adapter = adapter_for(teacher)
-    shape = adapter.read_shape(teacher)
-    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
-    decoder = Decoder(shape, imp, devices)
-    full = teacher_cost(shape)
-    central = predictors[0]
-    g = full.flops / central.predict_one([shape.num_layers, shape.embed_dim, float(np.mean(shape.heads)),
-                                           float(np.mean(shape.mlp_dims))], full.flops, full.params)
-    latency = LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)))
+    decoder, latency = search_space(teacher, devices, predictors, data)
     l_val = validation_loss(teacher, data, use_labels)
     results: dict[str, Any] = {}
     chosen = None
@@ -313,5 +325,5 @@ def search_policy(
             chosen = b
     results["evaluations"] = results[methods[0]]["evaluations"]
     results["delta"] = delta
-    results["central_flops_per_ms"] = g
+    results["central_flops_per_ms"] = latency.g
     return chosen.policy, results

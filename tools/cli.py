@@ -261,23 +261,26 @@ def cmd_compile(args: argparse.Namespace) -> int:
         import shutil
         import tempfile
 
-        from coformer.tools.measure import build_probe_bundle, measure_served, measure_served_with_probe, predict_served_here
+        from coformer.compiler.pipeline import search_space
+        from coformer.tools.measure import (build_probe_bundles, measure_served, measure_served_with_probes,
+                                            predict_served_here, probe_measurements)
 
         x_test = data.test.x.numpy()
         if "search" in report:
             # Served here, every device is emulated on this machine and its link is loopback: the
-            # comparable prediction drops eq. 3's link terms (t2) and adds the runtime's own
-            # per-request cost, measured with a probe bundle served beside the bundle.
+            # comparable prediction drops eq. 3's link terms (t2) and is calibrated on probe
+            # bundles served beside the bundle (see predict_served_here).
             tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(args.out).resolve().parent))
             try:
-                probe = build_probe_bundle(teacher, devices, data, tmp)
-                served, probed = measure_served_with_probe(args.out, probe, x_test)
+                probes = build_probe_bundles(teacher, devices, data, tmp,
+                                             *search_space(teacher, devices, predictors, data))
+                served, probed = measure_served_with_probes(args.out, probes, x_test)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             best = report["search"][method]
             here = predict_served_here(best["t1_ms"], best["t3_ms"], devices, served["placements"],
-                                       probed["runtime_ms_median"])
-            report["runtime_overhead_ms"] = probed["runtime_ms_median"]
+                                       probe_measurements(probes, probed, devices))
+            report["runtime_overhead_ms"] = probed["small"]["runtime_ms_median"]
             report["predicted_latency_local_ms"] = here["predicted_ms"]
             report["predicted_latency_local_terms_ms"] = here["terms_ms"]
         else:
@@ -306,7 +309,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         line = f"measured latency (served here, devices emulated): {report['measured_latency_ms']:.2f} ms"
         if "predicted_latency_local_ms" in report:
             line += (f"; predicted for this machine {report['predicted_latency_local_ms']:.2f} ms "
-                     f"(loopback links, runtime {report['runtime_overhead_ms']:.2f} ms)")
+                     f"(loopback links, calibrated on "
+                     f"{len(report['predicted_latency_local_terms_ms']['probes'])} probe bundles served beside it)")
         print(line)
     if args.report_json:
         atomic_write_json(args.report_json, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from coformer.runtime.errors import CoFormerError
 from coformer.runtime.timing import summarise
 from coformer.tools.cluster import LocalCluster
 
@@ -85,24 +87,38 @@ def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: 
     return {**rec.summary(cluster.placements), "status_round_trip_ms": float(np.median(pings))}
 
 
-def measure_served_with_probe(bundle_dir: Path, probe_dir: Path, x: np.ndarray, warmup: int = 10,
-                              throttle: str = "auto", log_dir: Optional[Path] = None,
-                              block: int = 20) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Serve the bundle and the probe bundle (:func:`build_probe_bundle`) side by side and
-    send every sample of ``x`` to each, in alternating blocks of ``block`` requests.
+def measure_served_with_probes(bundle_dir: Path, probes: Mapping[str, Mapping[str, Any]], x: np.ndarray,
+                               warmup: int = 10, throttle: str = "auto", log_dir: Optional[Path] = None,
+                               block: int = 20) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Serve the bundle and the probe bundles (:func:`build_probe_bundles`) side by side
+    (:func:`measure_side_by_side`); returns the bundle's measurement and each probe's.
 
-    Returns the bundle's measurement and the probe's (as :func:`measure_served`);
-    the probe's ``runtime_ms_median`` is the runtime's own cost per request
-    measured in the same minutes as the bundle. This machine's speed drifts by
-    tens of percent from one minute to the next (the probe's runtime cost: 1.6
-    and 2.9 ms a minute apart here), so an overhead measured before the bundle
-    would be compared with a measurement taken on a different machine, in effect.
-    Blocks rather than single requests, so that each cluster idles between its
-    requests as it does when served alone.
+    Side by side because this machine's speed drifts by tens of percent from
+    one minute to the next (the smallest probe's runtime cost: 1.6 and 2.9 ms a
+    minute apart here): probes measured before the bundle would calibrate the
+    prediction on a different machine, in effect.
     """
-    clusters = [LocalCluster(d, throttle=throttle, log_dir=None if log_dir is None else Path(log_dir) / name)
-                for d, name in ((bundle_dir, "bundle"), (probe_dir, "probe"))]
-    recs = [_Records(), _Records()]
+    if "bundle" in probes:
+        raise CoFormerError("a probe may not be named 'bundle'")
+    out = measure_side_by_side({"bundle": bundle_dir, **{k: v["dir"] for k, v in probes.items()}}, x, warmup,
+                               throttle, log_dir, block)
+    return out.pop("bundle"), out
+
+
+def measure_side_by_side(bundles: Mapping[str, Path], x: np.ndarray, warmup: int = 10, throttle: str = "auto",
+                         log_dir: Optional[Path] = None, block: int = 20) -> dict[str, dict[str, Any]]:
+    """Serve every bundle of ``bundles`` (name -> directory) at once and send every sample
+    of ``x`` to each, in turn, in blocks of ``block`` requests; one summary (as
+    :func:`measure_served`) per name.
+
+    Blocks rather than single requests, so that each cluster idles between its
+    requests as it does when served alone; in turn, so that all see the same
+    minutes of this machine.
+    """
+    names = list(bundles)
+    clusters = [LocalCluster(bundles[n], throttle=throttle, log_dir=None if log_dir is None else Path(log_dir) / n)
+                for n in names]
+    recs = [_Records() for _ in names]
     with ExitStack() as stack:
         clients = [stack.enter_context(stack.enter_context(c).client()) for c in clusters]
         for client in clients:
@@ -111,12 +127,40 @@ def measure_served_with_probe(bundle_dir: Path, probe_dir: Path, x: np.ndarray, 
             for client, rec in zip(clients, recs):
                 for i in range(lo, min(lo + block, len(x))):
                     rec.add(client.infer(x[i: i + 1]))
-    return recs[0].summary(clusters[0].placements), recs[1].summary(clusters[1].placements)
+    return {n: rec.summary(c.placements) for n, rec, c in zip(names, recs, clusters)}
 
 
-def build_probe_bundle(teacher, devices, data, out_dir: Path) -> Path:
-    """A bundle whose sub-models are the smallest possible (1 layer, 8 channels, 1 head,
-    8 neurons, uncalibrated) for ``devices``: served, it costs what the runtime itself costs."""
+def probe_layer_counts(num_layers: int) -> list[int]:
+    """The layer counts of the uniform probes: 1, 2, 4, ... below ``num_layers``, then all."""
+    counts, n = [], 1
+    while n < num_layers:
+        counts.append(n)
+        n *= 2
+    return counts + [num_layers]
+
+
+def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency) -> dict[str, dict[str, Any]]:
+    """Bundles that do not depend on the policy being predicted, to calibrate the
+    prediction of served latency on this machine (:func:`predict_served_here`):
+
+    * ``small``: the smallest sub-models (1 layer, 8 channels, 1 head, 8
+      neurons): served, it costs what the runtime itself costs;
+    * ``uniform-l{k}`` and ``uniform``: the uniform decomposition (every device
+      1/N of each width, cut to its budget; the search's DeViT-style baseline)
+      with k = 1, 2, 4, ... layers (:func:`probe_layer_counts`) and with all.
+
+    A ladder of sizes rather than two ends, because served compute is not one
+    factor times the predicted one (see :func:`predict_served_here`). The
+    uniform decomposition is usually slower than the policy the search picks
+    (quickstart: about 10 ms served, against 1.3-5.6 ms), so that the
+    prediction interpolates; beyond it, it extrapolates the last segment.
+    All uncalibrated (no distillation: only their timing matters). ``decoder``
+    and ``latency`` are the search's
+    (:func:`coformer.compiler.pipeline.search_space`): the uniform policies and
+    each probe's predicted ``t1_ms`` and ``t3_ms``. Returns name -> ``{"dir",
+    "policy", "t1_ms", "t3_ms"}``, smallest first; probes whose policies
+    coincide are built once.
+    """
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.families import adapter_for
     from coformer.compiler.pipeline import compile_bundle
@@ -125,25 +169,45 @@ def build_probe_bundle(teacher, devices, data, out_dir: Path) -> Path:
 
     shape = adapter_for(teacher).read_shape(teacher)
     spec = uniform_spec(shape, (1, min(8, shape.embed_dim // len(devices)), 1, 8))
-    policy = Policy(tuple(spec for _ in devices), tuple(d.name for d in devices), source="probe")
-    probe = Path(out_dir) / "probe-bundle"
-    compile_bundle(teacher, devices, data, probe, policy=policy, boost=BoostConfig(epochs=0),
-                   aggregator_epochs=0, progress=False)
-    return probe
+    policies = {"small": Policy(tuple(spec for _ in devices), tuple(d.name for d in devices), source="probe")}
+    n, widths = len(devices), decoder.uniform_point()[1:4]
+    for k in probe_layer_counts(shape.num_layers):
+        name = "uniform" if k == shape.num_layers else f"uniform-l{k}"
+        policy = dataclasses.replace(decoder.decode([k / shape.num_layers, *widths] * n), source="probe")
+        if policy.submodels not in [p.submodels for p in policies.values()]:
+            policies[name] = policy
+    out = {}
+    for name, policy in policies.items():
+        path = Path(out_dir) / f"probe-{name}"
+        compile_bundle(teacher, devices, data, path, policy=policy, boost=BoostConfig(epochs=0),
+                       aggregator_epochs=0, progress=False)
+        t1, _, t3, _ = latency.terms(policy)
+        out[name] = {"dir": path, "policy": policy, "t1_ms": t1, "t3_ms": t3}
+    return out
 
 
-def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[Any],
-                        placements: Mapping[str, Mapping[str, Any]], overhead_ms: float) -> dict[str, Any]:
-    """The latency a policy should measure when served on this machine, devices emulated
-    on ``placements`` as the served measurement records them (``served["placements"]``:
-    each device's ``cores`` and ``cpu_share``).
+def device_compute_ms(served: Mapping[str, Any], devices: Sequence[Any]) -> list[float]:
+    """Each device's median served compute from a measurement (:func:`measure_served`),
+    in the order of ``devices`` (the first is the central node)."""
+    bd = served["breakdown_ms_median"]
+    return [bd["central_compute"]] + [bd[f"worker_compute.{d.name}"] for d in devices[1:]]
 
-    ``overhead_ms`` (the runtime's own cost: the probe bundle's round trip less
-    the compute on its critical path) plus the
-    slowest device's served compute ``t1_n`` (eq. 4, already with its served
-    factor) plus the aggregation ``t3``; eq. 3's link terms drop out (loopback).
-    Measure ``overhead_ms`` with :func:`measure_served_with_probe`, in the same
-    minutes as the measurement the prediction is compared with.
+
+def probe_measurements(probes: Mapping[str, Mapping[str, Any]], probed: Mapping[str, Mapping[str, Any]],
+                       devices: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """The probes as :func:`predict_served_here` takes them: each with its predicted terms,
+    measured median round trip (``measured_ms``) and devices' compute (``device_ms``)."""
+    return {k: {"t1_ms": v["t1_ms"], "t3_ms": v["t3_ms"], "measured_ms": probed[k]["latency_ms"]["median"],
+                "device_ms": device_compute_ms(probed[k], devices)} for k, v in probes.items()}
+
+
+def served_compute_ms(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[Any],
+                      placements: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The compute a request waits for when served on this machine, devices emulated on
+    ``placements`` (``served["placements"]``: each device's ``cores`` and ``cpu_share``):
+    the slowest device's ``t1_n`` plus the aggregation ``t3``; eq. 3's link
+    terms drop out (loopback).
+
     One term is this machine's alone: emulated devices that share a core (two
     workers on core 1 of two cores) can each be delayed by what the others
     compute for the same request (the core is fully booked at shares summing
@@ -157,6 +221,68 @@ def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[
         colocated.append(sum(t1_ms[j] * e.cpu_share for j, e in enumerate(devices)
                              if j != n and cores[e.name] & cores[d.name]))
     device_ms = [t + c for t, c in zip(t1_ms, colocated)]
-    return {"predicted_ms": overhead_ms + max(device_ms) + t3_ms,
-            "terms_ms": {"runtime_overhead": overhead_ms, "t1": list(t1_ms), "colocated": colocated,
-                         "t3": t3_ms, "slowest_device": devices[int(np.argmax(device_ms))].name}}
+    return {"compute_ms": max(device_ms) + t3_ms, "t1": list(t1_ms), "colocated": colocated, "t3": t3_ms,
+            "slowest_device": devices[int(np.argmax(device_ms))].name}
+
+
+def interpolate(x: float, points: Sequence[tuple[float, float]]) -> float:
+    """Piecewise-linear through ``points`` (x, y), extended by the end segments; points of
+    equal x are averaged; a single point is extended with slope 1."""
+    merged: dict[float, list[float]] = {}
+    for px, py in sorted(points):
+        key = next((k for k in merged if abs(k - px) <= 1e-9), px)
+        merged.setdefault(key, []).append(py)
+    pts = [(k, float(np.mean(v))) for k, v in sorted(merged.items())]
+    if not pts:
+        raise CoFormerError("nothing to interpolate: no points")
+    if len(pts) == 1:
+        return pts[0][1] + x - pts[0][0]
+    i = min(max(int(np.searchsorted([p[0] for p in pts], x)), 1), len(pts) - 1)
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[Any],
+                        placements: Mapping[str, Mapping[str, Any]],
+                        probes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The latency a policy should measure when served on this machine, calibrated on the
+    probe bundles of :func:`build_probe_bundles` served in the same minutes
+    (:func:`probe_measurements`: each probe's predicted ``t1_ms`` and ``t3_ms``,
+    its devices' measured compute ``device_ms`` and median round trip
+    ``measured_ms``). Two steps, each piecewise-linear through the probes:
+
+    1. device n's served compute: its predicted ``t1_n`` placed among the
+       probes' ``t1_n``, read off their measured compute (``t1_served``);
+    2. the round trip: C = :func:`served_compute_ms` on the served compute,
+       placed among the probes' C (on their measured compute), read off their
+       measured round trips.
+
+    Served, compute costs more than the profiles say, and not by one factor.
+    On five quickstart bundles served beside the probes (``python -m
+    coformer.tools.served_bench``): the smallest sub-models computed 0.06,
+    0.12 and 0.19 ms against 0.02-0.05 ms predicted (a fixed cost per request
+    of about 0.05 ms of CPU, divided by the device's share); beyond that, sub-models
+    computed 1.0-1.9x their prediction, most on edge-b, which shares its core
+    with edge-c; one of edge-c, 1.1 ms predicted, computed 2.0 ms while the
+    uniform probe's 7 ms computed 5.7; and the round trip less the critical
+    path's compute grew from 1.0 ms (small probe) to 2.1-2.5 ms on a bundle
+    whose workers computed 1.6 and 2.8 ms and to 4.5 ms on the uniform probe.
+    The small probe's runtime cost plus C on the predicted compute, the
+    prediction before this, missed by up to 39%, nearly always low. Probes
+    are fixed by the teacher and the devices, not by the policy, and measured
+    in the same minutes as the bundle, as this machine drifts by tens of
+    percent from minute to minute (docs/benchmarks.md, "Served latency
+    calibrated on probe bundles").
+    """
+    if not probes:
+        raise CoFormerError("no probe measurements: serve the probe bundles beside the bundle")
+    served = [interpolate(t, [(p["t1_ms"][n], p["device_ms"][n]) for p in probes.values()])
+              for n, t in enumerate(t1_ms)]
+    c = served_compute_ms(served, t3_ms, devices, placements)
+    points = {k: served_compute_ms(p["device_ms"], p["t3_ms"], devices, placements)["compute_ms"]
+              for k, p in probes.items()}
+    predicted = interpolate(c["compute_ms"], [(points[k], p["measured_ms"]) for k, p in probes.items()])
+    return {"predicted_ms": predicted,
+            "terms_ms": {**c, "t1": list(t1_ms), "t1_served": served,
+                         "probes": {k: {"compute_ms": points[k], "measured_ms": p["measured_ms"]}
+                                    for k, p in probes.items()}}}

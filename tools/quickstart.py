@@ -204,10 +204,11 @@ def run_quickstart(
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
     from coformer.compiler.lower import check_parity, export_onnx
-    from coformer.compiler.pipeline import compile_bundle, search_policy
+    from coformer.compiler.pipeline import compile_bundle, search_policy, search_space
     from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.measure import build_probe_bundle, measure_served_with_probe, predict_served_here
+    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
+                                        probe_measurements)
 
     cfg = config or (FAST if fast else QuickstartConfig())
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
@@ -238,8 +239,8 @@ def run_quickstart(
     policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
                                    cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress)
 
-    _say("a probe bundle (the smallest sub-models) to measure the serving runtime's own cost")
-    probe = build_probe_bundle(teacher, devices, data, out_dir)
+    _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
+    probes = build_probe_bundles(teacher, devices, data, out_dir, *search_space(teacher, devices, predictors, data))
 
     _say("compile: decompose -> calibrate -> ONNX -> bundle")
     result = compile_bundle(
@@ -260,16 +261,18 @@ def run_quickstart(
     teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
 
     manifest = result.manifest
-    _say("serving: central node + workers as separate processes on loopback (the probe bundle beside it)")
+    _say("serving: central node + workers as separate processes on loopback (the probe bundles beside it)")
     try:
-        served, probed = measure_served_with_probe(out_dir / "bundle", probe, x_test, cfg.warmup_requests, throttle,
-                                                   out_dir / "logs")
+        served, probed = measure_served_with_probes(out_dir / "bundle", probes, x_test, cfg.warmup_requests,
+                                                    throttle, out_dir / "logs")
     finally:
-        shutil.rmtree(probe, ignore_errors=True)
+        for probe in probes.values():
+            shutil.rmtree(probe["dir"], ignore_errors=True)
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
     bo = search["bo"]
-    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, served["placements"], probed["runtime_ms_median"])
+    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, served["placements"],
+                               probe_measurements(probes, probed, devices))
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
@@ -292,7 +295,8 @@ def run_quickstart(
         "predicted_latency_terms_ms": {"T_eq3": bo["predicted_latency_ms"], **here["terms_ms"]},
         "measured_latency_ms": c_lat["median"],
         "prediction_error": here["predicted_ms"] / c_lat["median"] - 1,
-        "probe_latency_ms": probed["latency_ms"]["median"],
+        "probe_latency_ms": {k: v["latency_ms"]["median"] for k, v in probed.items()},
+        "probe_breakdown_ms_median": {k: v["breakdown_ms_median"] for k, v in probed.items()},
         "breakdown_ms_median": served["breakdown_ms_median"],
         "pytorch_accuracy": result.accuracy,
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
@@ -345,8 +349,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines += [
             f"search, best objective (L_val + delta*T, {s['evaluations']} evaluations): "
             + ", ".join(f"{m} {s[m]['best_objective']:.3f}" for m in ("bo", "random", "uniform") if m in s),
-            f"latency predicted {r['predicted_latency_ms']:.2f} ms (slowest device {pt['slowest_device']}; runtime "
-            f"{pt['runtime_overhead']:.2f} ms measured beside it with a probe bundle), measured "
+            f"latency predicted {r['predicted_latency_ms']:.2f} ms (slowest device {pt['slowest_device']}; "
+            f"calibrated on {len(pt['probes'])} probe bundles served beside it, "
+            f"{min(p['measured_ms'] for p in pt['probes'].values()):.2f}-"
+            f"{max(p['measured_ms'] for p in pt['probes'].values()):.2f} ms), measured "
             f"{r['measured_latency_ms']:.2f} ms ({r['prediction_error'] * 100:+.0f}%)",
             "predictor, held-out kit entries within 10%: "
             + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items())

@@ -34,27 +34,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from coformer.compiler.cost import teacher_cost
         from coformer.compiler.families import adapter_for
         from coformer.compiler.predictor import LatencyPredictor
-        from coformer.compiler.search import Decoder, LatencyModel, run_search
-        from coformer.compiler.pipeline import batches, validation_loss
+        from coformer.compiler.search import run_search
+        from coformer.compiler.pipeline import search_space, validation_loss
         from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices
 
         cfg = QuickstartConfig()
         data = load_digits_dataset(cfg.img_size)
         teacher, _ = load_or_train_teacher(cfg, data, progress=False)
-        adapter = adapter_for(teacher)
-        shape = adapter.read_shape(teacher)
-        full = teacher_cost(shape)
-        devices = make_devices(cfg, full.flops)
+        devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
         preds = []
         for d in devices:
             path = args.quickstart_dir / "profiles" / f"{d.name}.predictor.json"
             if not path.is_file():
                 raise CoFormerError(f"{path} is missing: run `coformer quickstart --out {args.quickstart_dir}` first")
             preds.append(LatencyPredictor.load(path))
-        cfg_full = [shape.num_layers, shape.embed_dim, shape.heads[0], shape.mlp_dims[0]]
-        g = full.flops / preds[0].predict_one(cfg_full, full.flops, full.params)
-        decoder = Decoder(shape, adapter.importance(teacher, batches(data.train.x[:256], 64)), devices)
-        latency = LatencyModel(shape, devices, preds, g, lambda s: len(adapter.feature_index(teacher, s)))
+        decoder, latency = search_space(teacher, devices, preds, data)
         cache: dict = {}
         l_val_raw = validation_loss(teacher, data)
 

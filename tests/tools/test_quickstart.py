@@ -50,14 +50,23 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
     for fit in r["predictor"].values():
         assert {"within_10pct", "within_5pct", "mape", "rmse_ms", "n_train", "n_test"} <= set(fit)
     assert r["predicted_latency_ms"] > 0 and r["measured_latency_ms"] == r["collaborative_latency_ms"]["median"]
-    # the prediction: the runtime's own cost, measured with a probe bundle served beside the
-    # bundle, plus the slowest device's compute (with its core-mates' on a shared core)
+    # the prediction: calibrated on probe bundles served beside the bundle (the smallest
+    # sub-models, the uniform decomposition at 1, 2, ... layers and all), which grow in
+    # served latency with their size
     pt = r["predicted_latency_terms_ms"]
-    assert 0 < pt["runtime_overhead"] < r["probe_latency_ms"] and pt["t1"] == r["search"]["bo"]["t1_ms"]
-    assert r["predicted_latency_ms"] == pytest.approx(
-        pt["runtime_overhead"] + max(t + c for t, c in zip(pt["t1"], pt["colocated"])) + pt["t3"])
+    assert pt["t1"] == r["search"]["bo"]["t1_ms"] and len(pt["t1_served"]) == 3
+    probes = sorted(pt["probes"].values(), key=lambda p: p["compute_ms"])
+    assert len(probes) >= 3 and probes[0] == pt["probes"]["small"] and probes[-1] == pt["probes"]["uniform"]
+    assert probes[0]["measured_ms"] < probes[-1]["measured_ms"]
+    assert r["probe_latency_ms"] == {k: p["measured_ms"] for k, p in pt["probes"].items()}
+    # between the two probes whose served compute brackets the policy's, or beyond the last
+    below = [p for p in probes if p["compute_ms"] <= pt["compute_ms"]]
+    above = [p for p in probes if p["compute_ms"] > pt["compute_ms"]]
+    if below and above:
+        lo, hi = sorted((below[-1]["measured_ms"], above[0]["measured_ms"]))
+        assert lo <= r["predicted_latency_ms"] <= hi
     assert r["prediction_error"] == pytest.approx(r["predicted_latency_ms"] / r["measured_latency_ms"] - 1)
-    assert not (tmp_path / "qs" / "probe-bundle").exists()
+    assert not list((tmp_path / "qs").glob("probe-*"))  # the probe bundles are removed
     assert not (tmp_path / "qs" / "kit" / "models").exists()  # the kit's ONNX files are removed
     # the teacher is cached: a second run does not train it again
     again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",

@@ -1,0 +1,120 @@
+"""How well the latency predicted for this machine matches served bundles.
+
+    python -m coformer.tools.served_bench QUICKSTART_DIR [QUICKSTART_DIR ...] --repeats 3
+
+Each QUICKSTART_DIR is the output of a ``coformer quickstart`` run (its bundle
+and the predictors it fitted). The probe bundles of
+:func:`coformer.tools.measure.build_probe_bundles` are built once (the
+quickstart's teacher, from the cache), then every repeat serves each bundle
+beside them and compares its measured median round trip with two predictions:
+
+* calibrated, as ``coformer quickstart`` and ``coformer compile --measure``
+  report it, on the probes (``predict_served_here``);
+* uncalibrated: the small probe's runtime cost (round trip less the compute on
+  its critical path) plus the policy's predicted compute.
+
+Prints one row per measurement and a summary; writes JSON with ``--report-json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from coformer.runtime._files import atomic_write_json
+from coformer.runtime.errors import CoFormerError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coformer.tools.served_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("quickstart_dirs", type=Path, nargs="+")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--report-json", type=Path, default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.repeats < 1:
+            raise CoFormerError(f"--repeats {args.repeats} must be >= 1")
+        rows = run(args.quickstart_dirs, args.repeats)
+        summary = {}
+        for kind in ("calibrated", "uncalibrated"):
+            err = np.abs([r[f"{kind}_error"] for r in rows])
+            summary[kind] = {"mean_abs_error": float(err.mean()), "max_abs_error": float(err.max()),
+                             "within_15pct": float(np.mean(err <= 0.15))}
+            print(f"{kind:>12}: mean |error| {err.mean():.1%}, worst {err.max():.1%}, "
+                  f"within 15% in {int(np.sum(err <= 0.15))} of {len(err)}")
+        if args.report_json:
+            atomic_write_json(args.report_json, {"rows": rows, "summary": summary})
+        return 0
+    except CoFormerError as e:
+        print(f"served_bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
+    from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.pipeline import search_space
+    from coformer.compiler.predictor import LatencyPredictor
+    from coformer.compiler.specs import Policy
+    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
+                                        probe_measurements, served_compute_ms)
+    from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices
+
+    cfg = QuickstartConfig()
+    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    teacher, _ = load_or_train_teacher(cfg, data, progress=False)
+    devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
+    runs = []
+    for d in dirs:
+        paths = [d / "profiles" / f"{dev.name}.predictor.json" for dev in devices] + [d / "bundle" / "manifest.json"]
+        missing = [str(x) for x in paths if not x.is_file()]
+        if missing:
+            raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
+        runs.append((d, [LatencyPredictor.load(x) for x in paths[:-1]],
+                     Policy.from_dict(json.loads(paths[-1].read_text())["policy"])))
+    x = data.test.x.numpy()
+    tmp = Path(tempfile.mkdtemp(prefix="coformer-served-bench-"))
+    rows = []
+    try:
+        # the probes' sub-models do not depend on the predictors; their predicted terms do
+        probes = build_probe_bundles(teacher, devices, data, tmp, *search_space(teacher, devices, runs[0][1], data))
+        print(f"{'bundle':<28} {'measured':>9} {'calibrated':>11} {'uncalibrated':>13}")
+        for rep in range(repeats):
+            for d, preds, policy in runs:
+                _, latency = search_space(teacher, devices, preds, data)
+                t1, _, t3, _ = latency.terms(policy)
+                mine = {}
+                for k, v in probes.items():
+                    t1_k, _, t3_k, _ = latency.terms(v["policy"])
+                    mine[k] = {**v, "t1_ms": t1_k, "t3_ms": t3_k}
+                served, probed = measure_served_with_probes(d / "bundle", mine, x)
+                measured = served["latency_ms"]["median"]
+                here = predict_served_here(t1, t3, devices, served["placements"],
+                                           probe_measurements(mine, probed, devices))
+                plain = (probed["small"]["runtime_ms_median"]
+                         + served_compute_ms(t1, t3, devices, served["placements"])["compute_ms"])
+                row = {"bundle": str(d), "repeat": rep, "measured_ms": measured,
+                       "calibrated_ms": here["predicted_ms"], "calibrated_error": here["predicted_ms"] / measured - 1,
+                       "uncalibrated_ms": plain, "uncalibrated_error": plain / measured - 1,
+                       "terms_ms": here["terms_ms"], "breakdown_ms_median": served["breakdown_ms_median"],
+                       "probe_breakdown_ms_median": {k: v["breakdown_ms_median"] for k, v in probed.items()}}
+                rows.append(row)
+                print(f"{str(d)[-28:]:<28} {measured:>7.2f}ms {here['predicted_ms']:>7.2f} {row['calibrated_error']:+4.0%}"
+                      f" {plain:>8.2f} {row['uncalibrated_error']:+4.0%}",
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
