@@ -263,10 +263,11 @@ def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[
     0.12 and 0.19 ms against 0.02-0.05 ms predicted (a fixed cost per request
     of about 0.05 ms of CPU, divided by the device's share); beyond that, sub-models
     computed 1.0-1.9x their prediction, most on edge-b, which shares its core
-    with edge-c; one of edge-c, 1.1 ms predicted, computed 2.0 ms while the
-    uniform probe's 7 ms computed 5.7; and the round trip less the critical
-    path's compute grew from 1.0 ms (small probe) to 2.1-2.5 ms on a bundle
-    whose workers computed 1.6 and 2.8 ms and to 4.5 ms on the uniform probe.
+    with edge-c; one of edge-c, 1.1 ms predicted, computed 1.9-2.1 ms while
+    the uniform probe's edge-c, 5.5 ms predicted, computed 5.8-5.9; and the
+    round trip less the critical path's compute grew from 1.0 ms (small probe)
+    to 2.1-2.5 ms on a bundle whose workers computed 1.6 and 2.8 ms and to 4.5
+    ms on the uniform probe.
     Over 11 quickstart bundles served twice each, this prediction was within
     15% in 22 of 22 (worst 13%, mean 4.9%); the one before it, the small
     probe's runtime cost plus C on the predicted compute, in 13 of 22 (worst
