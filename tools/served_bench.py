@@ -69,6 +69,10 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
                                         probe_measurements, served_compute_ms)
     from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices
 
+    for d in dirs:  # before the teacher is loaded (or trained, without a cache)
+        missing = [str(x) for x in (d / "bundle" / "manifest.json", d / "profiles") if not x.exists()]
+        if missing:
+            raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
     cfg = QuickstartConfig()
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
     teacher, _ = load_or_train_teacher(cfg, data, progress=False)

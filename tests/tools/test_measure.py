@@ -84,3 +84,14 @@ def test_probe_ladder_doubles_layers_and_ends_at_the_teacher():
     assert probe_layer_counts(12) == [1, 2, 4, 8, 12]
     assert probe_layer_counts(8) == [1, 2, 4, 8]
     assert probe_layer_counts(1) == [1]
+
+
+def test_served_bench_names_a_directory_that_is_not_a_quickstart_output(tmp_path, capsys):
+    from coformer.tools.served_bench import main
+
+    (tmp_path / "profiles").mkdir()  # a bundle is missing
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "bundle" / "manifest.json") in err and "not a quickstart output" in err
+    assert main([str(tmp_path), "--repeats", "0"]) == 2
+    assert "--repeats 0" in capsys.readouterr().err
