@@ -259,24 +259,30 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     return l_val
 
 
-def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset):
-    """The search's decoder (points to feasible policies, ranked by importance on training
-    data) and latency model (eq. 3-6 from the devices' predictors), as :func:`search_policy`
-    uses them.
+def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any]):
+    """The search's latency model (eq. 3-6 from the devices' predictors).
 
     The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
     central device's predicted latency for the teacher.
     """
-    from coformer.compiler.search import Decoder, LatencyModel
+    from coformer.compiler.search import LatencyModel
 
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
-    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
     full = teacher_cost(shape)
     g = full.flops / predictors[0].predict_one([shape.num_layers, shape.embed_dim, float(np.mean(shape.heads)),
                                                  float(np.mean(shape.mlp_dims))], full.flops, full.params)
-    return (Decoder(shape, imp, devices),
-            LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s))))
+    return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)))
+
+
+def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset):
+    """The search's decoder (points to feasible policies, ranked by importance on training
+    data) and latency model (:func:`latency_model`), as :func:`search_policy` uses them."""
+    from coformer.compiler.search import Decoder
+
+    adapter = adapter_for(teacher)
+    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
+    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(teacher, devices, predictors)
 
 
 def search_policy(
@@ -292,9 +298,12 @@ def search_policy(
     log_path: Optional[Path] = None,
     use_labels: bool = True,
     progress: bool = True,
+    space: Optional[tuple[Any, Any]] = None,
 ) -> tuple[Policy, dict[str, Any]]:
     """Run DeBo (and any baselines in ``methods``); the policy of the first method wins.
 
+    ``space``: the decoder and latency model of :func:`search_space`, when the
+    caller has them already (importance takes a pass over calibration data).
     Returns the policy and a report: per method the best objective and its
     terms, the number of evaluations, and the chosen policy's predicted latency.
     """
@@ -302,7 +311,7 @@ def search_policy(
 
     from coformer.compiler.search import run_search
 
-    decoder, latency = search_space(teacher, devices, predictors, data)
+    decoder, latency = space or search_space(teacher, devices, predictors, data)
     l_val = validation_loss(teacher, data, use_labels)
     results: dict[str, Any] = {}
     chosen = None

@@ -212,7 +212,7 @@ def _load_data(args: argparse.Namespace, teacher):
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.devices import load_devices
-    from coformer.compiler.pipeline import compile_bundle, memory_report, search_policy
+    from coformer.compiler.pipeline import compile_bundle, memory_report, search_policy, search_space
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
     from coformer.runtime._files import atomic_write_json
@@ -246,8 +246,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 report.setdefault("predictor", {})[d.name] = fit
         methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if args.compare else [])
         log = args.search_log or Path(f"{args.out}.search")
+        space = search_space(teacher, devices, predictors, data)
         policy, found = search_policy(teacher, devices, predictors, data, methods, args.delta, args.initial,
-                                      args.iterations, args.seed, log, not args.unlabeled, not args.no_progress)
+                                      args.iterations, args.seed, log, not args.unlabeled, not args.no_progress,
+                                      space)
         report["search"] = found
         report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
     result = compile_bundle(teacher, devices, data, args.out, policy=policy,
@@ -261,7 +263,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
         import shutil
         import tempfile
 
-        from coformer.compiler.pipeline import search_space
         from coformer.tools.measure import (build_probe_bundles, measure_served, measure_served_with_probes,
                                             predict_served_here, probe_measurements)
 
@@ -272,8 +273,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             # bundles served beside the bundle (see predict_served_here).
             tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(args.out).resolve().parent))
             try:
-                probes = build_probe_bundles(teacher, devices, data, tmp,
-                                             *search_space(teacher, devices, predictors, data))
+                probes = build_probe_bundles(teacher, devices, data, tmp, *space)
                 served, probed = measure_served_with_probes(args.out, probes, x_test)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

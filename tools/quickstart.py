@@ -236,11 +236,12 @@ def run_quickstart(
         predictors.append(pred)
 
     _say("search: DeBo (Bayesian optimisation), random search and uniform decomposition")
+    space = search_space(teacher, devices, predictors, data)
     policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
-                                   cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress)
+                                   cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress, space)
 
     _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
-    probes = build_probe_bundles(teacher, devices, data, out_dir, *search_space(teacher, devices, predictors, data))
+    probes = build_probe_bundles(teacher, devices, data, out_dir, *space)
 
     _say("compile: decompose -> calibrate -> ONNX -> bundle")
     result = compile_bundle(

@@ -62,7 +62,7 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
     from coformer.calibration.data import load_digits_dataset
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.pipeline import search_space
+    from coformer.compiler.pipeline import latency_model, search_space
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.specs import Policy
     from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
@@ -83,18 +83,18 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
         missing = [str(x) for x in paths if not x.is_file()]
         if missing:
             raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
-        runs.append((d, [LatencyPredictor.load(x) for x in paths[:-1]],
+        runs.append((d, latency_model(teacher, devices, [LatencyPredictor.load(x) for x in paths[:-1]]),
                      Policy.from_dict(json.loads(paths[-1].read_text())["policy"])))
     x = data.test.x.numpy()
     tmp = Path(tempfile.mkdtemp(prefix="coformer-served-bench-"))
     rows = []
     try:
         # the probes' sub-models do not depend on the predictors; their predicted terms do
-        probes = build_probe_bundles(teacher, devices, data, tmp, *search_space(teacher, devices, runs[0][1], data))
+        probes = build_probe_bundles(teacher, devices, data, tmp,
+                                     *search_space(teacher, devices, runs[0][1].predictors, data))
         print(f"{'bundle':<28} {'measured':>9} {'calibrated':>11} {'uncalibrated':>13}")
         for rep in range(repeats):
-            for d, preds, policy in runs:
-                _, latency = search_space(teacher, devices, preds, data)
+            for d, latency, policy in runs:
                 t1, _, t3, _ = latency.terms(policy)
                 mine = {}
                 for k, v in probes.items():
