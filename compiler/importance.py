@@ -24,6 +24,12 @@ class Importance:
     heads: tuple[tuple[float, ...], ...]
     neurons: tuple[tuple[float, ...], ...]
     method: str = "magnitude"
+    stage_channels: tuple[tuple[float, ...], ...] = ()  # a hierarchical model's stages after the first
+
+    @property
+    def all_channels(self) -> tuple[tuple[float, ...], ...]:
+        """Channel scores of every stage, the first stage's (``channels``) first."""
+        return (tuple(self.channels),) + tuple(tuple(c) for c in self.stage_channels)
 
     @classmethod
     def from_sums(cls, layers, channels, heads, neurons, tokens: int, method: str = "magnitude") -> "Importance":
@@ -44,6 +50,7 @@ class Importance:
             or len(self.channels) != shape.embed_dim
             or tuple(len(h) for h in self.heads) != shape.heads
             or tuple(len(n) for n in self.neurons) != shape.mlp_dims
+            or tuple(len(c) for c in self.all_channels) != shape.widths
         ):
             raise CoFormerError("importance scores do not match the teacher's shape")
         return self

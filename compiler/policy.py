@@ -56,10 +56,11 @@ def policy_violations(
     for name, s in zip(policy.devices, subs):
         if s.num_layers > L:
             out.append(f"C1: {name} keeps {s.num_layers} layers, the teacher has L = {L}")
-    total_d = sum(s.embed_dim for s in subs)
-    if total_d > shape.embed_dim:
-        out.append(f"C2: embedding widths {'+'.join(str(s.embed_dim) for s in subs)} = {total_d} "
-                   f"exceed the teacher's d = {shape.embed_dim}")
+    for st, width in enumerate(shape.widths):  # a hierarchical teacher: C2 in every stage
+        ds = [s.stage_widths[st] for s in subs]
+        if sum(ds) > width:
+            what = "embedding widths" if st == 0 else f"channel widths of stage {st}"
+            out.append(f"C2: {what} {'+'.join(map(str, ds))} = {sum(ds)} exceed the teacher's d = {width}")
     h_max, D_max = max(shape.heads), max(shape.mlp_dims)
     for k in range(max(s.num_layers for s in subs)):
         hs = [s.head_counts[k] for s in subs if s.num_layers > k]
@@ -121,25 +122,27 @@ def heuristic_policy(
         raise CoFormerError("no devices given")
     importance.check(shape)
     shares = [d.cpu_share for d in devices]
-    d_n = apportion(shape.embed_dim, shares)
+    d_n = [apportion(w, shares) for w in shape.widths]  # per stage, per device
     h_n = [apportion(h, shares) for h in shape.heads]  # per layer, per device
     D_n = [apportion(D, shares) for D in shape.mlp_dims]
     subs = []
     for n, dev in enumerate(devices):
         layers = list(range(shape.num_layers))
         while True:
+            kept = [top_k(scores, d[n]) for scores, d in zip(importance.all_channels, d_n)]
             spec = SubModelSpec(
                 layers=tuple(layers),
-                channels=top_k(importance.channels, d_n[n]),
+                channels=kept[0],
                 heads=tuple(top_k(importance.heads[l], h_n[l][n]) for l in layers),
                 neurons=tuple(top_k(importance.neurons[l], D_n[l][n]) for l in layers),
+                stage_channels=tuple(kept[1:]),
             )
             c = cost(spec, shape)
             if c.flops <= dev.flops_budget and c.memory_bytes <= dev.memory_bytes:
                 break
             if len(layers) == 1:
                 raise CoFormerError(
-                    f"device {dev.name!r} cannot hold even one layer at width d={d_n[n]}: it needs "
+                    f"device {dev.name!r} cannot hold even one layer at width d={d_n[0][n]}: it needs "
                     f"{_fmt(c.flops)} FLOPs and {_fmt(c.memory_bytes)}B, its budget is "
                     f"{_fmt(dev.flops_budget)} FLOPs and {_fmt(dev.memory_bytes)}B"
                 )

@@ -299,7 +299,8 @@ def worst_configs(predictor: LatencyPredictor, profile: Mapping[str, Any], count
     rows = profile_rows(profile)
     actual = np.asarray([r["latency_ms"] for r in rows])
     rel = np.abs(predictor.predict(rows) - actual) / actual
-    return [tuple(rows[i]["config"]) for i in np.argsort(-rel)[:count]]
+    entries = profile["entries"]
+    return [tuple(entries[i].get("sample", rows[i]["config"])) for i in np.argsort(-rel)[:count]]
 
 
 def predictor_for(path: Path, seed: int = 0) -> tuple[LatencyPredictor, Optional[dict[str, Any]]]:

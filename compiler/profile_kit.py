@@ -65,14 +65,38 @@ def refine_configs(shape: TransformerShape, worst: Sequence[Config], per_point: 
 
 
 def uniform_spec(shape: TransformerShape, config: Config) -> SubModelSpec:
-    """The sub-model keeping the first l layers, d channels, h heads and D neurons of each layer."""
+    """The sub-model of a kit configuration (l, d, h, D): the first d channels, h heads and D
+    neurons of each of l layers, the first l layers of an isotropic teacher.
+
+    A hierarchical teacher (Swin) scales the widths with each stage's: a stage of 2x the
+    first stage's channels keeps 2d channels, a layer of 4x the fewest heads keeps 4h
+    heads; and its l layers are spread evenly over all stages (the first l would all be
+    the early, many-token blocks), so the kit spans the cost of every stage.
+    """
     l, d, h, D = config
-    return SubModelSpec(tuple(range(l)), tuple(range(d)), tuple(tuple(range(h)) for _ in range(l)),
-                        tuple(tuple(range(D)) for _ in range(l)))
+    L = shape.num_layers
+    if not shape.stage_dims:
+        layers = tuple(range(l))
+        return SubModelSpec(layers, tuple(range(d)), tuple(tuple(range(h)) for _ in layers),
+                            tuple(tuple(range(D)) for _ in layers))
+    layers = tuple(sorted({int(round(v)) for v in np.linspace(0, L - 1, l)}))
+
+    def scaled(k: int, of: int, base: int) -> tuple[int, ...]:
+        return tuple(range(min(of, max(1, int(round(k * of / base))))))
+
+    widths = [scaled(d, w, shape.embed_dim) for w in shape.widths]
+    return SubModelSpec(layers, widths[0], tuple(scaled(h, shape.heads[i], min(shape.heads)) for i in layers),
+                        tuple(scaled(D, shape.mlp_dims[i], min(shape.mlp_dims)) for i in layers), tuple(widths[1:]))
 
 
-def config_features(config: Config) -> list[float]:
-    return [float(x) for x in config]
+def spec_features(spec: SubModelSpec) -> list[float]:
+    """The predictor's features of a sub-model (paper eq. 4): layers, first-stage width, mean
+    heads and mean MLP width over its layers. For a kit entry of an isotropic teacher they
+    equal its configuration."""
+    def num(v: float):
+        return int(v) if float(v).is_integer() else float(v)
+
+    return [num(spec.num_layers), num(spec.embed_dim), num(np.mean(spec.head_counts)), num(np.mean(spec.mlp_dims))]
 
 
 def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: bool = True,
@@ -99,7 +123,10 @@ def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: 
         rel = f"models/{start + i:04d}.onnx"
         export_onnx(adapter.slice(teacher, spec), [example], out_dir / rel, [adapter.input_name], ["features"])
         cost = submodel_cost(spec, shape)
-        kit["entries"].append({"id": start + i, "file": rel, "config": list(cfg), "flops": cost.flops,
-                               "params": cost.params})
+        entry = {"id": start + i, "file": rel, "config": spec_features(spec), "flops": cost.flops,
+                 "params": cost.params}
+        if entry["config"] != list(cfg):  # a hierarchical teacher's widths differ by stage
+            entry["sample"] = list(cfg)
+        kit["entries"].append(entry)
     atomic_write_json(out_dir / KIT_NAME, kit)
     return kit

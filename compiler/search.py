@@ -50,6 +50,7 @@ import numpy as np
 from coformer.compiler.cost import Cost, submodel_cost
 from coformer.compiler.importance import Importance, top_k
 from coformer.compiler.policy import apportion, policy_violations
+from coformer.compiler.profile_kit import spec_features
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
 
@@ -108,18 +109,24 @@ class Decoder:
         return want
 
     def decode(self, x: Sequence[float]) -> Policy:
+        """The feasible policy of point ``x``. Widths are fractions of each stage's channels and
+        of each layer's heads and neurons, so one point means the same on a teacher whose
+        layers differ (Swin: 3 heads in the first stage, 24 in the last); on an isotropic
+        teacher every kept layer of a device gets the same counts."""
         if len(x) != self.dims:
             raise CoFormerError(f"a policy point has {self.dims} coordinates, got {len(x)}")
         s = self.shape
         f = np.clip(np.asarray(x, dtype=float).reshape(self.n, 4), LOW, 1.0)
-        d_n = self._counts(s.embed_dim, f[:, 1])
-        h_n = self._counts(min(s.heads), f[:, 2])
-        D_n = self._counts(min(s.mlp_dims), f[:, 3])
+        d_n = [self._counts(w, f[:, 1]) for w in s.widths]  # per stage, per device
+        h_n = {H: self._counts(H, f[:, 2]) for H in set(s.heads)}  # per teacher head count, per device
+        D_n = {M: self._counts(M, f[:, 3]) for M in set(s.mlp_dims)}
         subs = []
         for n, dev in enumerate(self.devices):
             l = max(1, int(round(f[n, 0] * s.num_layers)))
             layers = sorted(top_k(self.imp.layers, l))
-            d, h, D = d_n[n], h_n[n], D_n[n]
+            d = [d_n[st][n] for st in range(len(s.widths))]
+            h = [h_n[s.heads[i]][n] for i in range(s.num_layers)]
+            D = [D_n[s.mlp_dims[i]][n] for i in range(s.num_layers)]
             while True:
                 spec = self._spec(layers, d, h, D)
                 c = self.cost(spec, s)
@@ -127,8 +134,8 @@ class Decoder:
                     break
                 if len(layers) > 1:
                     layers.remove(min(layers, key=lambda i: (self.imp.layers[i], i)))
-                elif d > 1 or D > 1:
-                    d, D = max(1, int(d * 0.9)), max(1, int(D * 0.9))
+                elif max(d) > 1 or max(D) > 1:
+                    d, D = [max(1, int(v * 0.9)) for v in d], [max(1, int(v * 0.9)) for v in D]
                 else:
                     raise CoFormerError(f"device {dev.name!r} cannot hold the smallest sub-model "
                                         f"({c.flops} FLOPs, {c.memory_bytes} B)")
@@ -138,10 +145,11 @@ class Decoder:
         assert not bad, bad  # the repair above guarantees C1-C6
         return policy
 
-    def _spec(self, layers: Sequence[int], d: int, h: int, D: int) -> SubModelSpec:
-        return SubModelSpec(tuple(layers), top_k(self.imp.channels, d),
-                            tuple(top_k(self.imp.heads[l], h) for l in layers),
-                            tuple(top_k(self.imp.neurons[l], D) for l in layers))
+    def _spec(self, layers: Sequence[int], d: Sequence[int], h: Sequence[int], D: Sequence[int]) -> SubModelSpec:
+        """Kept units by importance: ``d`` channels per stage, ``h[l]`` heads and ``D[l]`` neurons of layer l."""
+        kept = [top_k(scores, k) for scores, k in zip(self.imp.all_channels, d)]
+        return SubModelSpec(tuple(layers), kept[0], tuple(top_k(self.imp.heads[l], h[l]) for l in layers),
+                            tuple(top_k(self.imp.neurons[l], D[l]) for l in layers), tuple(kept[1:]))
 
     def uniform_point(self) -> list[float]:
         """DeViT-style: every device the same 1/N of each width and all layers."""
@@ -167,8 +175,7 @@ class LatencyModel:
         t1, t2 = [], []
         for n, (spec, dev, pred) in enumerate(zip(policy.submodels, self.devices, self.predictors)):
             c = self.cost(spec, self.shape)
-            config = [spec.num_layers, spec.embed_dim, float(np.mean(spec.head_counts)), float(np.mean(spec.mlp_dims))]
-            t1.append(pred.predict_served(config, c.flops, c.params))
+            t1.append(pred.predict_served(spec_features(spec), c.flops, c.params))
             nbytes = 0 if n == 0 else 4 * self.feature_dim(spec) + HEADER_BYTES
             t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
         d_agg = sum(self.feature_dim(s) for s in policy.submodels)

@@ -42,6 +42,10 @@ class TransformerShape:
         num_classes: outputs of the teacher's head.
         extras: family flags the cost model needs (``qkv_bias``, ``layer_scale``,
             ``qk_norm``, ``norm_pre``, ``fc_norm``, ``final_norm``, ``pool``).
+        stage_dims: a hierarchical model's channel width per stage (Swin:
+            96, 192, 384, 768); empty for an isotropic one (ViT, BERT), whose
+            one width is ``embed_dim``. ``embed_dim`` is then the first stage's.
+        stage_depths: layers per stage (Swin: 2, 2, 6, 2), in layer order.
     """
 
     family: str
@@ -54,19 +58,49 @@ class TransformerShape:
     patch_in_features: int
     num_classes: int
     extras: Mapping[str, Any] = field(default_factory=dict)
+    stage_dims: tuple[int, ...] = ()
+    stage_depths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
         object.__setattr__(self, "mlp_dims", tuple(int(m) for m in self.mlp_dims))
+        object.__setattr__(self, "stage_dims", tuple(int(c) for c in self.stage_dims))
+        object.__setattr__(self, "stage_depths", tuple(int(c) for c in self.stage_depths))
         if len(self.heads) != len(self.mlp_dims) or not self.heads:
             raise CoFormerError(f"shape: {len(self.heads)} head counts for {len(self.mlp_dims)} MLP widths")
+        if self.stage_dims:
+            if len(self.stage_depths) != len(self.stage_dims) or sum(self.stage_depths) != len(self.heads):
+                raise CoFormerError(f"shape: stage depths {list(self.stage_depths)} for {len(self.stage_dims)} stages "
+                                    f"and {len(self.heads)} layers")
+            if self.stage_dims[0] != self.embed_dim:
+                raise CoFormerError(f"shape: first stage width {self.stage_dims[0]} != embed_dim {self.embed_dim}")
 
     @property
     def num_layers(self) -> int:
         return len(self.heads)
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The channel width of every stage (one entry for an isotropic model)."""
+        return self.stage_dims or (self.embed_dim,)
+
+    def stage_of(self, layer: int) -> int:
+        """The stage teacher layer ``layer`` belongs to (0 for an isotropic model)."""
+        if not self.stage_depths:
+            return 0
+        end = 0
+        for s, depth in enumerate(self.stage_depths):
+            end += depth
+            if layer < end:
+                return s
+        raise CoFormerError(f"layer {layer} is outside 0..{self.num_layers - 1}")
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "heads": list(self.heads), "mlp_dims": list(self.mlp_dims)}
+        d = {**asdict(self), "heads": list(self.heads), "mlp_dims": list(self.mlp_dims)}
+        d["stage_dims"], d["stage_depths"] = list(self.stage_dims), list(self.stage_depths)
+        if not self.stage_dims:  # isotropic shapes serialise as they always have
+            del d["stage_dims"], d["stage_depths"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TransformerShape":
@@ -82,22 +116,30 @@ class SubModelSpec:
         channels: kept embedding channels (d_n = len).
         heads: per kept layer, the kept heads of that teacher layer (may be empty).
         neurons: per kept layer, the kept MLP neurons of that teacher layer (may be empty).
+        stage_channels: a hierarchical model's kept channels of every stage after
+            the first (``channels`` holds the first stage's, the patch embedding's);
+            empty for an isotropic model.
     """
 
     layers: tuple[int, ...]
     channels: tuple[int, ...]
     heads: tuple[tuple[int, ...], ...]
     neurons: tuple[tuple[int, ...], ...]
+    stage_channels: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         object.__setattr__(self, "channels", tuple(int(i) for i in self.channels))
         object.__setattr__(self, "heads", tuple(tuple(int(i) for i in h) for h in self.heads))
         object.__setattr__(self, "neurons", tuple(tuple(int(i) for i in n) for n in self.neurons))
+        object.__setattr__(self, "stage_channels", tuple(tuple(int(i) for i in c) for c in self.stage_channels))
         if not self.layers:
             raise CoFormerError("sub-model keeps no layer: l_n must be >= 1")
         if not self.channels:
             raise CoFormerError("sub-model keeps no embedding channel: d_n must be >= 1")
+        empty = [s + 1 for s, c in enumerate(self.stage_channels) if not c]
+        if empty:
+            raise CoFormerError(f"sub-model keeps no channel in stages {empty}: every stage needs >= 1")
         if len(self.heads) != len(self.layers) or len(self.neurons) != len(self.layers):
             raise CoFormerError(
                 f"sub-model has {len(self.layers)} layers but {len(self.heads)} head lists "
@@ -120,10 +162,24 @@ class SubModelSpec:
     def mlp_dims(self) -> tuple[int, ...]:
         return tuple(len(n) for n in self.neurons)
 
+    @property
+    def all_channels(self) -> tuple[tuple[int, ...], ...]:
+        """The kept channels of every stage, the first stage's (``channels``) first."""
+        return (self.channels,) + self.stage_channels
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.all_channels)
+
     def validate(self, shape: TransformerShape, where: str = "sub-model") -> "SubModelSpec":
         """Check every index against the teacher; raise naming the bad ones."""
         _sorted_unique("layers", self.layers, shape.num_layers, where)
-        _sorted_unique("channels", self.channels, shape.embed_dim, where)
+        widths = shape.widths
+        if len(self.all_channels) != len(widths):
+            raise CoFormerError(f"{where}: channels given for {len(self.all_channels)} stages, the teacher has "
+                                f"{len(widths)}")
+        for s, (kept, width) in enumerate(zip(self.all_channels, widths)):
+            _sorted_unique("channels" if s == 0 else f"channels of stage {s}", kept, width, where)
         for layer, heads, neurons in zip(self.layers, self.heads, self.neurons):
             _sorted_unique(f"heads of layer {layer}", heads, shape.heads[layer], where)
             _sorted_unique(f"neurons of layer {layer}", neurons, shape.mlp_dims[layer], where)
@@ -138,25 +194,32 @@ class SubModelSpec:
             channels=tuple(range(shape.embed_dim)),
             heads=tuple(tuple(range(shape.heads[i])) for i in range(L)),
             neurons=tuple(tuple(range(shape.mlp_dims[i])) for i in range(L)),
+            stage_channels=tuple(tuple(range(c)) for c in shape.stage_dims[1:]),
         )
 
     def summary(self) -> dict[str, Any]:
-        return {"l": self.num_layers, "d": self.embed_dim, "h": list(self.head_counts), "D": list(self.mlp_dims)}
+        out = {"l": self.num_layers, "d": self.embed_dim, "h": list(self.head_counts), "D": list(self.mlp_dims)}
+        if self.stage_channels:
+            out["d_stages"] = list(self.stage_widths)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "layers": list(self.layers),
             "channels": list(self.channels),
             "heads": [list(h) for h in self.heads],
             "neurons": [list(n) for n in self.neurons],
         }
+        if self.stage_channels:
+            out["stage_channels"] = [list(c) for c in self.stage_channels]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SubModelSpec":
         missing = [k for k in ("layers", "channels", "heads", "neurons") if k not in d]
         if missing:
             raise CoFormerError(f"sub-model spec misses fields {missing}")
-        return cls(d["layers"], d["channels"], d["heads"], d["neurons"])
+        return cls(d["layers"], d["channels"], d["heads"], d["neurons"], d.get("stage_channels", ()))
 
 
 @dataclass(frozen=True)

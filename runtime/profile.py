@@ -203,6 +203,8 @@ def profile_kit(
         entries.append({"id": e["id"], "config": e["config"], "flops": e["flops"], "params": e["params"],
                         "latency_estimate_ms": estimate, "latency_ms": latency, "round_medians_ms": rm,
                         "source": source})
+        if "sample" in e:  # the kit's sampling configuration, where it differs from the features
+            entries[-1]["sample"] = e["sample"]
         if gapped_medians[e["id"]]:
             entries[-1]["gap_ratio"] = float(np.median(gapped_medians[e["id"]])) / estimate
     ratios = [x["gap_ratio"] for x in entries if "gap_ratio" in x]

@@ -23,7 +23,7 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def _load_all() -> None:
-    from coformer.compiler.families import bert, gpt2, t5, vit  # noqa: F401  (each registers itself)
+    from coformer.compiler.families import bert, gpt2, swin, t5, vit  # noqa: F401  (each registers itself)
 
 
 def adapter_for(model: Any):

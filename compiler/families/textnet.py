@@ -394,10 +394,11 @@ def magnitude(net: TextNet, batches: Iterable[torch.Tensor]) -> Importance:
     """
     c = net.cfg
     L, hd = len(net.blocks), c["head_dim"]
-    heads = [torch.zeros(h, dtype=torch.float64) for h in c["heads"]]
-    neurons = [torch.zeros(m, dtype=torch.float64) for m in c["mlp_dims"]]
-    channels = torch.zeros(c["embed_dim"], dtype=torch.float64)
-    layers = torch.zeros(L, dtype=torch.float64)
+    dev = next(net.parameters()).device  # sums stay where the model runs (a GPU)
+    heads = [torch.zeros(h, dtype=torch.float64, device=dev) for h in c["heads"]]
+    neurons = [torch.zeros(m, dtype=torch.float64, device=dev) for m in c["mlp_dims"]]
+    channels = torch.zeros(c["embed_dim"], dtype=torch.float64, device=dev)
+    layers = torch.zeros(L, dtype=torch.float64, device=dev)
     state: dict[str, Any] = {"mask": None, "tokens": 0}
     hooks = []
 
@@ -435,6 +436,7 @@ def magnitude(net: TextNet, batches: Iterable[torch.Tensor]) -> Importance:
         hooks.append(blk.register_forward_hook(on_block(l)))
     try:
         for x in batches:
+            x = x.to(dev)
             state["mask"] = x[:, 1].to(torch.float32)
             net(x)
             state["tokens"] += int(x[:, 1].sum())

@@ -373,10 +373,11 @@ def _magnitude(model: nn.Module, batches: Iterable[torch.Tensor]) -> Importance:
     layer l: E ||block(x) - x|| / ||x||, the relative update the block makes.
     """
     L = len(model.blocks)
-    heads = [torch.zeros(b.attn.num_heads, dtype=torch.float64) for b in model.blocks]
-    neurons = [torch.zeros(b.mlp.fc1.out_features, dtype=torch.float64) for b in model.blocks]
-    channels = torch.zeros(model.embed_dim, dtype=torch.float64)
-    layers = torch.zeros(L, dtype=torch.float64)
+    dev = next(model.parameters()).device  # sums stay where the model runs (a GPU)
+    heads = [torch.zeros(b.attn.num_heads, dtype=torch.float64, device=dev) for b in model.blocks]
+    neurons = [torch.zeros(b.mlp.fc1.out_features, dtype=torch.float64, device=dev) for b in model.blocks]
+    channels = torch.zeros(model.embed_dim, dtype=torch.float64, device=dev)
+    layers = torch.zeros(L, dtype=torch.float64, device=dev)
     count = {"tokens": 0}
     hooks = []
 
@@ -416,7 +417,7 @@ def _magnitude(model: nn.Module, batches: Iterable[torch.Tensor]) -> Importance:
     model.eval()
     try:
         for x in batches:
-            model(x)
+            model(x.to(dev))
             count["tokens"] += x.shape[0] * (model.patch_embed.num_patches + model.num_prefix_tokens)
     finally:
         for h in hooks:

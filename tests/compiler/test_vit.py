@@ -79,7 +79,7 @@ def test_bad_spec_names_the_bad_indices():
 
 
 def test_unsupported_model_is_refused_with_the_supported_list():
-    with pytest.raises(CoFormerError, match="supported families: \\['bert', 'gpt2', 't5', 'vit'\\]"):
+    with pytest.raises(CoFormerError, match="supported families: \\['bert', 'gpt2', 'swin', 't5', 'vit'\\]"):
         adapter_for(torch.nn.Linear(2, 2))
 
 
