@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from coformer.calibration.compute import CPU, Compute
+
 
 class Aggregator(nn.Module):
     """Concat -> Linear(sum d_n -> teacher feature dim) -> teacher head."""
@@ -55,30 +57,39 @@ def train_aggregator(
     batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
+    compute: Compute = CPU,
 ) -> list[float]:
     """Fit W and b on cached sub-model features (the head stays frozen); returns per-epoch loss.
 
     The loss is eq. 14's with uniform weights: half cross-entropy to the labels,
     half to the teacher's hard decisions; without labels, the teacher's alone.
+    Features and targets are moved to ``compute``'s device once (they are small:
+    d_n numbers a sample); the aggregator is left on the CPU afterwards.
     """
+    dev = compute.torch_device
     gen = torch.Generator().manual_seed(seed)
     for p in agg.head.parameters():
         p.requires_grad_(False)
+    agg.to(dev)
+    feats = [f.to(dev) for f in features]
+    yt = teacher_decisions.to(dev)
+    y = None if labels is None else labels.to(dev)
     opt = torch.optim.AdamW(agg.linear.parameters(), lr=lr, weight_decay=1e-4)
     M = teacher_decisions.shape[0]
     history = []
-    for _ in tqdm(range(epochs), desc="aggregator", disable=not progress, leave=False):
-        perm = torch.randperm(M, generator=gen)
+    for _ in tqdm(range(epochs), desc="aggregator", disable=not progress, leave=False, unit="epoch"):
+        perm = torch.randperm(M, generator=gen).to(dev)
         total = 0.0
         for i in range(0, M, batch_size):
             idx = perm[i: i + batch_size]
-            logits = agg(*[f[idx] for f in features])
-            loss = F.cross_entropy(logits, teacher_decisions[idx])
-            if labels is not None:
-                loss = 0.5 * (loss + F.cross_entropy(logits, labels[idx]))
+            logits = agg(*[f[idx] for f in feats])
+            loss = F.cross_entropy(logits, yt[idx])
+            if y is not None:
+                loss = 0.5 * (loss + F.cross_entropy(logits, y[idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         history.append(total / M)
+    agg.to("cpu")
     return history

@@ -23,13 +23,19 @@ mean so that one mislabelled sample cannot take over a sub-model.
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from coformer.calibration.compute import CPU, Compute
+from coformer.calibration.data import Split
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class BoostConfig:
 class BoostReport:
     losses: list[list[float]] = field(default_factory=list)  # per sub-model, per epoch
     weights: list[torch.Tensor] = field(default_factory=list)  # W_n used for sub-model n
+    resumed: list[int] = field(default_factory=list)  # sub-models loaded from a checkpoint
 
 
 class _WithHead(nn.Module):
@@ -94,40 +101,97 @@ def update_weights(w: torch.Tensor, losses: torch.Tensor, max_ratio: float) -> t
     return w
 
 
+def as_split(x: Union[torch.Tensor, Split]) -> Split:
+    """An in-memory tensor as a :class:`Split`; a split as it is."""
+    return x if isinstance(x, Split) else Split(x, None, np.empty(0))
+
+
 @torch.no_grad()
-def _per_sample_loss(model: nn.Module, x: torch.Tensor, yt: torch.Tensor, y: Optional[torch.Tensor], bs: int) -> torch.Tensor:
+def _per_sample_loss(model: nn.Module, data: Split, yt: torch.Tensor, y: Optional[torch.Tensor],
+                     compute: Compute) -> torch.Tensor:
     model.eval()
-    out = []
-    for i in range(0, x.shape[0], bs):
-        out.append(boost_loss(model(x[i: i + bs]), yt[i: i + bs], None if y is None else y[i: i + bs]))
-    return torch.cat(out)
+    out = torch.empty(len(data))
+    for idx, x in data.batches(compute.batch_size, workers=compute.workers):
+        with compute.autocast():
+            logits = model(x.to(compute.torch_device)).float().cpu()
+        out[idx] = boost_loss(logits, yt[idx], None if y is None else y[idx])
+    return out
+
+
+class Checkpoints:
+    """Per-sub-model calibration checkpoints in ``folder`` (``sub-N.pt``: the sub-model's and
+    its head's weights, the sample weights for the next one, the losses), valid for one
+    ``key`` (teacher, policy, data and settings): an interrupted compile resumes after the
+    last finished sub-model; files of another key are ignored and replaced."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = Path(folder), key
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def load(self, name: str) -> Optional[dict]:
+        path = self._path(name)
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            return None  # a file cut short by a crash: computed again
+        return state if isinstance(state, dict) and state.get("key") == self.key else None
+
+    def save(self, name: str, state: dict) -> None:
+        import io
+
+        from coformer.runtime._files import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({**state, "key": self.key}, buf)
+        atomic_write_bytes(self._path(name), buf.getvalue())
 
 
 def calibrate(
     submodels: Sequence[nn.Module],
     heads: Sequence[nn.Module],
-    x: torch.Tensor,
+    x: Union[torch.Tensor, Split],
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     config: BoostConfig = BoostConfig(),
     progress: bool = True,
+    compute: Compute = CPU,
+    checkpoints: Optional[Checkpoints] = None,
 ) -> BoostReport:
     """Calibrate ``submodels`` in order, in place (Algorithm 1, lines 12-15).
 
     ``heads[n]`` maps sub-model n's pooled feature to logits (the teacher's
-    head sliced to its channels) and is trained with it. ``teacher_logits``
-    are the teacher's outputs on ``x``, computed once.
+    head sliced to its channels) and is trained with it. ``x`` holds the
+    training inputs (a tensor, or a streamed :class:`Split`); ``teacher_logits``
+    are the teacher's outputs on them, computed once. Sub-model n shuffles with
+    its own generator (``seed``, n), so a run resumed from ``checkpoints`` after
+    sub-model n-1 calibrates n exactly as an uninterrupted run would.
     """
-    gen = torch.Generator().manual_seed(config.seed)
-    M = x.shape[0]
+    data = as_split(x)
+    dev = compute.torch_device
+    M = len(data)
     yt = teacher_logits.argmax(dim=-1)
     w = torch.full((M,), 1.0 / M)
     report = BoostReport()
     steps_per_epoch = math.ceil(M / config.batch_size)
     for n, (body, head) in enumerate(zip(submodels, heads)):
         model = _WithHead(body, head)
-        model.train()
+        done = checkpoints.load(f"sub-{n}") if checkpoints else None
+        if done is not None:
+            body.load_state_dict(done["body"])
+            head.load_state_dict(done["head"])
+            report.weights.append(w.clone())
+            report.losses.append(list(done["losses"]))
+            report.resumed.append(n)
+            w = done["next_weights"]
+            continue
+        gen = torch.Generator().manual_seed(config.seed * 1000 + n)
+        model.to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scaler = compute.scaler()
         total_steps = max(1, config.epochs * steps_per_epoch)
         warmup = max(1, total_steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -135,24 +199,35 @@ def calibrate(
         )
         report.weights.append(w.clone())
         epoch_losses = []
-        bar = tqdm(range(config.epochs), desc=f"calibrate sub-model {n + 1}/{len(submodels)}",
-                   disable=not progress, leave=False)
-        for _ in bar:
+        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"calibrate sub-model {n + 1}/{len(submodels)}",
+                   disable=not progress, leave=False, unit="batch")
+        for epoch in range(config.epochs):
             model.train()
-            perm = torch.randperm(M, generator=gen)
             total = 0.0
-            for i in range(0, M, config.batch_size):
-                idx = perm[i: i + config.batch_size]
-                per = boost_loss(model(x[idx]), yt[idx], None if labels is None else labels[idx])
-                loss = (w[idx] * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
+            for idx, xb in data.batches(config.batch_size, shuffle=True, generator=gen, workers=compute.workers):
+                with compute.autocast():
+                    logits = model(xb.to(dev)).float()
+                per = boost_loss(logits, yt[idx].to(dev), None if labels is None else labels[idx].to(dev))
+                loss = (w[idx].to(dev) * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
                 opt.zero_grad()
-                loss.backward()
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 sched.step()
                 total += loss.item() * len(idx)
+                bar.update(1)
             epoch_losses.append(total / M)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}")
+        bar.close()
         report.losses.append(epoch_losses)
         model.eval()
-        w = update_weights(w, _per_sample_loss(model, x, yt, labels, 256), config.max_weight_ratio)
+        w = update_weights(w, _per_sample_loss(model, data, yt, labels, compute), config.max_weight_ratio)
+        model.to("cpu")
+        if checkpoints:
+            checkpoints.save(f"sub-{n}", {"body": body.state_dict(), "head": head.state_dict(),
+                                          "next_weights": w, "losses": epoch_losses})
     return report

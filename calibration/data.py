@@ -21,12 +21,67 @@ DIGIT_LABELS = [str(i) for i in range(10)]
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor
+    """One split's samples: model inputs, labels (None: label-free) and what they came from.
+
+    The inputs are either held in memory (``x``, a tensor: digits, token ids) or
+    streamed (``source``, a map-style dataset whose item ``i`` is input ``i``: an
+    image folder decoded on demand, never loaded whole). Passes over the data go
+    through :meth:`batches` and :meth:`head`, which serve both alike.
+    """
+
+    x: Optional[torch.Tensor]
     y: Optional[torch.Tensor]
     raw: np.ndarray
+    source: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if (self.x is None) == (self.source is None):
+            raise ValueError("a split holds its inputs (x) or streams them (source), not both or neither")
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.x.shape[0]) if self.x is not None else len(self.source)
+
+    @property
+    def streamed(self) -> bool:
+        return self.x is None
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` inputs (all when fewer) as one tensor."""
+        n = min(int(n), len(self))
+        if self.x is not None:
+            return self.x[:n]
+        return torch.stack([self.source[i] for i in range(n)]) if n else torch.empty(0)
+
+    def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
+                workers: int = 0, limit: Optional[int] = None):
+        """Yield ``(index, x)`` batches over the split (or its first ``limit`` samples); streamed
+        inputs are decoded by ``workers`` loader processes."""
+        n = len(self) if limit is None else min(int(limit), len(self))
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if self.x is not None:
+            for i in range(0, n, batch_size):
+                idx = order[i: i + batch_size]
+                yield idx, self.x[idx]
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_Indexed(self.source, order.tolist()), batch_size=batch_size, shuffle=False,
+                            num_workers=workers, persistent_workers=False, pin_memory=False)
+        yield from loader
+
+
+class _Indexed:
+    """``source`` in the order ``order``, each item with its index (for per-sample weights)."""
+
+    def __init__(self, source: Any, order: list[int]) -> None:
+        self.source, self.order = source, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int):
+        i = self.order[k]
+        return i, self.source[i]
 
 
 @dataclass(frozen=True)
@@ -36,6 +91,15 @@ class Dataset:
     test: Split
     labels: list[str]
     preprocessing: dict[str, Any]
+
+    def head(self, n: int) -> "Dataset":
+        """The first ``n`` samples of every split, in memory: enough to build bundles whose
+        timing, not accuracy, matters (probes), without a pass over a large folder."""
+        def cut(s: Split) -> Split:
+            k = min(n, len(s))
+            return Split(s.head(k), None if s.y is None else s.y[:k], s.raw[:k])
+
+        return Dataset(cut(self.train), cut(self.val), cut(self.test), self.labels, self.preprocessing)
 
 
 def digits_preprocessing(size: int) -> dict[str, Any]:
@@ -72,5 +136,6 @@ def load_digits_dataset(size: int = 32, seed: int = 0) -> Dataset:
 
 
 def batches(x: torch.Tensor, batch_size: int):
+    """Consecutive slices of an in-memory tensor."""
     for i in range(0, x.shape[0], batch_size):
         yield x[i: i + batch_size]

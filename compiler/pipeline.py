@@ -2,32 +2,38 @@
 
 shape -> importance -> policy (given, or the heuristic) -> decompose ->
 calibrate (booster, then aggregator) -> lower (ONNX + parity) -> bundle.
+
+Every pass over data runs on a :class:`~coformer.calibration.compute.Compute`
+(the CPU, or a GPU with mixed precision); the teacher stays on the CPU between
+passes and lowering is always on the CPU in float32.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from coformer.calibration.aggregator import Aggregator, train_aggregator
-from coformer.calibration.booster import BoostConfig, BoostReport, calibrate
-from coformer.calibration.data import Dataset, batches
+from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, as_split, calibrate
+from coformer.calibration.compute import CPU, Compute
+from coformer.calibration.data import Dataset, Split
 from coformer.compiler.bundle import check_target, write_bundle
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.families import adapter_for
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
-from coformer.compiler.specs import DeviceSpec, Policy
+from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
 from coformer.runtime._files import public_mode
-from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
 
 log = logging.getLogger("coformer.compile")
@@ -47,14 +53,77 @@ class CompileResult:
     boost: Optional[BoostReport] = None
 
 
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
-def run_batched(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(b) for b in batches(x, batch_size)])
+def run_many(models: Sequence[nn.Module], x: Union[torch.Tensor, Split], compute: Compute = CPU,
+             progress: bool = False, desc: str = "") -> list[torch.Tensor]:
+    """Every model's outputs on every input of ``x``, in one pass (a streamed split's images are
+    decoded once for all models); float32 on the CPU. Models are returned to where they were."""
+    data = as_split(x)
+    dev = compute.torch_device
+    was = [_device(m) for m in models]
+    outs: list[list[torch.Tensor]] = [[] for _ in models]
+    steps = -(-len(data) // compute.batch_size)
+    try:
+        for m in models:
+            m.eval().to(dev)
+        for _, xb in tqdm(data.batches(compute.batch_size, workers=compute.workers), total=steps, desc=desc,
+                          disable=not progress, leave=False, unit="batch"):
+            xb = xb.to(dev)
+            with compute.autocast():
+                for out, m in zip(outs, models):
+                    out.append(m(xb).float().cpu())
+    finally:
+        for m, d in zip(models, was):
+            m.to(d)
+    return [torch.cat(o) if o else torch.empty(0) for o in outs]
+
+
+def run_batched(model: nn.Module, x: Union[torch.Tensor, Split], compute: Compute = CPU,
+                progress: bool = False, desc: str = "") -> torch.Tensor:
+    """``model``'s outputs on every input of ``x`` (see :func:`run_many`)."""
+    return run_many([model], x, compute, progress, desc)[0]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=-1) == y).float().mean())
+
+
+def importance_of(teacher: nn.Module, data: Dataset, compute: Compute = CPU, samples: int = 256):
+    """Importance scores of the teacher's units on the first ``samples`` training inputs."""
+    adapter = adapter_for(teacher)
+    was = _device(teacher)
+    teacher.to(compute.torch_device)
+    try:
+        with compute.autocast():
+            return adapter.importance(teacher, (x for _, x in data.train.batches(
+                min(64, compute.batch_size), workers=compute.workers, limit=samples)))
+    finally:
+        teacher.to(was)
+
+
+def calibration_key(teacher: nn.Module, policy: Policy, data: Dataset, boost: BoostConfig, use_labels: bool,
+                    aggregator_epochs: int) -> str:
+    """What a calibration depends on: every byte of the teacher's weights, the policy, the
+    training data (its files, or its tensor) and the settings; the checkpoints' validity key."""
+    h = hashlib.sha256(b"coformer calibration v1")
+    for name, t in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([policy.to_dict(), boost.__dict__, use_labels, aggregator_epochs], sort_keys=True,
+                        default=str).encode())
+    tr = data.train
+    if tr.streamed:
+        h.update(json.dumps([list(map(str, tr.raw)), dict(data.preprocessing)], sort_keys=True, default=str).encode())
+    else:
+        h.update(tr.x.contiguous().numpy().tobytes())
+    if tr.y is not None:
+        h.update(tr.y.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def compile_bundle(
@@ -68,13 +137,21 @@ def compile_bundle(
     use_labels: bool = True,
     model_name: str = "teacher",
     progress: bool = True,
+    compute: Compute = CPU,
+    checkpoint_dir: Optional[Path] = None,
+    model_info: Optional[dict[str, Any]] = None,
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
     ``policy`` (e.g. from ``--policy FILE``) is checked against C1-C6; without
     one, the heuristic policy is built from importance scores on training
     data. ``use_labels=False`` calibrates from the teacher's decisions alone.
-    The first device of the policy is the central node.
+    The first device of the policy is the central node. ``compute`` says where
+    the passes over data run. With ``checkpoint_dir``, the teacher's outputs and
+    every calibrated sub-model are kept there as they finish, so a run stopped
+    part-way resumes where it stopped (:class:`~coformer.calibration.booster.Checkpoints`);
+    the folder is removed once the bundle is written. ``model_info`` adds to the
+    manifest's ``model`` record (where the teacher came from).
     """
     check_target(out_dir)
     teacher = teacher.eval()
@@ -83,8 +160,7 @@ def compile_bundle(
     by_name = {d.name: d for d in devices}
     if policy is None:
         log.info("scoring importance on %d calibration samples", min(256, len(data.train)))
-        imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
-        policy = heuristic_policy(shape, imp, devices)
+        policy = heuristic_policy(shape, importance_of(teacher, data, compute), devices)
     else:
         check_policy(policy, shape, devices)
     specs = list(policy.submodels)
@@ -92,21 +168,31 @@ def compile_bundle(
     heads = [adapter.submodel_head(teacher, s) for s in specs]
     labels = data.train.y if use_labels else None
 
-    teacher_train = run_batched(teacher, data.train.x)
-    report = calibrate(subs, heads, data.train.x, teacher_train, labels, boost, progress=progress)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = Checkpoints(checkpoint_dir, calibration_key(teacher, policy, data, boost, use_labels, aggregator_epochs))
+    cached = ckpt.load("teacher") if ckpt else None
+    if cached is not None:
+        teacher_train = cached["logits"]
+    else:
+        teacher_train = run_batched(teacher, data.train, compute, progress, "teacher on calibration data")
+        if ckpt:
+            ckpt.save("teacher", {"logits": teacher_train})
+    report = calibrate(subs, heads, data.train, teacher_train, labels, boost, progress=progress, compute=compute,
+                       checkpoints=ckpt)
 
-    feats_train = [run_batched(s, data.train.x) for s in subs]
+    feats_train = run_many(subs, data.train, compute, progress, "sub-model features")
     agg = Aggregator([f.shape[1] for f in feats_train], _teacher_feature_dim(adapter, teacher, data),
                      copy.deepcopy(adapter.teacher_head(teacher)))
     agg.init_from_index([adapter.feature_index(teacher, s) for s in specs])
     train_aggregator(agg, feats_train, teacher_train.argmax(-1), labels, epochs=aggregator_epochs,
-                     seed=boost.seed, progress=progress)
+                     seed=boost.seed, progress=progress, compute=compute)
     agg.eval()
 
-    acc = evaluate(teacher, subs, heads, agg, data)
+    acc = evaluate(teacher, subs, heads, agg, data, compute, progress)
     costs = [submodel_cost(s, shape) for s in specs]
     t_cost = teacher_cost(shape)
-    x_example = data.val.x[:3]
+    x_example = data.val.head(3)
 
     def build(staging: Path) -> dict[str, Any]:
         arts, parity = [], {}
@@ -129,12 +215,12 @@ def compile_bundle(
         if text:
             shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
             public_mode(staging / preprocessing["tokenizer"])
-        model_info = {"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
-                      "shape": shape.to_dict()}
+        info = {"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
+                "shape": shape.to_dict(), **dict(model_info or {})}
         if text:
-            model_info["source"] = getattr(teacher, "source", "")
+            info.setdefault("source", getattr(teacher, "source", ""))
         return dict(
-            model=model_info,
+            model=info,
             task={"kind": "classification", "labels": list(data.labels)},
             input=InputSpec(
                 "tokens" if text else names_in[0], "int64" if text else "float32",
@@ -147,6 +233,8 @@ def compile_bundle(
         )
 
     manifest = write_bundle(Path(out_dir), build)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report)
 
 
@@ -198,34 +286,34 @@ def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: 
 
 def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
     with torch.no_grad():
-        return int(adapter.teacher_features(teacher, data.train.x[:1]).shape[-1])
+        return int(adapter.teacher_features(teacher, data.train.head(1)).shape[-1])
 
 
-@torch.no_grad()
 def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
-             agg: nn.Module, data: Dataset) -> dict[str, Any]:
+             agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False) -> dict[str, Any]:
     """Test-split accuracy in PyTorch: teacher, each sub-model with its head, and the ensemble.
 
     Without labels (label-free distillation) the reference is the teacher's own
     decisions: ``reference`` says which, and the teacher scores 1.0 against itself.
     """
-    x, y = data.test.x, data.test.y
-    t_logits = run_batched(teacher, x)
+    y = data.test.y
+    t_logits, *feats = run_many([teacher, *subs], data.test, compute, progress, "evaluate on the test split")
     reference = "labels"
     if y is None:
         y, reference = t_logits.argmax(-1), "teacher"
-    feats = [run_batched(s, x) for s in subs]
-    return {
-        "teacher_accuracy": accuracy(t_logits, y),
-        "ensemble_accuracy": accuracy(agg.eval()(*feats), y),
-        "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
-        "split": "test",
-        "samples": int(x.shape[0]),
-        "reference": reference,
-    }
+    with torch.no_grad():
+        return {
+            "teacher_accuracy": accuracy(t_logits, y),
+            "ensemble_accuracy": accuracy(agg.eval()(*feats), y),
+            "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
+            "split": "test",
+            "samples": int(len(y)),
+            "reference": reference,
+        }
 
 
-def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, probe_samples: int = 512):
+def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, probe_samples: int = 512,
+                    compute: Compute = CPU, val_samples: int = 512):
     """L_val of eq. 7 for a policy: mean over sub-models of their validation cross-entropy.
 
     Choice written down: a freshly sliced sub-model with the teacher's head
@@ -233,22 +321,26 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     loss barely tells a large sub-model from a small one (we saw the search then
     pick near-empty sub-models). Each sub-model's head is therefore refit first,
     in closed form: ridge regression from its pooled features to the teacher's
-    logits on ``probe_samples`` training images, a cheap stand-in for the
-    calibration it will get. The loss is then measured on the validation split.
+    logits on ``probe_samples`` training inputs, a cheap stand-in for the
+    calibration it will get. The loss is then measured on the first
+    ``val_samples`` of the validation split. Both sets are decoded once and held
+    in memory, since the search evaluates dozens of policies on them.
     """
     import torch.nn.functional as F
 
     adapter = adapter_for(teacher)
-    x_fit, x_val = data.train.x[:probe_samples], data.val.x
-    t_fit = run_batched(teacher, x_fit).double()
-    target = data.val.y if (use_labels and data.val.y is not None) else run_batched(teacher, x_val).argmax(-1)
+    x_fit, x_val = data.train.head(probe_samples), data.val.head(val_samples)
+    t_fit, t_val = run_batched(teacher, x_fit, compute), run_batched(teacher, x_val, compute)
+    t_fit = t_fit.double()
+    y_val = None if data.val.y is None else data.val.y[:len(x_val)]
+    target = y_val if (use_labels and y_val is not None) else t_val.argmax(-1)
 
     @torch.no_grad()
     def l_val(policy: Policy) -> float:
         losses = []
         for spec in policy.submodels:
             sub = adapter.slice(teacher, spec)
-            f_fit, f_val = run_batched(sub, x_fit).double(), run_batched(sub, x_val).double()
+            f_fit, f_val = (f.double() for f in (run_batched(sub, x_fit, compute), run_batched(sub, x_val, compute)))
             A = torch.cat([f_fit, torch.ones(len(f_fit), 1, dtype=torch.float64)], dim=1)
             ridge = 1e-3 * float((A * A).sum()) / A.shape[1]
             W = torch.linalg.solve(A.T @ A + ridge * torch.eye(A.shape[1], dtype=torch.float64), A.T @ t_fit)
@@ -265,23 +357,24 @@ def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors:
     The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
     central device's predicted latency for the teacher.
     """
+    from coformer.compiler.profile_kit import spec_features
     from coformer.compiler.search import LatencyModel
 
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
     full = teacher_cost(shape)
-    g = full.flops / predictors[0].predict_one([shape.num_layers, shape.embed_dim, float(np.mean(shape.heads)),
-                                                 float(np.mean(shape.mlp_dims))], full.flops, full.params)
+    g = full.flops / predictors[0].predict_one(spec_features(SubModelSpec.full(shape)), full.flops, full.params)
     return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)))
 
 
-def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset):
+def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset,
+                 compute: Compute = CPU):
     """The search's decoder (points to feasible policies, ranked by importance on training
     data) and latency model (:func:`latency_model`), as :func:`search_policy` uses them."""
     from coformer.compiler.search import Decoder
 
     adapter = adapter_for(teacher)
-    imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
+    imp = importance_of(teacher, data, compute)
     return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(teacher, devices, predictors)
 
 
@@ -299,6 +392,7 @@ def search_policy(
     use_labels: bool = True,
     progress: bool = True,
     space: Optional[tuple[Any, Any]] = None,
+    compute: Compute = CPU,
 ) -> tuple[Policy, dict[str, Any]]:
     """Run DeBo (and any baselines in ``methods``); the policy of the first method wins.
 
@@ -311,8 +405,8 @@ def search_policy(
 
     from coformer.compiler.search import run_search
 
-    decoder, latency = space or search_space(teacher, devices, predictors, data)
-    l_val = validation_loss(teacher, data, use_labels)
+    decoder, latency = space or search_space(teacher, devices, predictors, data, compute)
+    l_val = validation_loss(teacher, data, use_labels, compute=compute)
     results: dict[str, Any] = {}
     chosen = None
     for method in methods:

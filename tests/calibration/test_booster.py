@@ -69,3 +69,29 @@ def test_aggregator_over_a_full_spec_sub_model_is_the_teacher():
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(agg(sub(x)), teacher(x), atol=1e-5)
+
+
+def test_calibration_resumes_after_the_last_finished_sub_model_exactly(tmp_path):
+    """Checkpoints per finished sub-model: a run stopped after the first (its successor's
+    file is gone) loads it and calibrates the second as an uninterrupted run did."""
+    from coformer.calibration.booster import Checkpoints
+
+    cfg = BoostConfig(epochs=2, batch_size=16, lr=1e-3, seed=5)
+    subs, heads, x, y, t_logits = _setup()
+    full = calibrate(subs, heads, x, t_logits, y, cfg, progress=False, checkpoints=Checkpoints(tmp_path, "k1"))
+    expected = [copy.deepcopy(s.state_dict()) for s in subs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-0.pt", "sub-1.pt"]
+    (tmp_path / "sub-1.pt").unlink()  # stopped while calibrating the second sub-model
+    subs2, heads2, *_ = _setup()
+    again = calibrate(subs2, heads2, x, t_logits, y, cfg, progress=False, checkpoints=Checkpoints(tmp_path, "k1"))
+    assert again.resumed == [0] and full.resumed == []
+    assert again.losses == full.losses
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(expected, [s.state_dict() for s in subs2]) for k in a)
+    # another key (another teacher, policy or data) does not reuse them
+    subs3, heads3, *_ = _setup()
+    other = calibrate(subs3, heads3, x, t_logits, y, cfg, progress=False, checkpoints=Checkpoints(tmp_path, "k2"))
+    assert other.resumed == []
+    (tmp_path / "sub-0.pt").write_bytes(b"cut short")  # a file half-written by a crash is calibrated again
+    subs4, heads4, *_ = _setup()
+    assert calibrate(subs4, heads4, x, t_logits, y, cfg, progress=False,
+                     checkpoints=Checkpoints(tmp_path, "k2")).resumed == [1]

@@ -1,0 +1,148 @@
+"""One compile, start to end: the orchestration ``coformer compile``, ``coformer
+quickstart`` and ``coformer bench`` share.
+
+    importance -> policy (given; DeBo, random or uniform over the devices'
+    latency predictors; or the heuristic) -> decompose -> calibrate -> lower
+    -> bundle -> measure (optional)
+
+Loading the teacher and the data comes before (:mod:`coformer.compiler.sources`).
+The measure step serves the bundle, which needs processes and sockets, so it is
+passed in by the caller (``coformer.tools.measure.measure_compiled``): the
+compiler does not import the tools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from torch import nn
+
+from coformer.calibration.booster import BoostConfig
+from coformer.calibration.compute import CPU, Compute
+from coformer.calibration.data import Dataset
+from coformer.compiler.specs import DeviceSpec, Policy
+from coformer.runtime.errors import CoFormerError
+
+SEARCHES = ("auto", "bo", "random", "uniform", "heuristic")
+
+
+@dataclass
+class CompileJob:
+    """Everything one compile takes.
+
+    Args:
+        teacher, devices, data: what to decompose, for which devices, calibrated on what.
+        out_dir: the bundle folder to write.
+        policy: a given policy (``--policy``): no search.
+        search: ``bo``, ``random`` or ``uniform`` (search methods over the devices'
+            ``predictors``; ``uniform`` needs none), ``heuristic``, or ``auto``: ``bo``
+            when every device has a predictor, else ``heuristic``.
+        predictors: one latency predictor per device, in device order.
+        compare: also run the other search methods, for the report.
+        delta, initial, iterations, seed: the search's (eq. 8's delta, r, I_s).
+        search_log: where evaluations are logged (and a rerun resumes from).
+        boost, aggregator_epochs, use_labels: calibration (eq. 13-14, eq. 2).
+        compute: where the passes over data run.
+        checkpoint_dir: calibration checkpoints (resume an interrupted compile).
+        model_name, model_info: for the manifest.
+    """
+
+    teacher: nn.Module
+    devices: Sequence[DeviceSpec]
+    data: Dataset
+    out_dir: Path
+    policy: Optional[Policy] = None
+    search: str = "auto"
+    predictors: Optional[Sequence[Any]] = None
+    compare: bool = False
+    delta: float = 0.05
+    initial: int = 8
+    iterations: int = 24
+    seed: int = 0
+    search_log: Optional[Path] = None
+    boost: BoostConfig = BoostConfig()
+    aggregator_epochs: int = 60
+    use_labels: bool = True
+    compute: Compute = CPU
+    checkpoint_dir: Optional[Path] = None
+    model_name: str = "teacher"
+    model_info: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class JobResult:
+    result: Any  # pipeline.CompileResult
+    report: dict[str, Any]
+    method: str
+    space: Optional[tuple[Any, Any]] = None  # the search's decoder and latency model, when it searched
+
+
+Measure = Callable[[CompileJob, JobResult], dict[str, Any]]
+
+
+def resolve_search(job: CompileJob) -> str:
+    """The search method the job runs (see :class:`CompileJob`); errors say what is missing."""
+    if job.search not in SEARCHES:
+        raise CoFormerError(f"--search {job.search!r} is not one of {list(SEARCHES)}")
+    if job.policy is not None:
+        return "policy"
+    have = job.predictors is not None and len(job.predictors) == len(job.devices)
+    if job.search == "auto":
+        return "bo" if have else "heuristic"
+    if job.search in ("bo", "random") and not have:
+        raise CoFormerError(f"--search {job.search} needs a latency predictor (a profile) for every device")
+    return job.search
+
+
+def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple[Optional[Policy], Any]:
+    """The policy for ``method`` (None: the heuristic, built by compile_bundle) and the search space."""
+    from coformer.compiler.pipeline import importance_of, search_policy, search_space
+
+    if method == "policy":
+        return job.policy, None
+    if method == "heuristic":
+        return None, None
+    if method == "uniform" and job.predictors is None:  # DeViT-style: no latency model needed
+        from coformer.compiler.families import adapter_for
+        from coformer.compiler.search import Decoder
+
+        decoder = Decoder(adapter_for(job.teacher).read_shape(job.teacher),
+                          importance_of(job.teacher, job.data, job.compute), job.devices)
+        return dataclasses.replace(decoder.decode(decoder.uniform_point()), source="uniform"), None
+    methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if job.compare else [])
+    space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute)
+    policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods, job.delta,
+                                  job.initial, job.iterations, job.seed, job.search_log, job.use_labels,
+                                  job.progress, space, compute=job.compute)
+    report["search"] = found
+    report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
+    return policy, space
+
+
+def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
+    """Compile ``job`` into its bundle and report what it did; ``measure`` (optional) serves it."""
+    from coformer.compiler.pipeline import compile_bundle, memory_report
+
+    start = time.perf_counter()
+    method = resolve_search(job)
+    report: dict[str, Any] = {"compute": job.compute.to_dict()}
+    policy, space = choose_policy(job, method, report)
+    result = compile_bundle(job.teacher, job.devices, job.data, job.out_dir, policy=policy, boost=job.boost,
+                            aggregator_epochs=job.aggregator_epochs, use_labels=job.use_labels,
+                            model_name=job.model_name, progress=job.progress, compute=job.compute,
+                            checkpoint_dir=job.checkpoint_dir, model_info=job.model_info)
+    acc = result.accuracy
+    report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
+                  submodel_accuracies=acc["submodel_accuracies"], accuracy_reference=acc["reference"],
+                  policy_source=result.policy.source, memory=memory_report(result, job.devices),
+                  resumed_submodels=list(result.boost.resumed) if result.boost else [])
+    report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
+    out = JobResult(result, report, method, space)
+    if measure is not None:
+        report.update(measure(job, out))
+    return out
