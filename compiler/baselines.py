@@ -39,6 +39,13 @@ from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest, Model
 
 BASELINES = ("teacher", "pipeline", "tensor_parallel")
 PARITY_TOLERANCE = 1e-3  # logits; float32 sums in another order
+_FAMILIES = {"teacher": ("vit", "swin"), "pipeline": ("vit",), "tensor_parallel": ("vit",)}
+
+
+def baseline_families(strategy: str) -> tuple[str, ...]:
+    """The model families a baseline can be built for: the teacher alone for every vision
+    family; pipeline and tensor parallelism slice ViT/DeiT blocks and token tensors."""
+    return _FAMILIES[strategy]
 
 
 def split_by_share(total: int, shares: Sequence[float], minimum: int = 0) -> list[int]:
@@ -169,16 +176,20 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
                    model_name: str = "teacher") -> Manifest:
     """Write the bundle of ``strategy`` (one of :data:`BASELINES`) for ``devices`` to ``out_dir``.
 
-    The first device is the central node; ``teacher`` uses it alone. Only timm
-    ViT/DeiT teachers are supported (the families CoFormer decomposes).
+    The first device is the central node; ``teacher`` uses it alone. The teacher
+    alone is built for every vision family, the others for timm ViT/DeiT
+    (:func:`baseline_families`).
     """
     if strategy not in BASELINES:
         raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
     teacher = teacher.eval()
     adapter = adapter_for(teacher)
-    if adapter.name != "vit":
-        raise CoFormerError(f"baselines are built for timm ViT/DeiT teachers, not the {adapter.name!r} family")
-    _check_supported(teacher)
+    if adapter.name not in baseline_families(strategy):
+        raise CoFormerError(f"the {strategy} baseline is built for {'/'.join(baseline_families(strategy))} "
+                            f"teachers, not the {adapter.name!r} family; bench with --strategies "
+                            "coformer,uniform,teacher")
+    if adapter.name == "vit":
+        _check_supported(teacher)
     shape = adapter.read_shape(teacher)
     L, D, N = shape.num_layers, shape.embed_dim, shape.num_tokens
     devices = list(devices) if strategy != "teacher" else list(devices[:1])
@@ -239,7 +250,7 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
         raise CoFormerError(f"{strategy}: the composed pieces differ from the teacher by {gap:.3g}")
 
     with torch.no_grad():
-        tokens3 = _Embed(teacher)(x3)
+        tokens3 = _Embed(teacher)(x3) if strategy != "teacher" else None
     in_shape = tuple(adapter.input_shape(teacher))
 
     def build(staging: Path) -> dict[str, Any]:

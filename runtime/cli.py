@@ -3,6 +3,7 @@
   coformer-runtime central BUNDLE --front tcp://*:5555 --back tcp://*:5556
   coformer-runtime worker  BUNDLE --device jetson-nano --central tcp://10.0.0.2:5556
   coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --input x.npy
+  coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --image photo.jpg --top-k 5
   coformer-runtime verify  BUNDLE
 """
 
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", type=Path, help=".npy file")
     src.add_argument("--text", nargs="+", metavar="TEXT",
                      help="text bundles: one text per argument (a sentence-pair bundle takes exactly two: the pair)")
+    src.add_argument("--image", nargs="+", type=Path, metavar="FILE",
+                     help="image bundles: JPEG, PNG or WebP files, preprocessed here as the bundle records "
+                          "(needs Pillow: pip install 'coformer[image]')")
+    p.add_argument("--top-k", type=int, default=5, help="with --image: the most likely labels to print")
     p.add_argument("--raw", action="store_true", help="apply the bundle's preprocessing to the input first")
     p.add_argument("--timeout", type=float, default=30.0)
 
@@ -144,6 +149,15 @@ def run(args: argparse.Namespace) -> int:
                 labels, result = client.classify(texts, encoder, manifest.labels)
             print(json.dumps({"label": labels, "logits": result.logits.tolist(),
                               "round_trip_ms": round(result.round_trip_ms, 3)}))
+            return 0
+        if args.image is not None:
+            with Client(args.central, timeout_s=args.timeout) as client:
+                answers, results = client.classify_images(args.image, manifest.input.preprocessing, manifest.labels,
+                                                          top_k=args.top_k)
+            print(json.dumps({"images": [{"file": str(f), "top_k": [{"label": lab, "probability": round(p, 6)}
+                                                                      for lab, p in a]}
+                                         for f, a in zip(args.image, answers)],
+                              "round_trip_ms": round(sum(r.round_trip_ms for r in results), 3)}))
             return 0
         if manifest.input.is_text:
             raise CoFormerError("this bundle takes text: use --text")

@@ -1,11 +1,11 @@
-"""Python client for a served bundle: send a model input, get logits and a label."""
+"""Python client for a served bundle: send a model input (a tensor, texts or image files), get logits and labels."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import zmq
@@ -96,6 +96,35 @@ class Client:
         result = self.infer(encoder.encode(texts))
         names = labels or []
         return [names[i] if i < len(names) else str(i) for i in result.label_index], result
+
+    def classify_images(self, images: Sequence[Any], preprocessing: Mapping[str, Any],
+                        labels: Optional[Sequence[str]] = None, top_k: int = 5,
+                        batch_size: int = 16) -> tuple[list[list[tuple[str, float]]], list[Result]]:
+        """Classify image files (paths, encoded bytes, uint8 arrays or Pillow images) with a bundle
+        whose ``preprocessing`` (``manifest.input.preprocessing``) is timm's: each is decoded and
+        preprocessed here with Pillow and numpy (:mod:`coformer.runtime.images`), sent in
+        batches of ``batch_size``, and answered with its ``top_k`` (label, probability) pairs,
+        most likely first; also returns the raw result of every batch. A bad file raises
+        naming it before anything is sent."""
+        from coformer.runtime.images import is_image_spec, preprocess_images
+
+        if not is_image_spec(preprocessing):
+            raise CoFormerError("this bundle does not take image files (its preprocessing is "
+                                f"{preprocessing.get('kind')!r}, source {preprocessing.get('source')!r})")
+        if top_k < 1:
+            raise CoFormerError(f"top_k {top_k} must be >= 1")
+        x = preprocess_images(list(images), preprocessing)
+        names = list(labels or [])
+        answers, results = [], []
+        for lo in range(0, len(x), batch_size):
+            r = self.infer(x[lo: lo + batch_size])
+            results.append(r)
+            z = r.logits - r.logits.max(axis=-1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+            for row in p:
+                best = np.argsort(-row, kind="stable")[:top_k]
+                answers.append([(names[i] if i < len(names) else str(int(i)), float(row[i])) for i in best])
+        return answers, results
 
     def send_raw(self, frames: list[bytes], timeout_s: Optional[float] = None) -> protocol.Message:
         """Send hand-made frames and return the reply as is (errors included); for tests and probes."""

@@ -35,7 +35,19 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def preprocess(spec: Mapping[str, Any], raw: np.ndarray) -> np.ndarray:
-    """Apply an image preprocessing record to ``raw`` of shape ``[B, C, H, W]``, ``[B, H, W]`` or ``[H, W]``."""
+    """Apply an image preprocessing record to ``raw`` of shape ``[B, C, H, W]``, ``[B, H, W]`` or ``[H, W]``.
+
+    A bundle preprocessed by timm's transform (``"source": "timm"``, see
+    :mod:`coformer.runtime.images`) takes uint8 pixels instead: one image ``[H, W, C]``
+    (or ``[H, W]``) or a batch ``[B, H, W, C]``.
+    """
+    if spec.get("source") == "timm":
+        from coformer.runtime.images import preprocess_image, preprocess_images
+
+        x = np.asarray(raw)
+        if x.dtype != np.uint8:
+            raise CoFormerError(f"raw input for this bundle is uint8 pixels [H, W, C], got {x.dtype}")
+        return preprocess_images(list(x), spec) if x.ndim == 4 else preprocess_image(x, spec)[None]
     if spec.get("kind") != "image":
         raise CoFormerError(f"preprocessing kind {spec.get('kind')!r} is not supported (expected 'image')")
     x = np.asarray(raw, dtype=np.float32)

@@ -106,20 +106,35 @@ def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, 
     return key.hexdigest()[:16]
 
 
+def strategies_for(teacher) -> tuple[str, ...]:
+    """The strategies the bench can build for ``teacher``'s family: pipeline and tensor
+    parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others."""
+    from coformer.compiler.baselines import baseline_families
+    from coformer.compiler.families import adapter_for
+
+    family = adapter_for(teacher).name
+    return tuple(s for s in STRATEGIES if s not in ("pipeline", "tensor_parallel") or family in baseline_families(s))
+
+
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
                     boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
-                    progress: bool = True, predictors: Optional[Sequence[Any]] = None) -> dict[str, Path]:
+                    progress: bool = True, predictors: Optional[Sequence[Any]] = None, compute=None) -> dict[str, Path]:
     """The bundle of every strategy: CoFormer's as given, the others built in ``out_dir``
     (reused while the teacher, devices and settings they were built from are unchanged).
 
     Without ``coformer_bundle``, CoFormer's is compiled here too: DeBo over
-    ``predictors`` (one per device), then calibration, as ``coformer compile`` does.
+    ``predictors`` (one per device), then calibration, as ``coformer compile`` does;
+    ``uniform`` is compiled the same way with the uniform policy. Both go through
+    :func:`coformer.compiler.job.run_job`, on ``compute``.
     """
-    import torch
-
+    from coformer.calibration.booster import BoostConfig
+    from coformer.calibration.compute import CPU
     from coformer.compiler.baselines import BASELINES, build_baseline
+    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.sources import source_of
     from coformer.runtime.manifest import load_manifest
 
+    compute = compute or CPU
     digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed)
     out: dict[str, Path] = {}
     for s in strategies:
@@ -136,36 +151,54 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
         if path.exists():
             shutil.rmtree(path)
         if s in BASELINES:
-            build_baseline(s, teacher, devices, data.val.x[:3], path, data.labels, dict(data.preprocessing),
+            build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
                            model_name=f"{s}")
-        elif s == "coformer":
-            from coformer.calibration.booster import BoostConfig
-            from coformer.compiler.pipeline import compile_bundle, search_policy
-
-            if predictors is None:
+        else:  # coformer (searched over the predictors) or uniform, calibrated alike
+            if s == "coformer" and predictors is None:
                 raise CoFormerError("compiling a CoFormer bundle for the bench needs each device's predictor")
-            policy, _ = search_policy(teacher, devices, predictors, data, ("bo",), seed=seed, progress=progress)
-            torch.manual_seed(seed)
-            compile_bundle(teacher, devices, data, path, policy=policy,
-                           boost=BoostConfig(epochs=boost_epochs, seed=seed), aggregator_epochs=aggregator_epochs,
-                           model_name="coformer", progress=progress)
-        else:  # uniform
-            from coformer.calibration.booster import BoostConfig
-            from coformer.compiler.families import adapter_for
-            from coformer.compiler.pipeline import batches, compile_bundle
-            from coformer.compiler.search import Decoder
+            import torch
 
-            adapter = adapter_for(teacher)
-            imp = adapter.importance(teacher, batches(data.train.x[:256], 64))
-            decoder = Decoder(adapter.read_shape(teacher), imp, devices)
-            policy = replace(decoder.decode(decoder.uniform_point()), source="uniform")
             torch.manual_seed(seed)
-            compile_bundle(teacher, devices, data, path, policy=policy,
-                           boost=BoostConfig(epochs=boost_epochs, seed=seed), aggregator_epochs=aggregator_epochs,
-                           model_name="uniform", progress=progress)
+            run_job(CompileJob(teacher, devices, data, path, search="bo" if s == "coformer" else "uniform",
+                               predictors=predictors if s == "coformer" else None, seed=seed,
+                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
+                               aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
+                               model_info=source_of(teacher), progress=progress))
         atomic_write_bytes(stamp, (digest + "\n").encode())
         out[s] = path
     return out
+
+
+def bundle_devices(manifest, devices):
+    """``devices`` in the bundle's order (the central node first); refuses other names."""
+    order = [d.device for d in manifest.devices]
+    if sorted(order) != sorted(d.name for d in devices):
+        raise CoFormerError(f"the devices file names {[d.name for d in devices]}, the bundle was compiled for {order}")
+    return sorted(devices, key=lambda d: order.index(d.name))
+
+
+def check_bundle_matches(manifest, teacher, data) -> None:
+    """Refuse to bench a bundle against a teacher or data it was not compiled from (the
+    baselines are built from the teacher, the test inputs from the data)."""
+    from coformer.compiler.families import adapter_for
+
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher).to_dict()
+    recorded = dict(manifest.model.get("shape") or {})
+    diff = sorted(k for k in set(shape) | set(recorded) if k != "extras" and shape.get(k) != recorded.get(k))
+    if recorded and diff:
+        raise CoFormerError(f"the bundle was compiled from another teacher: {', '.join(diff)} differ "
+                            f"(bundle {[recorded.get(k) for k in diff]}, --model {[shape.get(k) for k in diff]})")
+    if tuple(manifest.input.shape) != tuple(adapter.input_shape(teacher)):
+        raise CoFormerError(f"the bundle takes inputs {list(manifest.input.shape)}, the teacher "
+                            f"{list(adapter.input_shape(teacher))}")
+    keys = ("kind", "source", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "scale",
+            "resize", "raw_shape")
+    pre, want = dict(manifest.input.preprocessing), dict(data.preprocessing)
+    bad = [k for k in keys if pre.get(k) != want.get(k)]
+    if bad:
+        raise CoFormerError(f"the bundle was compiled with other preprocessing ({', '.join(f'{k}: {pre.get(k)!r}' for k in bad)}) "
+                            f"than --data gives ({', '.join(f'{k}: {want.get(k)!r}' for k in bad)})")
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -528,9 +561,10 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
 def quickstart_inputs(qs_dir: Path, progress: bool = True):
     """The quickstart's teacher, devices, data and bundle, running the quickstart first if needed."""
     from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.builtin import quickstart_teacher
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices, run_quickstart
+    from coformer.tools.quickstart import QuickstartConfig, make_devices, run_quickstart
 
     qs_dir = Path(qs_dir)
     if not (qs_dir / "report.json").is_file() or not (qs_dir / "bundle" / "manifest.json").is_file():
@@ -540,7 +574,7 @@ def quickstart_inputs(qs_dir: Path, progress: bool = True):
     cfg = QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}) if saved \
         else QuickstartConfig()
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
-    teacher, _ = load_or_train_teacher(cfg, data, progress)
+    teacher, _ = quickstart_teacher(cfg.teacher, data, progress)
     devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
     return teacher, devices, data, qs_dir / "bundle", cfg
 
@@ -589,13 +623,61 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
         memory_check = {"device": weakest,
                         "teacher_onnx": teacher_bundle / load_manifest(teacher_bundle).central.artifact,
                         "submodel_onnx": bundle / load_manifest(bundle).device(weakest).artifact}
-    x, y = data.test.x.numpy(), data.test.y.numpy()
+    x, y = data.test.head(len(data.test)).numpy(), data.test.y.numpy()
     return run_bench(setups, x, y, out_dir, parse_bandwidths(bandwidths), sources, use_testbed,
                      samples, max_seconds, progress=progress, memory_check=memory_check, passes=passes)
+
+
+def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path] = None,
+                    strategies: Optional[Sequence[str]] = None, sources: Sequence[str] = INPUT_SOURCES,
+                    bandwidths: str = DEFAULT_BANDWIDTHS, use_testbed: bool = True, samples: int = 200,
+                    max_seconds: float = 60.0, progress: bool = True, passes: int = 3, boost_epochs: int = 5,
+                    compute=None) -> dict[str, Any]:
+    """``coformer bench BUNDLE --model ... --devices ... --data ...``: the user's bundle against
+    every strategy the teacher's family has (:func:`strategies_for`), built from the same
+    teacher, on the first ``samples`` of the data's test split.
+
+    Without labels (a flat image folder) accuracy is agreement with the teacher's own
+    decisions in PyTorch (``reference: teacher`` in the report).
+    """
+    import torch
+
+    from coformer.compiler.pipeline import run_batched
+    from coformer.runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    devices = bundle_devices(manifest, devices)
+    check_bundle_matches(manifest, teacher, data)
+    available = strategies_for(teacher)
+    strategies = list(strategies or available)
+    refused = [s for s in strategies if s not in available]
+    if refused:
+        raise CoFormerError(f"--strategies {refused} cannot be built for this teacher; it has {list(available)}")
+    out = Path(out_dir or Path(bundle).resolve().parent / "bench")
+    bundles = prepare_bundles(strategies, bundle, teacher, devices, data, out / "bundles", boost_epochs=boost_epochs,
+                              progress=progress, compute=compute)
+    x = data.test.head(samples)
+    if data.test.y is not None:
+        y, reference = data.test.y[: len(x)].numpy(), "labels"
+    else:
+        y, reference = run_batched(teacher, x, compute or _cpu()).argmax(-1).numpy(), "teacher"
+    with torch.no_grad():
+        x = x.numpy()
+    report = run_bench([(devices, bundles)], x, y, out, parse_bandwidths(bandwidths), sources, use_testbed,
+                       samples, max_seconds, progress=progress, passes=passes)
+    report["accuracy_reference"] = reference
+    atomic_write_json(out / "bench.json", report)
+    return report
+
+
+def _cpu():
+    from coformer.calibration.compute import CPU
+
+    return CPU
 
 
 def format_summary(report: dict[str, Any]) -> str:
     return markdown(report) + (f"\nplots: {', '.join(report.get('plots', [])) or 'none (matplotlib missing)'}\n")
 
 
-__all__ = ["run_bench", "run_quickstart_bench", "prepare_bundles", "parse_bandwidths"]
+__all__ = ["run_bench", "run_model_bench", "run_quickstart_bench", "prepare_bundles", "parse_bandwidths"]

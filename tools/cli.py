@@ -47,13 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="decompose, calibrate and lower a teacher into a bundle")
     _add_model(p)
     p.add_argument("--devices", type=Path, required=True, help="devices file (YAML or JSON)")
-    p.add_argument("--data", default=None,
-                   help="calibration data: 'digits' (built in, images), 'sentiment' (built in, text) or a text "
-                        "file (.tsv GLUE-style, .jsonl, or .txt for label-free distillation); default: digits for "
-                        "images, sentiment for text")
-    p.add_argument("--max-length", type=int, default=128, help="text: longest token sequence a request may carry")
-    p.add_argument("--truncation", action="store_true",
-                   help="text: cut texts longer than --max-length instead of refusing them")
+    _add_data(p)
+    _add_compute(p)
     p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
     p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
                    help="how to choose the policy (auto: bo when every device has a profile, else heuristic)")
@@ -66,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append every evaluation here (JSON lines); a rerun resumes from it (default: OUT.search)")
     p.add_argument("--measure", action="store_true",
                    help="serve the bundle on this machine (devices emulated) and measure its latency")
+    p.add_argument("--measure-samples", type=int, default=500, help="with --measure: test samples to send")
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--epochs", type=int, default=5, help="calibration epochs per sub-model")
-    p.add_argument("--unlabeled", action="store_true", help="calibrate from the teacher's decisions only")
+    p.add_argument("--resume-dir", type=Path, default=None,
+                   help="calibration checkpoints, one per finished sub-model: an interrupted compile started "
+                        "again resumes from them (default: OUT.calibration; removed once the bundle is written)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("profile-kit", help="ONNX sub-models spanning the search space, to time on each device")
@@ -109,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--model-kwargs", default="{}")
     p.add_argument("--devices", type=Path, default=None, help="the devices file the bundle was compiled for")
-    p.add_argument("--strategies", default=",".join(bench_strategies()),
-                   help="comma-separated, from: " + ", ".join(bench_strategies()))
+    _add_data(p, bench=True)
+    _add_compute(p)
+    p.add_argument("--strategies", default=None,
+                   help="comma-separated, from: " + ", ".join(bench_strategies()) + " (default: all that the "
+                        "teacher's family has; pipeline and tensor_parallel are built for ViT/DeiT)")
     p.add_argument("--bandwidth", default="2mbit", help="link rates to sweep, e.g. 2mbit,100mbit,1gbit")
     p.add_argument("--input-source", default="device,central",
                    help="where the input comes from: 'device' (every device captures it, the paper's setting), "
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quickstart: also run on the first K devices alone (e.g. 1..3), "
                         "a CoFormer bundle searched for each count")
     p.add_argument("--samples", type=int, default=200, help="test samples per run (at most)")
+    p.add_argument("--epochs", type=int, default=5, help="calibration epochs of the uniform baseline's sub-models")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
     p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
                    "samples, so the machine's drift falls on all of them alike")
@@ -135,164 +137,148 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="'quickstart' (the quickstart teacher), 'timm:NAME' with --checkpoint, or 'hf:PATH' (a local "
-                        "HuggingFace checkpoint directory: BERT, GPT-2 or T5)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="local state_dict for a timm model")
-    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for timm.create_model")
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="'quickstart' (the built-in teacher), 'timm:NAME' with --checkpoint (any timm ViT, DeiT or "
+                        "Swin), 'timm-dir:PATH' (timm's local folder: config.json and model.safetensors) or "
+                        "'hf:PATH' (a local HuggingFace checkpoint directory: BERT, GPT-2 or T5)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the timm model's weights: .pth/.pt/.bin or .safetensors, a state_dict or "
+                        "{'state_dict'|'model': ...}")
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for timm.create_model "
+                   "(img_size, depth, num_classes, ...: the settings the checkpoint was trained with)")
+    p.add_argument("--max-length", type=int, default=128, help="text: longest token sequence a request may carry")
 
 
-def _load_teacher(args: argparse.Namespace):
-    if args.model == "quickstart":
-        from coformer.calibration.data import load_digits_dataset
-        from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher
-
-        cfg = QuickstartConfig()
-        return load_or_train_teacher(cfg, load_digits_dataset(cfg.img_size), not getattr(args, "no_progress", False))[0]
-    if args.model.startswith("timm:"):
-        import timm
-        import torch
-
-        if args.checkpoint is None or not args.checkpoint.is_file():
-            raise CoFormerError(f"--model {args.model} needs --checkpoint pointing at a local state_dict "
-                                f"(got {args.checkpoint}); weights are never downloaded")
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise CoFormerError(f"--model-kwargs is not JSON: {e}") from None
-        try:
-            model = timm.create_model(args.model[5:], pretrained=False, **kwargs)
-        except RuntimeError as e:
-            raise CoFormerError(f"timm cannot build {args.model[5:]!r}: {e}") from None
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except RuntimeError as e:
-            raise CoFormerError(f"checkpoint {args.checkpoint} does not fit {args.model}: {str(e)[:500]}") from None
-        return model.eval()
-    if args.model.startswith("hf:"):
-        from coformer.compiler.hf import load_hf
-
-        return load_hf(Path(args.model[3:]), max_length=getattr(args, "max_length", 128))
-    raise CoFormerError(f"--model {args.model!r}: expected 'quickstart', 'timm:NAME' or 'hf:PATH'")
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.485,0.456,0.406") \
+            from None
+    return values
 
 
-def _load_data(args: argparse.Namespace, teacher):
-    """The calibration data for ``teacher`` (see ``--data``); a text teacher without a task
-    head gets one fitted here on the labels."""
-    from coformer.compiler.families.textnet import TextTeacher
+def _add_data(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="images: a folder (one sub-folder per class, or flat for label-free distillation; JPEG, PNG, "
+                        "WebP) or 'digits' (built in); text: 'sentiment' (built in) or a file (.tsv GLUE-style, "
+                        ".jsonl, or .txt for label-free distillation). Default: digits for a 1-channel image "
+                        "model, sentiment for text" + ("; the bench's test inputs come from its test split" if bench
+                                                       else ""))
+    g.add_argument("--val-fraction", type=float, default=0.1, help="image folders: share held out for the "
+                   "search's validation loss (fixed by --seed)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="image folders: share held out for the "
+                   "reported accuracy")
+    g.add_argument("--crop-pct", type=float, default=None, help="override the teacher's timm data config: "
+                   "resize to size / crop_pct, then crop the centre")
+    g.add_argument("--crop-mode", default=None, choices=["center", "squash"], help="override: keep the aspect "
+                   "ratio (center) or not (squash)")
+    g.add_argument("--interpolation", default=None, choices=["nearest", "bilinear", "bicubic", "box", "hamming",
+                                                             "lanczos"], help="override the resize filter")
+    g.add_argument("--mean", type=_floats, default=None, help="override the per-channel mean, e.g. 0.5,0.5,0.5")
+    g.add_argument("--std", type=_floats, default=None, help="override the per-channel std")
+    g.add_argument("--unlabeled", action="store_true", help="calibrate from the teacher's decisions only")
+    g.add_argument("--truncation", action="store_true",
+                   help="text: cut texts longer than --max-length instead of refusing them")
 
-    if not isinstance(teacher, TextTeacher):
-        if args.data not in (None, "digits"):
-            raise CoFormerError(f"--data {args.data!r}: an image model takes the built-in 'digits' data")
-        from coformer.calibration.data import load_digits_dataset
 
-        in_chans, h, w = teacher.patch_embed.proj.in_channels, *teacher.patch_embed.img_size
-        if in_chans != 1 or h != w:
-            raise CoFormerError(f"the built-in digits data is 1-channel square; the model takes {in_chans}x{h}x{w}")
-        return load_digits_dataset(h), {}
-    from coformer.calibration.text import read_records, sentiment_records, text_dataset
-    from coformer.compiler.hf import encoder_for, fit_head
+def _add_compute(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compute (importance, distillation, aggregator, evaluation)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when PyTorch sees a GPU), cpu, cuda or cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="mixed precision on CUDA (auto: bf16 where the GPU has it, else fp16; none on the CPU)")
+    g.add_argument("--batch-size", type=int, default=64, help="samples per batch")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes decoding image folders (default: up to 4, one core left free)")
 
-    if args.data == "digits":
-        raise CoFormerError("--data digits holds images; a language model needs 'sentiment' or a text file")
-    records = sentiment_records() if args.data in (None, "sentiment") else read_records(Path(args.data))
-    label_names = None
-    id2label = getattr(teacher.hf.config, "id2label", None) or {}
-    labelled = records[0]["label"] is not None
-    if teacher.head_fitted and id2label and (not labelled or not all(str(v).startswith("LABEL_")
-                                                                     for v in id2label.values())):
-        label_names = [str(id2label[i]) for i in sorted(id2label)]
-    encoder = encoder_for(teacher, pair=len(records[0]["text"]) == 2, truncation=args.truncation)
-    data = text_dataset(records, encoder, labels=label_names)
-    return data, fit_head(teacher, data)
+
+def _teacher(args: argparse.Namespace):
+    from coformer.compiler.sources import load_teacher
+
+    return load_teacher(args.model, args.checkpoint, args.model_kwargs, getattr(args, "max_length", 128),
+                        progress=not getattr(args, "no_progress", False))
+
+
+def _data(args: argparse.Namespace, teacher):
+    from coformer.compiler.sources import load_data
+
+    overrides = {k: getattr(args, k) for k in ("crop_pct", "crop_mode", "interpolation", "mean", "std")}
+    return load_data(teacher, args.data, unlabeled=args.unlabeled, preprocessing=overrides,
+                     val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=getattr(args, "seed", 0),
+                     truncation=args.truncation)
+
+
+def _compute(args: argparse.Namespace):
+    from coformer.calibration.compute import Compute
+
+    return Compute.resolve(args.device, args.amp, args.batch_size, args.workers)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.devices import load_devices
-    from coformer.compiler.pipeline import compile_bundle, memory_report, search_policy, search_space
+    from coformer.compiler.job import CompileJob, run_job
     from coformer.compiler.predictor import predictor_for
+    from coformer.compiler.sources import source_of
     from coformer.compiler.specs import Policy
     from coformer.runtime._files import atomic_write_json
 
     devices = load_devices(args.devices)
     policy = Policy.load(args.policy) if args.policy else None
-    teacher = _load_teacher(args)
-    data, head = _load_data(args, teacher)
-    report: dict = {"task_head": head} if head else {}
+    compute = _compute(args)  # a bad --device fails before the teacher is loaded
+    teacher = _teacher(args)
+    data, head = _data(args, teacher)
     text = data.preprocessing.get("kind") == "text"
     method = args.search
     if text and policy is None and method not in ("auto", "heuristic"):
         raise CoFormerError(f"--search {method} is not available for language models yet (the profile kit and "
-                            "predictors are built for ViT); use --search heuristic or --policy FILE")
-    if text and method == "auto":
-        method = "heuristic"
-    if method == "auto":
-        method = "bo" if all(d.profile for d in devices) else "heuristic"
-        if method == "heuristic" and policy is None:
-            print("no profile for " + ", ".join(d.name for d in devices if not d.profile)
-                  + ": using the heuristic policy (set 'profile:' in the devices file to search)", file=sys.stderr)
-    if policy is None and method != "heuristic":
+                            "predictors are built for vision models); use --search heuristic or --policy FILE")
+    wants_search = policy is None and (method in ("bo", "random") or (method == "auto" and not text))
+    if method in ("bo", "random"):
         missing = [d.name for d in devices if not d.profile]
         if missing:
             raise CoFormerError(f"--search {method} needs a profile for every device; missing for {missing}")
+    predictors, fits = None, {}
+    if wants_search and method == "auto" and not all(d.profile for d in devices):
+        print("no profile for " + ", ".join(d.name for d in devices if not d.profile)
+              + ": using the heuristic policy (set 'profile:' in the devices file to search)", file=sys.stderr)
+    if wants_search and all(d.profile for d in devices):
         predictors = []
         for d in devices:
             pred, fit = predictor_for(Path(d.profile), args.seed)
             predictors.append(pred)
             if fit is not None:
-                report.setdefault("predictor", {})[d.name] = fit
-        methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if args.compare else [])
-        log = args.search_log or Path(f"{args.out}.search")
-        space = search_space(teacher, devices, predictors, data)
-        policy, found = search_policy(teacher, devices, predictors, data, methods, args.delta, args.initial,
-                                      args.iterations, args.seed, log, not args.unlabeled, not args.no_progress,
-                                      space)
-        report["search"] = found
-        report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
-    result = compile_bundle(teacher, devices, data, args.out, policy=policy,
-                            boost=BoostConfig(epochs=args.epochs), use_labels=not args.unlabeled,
-                            model_name=args.model, progress=not args.no_progress)
-    acc = result.accuracy
-    report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
-                  submodel_accuracies=acc["submodel_accuracies"], policy_source=result.policy.source,
-                  memory=memory_report(result, devices))
+                fits[d.name] = fit
+    job = CompileJob(
+        teacher, devices, data, args.out, policy=policy, search="heuristic" if text and method == "auto" else method,
+        predictors=predictors, compare=args.compare, delta=args.delta, initial=args.initial,
+        iterations=args.iterations, seed=args.seed, search_log=args.search_log or Path(f"{args.out}.search"),
+        boost=BoostConfig(epochs=args.epochs, batch_size=compute.batch_size, seed=args.seed),
+        use_labels=not args.unlabeled, compute=compute,
+        checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
+        model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress)
+    measure = None
     if args.measure:
-        import shutil
-        import tempfile
+        from coformer.tools.measure import served_measurement
 
-        from coformer.tools.measure import (build_probe_bundles, measure_served, measure_served_with_probes,
-                                            predict_served_here, probe_measurements)
-
-        x_test = data.test.x.numpy()
-        if "search" in report:
-            # Served here, every device is emulated on this machine and its link is loopback: the
-            # comparable prediction drops eq. 3's link terms (t2) and is calibrated on probe
-            # bundles served beside the bundle (see predict_served_here).
-            tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(args.out).resolve().parent))
-            try:
-                probes = build_probe_bundles(teacher, devices, data, tmp, *space)
-                served, probed = measure_served_with_probes(args.out, probes, x_test)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            best = report["search"][method]
-            here = predict_served_here(best["t1_ms"], best["t3_ms"], devices, served["placements"],
-                                       probe_measurements(probes, probed, devices))
-            report["runtime_overhead_ms"] = probed["small"]["runtime_ms_median"]
-            report["predicted_latency_local_ms"] = here["predicted_ms"]
-            report["predicted_latency_local_terms_ms"] = here["terms_ms"]
-        else:
-            served = measure_served(args.out, x_test)
-        report["measured_latency_ms"] = served["latency_ms"]["median"]
-        if data.test.y is not None:
-            report["served_accuracy"] = float((served["predictions"] == data.test.y.numpy()).mean())
-        report["served_breakdown_ms_median"] = served["breakdown_ms_median"]
+        x_test = data.test.head(args.measure_samples).numpy()
+        measure = served_measurement(x_test, None if data.test.y is None else data.test.y.numpy())
+    if not args.no_progress:
+        print(f"compile: {args.model} on {compute.describe()}", file=sys.stderr)
+    out = run_job(job, measure)
+    result, report = out.result, {**({"task_head": head} if head else {}), **out.report}
+    if fits:
+        report["predictor"] = fits
+    acc = result.accuracy
     print(f"bundle: {args.out} (policy: {result.policy.source})")
+    if report["resumed_submodels"]:
+        print(f"resumed: sub-models {[i + 1 for i in report['resumed_submodels']]} from {job.checkpoint_dir}")
     against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
     print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
-          f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against}")
+          f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against} "
+          f"({acc['samples']} test samples)")
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")
@@ -323,17 +309,19 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
     from coformer.compiler.profile_kit import refine_configs, sample_configs, write_kit
     from coformer.runtime.profile import load_kit
 
-    teacher = _load_teacher(args)
-    if args.model.startswith("hf:"):
-        raise CoFormerError("profile kits are built for ViT teachers so far; compile language models with "
-                            "--search heuristic or --policy FILE")
+    from coformer.compiler.sources import is_vision
+
+    teacher = _teacher(args)
+    if not is_vision(teacher):
+        raise CoFormerError("profile kits are built for vision teachers (timm ViT, DeiT, Swin) so far; compile "
+                            "language models with --search heuristic or --policy FILE")
     shape = adapter_for(teacher).read_shape(teacher)
     if args.refine:
         kit = load_kit(args.out)
         profile = json.loads(args.refine.read_text())
         pred, _ = fit_predictor(profile, seed=args.seed)
         configs = refine_configs(shape, worst_configs(pred, profile, max(1, args.count // 2)), 2, args.seed)
-        configs = [c for c in configs if c not in {tuple(e["config"]) for e in kit["entries"]}][: args.count]
+        configs = [c for c in configs if c not in {tuple(e.get("sample", e["config"])) for e in kit["entries"]}][: args.count]
         kit = write_kit(teacher, configs, args.out, not args.no_progress, existing=kit)
     else:
         kit = write_kit(teacher, sample_configs(shape, args.count, args.seed), args.out, not args.no_progress)
@@ -437,9 +425,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CoFormerError(f"--passes {args.passes} must be >= 1")
     if args.max_seconds <= 0:
         raise CoFormerError(f"--max-seconds {args.max_seconds} must be > 0")
-    strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:")
+    strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:") if args.strategies else None
     sources = bench.parse_choice(args.input_source, bench.INPUT_SOURCES, "--input-source:")
-    bandwidths = bench.parse_bandwidths(args.bandwidth)
+    bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
     progress = not args.no_progress
     if not args.no_testbed:  # before any expensive preparation
@@ -447,7 +435,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quickstart is not None:
         if args.bundle is not None:
             raise CoFormerError("give either a BUNDLE or --quickstart, not both")
-        report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, sources,
+        report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
+                                            sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,
                                             devices_counts, args.passes)
     else:
@@ -456,29 +445,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if devices_counts:
             raise CoFormerError("--devices-count needs --quickstart (its predictors compile a bundle per count); "
                                 "for your bundle, compile one per device count and bench each")
-        from coformer.calibration.data import load_digits_dataset
         from coformer.compiler.devices import load_devices
         from coformer.runtime.manifest import load_manifest
 
-        manifest = load_manifest(args.bundle)
-        devices = load_devices(args.devices)
-        order = [d.device for d in manifest.devices]
-        if sorted(order) != sorted(d.name for d in devices):
-            raise CoFormerError(f"--devices {args.devices} names {[d.name for d in devices]}, the bundle was "
-                                f"compiled for {order}")
-        devices = sorted(devices, key=lambda d: order.index(d.name))
-        shape = tuple(manifest.input.shape)
-        if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2]:
-            raise CoFormerError(f"the bench's test data is digits (1 x N x N images); this bundle takes {list(shape)}. "
-                                "Other data sets come with a later release")
-        teacher = _load_teacher(args)
-        data = load_digits_dataset(size=shape[-1])
-        out = args.out or Path(args.bundle).resolve().parent / "bench"
-        bundles = bench.prepare_bundles(strategies, args.bundle, teacher, devices, data, out / "bundles",
-                                        progress=progress)
-        report = bench.run_bench([(devices, bundles)], data.test.x.numpy(), data.test.y.numpy(), out, bandwidths,
-                                 sources, not args.no_testbed, args.samples, args.max_seconds, progress=progress,
-                                 passes=args.passes)
+        devices = bench.bundle_devices(load_manifest(args.bundle), load_devices(args.devices))  # before the teacher
+        compute = _compute(args)
+        teacher = _teacher(args)
+        data, _ = _data(args, teacher)
+        report = bench.run_model_bench(args.bundle, teacher, devices, data, args.out, strategies, sources,
+                                       args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
+                                       progress, args.passes, args.epochs, compute)
     if args.report_json:
         from coformer.runtime._files import atomic_write_json
 

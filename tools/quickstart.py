@@ -10,9 +10,7 @@ teacher, timed under the strongest device's limits.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,11 +21,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_bytes, atomic_write_json
+from coformer.runtime._files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.timing import summarise
-
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -58,56 +54,25 @@ class QuickstartConfig:
     search_iterations: int = 24
     delta: float = 0.05
 
+    @property
+    def teacher(self):
+        """The teacher's part of the config (:class:`coformer.compiler.builtin.QuickstartTeacher`)."""
+        from coformer.compiler.builtin import QuickstartTeacher
+
+        return QuickstartTeacher(self.embed_dim, self.depth, self.num_heads, self.img_size, self.patch_size,
+                                 self.teacher_epochs, self.teacher_lr, self.seed)
+
 
 FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
                         teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3,
                         kit_count=12, search_initial=4, search_iterations=4)
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("COFORMER_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coformer")
-    return Path(base)
-
-
-def build_teacher(cfg: QuickstartConfig):
-    import torch
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(cfg.seed)
-    return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=1, num_classes=10,
-                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                             global_pool="avg").eval()
-
-
 def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
-    """The trained teacher, from the cache when an identical one was trained before."""
-    import torch
+    """The trained teacher of ``cfg`` and its cache file (:func:`coformer.compiler.builtin.quickstart_teacher`)."""
+    from coformer.compiler.builtin import quickstart_teacher
 
-    from coformer.calibration.train import train_classifier
-
-    key = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "img_size", "patch_size",
-                                         "teacher_epochs", "teacher_lr", "seed")}
-    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / "quickstart" / f"teacher-{digest}.pt"
-    model = build_teacher(cfg)
-    if path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            _say(f"teacher: cached at {path}")
-            return model.eval(), path
-        except (RuntimeError, OSError, EOFError) as e:
-            _say(f"teacher cache {path} is unreadable ({e}); training again")
-    _say(f"teacher: training ViT d={cfg.embed_dim}, {cfg.depth} layers, {cfg.num_heads} heads "
-         f"for {cfg.teacher_epochs} epochs on {len(data.train)} images (cached afterwards)")
-    train_classifier(model, data.train.x, data.train.y, cfg.teacher_epochs, lr=cfg.teacher_lr,
-                     seed=cfg.seed, progress=progress)
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(path, buf.getvalue())
-    return model.eval(), path
+    return quickstart_teacher(cfg.teacher, data, progress, say=_say)
 
 
 _T0 = time.perf_counter()
@@ -204,7 +169,7 @@ def run_quickstart(
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
     from coformer.compiler.lower import check_parity, export_onnx
-    from coformer.compiler.pipeline import compile_bundle, search_policy, search_space
+    from coformer.compiler.job import CompileJob, run_job
     from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
     from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
@@ -235,21 +200,18 @@ def run_quickstart(
         pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
         predictors.append(pred)
 
-    _say("search: DeBo (Bayesian optimisation), random search and uniform decomposition")
-    space = search_space(teacher, devices, predictors, data)
-    policy, search = search_policy(teacher, devices, predictors, data, ("bo", "random", "uniform"), cfg.delta,
-                                   cfg.search_initial, cfg.search_iterations, cfg.seed, None, True, progress, space)
+    _say("search (DeBo, with random search and uniform decomposition to compare), then compile: "
+         "decompose -> calibrate -> ONNX -> bundle")
+    job = run_job(CompileJob(
+        teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, compare=True,
+        delta=cfg.delta, initial=cfg.search_initial, iterations=cfg.search_iterations, seed=cfg.seed,
+        boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed), aggregator_epochs=cfg.aggregator_epochs,
+        model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", model_info={"source": "quickstart"},
+        progress=progress))
+    result, search = job.result, job.report["search"]
 
     _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
-    probes = build_probe_bundles(teacher, devices, data, out_dir, *space)
-
-    _say("compile: decompose -> calibrate -> ONNX -> bundle")
-    result = compile_bundle(
-        teacher, devices, data, out_dir / "bundle", policy=policy,
-        boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
-        aggregator_epochs=cfg.aggregator_epochs,
-        model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", progress=progress,
-    )
+    probes = build_probe_bundles(teacher, devices, data, out_dir, *job.space)
     teacher_onnx = export_onnx(teacher, [data.val.x[:1]], out_dir / "teacher.onnx", ["pixels"], ["logits"])
     check_parity(teacher, teacher_onnx, [data.val.x[:3]], ["pixels"])
     x_test = data.test.x.numpy()

@@ -1,12 +1,17 @@
 """How well the latency predicted for this machine matches served bundles.
 
     python -m coformer.tools.served_bench QUICKSTART_DIR [QUICKSTART_DIR ...] --repeats 3
+    python -m coformer.tools.served_bench BUNDLE [BUNDLE ...] --model timm:NAME --checkpoint W.pth \
+        --devices devices.yaml --data DIR --repeats 3
 
 Each QUICKSTART_DIR is the output of a ``coformer quickstart`` run (its bundle
-and the predictors it fitted). The probe bundles of
-:func:`coformer.tools.measure.build_probe_bundles` are built once (the
-quickstart's teacher, from the cache), then every repeat serves each bundle
-beside them and compares its measured median round trip with two predictions:
+and the predictors it fitted). With ``--model``, the arguments are bundles
+compiled from that teacher for the devices of ``--devices``, whose ``profile:``
+entries give the predictors (as ``coformer compile --search bo`` used them),
+with test inputs from ``--data``. The probe bundles of
+:func:`coformer.tools.measure.build_probe_bundles` are built once, then every
+repeat serves each bundle beside them and compares its measured median round
+trip with two predictions:
 
 * calibrated, as ``coformer quickstart`` and ``coformer compile --measure``
   report it, on the probes (``predict_served_here``);
@@ -35,14 +40,22 @@ from coformer.runtime.errors import CoFormerError
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coformer.tools.served_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("quickstart_dirs", type=Path, nargs="+")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                   help="quickstart output folders, or (with --model) bundles")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--report-json", type=Path, default=None)
+    p.add_argument("--samples", type=int, default=200, help="with --model: test samples sent to each bundle")
+    from coformer.tools.cli import _add_data, _add_model
+
+    _add_model(p, required=False)
+    _add_data(p)
+    p.add_argument("--devices", type=Path, default=None, help="with --model: the devices file, with profiles")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
         if args.repeats < 1:
             raise CoFormerError(f"--repeats {args.repeats} must be >= 1")
-        rows = run(args.quickstart_dirs, args.repeats)
+        rows = run_model(args) if args.model else run(args.dirs, args.repeats)
         summary = {}
         for kind in ("calibrated", "uncalibrated"):
             err = np.abs([r[f"{kind}_error"] for r in rows])
@@ -59,15 +72,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
+    """Quickstart outputs: the built-in teacher, its devices, each folder's own predictors."""
     from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.builtin import quickstart_teacher
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.pipeline import latency_model, search_space
+    from coformer.compiler.pipeline import latency_model
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.specs import Policy
-    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
-                                        probe_measurements, served_compute_ms)
-    from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices
+    from coformer.tools.quickstart import QuickstartConfig, make_devices
 
     for d in dirs:  # before the teacher is loaded (or trained, without a cache)
         missing = [str(x) for x in (d / "bundle" / "manifest.json", d / "profiles") if not x.exists()]
@@ -75,7 +88,7 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
             raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
     cfg = QuickstartConfig()
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
-    teacher, _ = load_or_train_teacher(cfg, data, progress=False)
+    teacher, _ = quickstart_teacher(cfg.teacher, data, progress=False)
     devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
     runs = []
     for d in dirs:
@@ -83,9 +96,44 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
         missing = [str(x) for x in paths if not x.is_file()]
         if missing:
             raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
-        runs.append((d, latency_model(teacher, devices, [LatencyPredictor.load(x) for x in paths[:-1]]),
+        runs.append((d / "bundle", latency_model(teacher, devices, [LatencyPredictor.load(x) for x in paths[:-1]]),
                      Policy.from_dict(json.loads(paths[-1].read_text())["policy"])))
-    x = data.test.x.numpy()
+    return measure_runs(teacher, devices, data, runs, data.test.x.numpy(), repeats)
+
+
+def run_model(args) -> list[dict]:
+    """Bundles of one teacher (``--model``) for the devices of ``--devices`` (with profiles)."""
+    from coformer.compiler.devices import load_devices
+    from coformer.compiler.pipeline import latency_model
+    from coformer.compiler.predictor import predictor_for
+    from coformer.compiler.specs import Policy
+    from coformer.runtime.manifest import load_manifest
+    from coformer.tools.cli import _data, _teacher
+
+    if args.devices is None:
+        raise CoFormerError("--model needs --devices (the devices file the bundles were compiled for, with profiles)")
+    devices = load_devices(args.devices)
+    missing = [d.name for d in devices if not d.profile]
+    if missing:
+        raise CoFormerError(f"{args.devices}: no profile for {missing}; the prediction needs every device's")
+    manifests = [load_manifest(b) for b in args.dirs]  # before the teacher is loaded
+    for b, m in zip(args.dirs, manifests):
+        if [d.device for d in m.devices] != [d.name for d in devices]:
+            raise CoFormerError(f"{b} was compiled for {[d.device for d in m.devices]}, --devices names "
+                                f"{[d.name for d in devices]}")
+    teacher = _teacher(args)
+    data, _ = _data(args, teacher)
+    latency = latency_model(teacher, devices, [predictor_for(Path(d.profile), args.seed)[0] for d in devices])
+    runs = [(b, latency, Policy.from_dict(m.policy)) for b, m in zip(args.dirs, manifests)]
+    return measure_runs(teacher, devices, data, runs, data.test.head(args.samples).numpy(), args.repeats)
+
+
+def measure_runs(teacher, devices, data, runs, x, repeats: int) -> list[dict]:
+    """Serve every ``(bundle, latency model, policy)`` of ``runs`` beside the probes, ``repeats`` times."""
+    from coformer.compiler.pipeline import search_space
+    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
+                                        probe_measurements, served_compute_ms)
+
     tmp = Path(tempfile.mkdtemp(prefix="coformer-served-bench-"))
     rows = []
     try:
@@ -100,7 +148,7 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
                 for k, v in probes.items():
                     t1_k, _, t3_k, _ = latency.terms(v["policy"])
                     mine[k] = {**v, "t1_ms": t1_k, "t3_ms": t3_k}
-                served, probed = measure_served_with_probes(d / "bundle", mine, x)
+                served, probed = measure_served_with_probes(d, mine, x)
                 measured = served["latency_ms"]["median"]
                 here = predict_served_here(t1, t3, devices, served["placements"],
                                            probe_measurements(mine, probed, devices))

@@ -1,0 +1,90 @@
+"""The built-in teacher (``--model quickstart``): a ViT trained on scikit-learn's
+digits once and cached, so every command can run without a checkpoint of the
+user's and without a download.
+
+The cache lives in ``$COFORMER_CACHE_DIR`` (default ``~/.cache/coformer``),
+keyed by every setting the weights depend on; an unreadable cache file is
+trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from coformer.runtime._files import atomic_write_bytes
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuickstartTeacher:
+    """The built-in teacher and its training.
+
+    The default is wide and shallow with few tokens (a 32x32 input in 8x8
+    patches): about 25 ms per image on one core of this project's CI machine,
+    so that socket overhead does not dominate, yet trainable in a few minutes.
+    """
+
+    embed_dim: int = 768
+    depth: int = 7
+    num_heads: int = 24
+    img_size: int = 32
+    patch_size: int = 8
+    epochs: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("COFORMER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "coformer")
+    return Path(base)
+
+
+def build_quickstart_teacher(cfg: QuickstartTeacher) -> nn.Module:
+    """The untrained teacher: a timm ``VisionTransformer`` on 1-channel images, 10 classes."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(cfg.seed)
+    return VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=1, num_classes=10,
+                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                             global_pool="avg").eval()
+
+
+def quickstart_teacher(cfg: QuickstartTeacher = QuickstartTeacher(), data=None, progress: bool = True,
+                       say: Optional[Callable[[str], None]] = None) -> tuple[nn.Module, Path]:
+    """The trained teacher and its cache file, trained on ``data`` (default: the digits at the
+    teacher's size) when no identical one was trained before."""
+    from coformer.calibration.data import load_digits_dataset
+    from coformer.calibration.train import train_classifier
+
+    say = say or (lambda msg: None)
+    key = {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "img_size": cfg.img_size,
+           "patch_size": cfg.patch_size, "teacher_epochs": cfg.epochs, "teacher_lr": cfg.lr, "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "quickstart" / f"teacher-{digest}.pt"
+    model = build_quickstart_teacher(cfg)
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            say(f"teacher: cached at {path}")
+            return model.eval(), path
+        except (RuntimeError, OSError, EOFError) as e:
+            say(f"teacher cache {path} is unreadable ({e}); training again")
+    data = data or load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    say(f"teacher: training ViT d={cfg.embed_dim}, {cfg.depth} layers, {cfg.num_heads} heads "
+        f"for {cfg.epochs} epochs on {len(data.train)} images (cached afterwards)")
+    train_classifier(model, data.train.x, data.train.y, cfg.epochs, lr=cfg.lr, seed=cfg.seed, progress=progress)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return model.eval(), path

@@ -1,0 +1,227 @@
+"""A user's own pretrained model and photos, end to end through the CLI: a timm DeiT and Swin
+checkpoint saved to disk (random init, depth reduced), a folder of real JPEG and PNG files in
+class folders, `coformer compile`, `coformer serve`, `coformer-runtime infer --image`, the
+profile kit and search for Swin, and `coformer bench` on its bundle."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coformer.runtime.manifest import load_manifest
+from coformer.tools.sample_data import write_photos
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["china", "digit", "flower"]  # what write_photos makes: crops of real photos (JPEG), digits (PNG)
+DEVICES = """devices:
+  - {name: hub, memory_bytes: 2.0e9, flops_budget: 1.0e10, link_mbit_s: 100, cpu_share: 1.0}
+  - {name: cam-a, memory_bytes: 1.0e9, flops_budget: 1.0e10, link_mbit_s: 2, cpu_share: 0.6}
+  - {name: cam-b, memory_bytes: 1.0e9, flops_budget: 1.0e10, link_mbit_s: 2, cpu_share: 0.4}
+"""
+MODELS = {
+    "deit": ("timm:deit_tiny_patch16_224", {"depth": 2}, "deit.pth"),
+    "swin": ("timm:swin_tiny_patch4_window7_224", {"depths": [1, 1, 1, 1]}, "swin.safetensors"),
+}
+
+
+def run(tool, *args, timeout=900):
+    module = {"coformer": "coformer.tools.cli", "coformer-runtime": "coformer.runtime.cli"}[tool]
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def save_checkpoint(kind: str, path: Path) -> None:
+    import timm
+
+    name, kwargs, _ = MODELS[kind]
+    torch.manual_seed(0)
+    model = timm.create_model(name[5:], pretrained=False, num_classes=len(CLASSES), **kwargs).eval()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(path))
+    else:
+        torch.save({"model": model.state_dict(), "epoch": 300}, path)  # a training checkpoint's wrapping
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("images")
+    write_photos(tmp / "photos")
+    (tmp / "devices.yaml").write_text(DEVICES)
+    bundles = {}
+    for kind, (name, kwargs, file) in MODELS.items():
+        save_checkpoint(kind, tmp / file)
+        done = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+                   json.dumps(kwargs), "--data", tmp / "photos", "--devices", tmp / "devices.yaml",
+                   "--out", tmp / f"{kind}-bundle", "--epochs", "1", "--device", "cpu", "--workers", "1",
+                   "--no-progress", "--report-json", tmp / f"{kind}.json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        bundles[kind] = (tmp / f"{kind}-bundle", json.loads((tmp / f"{kind}.json").read_text()), done.stdout)
+    return tmp, bundles
+
+
+@pytest.mark.parametrize("kind", ["deit", "swin"])
+def test_compile_records_the_teachers_own_preprocessing_and_the_folders_classes(work, kind):
+    import timm
+
+    tmp, bundles = work
+    bundle, report, stdout = bundles[kind]
+    m = load_manifest(bundle)
+    pre = m.input.preprocessing
+    own = timm.create_model(MODELS[kind][0][5:], pretrained=False, **MODELS[kind][1]).pretrained_cfg
+    assert pre["source"] == "timm" and pre["input_size"] == [3, 224, 224] and pre["crop_pct"] == own["crop_pct"]
+    assert pre["interpolation"] == own["interpolation"] == "bicubic"
+    assert pre["mean"] == pytest.approx(list(own["mean"])) and pre["std"] == pytest.approx(list(own["std"]))
+    assert m.labels == CLASSES and m.model["family"] == {"deit": "vit", "swin": "swin"}[kind] and len(m.devices) == 3
+    assert m.model["source"] == MODELS[kind][0] and m.model["checkpoint"].endswith(MODELS[kind][2])
+    assert report["accuracy_reference"] == "labels" and report["compute"]["device"] == "cpu"
+    # the split: 72 images, 20% (15) held out for the reported accuracy
+    assert m.expected["samples"] == 15 and "15 test samples" in stdout
+    assert not (tmp / f"{kind}-bundle.calibration").exists()  # checkpoints removed once the bundle is written
+
+
+def _local_answer(bundle: Path, x: np.ndarray) -> np.ndarray:
+    """The bundle's answer computed here with ONNX Runtime: every device's sub-model, then the aggregator."""
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    m = load_manifest(bundle)
+    feats = []
+    for d in m.devices:
+        with OnnxRuntimeEngine(bundle / d.artifact, threads=1) as e:
+            feats.append(next(iter(e.infer({m.input.name: x}).values())))
+    with OnnxRuntimeEngine(bundle / m.aggregator, threads=1) as e:
+        return next(iter(e.infer({f"feature_{i}": f for i, f in enumerate(feats)}).values()))
+
+
+@pytest.mark.parametrize("kind", ["deit", "swin"])
+def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
+    from coformer.runtime.images import preprocess_images
+
+    tmp, bundles = work
+    bundle = bundles[kind][0]
+    files = [tmp / "photos" / "china" / "3.jpg", tmp / "photos" / "flower" / "5.jpg", tmp / "photos" / "digit" / "2.png"]
+    proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(bundle), "--front",
+                             "tcp://127.0.0.1:*", "--throttle", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        endpoint = re.search(r"clients connect to (\S+)", line)
+        assert endpoint, line + (proc.stderr.read() if proc.poll() is not None else "")
+        done = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--image", *files,
+                   "--top-k", "2", timeout=120)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        bad = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--image",
+                  tmp / "devices.yaml", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert [a["file"] for a in answer["images"]] == [str(f) for f in files]
+    expected = _local_answer(bundle, preprocess_images(files, load_manifest(bundle).input.preprocessing))
+    for a, logits in zip(answer["images"], expected):
+        labels = [t["label"] for t in a["top_k"]]
+        assert len(labels) == 2 and set(labels) <= set(CLASSES)
+        assert labels[0] == CLASSES[int(np.argmax(logits))]  # served = the bundle's own answer
+        assert 1.0 >= a["top_k"][0]["probability"] >= a["top_k"][1]["probability"] > 0
+    assert bad.returncode == 2 and "devices.yaml is not an image" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_flat_folder_is_label_free_distillation(work):
+    tmp, _ = work
+    flat = tmp / "flat"
+    flat.mkdir()
+    for i, f in enumerate(sorted((tmp / "photos").rglob("*.*"))[:30]):
+        (flat / f"{i}{f.suffix}").write_bytes(f.read_bytes())
+    name, kwargs, file = MODELS["deit"]
+    done = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+               json.dumps(kwargs), "--data", flat, "--devices", tmp / "devices.yaml", "--out", tmp / "flat-bundle",
+               "--epochs", "0", "--val-fraction", "0.2", "--test-fraction", "0.2", "--crop-pct", "1.0",
+               "--no-progress", "--report-json", tmp / "flat.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = load_manifest(tmp / "flat-bundle")
+    assert m.labels == ["0", "1", "2"] and m.input.preprocessing["crop_pct"] == 1.0  # the teacher's classes
+    assert json.loads((tmp / "flat.json").read_text())["accuracy_reference"] == "teacher"
+    assert "agreement with the teacher" in done.stdout and m.expected["samples"] == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "digits"], "the built-in digits data is 1-channel square; the model takes 3x224x224"),
+    ([], "--data DIR is needed"),
+    (["--data", "/nonexistent/photos"], "an image model takes a folder of images"),
+    (["--device", "cuda"], "PyTorch sees no CUDA device"),
+    (["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
+])
+def test_image_compile_errors_are_one_clear_line(work, args, message):
+    if "cuda" in args:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present here")
+    tmp, _ = work
+    name, kwargs, file = MODELS["deit"]
+    done = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+               json.dumps(kwargs), "--devices", tmp / "devices.yaml", "--out", tmp / "never", *args, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp / "never").exists()
+
+
+def test_a_folder_of_other_classes_needs_unlabeled(work):
+    tmp, _ = work
+    (tmp / "four").mkdir()
+    for name in CLASSES + ["extra"]:
+        src = tmp / "photos" / ("china" if name == "extra" else name)
+        (tmp / "four" / name).symlink_to(src, target_is_directory=True)
+    name, kwargs, file = MODELS["deit"]
+    args = ["compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
+            "--data", tmp / "four", "--devices", tmp / "devices.yaml", "--out", tmp / "four-bundle", "--epochs", "0",
+            "--no-progress"]
+    done = run("coformer", *args, timeout=300)
+    assert done.returncode == 2 and "has 4 class folders" in done.stderr and "--unlabeled" in done.stderr
+    done = run("coformer", *args, "--unlabeled")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_manifest(tmp / "four-bundle").labels == ["0", "1", "2"]
+
+
+def test_swin_profile_kit_search_and_bench(work):
+    """Every command takes the Swin: a profile kit sampled from its own space, timed, a DeBo search
+    over it, and the bench with the strategies its family has (no pipeline / tensor parallel)."""
+    from coformer.runtime.profile import profile_kit
+
+    tmp, bundles = work
+    name, kwargs, file = MODELS["swin"]
+    model = ["--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs)]
+    done = run("coformer", "profile-kit", *model, "--out", tmp / "kit", "--count", "7", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    kit = json.loads((tmp / "kit" / "kit.json").read_text())
+    assert kit["family"] == "swin" and len(kit["entries"]) == 7
+    assert any("sample" in e for e in kit["entries"])  # per-stage widths: the features differ from the sample
+    lines = DEVICES.splitlines()
+    for i, dev in enumerate(("hub", "cam-a", "cam-b")):
+        profile_kit(tmp / "kit", dev, warmup_ms=2, iterations=2, duration_s=0.01, rounds=1, gap_iterations=2,
+                    progress=False, out=tmp / f"{dev}.json")
+        lines[i + 1] = lines[i + 1].replace("}", f", profile: {tmp / (dev + '.json')}}}")
+    (tmp / "profiled.yaml").write_text("\n".join(lines) + "\n")
+    done = run("coformer", "compile", *model, "--data", tmp / "photos", "--devices", tmp / "profiled.yaml",
+               "--out", tmp / "swin-searched", "--search", "bo", "--initial", "2", "--iterations", "1", "--epochs", "0",
+               "--no-progress", "--report-json", tmp / "searched.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp / "searched.json").read_text())
+    assert report["search"]["bo"]["evaluations"] == 3 and report["predicted_latency_ms"] > 0
+    assert load_manifest(tmp / "swin-searched").policy["source"] == "bo"
+    assert all("stage_channels" in s for s in load_manifest(tmp / "swin-searched").policy["submodels"])
+
+    done = run("coformer", "bench", bundles["swin"][0], *model, "--data", tmp / "photos", "--devices",
+               tmp / "devices.yaml", "--no-testbed", "--samples", "6", "--passes", "1", "--epochs", "0",
+               "--input-source", "device", "--out", tmp / "bench", "--report-json", tmp / "bench.json",
+               "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["strategy"]: r for r in json.loads((tmp / "bench.json").read_text())["results"]}
+    assert set(rows) == {"coformer", "uniform", "teacher"}
+    assert all(r["samples"] == 6 and r["status"] == "ok" for r in rows.values())
+    assert rows["coformer"]["bytes_from_devices"] < 3 * 768 * 4 + 400  # pooled features, not images
