@@ -103,25 +103,37 @@ def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: 
               existing: Optional[dict] = None) -> dict:
     """Export one ONNX per configuration into ``out_dir`` and write ``kit.json``.
 
-    With ``existing`` (a kit already there), new entries are appended.
+    With ``existing`` (a kit already there), new entries are appended. A language
+    teacher's entries take its token inputs at the bundle's full length (what the
+    cost model counts), and the kit's ``input.feeds`` tells the profiler how to fill
+    them: token ids within the vocabulary, a mask of ones, token types of zeros.
     """
-    import torch
-
     from coformer.compiler.families import adapter_for
     from coformer.compiler.lower import export_onnx
 
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
     out_dir = Path(out_dir)
+    names = adapter.input_names(teacher)
+    text = len(names) > 1 or getattr(adapter, "matches_hf", None) is not None
     kit = existing or {"version": KIT_VERSION, "family": shape.family, "shape": shape.to_dict(),
-                       "input": {"name": adapter.input_name, "shape": list(adapter.input_shape(teacher))},
+                       "input": {"name": adapter.input_name if not text else "tokens",
+                                 "shape": list(adapter.input_shape(teacher))},
                        "entries": []}
+    if text:
+        kit["input"]["feeds"] = _token_feeds(teacher, names)
     start = len(kit["entries"])
-    example = torch.zeros(1, *adapter.input_shape(teacher))
+    example = _example(teacher, adapter, text)
     for i, cfg in enumerate(tqdm(configs, desc="profile kit", disable=not progress)):
         spec = uniform_spec(shape, cfg)
         rel = f"models/{start + i:04d}.onnx"
-        export_onnx(adapter.slice(teacher, spec), [example], out_dir / rel, [adapter.input_name], ["features"])
+        sub = adapter.slice(teacher, spec)
+        if text:
+            from coformer.compiler.pipeline import lower_submodel
+
+            lower_submodel(adapter.export_module(sub), example, out_dir / rel, names, True, {}, rel)
+        else:
+            export_onnx(sub, [example], out_dir / rel, [adapter.input_name], ["features"])
         cost = submodel_cost(spec, shape)
         entry = {"id": start + i, "file": rel, "config": spec_features(spec), "flops": cost.flops,
                  "params": cost.params}
@@ -130,3 +142,26 @@ def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: 
         kit["entries"].append(entry)
     atomic_write_json(out_dir / KIT_NAME, kit)
     return kit
+
+
+def _token_feeds(teacher: Any, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """How the profiler fills a language model's inputs (``coformer.runtime.profile.kit_feeds``)."""
+    T = int(teacher.max_length)
+    vocab = int(teacher.hf.config.vocab_size)
+    fill = {"input_ids": "ids", "attention_mask": "ones", "token_type_ids": "zeros"}
+    return {n: {"dtype": "int64", "shape": [1, T], "fill": fill[n], "high": vocab} for n in names}
+
+
+def _example(teacher: Any, adapter: Any, text: bool):
+    """An input to export with: zeros for an image model; for a language model a packed
+    ``[2, k, T]`` batch of valid tokens (ids within the vocabulary, a full mask)."""
+    import torch
+
+    if not text:
+        return torch.zeros(1, *adapter.input_shape(teacher))
+    k, T = adapter.input_shape(teacher)
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, k, T, dtype=torch.long)
+    x[:, 0] = torch.randint(4, int(teacher.hf.config.vocab_size), (2, T), generator=g)
+    x[:, 1] = 1
+    return x

@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.image is not None:
             with Client(args.central, timeout_s=args.timeout) as client:
-                answers, results = client.classify_images(args.image, manifest.input.preprocessing, manifest.labels,
-                                                          top_k=args.top_k)
+                answers, results = client.classify_images(args.image, manifest, top_k=args.top_k)
             print(json.dumps({"images": [{"file": str(f), "top_k": [{"label": lab, "probability": round(p, 6)}
                                                                       for lab, p in a]}
                                          for f, a in zip(args.image, answers)],

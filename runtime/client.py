@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -97,17 +98,27 @@ class Client:
         names = labels or []
         return [names[i] if i < len(names) else str(i) for i in result.label_index], result
 
-    def classify_images(self, images: Sequence[Any], preprocessing: Mapping[str, Any],
+    def classify_images(self, images: Sequence[Any], bundle: Any,
                         labels: Optional[Sequence[str]] = None, top_k: int = 5,
                         batch_size: int = 16) -> tuple[list[list[tuple[str, float]]], list[Result]]:
         """Classify image files (paths, encoded bytes, uint8 arrays or Pillow images) with a bundle
-        whose ``preprocessing`` (``manifest.input.preprocessing``) is timm's: each is decoded and
+        whose preprocessing is timm's. ``bundle`` is the bundle's folder, its
+        :class:`~coformer.runtime.manifest.Manifest`, or the preprocessing record itself
+        (``manifest.input.preprocessing``; then pass ``labels``). Each image is decoded and
         preprocessed here with Pillow and numpy (:mod:`coformer.runtime.images`), sent in
         batches of ``batch_size``, and answered with its ``top_k`` (label, probability) pairs,
         most likely first; also returns the raw result of every batch. A bad file raises
         naming it before anything is sent."""
         from coformer.runtime.images import is_image_spec, preprocess_images
+        from coformer.runtime.manifest import Manifest, load_manifest
 
+        if isinstance(bundle, (str, Path)):
+            bundle = load_manifest(Path(bundle), verify=False)
+        if isinstance(bundle, Manifest):
+            labels = labels if labels is not None else bundle.labels
+            preprocessing = bundle.input.preprocessing
+        else:
+            preprocessing = bundle
         if not is_image_spec(preprocessing):
             raise CoFormerError("this bundle does not take image files (its preprocessing is "
                                 f"{preprocessing.get('kind')!r}, source {preprocessing.get('source')!r})")

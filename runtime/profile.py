@@ -104,6 +104,25 @@ def load_kit(kit_dir: Path) -> dict:
     return kit
 
 
+def kit_feeds(kit: Mapping[str, Any], seed: int = 0) -> Optional[dict[str, np.ndarray]]:
+    """The inputs a kit asks for (a language model's token ids, mask and types, at full
+    length), or None for random float inputs (an image model's)."""
+    feeds = kit.get("input", {}).get("feeds")
+    if not feeds:
+        return None
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, f in feeds.items():
+        shape = [int(v) for v in f["shape"]]
+        if f["fill"] == "ids":
+            out[name] = rng.integers(4, max(5, int(f["high"])), size=shape).astype(f["dtype"])
+        elif f["fill"] in ("ones", "zeros"):
+            out[name] = (np.ones if f["fill"] == "ones" else np.zeros)(shape, dtype=f["dtype"])
+        else:
+            raise CoFormerError(f"kit input {name}: fill {f['fill']!r} is not one of ids, ones, zeros")
+    return out
+
+
 def profile_kit(
     kit_dir: Path,
     device: str = "this-device",
@@ -147,6 +166,7 @@ def profile_kit(
     medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     gapped_medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
+    feeds = kit_feeds(kit)
     bar = tqdm(total=len(timed) * rounds, desc=f"profile {device}", disable=not progress)
     order = np.random.default_rng(0)
     for r in range(rounds):
@@ -154,14 +174,14 @@ def profile_kit(
         # same point of it does not land on the same entries every time
         for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, limits=limits, idle_ms=idle_ms,
+                                      duration_s / rounds, threads, inputs=feeds, limits=limits, idle_ms=idle_ms,
                                       keep_samples=True, duty_pauses=False)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])
             env = dict(timing.environment)
             if gap_iterations > 0 and r == 0:  # one gapped run per entry: the factor is a median over entries
                 gapped = benchmark_engine(Path(kit_dir) / e["file"], backend, min(warmup_ms, 20.0), gap_iterations,
-                                          0.0, threads, limits=limits, idle_ms=gap_ms)
+                                          0.0, threads, inputs=feeds, limits=limits, idle_ms=gap_ms)
                 gapped_medians[e["id"]].append(gapped.compute_ms["median"])
             bar.update()
     bar.close()
@@ -187,7 +207,7 @@ def profile_kit(
         for e in tqdm(again, desc=f"profile {device}: again, {len(again)} unsteady", disable=not progress,
                       leave=False):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, limits=limits, idle_ms=idle_ms,
+                                      duration_s / rounds, threads, inputs=feeds, limits=limits, idle_ms=idle_ms,
                                       keep_samples=True, duty_pauses=False)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])

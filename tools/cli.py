@@ -230,12 +230,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     compute = _compute(args)  # a bad --device fails before the teacher is loaded
     teacher = _teacher(args)
     data, head = _data(args, teacher)
-    text = data.preprocessing.get("kind") == "text"
     method = args.search
-    if text and policy is None and method not in ("auto", "heuristic"):
-        raise CoFormerError(f"--search {method} is not available for language models yet (the profile kit and "
-                            "predictors are built for vision models); use --search heuristic or --policy FILE")
-    wants_search = policy is None and (method in ("bo", "random") or (method == "auto" and not text))
+    wants_search = policy is None and method != "heuristic"  # predictors: for bo, random, uniform
     if method in ("bo", "random"):
         missing = [d.name for d in devices if not d.profile]
         if missing:
@@ -252,7 +248,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
             if fit is not None:
                 fits[d.name] = fit
     job = CompileJob(
-        teacher, devices, data, args.out, policy=policy, search="heuristic" if text and method == "auto" else method,
+        teacher, devices, data, args.out, policy=policy, search=method,
         predictors=predictors, compare=args.compare, delta=args.delta, initial=args.initial,
         iterations=args.iterations, seed=args.seed, search_log=args.search_log or Path(f"{args.out}.search"),
         boost=BoostConfig(epochs=args.epochs, batch_size=compute.batch_size, seed=args.seed),
@@ -309,12 +305,7 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
     from coformer.compiler.profile_kit import refine_configs, sample_configs, write_kit
     from coformer.runtime.profile import load_kit
 
-    from coformer.compiler.sources import is_vision
-
     teacher = _teacher(args)
-    if not is_vision(teacher):
-        raise CoFormerError("profile kits are built for vision teachers (timm ViT, DeiT, Swin) so far; compile "
-                            "language models with --search heuristic or --policy FILE")
     shape = adapter_for(teacher).read_shape(teacher)
     if args.refine:
         kit = load_kit(args.out)

@@ -146,3 +146,26 @@ def test_attention_is_exported_with_a_constant_scale(variant, tmp_path):
         fused = [m.fused_attn for m in module.modules() if hasattr(m, "fused_attn")]
         assert fused and all(fused), name
     assert shape.num_layers >= 2
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("vit_small_patch16_224", {"depth": 2}, 224),  # class token, qkv bias
+    ("vit_small_patch16_224", {"depth": 2, "qkv_bias": False}, 224),
+    ("vit_base_patch16_gap_224", {"depth": 1}, 224),  # average pooling, no class token
+    ("vit_base_patch32_384", {"depth": 1}, 384),  # another patch and image size
+    ("deit_tiny_distilled_patch16_224", {"depth": 2}, 224),  # class and distillation tokens
+    ("deit3_small_patch16_224", {"depth": 2}, 224),  # layer scale, no class-token position
+])
+def test_real_timm_configs_are_reproduced_exactly_by_a_full_spec(name, kwargs, size):
+    """Random-init models from timm's real configs (depth reduced): every variant a user's
+    pretrained ViT or DeiT can be in."""
+    import timm
+
+    torch.manual_seed(0)
+    teacher = _randomised(timm.create_model(name, pretrained=False, **kwargs).eval())
+    adapter = adapter_for(teacher)
+    sub = adapter.slice(teacher, SubModelSpec.full(adapter.read_shape(teacher)))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (sub(x) - adapter.teacher_features(teacher, x)).abs().max().item() <= 1e-5
+        assert (adapter.teacher_head(teacher)(sub(x)) - teacher(x)).abs().max().item() <= 1e-5

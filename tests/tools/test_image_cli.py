@@ -121,6 +121,10 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
         answer = json.loads(done.stdout)
         bad = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--image",
                   tmp / "devices.yaml", timeout=60)
+        from coformer.runtime.client import Client
+
+        with Client(endpoint.group(1), timeout_s=60) as client:  # the Python API, on the same files
+            api, results = client.classify_images([str(f) for f in files], bundle, top_k=1, batch_size=2)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -132,6 +136,7 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
         assert labels[0] == CLASSES[int(np.argmax(logits))]  # served = the bundle's own answer
         assert 1.0 >= a["top_k"][0]["probability"] >= a["top_k"][1]["probability"] > 0
     assert bad.returncode == 2 and "devices.yaml is not an image" in bad.stderr and "Traceback" not in bad.stderr
+    assert [a[0][0] for a in api] == [a["top_k"][0]["label"] for a in answer["images"]] and len(results) == 2
 
 
 def test_a_flat_folder_is_label_free_distillation(work):
@@ -188,19 +193,18 @@ def test_a_folder_of_other_classes_needs_unlabeled(work):
     assert load_manifest(tmp / "four-bundle").labels == ["0", "1", "2"]
 
 
-def test_swin_profile_kit_search_and_bench(work):
-    """Every command takes the Swin: a profile kit sampled from its own space, timed, a DeBo search
-    over it, and the bench with the strategies its family has (no pipeline / tensor parallel)."""
+@pytest.fixture(scope="module")
+def swin_searched(work):
+    """The Swin through every step a user with devices takes: a profile kit sampled from its own
+    space, timed on each device, and a DeBo search over the predictors fitted on it."""
     from coformer.runtime.profile import profile_kit
 
-    tmp, bundles = work
+    tmp, _ = work
     name, kwargs, file = MODELS["swin"]
     model = ["--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs)]
     done = run("coformer", "profile-kit", *model, "--out", tmp / "kit", "--count", "7", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     kit = json.loads((tmp / "kit" / "kit.json").read_text())
-    assert kit["family"] == "swin" and len(kit["entries"]) == 7
-    assert any("sample" in e for e in kit["entries"])  # per-stage widths: the features differ from the sample
     lines = DEVICES.splitlines()
     for i, dev in enumerate(("hub", "cam-a", "cam-b")):
         profile_kit(tmp / "kit", dev, warmup_ms=2, iterations=2, duration_s=0.01, rounds=1, gap_iterations=2,
@@ -211,17 +215,41 @@ def test_swin_profile_kit_search_and_bench(work):
                "--out", tmp / "swin-searched", "--search", "bo", "--initial", "2", "--iterations", "1", "--epochs", "0",
                "--no-progress", "--report-json", tmp / "searched.json")
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp / "searched.json").read_text())
-    assert report["search"]["bo"]["evaluations"] == 3 and report["predicted_latency_ms"] > 0
-    assert load_manifest(tmp / "swin-searched").policy["source"] == "bo"
-    assert all("stage_channels" in s for s in load_manifest(tmp / "swin-searched").policy["submodels"])
+    return tmp, model, kit, json.loads((tmp / "searched.json").read_text())
 
-    done = run("coformer", "bench", bundles["swin"][0], *model, "--data", tmp / "photos", "--devices",
+
+def test_swin_profile_kit_and_search(swin_searched):
+    tmp, _, kit, report = swin_searched
+    assert kit["family"] == "swin" and len(kit["entries"]) == 7
+    assert any("sample" in e for e in kit["entries"])  # per-stage widths: the features differ from the sample
+    assert report["search"]["bo"]["evaluations"] == 3 and report["predicted_latency_ms"] > 0
+    policy = load_manifest(tmp / "swin-searched").policy
+    assert policy["source"] == "bo" and all(len(s["stage_channels"]) == 3 for s in policy["submodels"])
+
+
+def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
+    tmp, model, _, _ = swin_searched
+    done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
                tmp / "devices.yaml", "--no-testbed", "--samples", "6", "--passes", "1", "--epochs", "0",
                "--input-source", "device", "--out", tmp / "bench", "--report-json", tmp / "bench.json",
                "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["strategy"]: r for r in json.loads((tmp / "bench.json").read_text())["results"]}
-    assert set(rows) == {"coformer", "uniform", "teacher"}
+    assert set(rows) == {"coformer", "uniform", "teacher"}  # no pipeline / tensor parallel for Swin
     assert all(r["samples"] == 6 and r["status"] == "ok" for r in rows.values())
     assert rows["coformer"]["bytes_from_devices"] < 3 * 768 * 4 + 400  # pooled features, not images
+    done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
+               tmp / "devices.yaml", "--no-testbed", "--strategies", "coformer,pipeline", "--no-progress")
+    assert done.returncode == 2 and "['pipeline'] cannot be built for this teacher" in done.stderr
+
+
+def test_served_bench_predicts_a_swin_bundle_beside_its_probes(swin_searched):
+    tmp, model, _, _ = swin_searched
+    done = subprocess.run([sys.executable, "-m", "coformer.tools.served_bench", str(tmp / "swin-searched"), *map(str, model),
+                           "--data", str(tmp / "photos"), "--devices", str(tmp / "profiled.yaml"), "--repeats", "1",
+                           "--samples", "6", "--report-json", str(tmp / "served.json")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp / "served.json").read_text())["rows"]
+    assert row["bundle"] == str(tmp / "swin-searched") and row["measured_ms"] > 0 and row["calibrated_ms"] > 0
+    assert set(row["terms_ms"]["probes"]) >= {"small", "uniform"}

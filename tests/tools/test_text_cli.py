@@ -92,7 +92,7 @@ def test_compile_refuses_bad_models_and_data_naming_them(tmp_path):
     assert done.returncode == 2 and "'.csv' is not one of .tsv, .jsonl, .txt" in done.stderr
     done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--search", "bo",
                 "--out", tmp_path / "b", "--max-length", 32)
-    assert done.returncode == 2 and "--search bo is not available for language models" in done.stderr
+    assert done.returncode == 2 and "--search bo needs a profile for every device; missing for ['a']" in done.stderr
     assert not (tmp_path / "b").exists()
 
 
@@ -156,3 +156,41 @@ def test_label_free_distillation_from_a_plain_text_file(tmp_path):
     from coformer.runtime.manifest import load_manifest
 
     assert load_manifest(tmp_path / "b").labels == ["no", "yes"]
+
+
+@pytest.mark.slow
+def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
+    """The kit is sampled from the BERT's own space and exported with token inputs at its full
+    length; the profiler fills them (ids within the vocabulary, a full mask); DeBo searches over
+    the predictors fitted on it."""
+    from coformer.runtime.manifest import load_manifest
+    from coformer.runtime.profile import profile_kit
+
+    ckpt = _checkpoint("bert", tmp_path / "bert")
+    data = _jsonl(tmp_path / "reviews.jsonl", 120)
+    done = _run("profile-kit", "--model", f"hf:{ckpt}", "--max-length", 24, "--out", tmp_path / "kit", "--count", 8,
+                "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    kit = json.loads((tmp_path / "kit" / "kit.json").read_text())
+    assert kit["family"] == "bert" and len(kit["entries"]) == 8
+    assert set(kit["input"]["feeds"]) == {"input_ids", "attention_mask", "token_type_ids"}
+    lines = ["devices:"]
+    for name, share in (("a", 1.0), ("b", 0.5)):
+        prof = profile_kit(tmp_path / "kit", name, warmup_ms=2, iterations=3, duration_s=0.01, rounds=1,
+                           gap_iterations=2, progress=False, out=tmp_path / f"{name}.json")
+        assert all(e["latency_estimate_ms"] > 0 for e in prof["entries"])
+        lines.append(f"  - {{name: {name}, memory_bytes: 1000000000, flops_budget: 1000000000, cpu_share: {share}, "
+                     f"profile: {tmp_path / (name + '.json')}}}")
+    (tmp_path / "devices.yaml").write_text("\n".join(lines) + "\n")
+    from coformer.runtime.profile import kit_feeds
+
+    feeds = kit_feeds(kit)  # what the profiler ran: full-length, valid tokens
+    assert {k: v.shape for k, v in feeds.items()} == dict.fromkeys(feeds, (1, 24))
+    assert feeds["input_ids"].max() < 100 and feeds["attention_mask"].min() == 1 and feeds["token_type_ids"].max() == 0
+    done = _run("compile", "--model", f"hf:{ckpt}", "--max-length", 24, "--devices", tmp_path / "devices.yaml",
+                "--data", data, "--out", tmp_path / "bundle", "--search", "bo", "--initial", 2, "--iterations", 1,
+                "--epochs", 0, "--no-progress", "--report-json", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["search"]["bo"]["evaluations"] == 3 and r["predicted_latency_ms"] > 0
+    assert load_manifest(tmp_path / "bundle").policy["source"] == "bo"
