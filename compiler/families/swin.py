@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coformer.compiler.families import register
-from coformer.compiler.families.vit import _copy_norm, head_rows_cols
+from coformer.compiler.families.vit import ImageAdapter, _copy_norm, head_rows_cols, slice_inputs
 from coformer.compiler.importance import Importance
 from coformer.compiler.specs import SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
@@ -244,11 +244,10 @@ def _config(model: nn.Module, spec: SubModelSpec, shape: TransformerShape) -> di
 
 
 @register("swin")
-class SwinAdapter:
+class SwinAdapter(ImageAdapter):
     """Adapter for timm ``SwinTransformer`` (v1)."""
 
     name = "swin"
-    input_name = "pixels"
 
     def matches(self, model: Any) -> bool:
         try:
@@ -279,16 +278,6 @@ class SwinAdapter:
             stage_dims=tuple(int(s.blocks[0].norm1.normalized_shape[0]) for s in model.layers),
             stage_depths=tuple(len(s.blocks) for s in model.layers),
         )
-
-    def input_names(self, model: nn.Module) -> list[str]:
-        return [self.input_name]
-
-    def export_module(self, sub: nn.Module) -> nn.Module:
-        return sub
-
-    def input_shape(self, model: nn.Module) -> tuple[int, ...]:
-        h, w = model.patch_embed.img_size
-        return (model.patch_embed.proj.in_channels, h, w)
 
     # -- slicing ---------------------------------------------------------
     @torch.no_grad()
@@ -350,14 +339,8 @@ class SwinAdapter:
     def feature_index(self, model: nn.Module, spec: SubModelSpec) -> list[int]:
         return list(spec.all_channels[-1])
 
-    @torch.no_grad()
     def submodel_head(self, model: nn.Module, spec: SubModelSpec) -> nn.Module:
-        K = torch.tensor(spec.all_channels[-1])
-        fc = model.head.fc
-        out = nn.Linear(len(K), fc.out_features)
-        out.weight.copy_(fc.weight[:, K])
-        out.bias.copy_(fc.bias)
-        return out
+        return slice_inputs(model.head.fc, torch.tensor(spec.all_channels[-1]))
 
     # -- importance ------------------------------------------------------
     @torch.no_grad()

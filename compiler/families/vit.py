@@ -20,7 +20,7 @@ Choices the paper leaves open, written down here:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -205,12 +205,37 @@ def _config(model: nn.Module, spec: SubModelSpec) -> dict:
     }
 
 
+class ImageAdapter:
+    """What the image families (ViT, Swin) share: one ``pixels`` input of the teacher's
+    image size, exported as the sub-model itself."""
+
+    input_name = "pixels"
+
+    def input_names(self, model: nn.Module) -> list[str]:
+        return [self.input_name]
+
+    def export_module(self, sub: nn.Module) -> nn.Module:
+        return sub
+
+    def input_shape(self, model: nn.Module) -> tuple[int, ...]:
+        h, w = model.patch_embed.img_size
+        return (model.patch_embed.proj.in_channels, h, w)
+
+
+@torch.no_grad()
+def slice_inputs(lin: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+    """A copy of ``lin`` reading only the input features ``kept`` (a sub-model's head)."""
+    out = nn.Linear(len(kept), lin.out_features)
+    out.weight.copy_(lin.weight[:, kept])
+    out.bias.copy_(lin.bias)
+    return out
+
+
 @register("vit")
-class VitAdapter:
+class VitAdapter(ImageAdapter):
     """Adapter for timm ``VisionTransformer`` (ViT, DeiT) and ``VisionTransformerDistilled``."""
 
     name = "vit"
-    input_name = "pixels"
 
     def matches(self, model: Any) -> bool:
         try:
@@ -243,16 +268,6 @@ class VitAdapter:
             "vit", model.embed_dim, tuple(b.attn.num_heads for b in model.blocks), model.blocks[0].attn.head_dim,
             tuple(b.mlp.fc1.out_features for b in model.blocks), 1, 0, 1, model.num_classes,
         )
-
-    def input_names(self, model: nn.Module) -> list[str]:
-        return [self.input_name]
-
-    def export_module(self, sub: nn.Module) -> nn.Module:
-        return sub
-
-    def input_shape(self, model: nn.Module) -> tuple[int, ...]:
-        h, w = model.patch_embed.img_size
-        return (model.patch_embed.proj.in_channels, h, w)
 
     # -- slicing ---------------------------------------------------------
     @torch.no_grad()
@@ -324,16 +339,9 @@ class VitAdapter:
     def submodel_head(self, model: nn.Module, spec: SubModelSpec) -> nn.Module:
         """A head for X_n alone (used while calibrating), initialised from the teacher's."""
         K = torch.tensor(spec.channels)
-
-        def sliced(lin: nn.Linear) -> nn.Linear:
-            out = nn.Linear(len(K), lin.out_features)
-            out.weight.copy_(lin.weight[:, K])
-            out.bias.copy_(lin.bias)
-            return out
-
         if hasattr(model, "dist_token"):
-            return _PairHead(sliced(model.head), sliced(model.head_dist))
-        return sliced(model.head)
+            return _PairHead(slice_inputs(model.head, K), slice_inputs(model.head_dist, K))
+        return slice_inputs(model.head, K)
 
     # -- importance ------------------------------------------------------
     @torch.no_grad()
