@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Split
+from coformer.runtime.errors import CoFormerError
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,13 @@ def update_weights(w: torch.Tensor, losses: torch.Tensor, max_ratio: float) -> t
     return w
 
 
+def teacher_decisions(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices from the teacher's logits ``[M, C]``, or the indices themselves ``[M]``."""
+    if targets.ndim == 1 and not torch.is_floating_point(targets):
+        return targets.long()
+    return targets.argmax(dim=-1)
+
+
 def as_split(x: Union[torch.Tensor, Split]) -> Split:
     """An in-memory tensor as a :class:`Split`; a split as it is."""
     return x if isinstance(x, Split) else Split(x, None, np.empty(0))
@@ -122,13 +130,35 @@ class Checkpoints:
     """Per-sub-model calibration checkpoints in ``folder`` (``sub-N.pt``: the sub-model's and
     its head's weights, the sample weights for the next one, the losses), valid for one
     ``key`` (teacher, policy, data and settings): an interrupted compile resumes after the
-    last finished sub-model; files of another key are ignored and replaced."""
+    last finished sub-model; files of another key are ignored and replaced.
+
+    The folder is CoFormer's alone: it carries a marker file, a non-empty folder without
+    one is refused (it is the user's), and :meth:`remove` deletes only what was written.
+    """
+
+    MARKER = ".coformer-calibration"
 
     def __init__(self, folder: Path, key: str) -> None:
         self.folder, self.key = Path(folder), key
+        if self.folder.exists() and (not self.folder.is_dir() or (
+                any(self.folder.iterdir()) and not (self.folder / self.MARKER).is_file())):
+            raise CoFormerError(f"{self.folder} holds files CoFormer did not write; give --resume-dir a new or "
+                                "empty folder (it is removed once the bundle is written)")
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.pt"
+
+    def remove(self) -> None:
+        """Delete the checkpoints (once the bundle is written), and the folder when nothing else is left."""
+        if not (self.folder / self.MARKER).is_file():
+            return
+        for f in self.folder.iterdir():
+            if f.suffix == ".pt" or f.name == self.MARKER or f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass  # something else was put there: left alone
 
     def load(self, name: str) -> Optional[dict]:
         path = self._path(name)
@@ -141,20 +171,27 @@ class Checkpoints:
         return state if isinstance(state, dict) and state.get("key") == self.key else None
 
     def save(self, name: str, state: dict) -> None:
-        import io
+        """Write straight to a temporary file, then rename (no copy of the state in memory)."""
+        import os
+        import tempfile
 
-        from coformer.runtime._files import atomic_write_bytes
-
-        buf = io.BytesIO()
-        torch.save({**state, "key": self.key}, buf)
-        atomic_write_bytes(self._path(name), buf.getvalue())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.MARKER).touch()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            torch.save({**state, "key": self.key}, tmp)
+            os.replace(tmp, self._path(name))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def calibrate(
     submodels: Sequence[nn.Module],
     heads: Sequence[nn.Module],
     x: Union[torch.Tensor, Split],
-    teacher_logits: torch.Tensor,
+    teacher_targets: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     config: BoostConfig = BoostConfig(),
     progress: bool = True,
@@ -165,15 +202,17 @@ def calibrate(
 
     ``heads[n]`` maps sub-model n's pooled feature to logits (the teacher's
     head sliced to its channels) and is trained with it. ``x`` holds the
-    training inputs (a tensor, or a streamed :class:`Split`); ``teacher_logits``
-    are the teacher's outputs on them, computed once. Sub-model n shuffles with
+    training inputs (a tensor, or a streamed :class:`Split`); ``teacher_targets``
+    are the teacher's logits on them or, as eq. 14 needs no more, its decisions (one
+    class index per sample: M integers instead of M x classes floats), computed
+    once. Sub-model n shuffles with
     its own generator (``seed``, n), so a run resumed from ``checkpoints`` after
     sub-model n-1 calibrates n exactly as an uninterrupted run would.
     """
     data = as_split(x)
     dev = compute.torch_device
     M = len(data)
-    yt = teacher_logits.argmax(dim=-1)
+    yt = teacher_decisions(teacher_targets)
     w = torch.full((M,), 1.0 / M)
     report = BoostReport()
     steps_per_epoch = math.ceil(M / config.batch_size)

@@ -59,8 +59,9 @@ class Compute:
         if device != "cpu":
             _check_cuda(device)
         cuda = device.startswith("cuda")
-        if amp == "auto":
-            amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "none"
+        if amp == "auto":  # bf16 natively from compute capability 8 (Ampere) on; emulated before, so fp16
+            native = cuda and torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+            amp = ("bf16" if native else "fp16") if cuda else "none"
         if workers is None:
             workers = max(0, min(4, (os.cpu_count() or 1) - 1))
         return cls(device, amp, batch_size, workers)

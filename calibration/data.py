@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coformer.runtime.errors import CoFormerError
+
 DIGIT_LABELS = [str(i) for i in range(10)]
 
 
@@ -67,7 +69,20 @@ class Split:
 
         loader = DataLoader(_Indexed(self.source, order.tolist()), batch_size=batch_size, shuffle=False,
                             num_workers=workers, persistent_workers=False, pin_memory=False)
-        yield from loader
+        try:
+            yield from loader
+        except CoFormerError as e:  # from a loader process: its message without the worker's traceback
+            raise CoFormerError(worker_message(str(e))) from None
+
+
+def worker_message(text: str) -> str:
+    """The user-facing message of a :class:`CoFormerError` re-raised by a DataLoader worker
+    (which wraps it in "Caught ... in DataLoader worker process N" and a traceback)."""
+    prefix = f"{CoFormerError.__module__}.{CoFormerError.__name__}: "
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if "DataLoader worker" in text and lines and lines[-1].startswith(prefix):
+        return lines[-1][len(prefix):]
+    return text
 
 
 class _Indexed:

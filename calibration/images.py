@@ -46,16 +46,40 @@ class FolderScan:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    found = []
+    found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink back up the tree: walked once
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in sorted(files)
                   if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
     return found
 
 
+def check_headers(paths: Sequence[Path]) -> None:
+    """Open every file's header (not its pixels: fast), so that a file that is no image is
+    named before a compile starts rather than when a batch first decodes it."""
+    from coformer.runtime.images import pillow
+
+    Image = pillow()
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.size
+        except Exception as e:  # Pillow raises several kinds
+            bad.append(f"{p} ({type(e).__name__})")
+    if bad:
+        raise CoFormerError(f"{len(bad)} file(s) are not images Pillow can read: {', '.join(bad[:5])}"
+                            + (" ..." if len(bad) > 5 else "") + "; remove or fix them")
+
+
 def scan_image_folder(root: Path) -> FolderScan:
-    """Find the images of ``root`` and their classes (see the module doc); errors name what is wrong."""
+    """Find the images of ``root`` and their classes (see the module doc); errors name what is wrong,
+    a file that is not an image included (:func:`check_headers`)."""
     root = Path(root)
     if not root.is_dir():
         raise CoFormerError(f"--data {root}: no such folder")
@@ -77,9 +101,11 @@ def scan_image_folder(root: Path) -> FolderScan:
         for i, name in enumerate(classes):
             paths += per_class[name]
             targets += [i] * len(per_class[name])
+        check_headers(paths)
         return FolderScan(paths, targets, classes)
     if not flat:
         raise CoFormerError(f"--data {root} holds no {'/'.join(s[1:] for s in SUFFIXES)} images")
+    check_headers(flat)
     return FolderScan(flat, None, [])
 
 
@@ -151,19 +177,26 @@ def split_indices(n: int, targets: Optional[Sequence[int]], val_fraction: float,
         raise CoFormerError(f"{n} images are too few to split into calibration, validation and test (need 10)")
     idx = np.arange(n)
     y = None if targets is None else np.asarray(targets)
-    strat = y if y is not None and np.bincount(y).min() >= 5 else None
+    classes = 0 if y is None else len(np.unique(y))
+    # stratified where every split can hold every class; a split of fewer samples than classes cannot
+    stratify = y is not None and np.bincount(y).min() >= 5 and min(val_fraction, test_fraction) * n >= classes
+    strat = y if stratify else None
     rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
     train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed,
                                   stratify=None if strat is None else strat[rest])
+    if not len(val) or not len(test):
+        raise CoFormerError(f"--val-fraction {val_fraction} / --test-fraction {test_fraction} of {n} images leave an "
+                            "empty split")
     return np.sort(train), np.sort(val), np.sort(test)
 
 
 def image_folder_dataset(root: Path, record: Mapping[str, Any], val_fraction: float = 0.1,
                          test_fraction: float = 0.2, seed: int = 0,
-                         label_names: Optional[Sequence[str]] = None) -> Dataset:
+                         label_names: Optional[Sequence[str]] = None, scan: Optional[FolderScan] = None) -> Dataset:
     """The streamed :class:`Dataset` of an image folder (see the module doc). ``label_names``:
-    the task's labels when the folder has none (the teacher's own classes)."""
-    scan = scan_image_folder(root)
+    the task's labels when the folder has none (the teacher's own classes); ``scan``: the
+    folder's :func:`scan_image_folder`, when the caller has it already."""
+    scan = scan or scan_image_folder(root)
     train, val, test = split_indices(len(scan.paths), scan.targets, val_fraction, test_fraction, seed)
     y_all = None if scan.targets is None else torch.as_tensor(scan.targets)
     paths = np.asarray([str(p) for p in scan.paths], dtype=object)
@@ -173,7 +206,7 @@ def image_folder_dataset(root: Path, record: Mapping[str, Any], val_fraction: fl
                      source=ImageFiles([scan.paths[i] for i in ix], record))
 
     labels = scan.classes if scan.targets is not None else list(label_names or [])
-    preprocessing = {**dict(record), "data": str(Path(root).resolve()), "images": len(scan.paths)}
+    preprocessing = {**dict(record), "images": len(scan.paths)}  # no workstation path in a deployed manifest
     return Dataset(split(train), split(val), split(test), labels, preprocessing)
 
 

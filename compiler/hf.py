@@ -134,7 +134,9 @@ def fit_head(teacher: TextTeacher, data, epochs: int = 200, progress: bool = Fal
         raise CoFormerError("this checkpoint has no task head and the data has no labels: give labelled data "
                             "so CoFormer can fit one")
     feats = run_batched(_Features(teacher), data.train.x)
-    head = nn.Linear(feats.shape[1], n)
+    with torch.random.fork_rng():  # the same head every run: a resumed compile's key must not change
+        torch.manual_seed(0)
+        head = nn.Linear(feats.shape[1], n)
     train_classifier(head, feats, data.train.y, epochs=epochs, lr=1e-2, batch_size=64, weight_decay=1e-4,
                      label_smoothing=0.0, progress=progress, desc="fit task head")
     teacher.head = head.eval()

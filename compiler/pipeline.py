@@ -17,7 +17,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -60,9 +60,11 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def run_many(models: Sequence[nn.Module], x: Union[torch.Tensor, Split], compute: Compute = CPU,
-             progress: bool = False, desc: str = "") -> list[torch.Tensor]:
+             progress: bool = False, desc: str = "",
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> list[torch.Tensor]:
     """Every model's outputs on every input of ``x``, in one pass (a streamed split's images are
-    decoded once for all models); float32 on the CPU. Models are returned to where they were."""
+    decoded once for all models); float32 on the CPU, or ``reduce(batch output)`` where only that
+    is kept (the teacher's decisions). Models are returned to where they were."""
     data = as_split(x)
     dev = compute.torch_device
     was = [_device(m) for m in models]
@@ -76,7 +78,8 @@ def run_many(models: Sequence[nn.Module], x: Union[torch.Tensor, Split], compute
             xb = xb.to(dev)
             with compute.autocast():
                 for out, m in zip(outs, models):
-                    out.append(m(xb).float().cpu())
+                    y = m(xb).float()
+                    out.append((reduce(y) if reduce is not None else y).cpu())
     finally:
         for m, d in zip(models, was):
             m.to(d)
@@ -84,9 +87,10 @@ def run_many(models: Sequence[nn.Module], x: Union[torch.Tensor, Split], compute
 
 
 def run_batched(model: nn.Module, x: Union[torch.Tensor, Split], compute: Compute = CPU,
-                progress: bool = False, desc: str = "") -> torch.Tensor:
+                progress: bool = False, desc: str = "",
+                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``model``'s outputs on every input of ``x`` (see :func:`run_many`)."""
-    return run_many([model], x, compute, progress, desc)[0]
+    return run_many([model], x, compute, progress, desc, reduce)[0]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,23 +110,46 @@ def importance_of(teacher: nn.Module, data: Dataset, compute: Compute = CPU, sam
         teacher.to(was)
 
 
+def hash_weights(h: Any, module: nn.Module) -> None:
+    """Feed every byte of ``module``'s weights to the hash ``h`` (any dtype, bf16 included)."""
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_digest(teacher: nn.Module) -> str:
+    """SHA-256 of every weight of ``teacher`` (in the manifest: the bench and served_bench check
+    that they rebuild the baselines from the teacher the bundle came from)."""
+    h = hashlib.sha256()
+    hash_weights(h, teacher)
+    return h.hexdigest()
+
+
+def hash_data(h: Any, data: Dataset) -> None:
+    """Feed the training split to ``h``: its tensor, or for a streamed folder every file's path,
+    size and modification time (an image replaced under its name changes it), and the labels
+    and preprocessing."""
+    import os
+
+    tr = data.train
+    if tr.streamed:
+        files = [(str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in tr.raw]
+        h.update(json.dumps([files, dict(data.preprocessing)], sort_keys=True, default=str).encode())
+    else:
+        h.update(tr.x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if tr.y is not None:
+        h.update(tr.y.numpy().tobytes())
+
+
 def calibration_key(teacher: nn.Module, policy: Policy, data: Dataset, boost: BoostConfig, use_labels: bool,
                     aggregator_epochs: int) -> str:
     """What a calibration depends on: every byte of the teacher's weights, the policy, the
-    training data (its files, or its tensor) and the settings; the checkpoints' validity key."""
+    training data and the settings; the checkpoints' validity key."""
     h = hashlib.sha256(b"coformer calibration v1")
-    for name, t in sorted(teacher.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, teacher)
     h.update(json.dumps([policy.to_dict(), boost.__dict__, use_labels, aggregator_epochs], sort_keys=True,
                         default=str).encode())
-    tr = data.train
-    if tr.streamed:
-        h.update(json.dumps([list(map(str, tr.raw)), dict(data.preprocessing)], sort_keys=True, default=str).encode())
-    else:
-        h.update(tr.x.contiguous().numpy().tobytes())
-    if tr.y is not None:
-        h.update(tr.y.numpy().tobytes())
+    hash_data(h, data)
     return h.hexdigest()[:16]
 
 
@@ -173,19 +200,20 @@ def compile_bundle(
         ckpt = Checkpoints(checkpoint_dir, calibration_key(teacher, policy, data, boost, use_labels, aggregator_epochs))
     cached = ckpt.load("teacher") if ckpt else None
     if cached is not None:
-        teacher_train = cached["logits"]
-    else:
-        teacher_train = run_batched(teacher, data.train, compute, progress, "teacher on calibration data")
+        decisions = cached["decisions"]
+    else:  # eq. 14 distils to the teacher's decisions: M class indices are all that is kept
+        decisions = run_batched(teacher, data.train, compute, progress, "teacher on calibration data",
+                                reduce=lambda logits: logits.argmax(-1))
         if ckpt:
-            ckpt.save("teacher", {"logits": teacher_train})
-    report = calibrate(subs, heads, data.train, teacher_train, labels, boost, progress=progress, compute=compute,
+            ckpt.save("teacher", {"decisions": decisions})
+    report = calibrate(subs, heads, data.train, decisions, labels, boost, progress=progress, compute=compute,
                        checkpoints=ckpt)
 
     feats_train = run_many(subs, data.train, compute, progress, "sub-model features")
     agg = Aggregator([f.shape[1] for f in feats_train], _teacher_feature_dim(adapter, teacher, data),
                      copy.deepcopy(adapter.teacher_head(teacher)))
     agg.init_from_index([adapter.feature_index(teacher, s) for s in specs])
-    train_aggregator(agg, feats_train, teacher_train.argmax(-1), labels, epochs=aggregator_epochs,
+    train_aggregator(agg, feats_train, decisions, labels, epochs=aggregator_epochs,
                      seed=boost.seed, progress=progress, compute=compute)
     agg.eval()
 
@@ -216,7 +244,7 @@ def compile_bundle(
             shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
             public_mode(staging / preprocessing["tokenizer"])
         info = {"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
-                "shape": shape.to_dict(), **dict(model_info or {})}
+                "shape": shape.to_dict(), "weights_sha256": weights_digest(teacher), **dict(model_info or {})}
         if text:
             info.setdefault("source", getattr(teacher, "source", ""))
         return dict(
@@ -233,8 +261,8 @@ def compile_bundle(
         )
 
     manifest = write_bundle(Path(out_dir), build)
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if ckpt is not None:
+        ckpt.remove()
     return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report)
 
 

@@ -37,7 +37,9 @@ def policy_violations(
 
     C3 and C4 are read per layer *position* k: the k-th kept layer of every
     sub-model that has one. Against a teacher with uneven layers the bound is
-    its widest layer.
+    its widest layer. A hierarchical teacher (Swin), whose layers differ by stage
+    from 3 heads to 24, is bounded per teacher layer instead: the sub-models that keep
+    layer l keep at most its heads and neurons between them.
     """
     by_name = {d.name: d for d in devices}
     out: list[str] = []
@@ -61,8 +63,19 @@ def policy_violations(
         if sum(ds) > width:
             what = "embedding widths" if st == 0 else f"channel widths of stage {st}"
             out.append(f"C2: {what} {'+'.join(map(str, ds))} = {sum(ds)} exceed the teacher's d = {width}")
+    if shape.stage_dims:  # a hierarchical teacher: bounded by each teacher layer's own heads and neurons
+        for layer in range(L):
+            kept = [(s.head_counts[s.layers.index(layer)], s.mlp_dims[s.layers.index(layer)])
+                    for s in subs if layer in s.layers]
+            hs, Ds = [k[0] for k in kept], [k[1] for k in kept]
+            if sum(hs) > shape.heads[layer]:
+                out.append(f"C3: heads of layer {layer}: {'+'.join(map(str, hs))} = {sum(hs)} exceed its "
+                           f"h = {shape.heads[layer]}")
+            if sum(Ds) > shape.mlp_dims[layer]:
+                out.append(f"C4: MLP widths of layer {layer}: {'+'.join(map(str, Ds))} = {sum(Ds)} exceed its "
+                           f"D = {shape.mlp_dims[layer]}")
     h_max, D_max = max(shape.heads), max(shape.mlp_dims)
-    for k in range(max(s.num_layers for s in subs)):
+    for k in range(0 if shape.stage_dims else max(s.num_layers for s in subs)):
         hs = [s.head_counts[k] for s in subs if s.num_layers > k]
         Ds = [s.mlp_dims[k] for s in subs if s.num_layers > k]
         if sum(hs) > h_max:

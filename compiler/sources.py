@@ -80,7 +80,8 @@ def source_of(teacher: nn.Module) -> dict[str, Any]:
 def _mark(teacher: nn.Module, spec: str, checkpoint: Optional[Path]) -> nn.Module:
     record: dict[str, Any] = {"source": spec}
     if checkpoint is not None and Path(checkpoint).is_file():
-        record.update(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=sha256_file(Path(checkpoint)))
+        # the file's name, not its workstation path: the manifest travels to the devices
+        record.update(checkpoint=Path(checkpoint).name, checkpoint_sha256=sha256_file(Path(checkpoint)))
     teacher.coformer_source = record  # a plain attribute, not a parameter or submodule
     return teacher.eval()
 
@@ -147,7 +148,10 @@ def _timm_from_dir(path: Path, kwargs: dict[str, Any]) -> nn.Module:
 
 # -- data ----------------------------------------------------------------------------------
 def is_vision(teacher: nn.Module) -> bool:
-    return hasattr(teacher, "patch_embed")
+    """Whether ``teacher`` is an image model of a supported family (raises for an unsupported one)."""
+    from coformer.compiler.families import adapter_for
+
+    return adapter_for(teacher).name in ("vit", "swin")
 
 
 def load_data(teacher: nn.Module, data: Optional[str] = None, *, unlabeled: bool = False,
@@ -203,7 +207,8 @@ def _vision_data(teacher: nn.Module, data: Optional[str], unlabeled: bool, prepr
                                 f"teacher {teacher.num_classes} classes; give a folder of the teacher's classes "
                                 "(sorted folder names in its class order), or --unlabeled to distil from its "
                                 "decisions alone")
-    dataset = image_folder_dataset(root, record, val_fraction, test_fraction, seed, label_names=teacher_labels)
+    dataset = image_folder_dataset(root, record, val_fraction, test_fraction, seed, label_names=teacher_labels,
+                                   scan=scan)
     if scan.targets is not None and len(scan.classes) != teacher.num_classes:  # --unlabeled: labels dropped
         from dataclasses import replace
 

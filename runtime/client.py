@@ -108,7 +108,7 @@ class Client:
         preprocessed here with Pillow and numpy (:mod:`coformer.runtime.images`), sent in
         batches of ``batch_size``, and answered with its ``top_k`` (label, probability) pairs,
         most likely first; also returns the raw result of every batch. A bad file raises
-        naming it before anything is sent."""
+        naming it before its batch is sent."""
         from coformer.runtime.images import is_image_spec, preprocess_images
         from coformer.runtime.manifest import Manifest, load_manifest
 
@@ -124,11 +124,13 @@ class Client:
                                 f"{preprocessing.get('kind')!r}, source {preprocessing.get('source')!r})")
         if top_k < 1:
             raise CoFormerError(f"top_k {top_k} must be >= 1")
-        x = preprocess_images(list(images), preprocessing)
+        images = list(images)
+        if not images:
+            raise CoFormerError("no image given")
         names = list(labels or [])
         answers, results = [], []
-        for lo in range(0, len(x), batch_size):
-            r = self.infer(x[lo: lo + batch_size])
+        for lo in range(0, len(images), batch_size):  # decoded a batch at a time: memory stays flat
+            r = self.infer(preprocess_images(images[lo: lo + batch_size], preprocessing))
             results.append(r)
             z = r.logits - r.logits.max(axis=-1, keepdims=True)
             p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)

@@ -38,7 +38,8 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 ImageSource = Union[str, Path, bytes, np.ndarray, Any]
 
 
-def _pil():
+def pillow():
+    """Pillow's ``Image`` module, or the error naming the extra that installs it."""
     try:
         from PIL import Image
     except ImportError:
@@ -73,7 +74,7 @@ def check_spec(spec: Mapping[str, Any]) -> None:
 def open_image(source: ImageSource, channels: int = 3):
     """A Pillow image in RGB (``channels`` 3) or L (1) from a path, encoded bytes, a uint8
     array ``[H, W]`` / ``[H, W, C]`` or a Pillow image; a bad file raises naming it."""
-    Image = _pil()
+    Image = pillow()
     mode = "RGB" if channels == 3 else "L"
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim not in (2, 3):
@@ -86,11 +87,11 @@ def open_image(source: ImageSource, channels: int = 3):
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         img.load()
+        return img.convert(mode)
     except FileNotFoundError:
         raise CoFormerError(f"image file {name} does not exist") from None
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow's UnidentifiedImageError is an OSError
+    except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise CoFormerError(f"{name} is not an image Pillow can read: {e}") from None
-    return img.convert(mode)
 
 
 def _resized_size(w: int, h: int, spec: Mapping[str, Any]) -> tuple[int, int]:
@@ -110,7 +111,7 @@ def _resized_size(w: int, h: int, spec: Mapping[str, Any]) -> tuple[int, int]:
 
 def preprocess_image(source: ImageSource, spec: Mapping[str, Any]) -> np.ndarray:
     """One image -> the model input ``[C, H, W]`` float32 of the record ``spec``."""
-    Image = _pil()
+    Image = pillow()
     check_spec(spec)
     c, th, tw = (int(v) for v in spec["input_size"])
     img = open_image(source, c)

@@ -38,16 +38,19 @@ def preprocess(spec: Mapping[str, Any], raw: np.ndarray) -> np.ndarray:
     """Apply an image preprocessing record to ``raw`` of shape ``[B, C, H, W]``, ``[B, H, W]`` or ``[H, W]``.
 
     A bundle preprocessed by timm's transform (``"source": "timm"``, see
-    :mod:`coformer.runtime.images`) takes uint8 pixels instead: one image ``[H, W, C]``
-    (or ``[H, W]``) or a batch ``[B, H, W, C]``.
+    :mod:`coformer.runtime.images`) takes uint8 pixels instead: one RGB image ``[H, W, 3]``
+    or a batch ``[B, H, W, 3]`` (a one-channel model: ``[H, W]`` or ``[B, H, W]``).
     """
     if spec.get("source") == "timm":
-        from coformer.runtime.images import preprocess_image, preprocess_images
+        from coformer.runtime.images import preprocess_images
 
         x = np.asarray(raw)
-        if x.dtype != np.uint8:
-            raise CoFormerError(f"raw input for this bundle is uint8 pixels [H, W, C], got {x.dtype}")
-        return preprocess_images(list(x), spec) if x.ndim == 4 else preprocess_image(x, spec)[None]
+        channels = int(spec["input_size"][0])
+        single, want = (2, "[H, W] or [B, H, W]") if channels == 1 else (3, "[H, W, 3] or [B, H, W, 3]")
+        if x.dtype != np.uint8 or x.ndim not in (single, single + 1) or (channels == 3 and x.shape[-1] != 3):
+            raise CoFormerError(f"raw input for this bundle is uint8 pixels {want}, got {x.dtype} {list(x.shape)}")
+        batch = x if x.ndim == single + 1 else x[None]
+        return preprocess_images(list(batch), spec)
     if spec.get("kind") != "image":
         raise CoFormerError(f"preprocessing kind {spec.get('kind')!r} is not supported (expected 'image')")
     x = np.asarray(raw, dtype=np.float32)

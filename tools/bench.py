@@ -91,29 +91,33 @@ def _bw_name(mbit: float) -> str:
 
 
 # -- bundles -------------------------------------------------------------------
-def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, seed: int) -> str:
+def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, seed: int, data=None,
+                   batch_size: int = 64) -> str:
     """What the built bundles depend on: every byte of the teacher's weights (not a prefix
-    of each tensor: a fine-tuned head or a retrained last row differs late), the devices
-    and the calibration settings."""
+    of each tensor: a fine-tuned head or a retrained last row differs late), the devices,
+    the calibration settings and the data they were calibrated on."""
     import hashlib
 
+    from coformer.compiler.pipeline import hash_data, hash_weights
+
     key = hashlib.sha256(f"bundles v{BUNDLES_VERSION}".encode())
-    for name, p in sorted(teacher.state_dict().items()):
-        key.update(name.encode())
-        key.update(p.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(key, teacher)
     key.update(json.dumps([d.to_dict() for d in devices], sort_keys=True, default=str).encode())
-    key.update(json.dumps([boost_epochs, aggregator_epochs, seed]).encode())
+    key.update(json.dumps([boost_epochs, aggregator_epochs, seed, batch_size]).encode())
+    if data is not None:
+        hash_data(key, data)
     return key.hexdigest()[:16]
 
 
 def strategies_for(teacher) -> tuple[str, ...]:
     """The strategies the bench can build for ``teacher``'s family: pipeline and tensor
-    parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others."""
+    parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others; the
+    teacher alone is built for image families."""
     from coformer.compiler.baselines import baseline_families
     from coformer.compiler.families import adapter_for
 
     family = adapter_for(teacher).name
-    return tuple(s for s in STRATEGIES if s not in ("pipeline", "tensor_parallel") or family in baseline_families(s))
+    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform") or family in baseline_families(s))
 
 
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
@@ -135,7 +139,7 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     from coformer.runtime.manifest import load_manifest
 
     compute = compute or CPU
-    digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed)
+    digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed, data, compute.batch_size)
     out: dict[str, Path] = {}
     for s in strategies:
         if s == "coformer" and coformer_bundle is not None:
@@ -189,6 +193,14 @@ def check_bundle_matches(manifest, teacher, data) -> None:
     if recorded and diff:
         raise CoFormerError(f"the bundle was compiled from another teacher: {', '.join(diff)} differ "
                             f"(bundle {[recorded.get(k) for k in diff]}, --model {[shape.get(k) for k in diff]})")
+    recorded_weights = manifest.model.get("weights_sha256")
+    if recorded_weights:
+        from coformer.compiler.pipeline import weights_digest
+
+        if weights_digest(teacher) != recorded_weights:
+            raise CoFormerError("the bundle was compiled from other weights than --model/--checkpoint give "
+                                f"(weights SHA-256 {recorded_weights[:12]}... in the manifest); bench it with "
+                                "the checkpoint it was compiled from")
     if tuple(manifest.input.shape) != tuple(adapter.input_shape(teacher)):
         raise CoFormerError(f"the bundle takes inputs {list(manifest.input.shape)}, the teacher "
                             f"{list(adapter.input_shape(teacher))}")
@@ -646,6 +658,9 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     from coformer.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
+    if manifest.input.is_text:
+        raise CoFormerError("coformer bench does not take language-model bundles yet (its baselines are built for "
+                            "image models); measure a text bundle with coformer compile --measure")
     devices = bundle_devices(manifest, devices)
     check_bundle_matches(manifest, teacher, data)
     available = strategies_for(teacher)
@@ -660,7 +675,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     if data.test.y is not None:
         y, reference = data.test.y[: len(x)].numpy(), "labels"
     else:
-        y, reference = run_batched(teacher, x, compute or _cpu()).argmax(-1).numpy(), "teacher"
+        # the reference in float32 on the CPU, as the served teacher's ONNX computes it
+        y, reference = run_batched(teacher, x).argmax(-1).numpy(), "teacher"
     with torch.no_grad():
         x = x.numpy()
     report = run_bench([(devices, bundles)], x, y, out, parse_bandwidths(bandwidths), sources, use_testbed,
@@ -668,12 +684,6 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     report["accuracy_reference"] = reference
     atomic_write_json(out / "bench.json", report)
     return report
-
-
-def _cpu():
-    from coformer.calibration.compute import CPU
-
-    return CPU
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -225,6 +225,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.compiler.specs import Policy
     from coformer.runtime._files import atomic_write_json
 
+    if args.measure_samples < 1:
+        raise CoFormerError(f"--measure-samples {args.measure_samples} must be >= 1")
     devices = load_devices(args.devices)
     policy = Policy.load(args.policy) if args.policy else None
     compute = _compute(args)  # a bad --device fails before the teacher is loaded

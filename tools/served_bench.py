@@ -123,6 +123,10 @@ def run_model(args) -> list[dict]:
                                 f"{[d.name for d in devices]}")
     teacher = _teacher(args)
     data, _ = _data(args, teacher)
+    from coformer.tools.bench import check_bundle_matches
+
+    for m in manifests:
+        check_bundle_matches(m, teacher, data)
     latency = latency_model(teacher, devices, [predictor_for(Path(d.profile), args.seed)[0] for d in devices])
     runs = [(b, latency, Policy.from_dict(m.policy)) for b, m in zip(args.dirs, manifests)]
     return measure_runs(teacher, devices, data, runs, data.test.head(args.samples).numpy(), args.repeats)

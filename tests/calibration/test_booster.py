@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from coformer.calibration.aggregator import Aggregator
@@ -80,7 +81,7 @@ def test_calibration_resumes_after_the_last_finished_sub_model_exactly(tmp_path)
     subs, heads, x, y, t_logits = _setup()
     full = calibrate(subs, heads, x, t_logits, y, cfg, progress=False, checkpoints=Checkpoints(tmp_path, "k1"))
     expected = [copy.deepcopy(s.state_dict()) for s in subs]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-0.pt", "sub-1.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["sub-0.pt", "sub-1.pt"]
     (tmp_path / "sub-1.pt").unlink()  # stopped while calibrating the second sub-model
     subs2, heads2, *_ = _setup()
     again = calibrate(subs2, heads2, x, t_logits, y, cfg, progress=False, checkpoints=Checkpoints(tmp_path, "k1"))
@@ -95,3 +96,18 @@ def test_calibration_resumes_after_the_last_finished_sub_model_exactly(tmp_path)
     subs4, heads4, *_ = _setup()
     assert calibrate(subs4, heads4, x, t_logits, y, cfg, progress=False,
                      checkpoints=Checkpoints(tmp_path, "k2")).resumed == [1]
+
+
+def test_a_checkpoint_folder_that_is_not_coformers_is_refused_and_never_emptied(tmp_path):
+    from coformer.calibration.booster import Checkpoints
+    from coformer.runtime.errors import CoFormerError
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("months of work")
+    with pytest.raises(CoFormerError, match="holds files CoFormer did not write"):
+        Checkpoints(tmp_path / "mine", "k")
+    ours = Checkpoints(tmp_path / "ckpt", "k")
+    ours.save("sub-0", {"x": torch.zeros(1)})
+    (tmp_path / "ckpt" / "notes.txt").write_text("put here by hand")
+    ours.remove()  # only what it wrote goes
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]

@@ -173,3 +173,33 @@ def test_raw_pixels_through_the_runtimes_preprocess(tmp_path):
     assert preprocess(record, np.stack([pixels[:100, :100]] * 2)).shape == (2, 3, 224, 224)
     with pytest.raises(CoFormerError, match="uint8 pixels"):
         preprocess(record, pixels.astype(np.float32))
+    with pytest.raises(CoFormerError, match=r"uint8 pixels \[H, W, 3\] or \[B, H, W, 3\], got uint8 \[3, 50, 50\]"):
+        preprocess(record, np.zeros((3, 50, 50), np.uint8))  # channels first is not pixels
+    gray = timm_preprocessing(_deit(in_chans=1, img_size=96))
+    assert preprocess(gray, np.zeros((4, 50, 60), np.uint8)).shape == (4, 1, 96, 96)  # a batch of 4, not RGB
+
+
+def test_a_file_that_is_not_an_image_is_named_before_a_compile_starts(tmp_path):
+    from coformer.calibration.images import scan_image_folder
+
+    _photos(tmp_path / "cats", 3)
+    (tmp_path / "cats" / "clip.jpg").write_bytes(b"GIF89a, not really")
+    with pytest.raises(CoFormerError, match=r"1 file\(s\) are not images Pillow can read: .*clip.jpg"):
+        scan_image_folder(tmp_path)
+
+
+def test_a_truncated_image_fails_in_a_loader_process_with_one_clean_line(tmp_path):
+    """Its header reads, its pixels do not: the error comes from a DataLoader worker, and reaches
+    the user as the file's name and what is wrong, without the worker's traceback."""
+    from coformer.calibration.images import image_folder_dataset, timm_preprocessing
+
+    for name in ("a", "b"):
+        _photos(tmp_path / name, 6, seed=ord(name))
+    victim = sorted((tmp_path / "a").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    data = image_folder_dataset(tmp_path, timm_preprocessing(_deit()), 0.2, 0.2, seed=0)
+    split = next(s for s in (data.train, data.val, data.test) if str(victim) in list(s.raw))
+    with pytest.raises(CoFormerError) as e:
+        for _ in split.batches(2, workers=1):
+            pass
+    assert str(victim) in str(e.value) and "Traceback" not in str(e.value) and "worker" not in str(e.value)

@@ -33,7 +33,7 @@ def test_a_compile_stopped_after_calibration_resumes_without_calibrating_again(t
     monkeypatch.setattr(pipeline, "train_aggregator", stop)
     with pytest.raises(KeyboardInterrupt):
         _compile(tmp_path / "bundle", tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["sub-0.pt", "sub-1.pt", "teacher.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["sub-0.pt", "sub-1.pt", "teacher.pt"]
     assert not (tmp_path / "bundle").exists()  # nothing half-written
 
     monkeypatch.setattr(pipeline, "train_aggregator", real)

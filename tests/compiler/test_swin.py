@@ -149,6 +149,10 @@ def test_policies_keep_channels_per_stage_within_the_constraints():
             spec.validate(shape)
             for layer, heads in zip(spec.layers, spec.heads):  # a fraction of each layer's own heads
                 assert len(heads) <= shape.heads[layer]
+    overlap = [SubModelSpec((0,), (0,), ((0, 1),), ((0,),), ((0,), (0,), (0,))),
+               SubModelSpec((0, 4), (1,), ((1,), (0,)), ((1,), (1,)), ((1,), (1,), (1,)))]
+    with pytest.raises(CoFormerError, match=r"C3: heads of layer 0: 2\+1 = 3 exceed its h = 2"):
+        check_policy(Policy(tuple(overlap), ("a", "b")), shape, devices)  # stage 0 has 2 heads, not stage 3's 8
     wide = [SubModelSpec.full(shape), SubModelSpec.full(shape)]
     with pytest.raises(CoFormerError, match="C2: embedding widths 32\\+32 = 64 exceed.*\n.*C2: channel widths of stage 1"):
         check_policy(Policy(tuple(wide), ("a", "b")), shape, devices)

@@ -241,6 +241,17 @@ def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
     done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
                tmp / "devices.yaml", "--no-testbed", "--strategies", "coformer,pipeline", "--no-progress")
     assert done.returncode == 2 and "['pipeline'] cannot be built for this teacher" in done.stderr
+    # a checkpoint of the same architecture with other weights would make every baseline another model's
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    other = timm.create_model(MODELS["swin"][0][5:], pretrained=False, num_classes=len(CLASSES), **MODELS["swin"][1])
+    save_file(other.state_dict(), str(tmp / "other.safetensors"))
+    done = run("coformer", "bench", work[1]["swin"][0], "--model", MODELS["swin"][0], "--checkpoint",
+               tmp / "other.safetensors", "--model-kwargs", json.dumps(MODELS["swin"][1]), "--data", tmp / "photos",
+               "--devices", tmp / "devices.yaml", "--no-testbed", "--no-progress")
+    assert done.returncode == 2 and "compiled from other weights" in done.stderr
 
 
 def test_served_bench_predicts_a_swin_bundle_beside_its_probes(swin_searched):
