@@ -181,13 +181,15 @@ class CentralNode:
             check_tokens(msg.tensor, self.manifest.input.preprocessing)
         run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
                "tensor_parallel": self._run_tensor_parallel}[self.manifest.strategy]
-        logits = run(msg.tensor, index, acct)
+        out = run(msg.tensor, index, acct)
         t_end = time.perf_counter()
+        embedding = self.manifest.task_kind == "embedding"  # the fused vector itself: no labels to pick
         return protocol.encode(
             "result",
             msg.id,
-            np.ascontiguousarray(logits, dtype=np.float32),
-            label_index=[int(i) for i in np.argmax(logits, axis=-1)],
+            np.ascontiguousarray(out, dtype=np.float32),
+            task=self.manifest.task_kind,
+            label_index=[] if embedding else [int(i) for i in np.argmax(out, axis=-1)],
             wire_bytes_from_workers=acct.bytes_from,
             wire_bytes_to_workers=acct.bytes_to,
             rounds=acct.rounds,

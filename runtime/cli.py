@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image bundles: JPEG, PNG or WebP files, preprocessed here as the bundle records "
                           "(needs Pillow: pip install 'coformer[image]')")
     p.add_argument("--top-k", type=int, default=5, help="with --image: the most likely labels to print")
+    p.add_argument("--embed", action="store_true",
+                   help="an embedding bundle: print the embedding of each text, image or input row")
     p.add_argument("--raw", action="store_true", help="apply the bundle's preprocessing to the input first")
     p.add_argument("--timeout", type=float, default=30.0)
 
@@ -140,6 +142,25 @@ def run(args: argparse.Namespace) -> int:
         from coformer.runtime.preprocess import preprocess
 
         manifest = load_manifest(args.bundle, verify=False)
+        if args.embed or manifest.task_kind == "embedding":
+            if manifest.task_kind != "embedding":
+                raise CoFormerError("--embed needs an embedding bundle; this one classifies (drop --embed)")
+            if args.text is not None:
+                items = [args.text] if manifest.input.preprocessing.get("pair") else args.text
+            elif args.image is not None:
+                items = [str(f) for f in args.image]
+            else:
+                if not args.input.is_file():
+                    raise CoFormerError(f"input file {args.input} does not exist")
+                items = np.load(args.input)
+                items = preprocess(manifest.input.preprocessing, items) if args.raw else _model_input(items)
+                if items.ndim == len(manifest.input.shape):
+                    items = items[None]
+            with Client(args.central, timeout_s=args.timeout) as client:
+                vectors = client.embed(items, args.bundle)
+            print(json.dumps({"embedding": vectors.tolist(), "dim": int(vectors.shape[1]),
+                              "normalized": bool(manifest.task.get("normalize"))}))
+            return 0
         if args.text is not None:
             from coformer.runtime.text import TextEncoder
 

@@ -17,6 +17,9 @@ from coformer.runtime.errors import CoFormerError
 
 @dataclass(frozen=True)
 class Result:
+    """One answer. ``logits`` is the bundle's output: class logits, or for an embedding bundle
+    (``task == "embedding"``) the embeddings themselves, also as :attr:`embedding`."""
+
     logits: np.ndarray
     label_index: list[int]
     wire_bytes_from_workers: int
@@ -24,6 +27,13 @@ class Result:
     round_trip_ms: float = 0.0
     wire_bytes_to_workers: int = 0
     rounds: int = 0
+    task: str = "classification"
+
+    @property
+    def embedding(self) -> np.ndarray:
+        if self.task != "embedding":
+            raise CoFormerError("this bundle answers with class logits, not an embedding")
+        return self.logits
 
 
 class ServerError(CoFormerError):
@@ -87,7 +97,44 @@ class Client:
             round_trip_ms=rtt,
             wire_bytes_to_workers=int(msg.header.get("wire_bytes_to_workers", 0)),
             rounds=int(msg.header.get("rounds", 0)),
+            task=str(msg.header.get("task", "classification")),
         )
+
+    def embed(self, inputs: Any, bundle: Any = None, batch_size: int = 32) -> np.ndarray:
+        """Embeddings ``[N, dim]`` from an embedding bundle, for ``inputs``: texts (strings, or
+        ``[first, second]`` pairs) tokenised with ``bundle``'s tokenizer (its folder, or a
+        :class:`~coformer.runtime.text.TextEncoder`), image files (with the bundle's folder: its
+        preprocessing is applied here), or model inputs as an array ``[N, *input.shape]``. Sent in
+        batches of ``batch_size``; a bad text or file raises before its batch is sent."""
+        items = inputs if isinstance(inputs, np.ndarray) else list(inputs)
+        if not len(items):
+            raise CoFormerError("nothing to embed")
+        encode = self._encoder_for(items, bundle)
+        out = []
+        for lo in range(0, len(items), batch_size):
+            r = self.infer(encode(items[lo: lo + batch_size]))
+            out.append(r.embedding)
+        return np.concatenate(out)
+
+    @staticmethod
+    def _encoder_for(items: Any, bundle: Any):
+        """How ``embed`` turns a batch of ``items`` into model inputs."""
+        if isinstance(items, np.ndarray):
+            return lambda batch: batch
+        if hasattr(bundle, "encode"):  # a TextEncoder
+            return bundle.encode
+        if bundle is None:
+            raise CoFormerError("texts and image files need the bundle (its folder) to be tokenised or preprocessed")
+        from coformer.runtime.manifest import load_manifest
+
+        manifest = load_manifest(Path(bundle), verify=False)
+        if manifest.input.is_text:
+            from coformer.runtime.text import TextEncoder
+
+            return TextEncoder.from_bundle(Path(bundle), manifest).encode
+        from coformer.runtime.images import preprocess_images
+
+        return lambda batch: preprocess_images(batch, manifest.input.preprocessing)
 
     def classify(self, texts, encoder, labels: Optional[list[str]] = None) -> tuple[list[str], Result]:
         """Tokenise ``texts`` (strings, or ``[first, second]`` pairs) with ``encoder`` (a

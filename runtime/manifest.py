@@ -17,7 +17,9 @@ from coformer.runtime.errors import CoFormerError
 SCHEMA_VERSION = 1  # CoFormer bundles
 BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes must refuse them
 TEXT_SCHEMA_VERSION = 3  # bundles that take text (variable-length token tensors): older runtimes must refuse them
-READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION)
+EMBEDDING_SCHEMA_VERSION = 4  # bundles that answer with an embedding, not logits: older runtimes must refuse them
+READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, EMBEDDING_SCHEMA_VERSION)
+TASKS = ("classification", "embedding")
 MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
 # How the central node drives the devices (see coformer.runtime.central): CoFormer's
@@ -175,12 +177,21 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {STRATEGIES}")
+        kind = self.task.get("kind", "classification")
+        if kind not in TASKS:
+            raise CoFormerError(f"manifest task kind {kind!r} is not one of {TASKS}")
+        if kind == "embedding":
+            dim = self.task.get("dim")
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+                raise CoFormerError(f"an embedding bundle's task needs its 'dim', found {dim!r}")
         if self.strategy != "coformer":
             object.__setattr__(self, "schema_version", BASELINE_SCHEMA_VERSION)
         if self.input.is_text or self.input.dynamic_axes:
             object.__setattr__(self, "schema_version", TEXT_SCHEMA_VERSION)
             if self.input.preprocessing.get("tokenizer") not in self.files:
                 raise CoFormerError("a text bundle must carry its tokenizer with a checksum in 'files'")
+        if kind == "embedding":
+            object.__setattr__(self, "schema_version", EMBEDDING_SCHEMA_VERSION)
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")
@@ -206,6 +217,12 @@ class Manifest:
     @property
     def labels(self) -> list[str]:
         return list(self.task.get("labels", []))
+
+    @property
+    def task_kind(self) -> str:
+        """``classification`` (the answer is logits over ``labels``) or ``embedding`` (a vector of
+        ``task["dim"]`` numbers, unit length when ``task["normalize"]``)."""
+        return str(self.task.get("kind", "classification"))
 
     def device(self, name: str) -> DeviceArtifact:
         for d in self.devices:

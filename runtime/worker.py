@@ -62,9 +62,13 @@ def load_local_inputs(path: Optional[Path], manifest) -> Optional[np.ndarray]:
         raise CoFormerError(f"local inputs {path} do not exist")
     x = np.load(path, mmap_mode="r")
     spec = manifest.input
-    if str(x.dtype) != spec.dtype or tuple(x.shape[1:]) != tuple(spec.shape):
+    per_sample = tuple(x.shape[1:])
+    fits = len(per_sample) == len(spec.shape) and all(
+        (1 <= s <= m) if a in spec.dynamic_axes else s == m for a, (s, m) in enumerate(zip(per_sample, spec.shape)))
+    if str(x.dtype) != spec.dtype or not fits:  # a dynamic axis (a text input's tokens) may be shorter
+        want = ", ".join(f"1..{m}" if a in spec.dynamic_axes else str(m) for a, m in enumerate(spec.shape))
         raise CoFormerError(f"local inputs {path} are {x.dtype} {list(x.shape)}, the bundle takes "
-                            f"{spec.dtype} [N, {', '.join(map(str, spec.shape))}]")
+                            f"{spec.dtype} [N, {want}]")
     return np.ascontiguousarray(x)
 
 

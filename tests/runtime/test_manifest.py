@@ -60,3 +60,17 @@ def test_artifact_without_checksum_is_refused():
         Manifest(model={}, task={}, input=InputSpec("x", "float32", (2,)),
                  devices=(DeviceArtifact("a", "central", "a.onnx", 2, 1, 1),), aggregator="g.onnx",
                  files={"g.onnx": "0"})
+
+
+def test_an_embedding_bundle_is_version_4_so_older_runtimes_refuse_it(tmp_path):
+    from dataclasses import replace
+
+    m = _bundle(tmp_path)
+    emb = replace(m, task={"kind": "embedding", "dim": 16, "normalize": True, "pooling": "mean", "labels": []})
+    assert emb.schema_version == 4 and emb.task_kind == "embedding" and m.task_kind == "classification"
+    write_manifest(tmp_path, emb)
+    assert load_manifest(tmp_path).task["dim"] == 16
+    with pytest.raises(CoFormerError, match="needs its 'dim'"):
+        replace(m, task={"kind": "embedding"})
+    with pytest.raises(CoFormerError, match="task kind 'ranking' is not one of"):
+        replace(m, task={"kind": "ranking"})
