@@ -7,11 +7,17 @@ class-token selection commute with the linear map W, pooling before W (on the
 device) equals eq. 2's pooling after it, and a device sends d_n numbers rather
 than a token tensor. ``head`` is the teacher's own task head, kept frozen
 (paper footnote 1: heads are inherited, not decomposed).
+
+An embedding bundle's aggregator has no task head: ``head`` is the identity, or
+an L2 normalisation (:class:`Normalize`) where the teacher's pipeline normalises,
+and the fused ``W . Concat(X_n) + b`` is the answer. Its W starts from the
+closed-form ridge map from the concatenated features to the teacher's feature
+(:meth:`Aggregator.init_ridge`), then is trained on the feature loss.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coformer.calibration.compute import CPU, Compute
+from coformer.calibration.objectives import Objective
 
 
 class Aggregator(nn.Module):
@@ -43,14 +50,34 @@ class Aggregator(nn.Module):
         self.linear.weight.copy_(W)
         self.linear.bias.zero_()
 
+    @torch.no_grad()
+    def init_ridge(self, features: Sequence[torch.Tensor], targets: torch.Tensor) -> None:
+        """Start from the best linear map (ridge, closed form) from the features to ``targets``."""
+        from coformer.calibration.objectives import ridge_fit
+
+        self.set_linear(*ridge_fit(torch.cat(list(features), dim=1), targets))
+
+    @torch.no_grad()
+    def set_linear(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        """Set the fused map to ``Concat(X_n) @ W + b`` (``W``: [sum d_n, D])."""
+        self.linear.weight.copy_(W.T)
+        self.linear.bias.copy_(b)
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         return self.head(self.linear(torch.cat(features, dim=-1)))
+
+
+class Normalize(nn.Module):
+    """L2 normalisation of the last axis (sentence-transformers' ``Normalize``); exports to ONNX."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2.0, dim=-1, eps=1e-12)
 
 
 def train_aggregator(
     agg: Aggregator,
     features: Sequence[torch.Tensor],
-    teacher_decisions: torch.Tensor,
+    targets: Union[torch.Tensor, Objective],
     labels: Optional[torch.Tensor] = None,
     epochs: int = 60,
     lr: float = 2e-3,
@@ -61,35 +88,99 @@ def train_aggregator(
 ) -> list[float]:
     """Fit W and b on cached sub-model features (the head stays frozen); returns per-epoch loss.
 
-    The loss is eq. 14's with uniform weights: half cross-entropy to the labels,
-    half to the teacher's hard decisions; without labels, the teacher's alone.
-    Features and targets are moved to ``compute``'s device once (they are small:
-    d_n numbers a sample); the aggregator is left on the CPU afterwards.
+    ``targets`` is the teacher's decisions (with ``labels``, eq. 14's loss with
+    uniform weights: half cross-entropy to the labels, half to the decisions) or
+    an :class:`~coformer.calibration.objectives.Objective` (soft logits, or the
+    teacher's features for an embedding bundle). Features and targets are moved to
+    ``compute``'s device once (they are small: d_n numbers a sample); the
+    aggregator is left on the CPU afterwards.
     """
+    objective = targets if isinstance(targets, Objective) else Objective("hard", targets, labels)
     dev = compute.torch_device
     gen = torch.Generator().manual_seed(seed)
     for p in agg.head.parameters():
         p.requires_grad_(False)
     agg.to(dev)
     feats = [f.to(dev) for f in features]
-    yt = teacher_decisions.to(dev)
-    y = None if labels is None else labels.to(dev)
     opt = torch.optim.AdamW(agg.linear.parameters(), lr=lr, weight_decay=1e-4)
-    M = teacher_decisions.shape[0]
+    M = len(objective)
     history = []
     for _ in tqdm(range(epochs), desc="aggregator", disable=not progress, leave=False, unit="epoch"):
-        perm = torch.randperm(M, generator=gen).to(dev)
+        perm = torch.randperm(M, generator=gen)
         total = 0.0
         for i in range(0, M, batch_size):
             idx = perm[i: i + batch_size]
-            logits = agg(*[f[idx] for f in feats])
-            loss = F.cross_entropy(logits, yt[idx])
-            if y is not None:
-                loss = 0.5 * (loss + F.cross_entropy(logits, y[idx]))
+            loss = objective.per_sample(agg(*[f[idx.to(dev)] for f in feats]), idx).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         history.append(total / M)
     agg.to("cpu")
+    return history
+
+
+class _Ensemble(nn.Module):
+    """Every sub-model on the same input, fused by the aggregator: what the devices compute together."""
+
+    def __init__(self, submodels: Sequence[nn.Module], agg: Aggregator) -> None:
+        super().__init__()
+        self.submodels, self.agg = nn.ModuleList(submodels), agg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.agg(*[s(x) for s in self.submodels])
+
+
+def train_jointly(submodels: Sequence[nn.Module], agg: Aggregator, data, objective: Objective, epochs: int,
+                  lr: float = 2e-4, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                  compute: Compute = CPU) -> list[float]:
+    """Fine-tune the calibrated sub-models and the aggregator together on the fused answer's loss.
+
+    Choice written down, beyond the paper: eq. 13-14 calibrate each sub-model alone and
+    eq. 2's W after them, so sub-models distilled to the same teacher learn much of the
+    same thing; a few epochs on the ensemble's own loss let them specialise where the
+    others fall short (the devices still run apart when served). The teacher's task head
+    stays frozen. Returns the loss of each epoch.
+    """
+    import math
+
+    from coformer.calibration.booster import as_split
+
+    split = as_split(data)
+    dev = compute.torch_device
+    model = _Ensemble(submodels, agg).to(dev).train()
+    for p in agg.head.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scaler = compute.scaler()
+    M = len(split)
+    total_steps = max(1, epochs * math.ceil(M / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
+                                                                                 / total_steps)))
+    gen = torch.Generator().manual_seed(seed + 7919)
+    history = []
+    bar = tqdm(total=total_steps, desc="joint fine-tuning", disable=not progress, leave=False, unit="batch")
+    for epoch in range(epochs):
+        model.train()
+        total = 0.0
+        for idx, xb in split.batches(batch_size, shuffle=True, generator=gen, workers=compute.workers):
+            with compute.autocast():
+                out = model(xb.to(dev)).float()
+            loss = objective.per_sample(out, idx).mean()
+            opt.zero_grad()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            bar.update(1)
+        history.append(total / M)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
+    bar.close()
+    model.to("cpu").eval()
     return history

@@ -18,6 +18,17 @@ text ("adjusted based on the prediction errors"). We use the coefficient's
 magnitude with the boosting sign, ``w_i <- w_i * exp[(1 - 1/M) l_i]``, then
 renormalise to sum 1, and cap any weight at ``max_weight_ratio`` times the
 mean so that one mislabelled sample cannot take over a sub-model.
+
+Beside eq. 14 (``distill="hard"``), the same booster distils to the teacher's
+temperature-softened logits (``soft``) or, for an embedding bundle, to its pooled
+feature (``feature``; :mod:`coformer.calibration.objectives` gives the losses).
+Choice written down for ``feature``, the analogue of eq. 13 with a regression
+loss: after sub-model n, a closed-form ridge map from the features of sub-models
+1..n (concatenated) to the teacher's feature is fitted on the training set, and
+l_i is that map's loss on sample i. So a sample's weight rises where the
+sub-models so far, together, reconstruct its feature worst (the ensemble's
+residual, which is what the next sub-model can make up), not where sub-model n
+alone does.
 """
 
 from __future__ import annotations
@@ -30,12 +41,12 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Split
+from coformer.calibration.objectives import Objective
 from coformer.runtime.errors import CoFormerError
 
 
@@ -48,6 +59,12 @@ class BoostConfig:
     weight_decay: AdamW weight decay.
     max_weight_ratio: cap on a sample weight relative to the mean weight.
     seed: fixes shuffling, so a calibration is reproducible.
+    distill: ``hard`` (eq. 14), ``soft`` (KL to the softened logits) or ``feature``
+        (the teacher's pooled feature, for embedding bundles).
+    temperature: the softening of ``soft``.
+    joint_epochs: after the aggregator, epochs of fine-tuning every sub-model and the
+        aggregator together on the fused answer
+        (:func:`coformer.calibration.aggregator.train_jointly`); 0 keeps the paper's stages.
     """
 
     epochs: int = 4
@@ -56,6 +73,9 @@ class BoostConfig:
     weight_decay: float = 0.01
     max_weight_ratio: float = 10.0
     seed: int = 0
+    distill: str = "hard"
+    temperature: float = 4.0
+    joint_epochs: int = 0
 
 
 @dataclass
@@ -63,6 +83,8 @@ class BoostReport:
     losses: list[list[float]] = field(default_factory=list)  # per sub-model, per epoch
     weights: list[torch.Tensor] = field(default_factory=list)  # W_n used for sub-model n
     resumed: list[int] = field(default_factory=list)  # sub-models loaded from a checkpoint
+    features: list[torch.Tensor] = field(default_factory=list)  # ``feature``: each sub-model's X_n on the data
+    residual: list[float] = field(default_factory=list)  # ``feature``: the ensemble's mean loss after each
 
 
 class _WithHead(nn.Module):
@@ -72,14 +94,6 @@ class _WithHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
-
-
-def boost_loss(logits: torch.Tensor, teacher_decision: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-sample eq. 14 loss (without the weights)."""
-    loss = F.cross_entropy(logits, teacher_decision, reduction="none")
-    if labels is not None:
-        loss = 0.5 * (loss + F.cross_entropy(logits, labels, reduction="none"))
-    return loss
 
 
 def update_weights(w: torch.Tensor, losses: torch.Tensor, max_ratio: float) -> torch.Tensor:
@@ -115,15 +129,34 @@ def as_split(x: Union[torch.Tensor, Split]) -> Split:
 
 
 @torch.no_grad()
-def _per_sample_loss(model: nn.Module, data: Split, yt: torch.Tensor, y: Optional[torch.Tensor],
-                     compute: Compute) -> torch.Tensor:
+def _per_sample_loss(model: nn.Module, data: Split, objective: Objective, compute: Compute) -> torch.Tensor:
     model.eval()
     out = torch.empty(len(data))
     for idx, x in data.batches(compute.batch_size, workers=compute.workers):
         with compute.autocast():
-            logits = model(x.to(compute.torch_device)).float().cpu()
-        out[idx] = boost_loss(logits, yt[idx], None if y is None else y[idx])
+            pred = model(x.to(compute.torch_device)).float().cpu()
+        out[idx] = objective.per_sample(pred, idx)
     return out
+
+
+@torch.no_grad()
+def _features(body: nn.Module, data: Split, compute: Compute) -> torch.Tensor:
+    body.eval()
+    out = []
+    for _, x in data.batches(compute.batch_size, workers=compute.workers):
+        with compute.autocast():
+            out.append(body(x.to(compute.torch_device)).float().cpu())
+    return torch.cat(out)
+
+
+def ensemble_residual(features: Sequence[torch.Tensor], objective: Objective) -> torch.Tensor:
+    """Per-sample loss of the best linear map from the sub-models' features so far to the
+    teacher's feature (the ``feature`` analogue of eq. 13's l_i, see the module doc)."""
+    from coformer.calibration.objectives import ridge_fit
+
+    x = torch.cat(list(features), dim=1)
+    W, b = ridge_fit(x, objective.targets)
+    return objective.per_sample(x @ W + b, torch.arange(len(x)))
 
 
 class Checkpoints:
@@ -200,19 +233,23 @@ def calibrate(
 ) -> BoostReport:
     """Calibrate ``submodels`` in order, in place (Algorithm 1, lines 12-15).
 
-    ``heads[n]`` maps sub-model n's pooled feature to logits (the teacher's
-    head sliced to its channels) and is trained with it. ``x`` holds the
+    ``heads[n]`` maps sub-model n's pooled feature to the teacher's output space
+    (logits: the teacher's head sliced to its channels; or, with ``distill="feature"``,
+    the teacher's feature: a linear map) and is trained with it. ``x`` holds the
     training inputs (a tensor, or a streamed :class:`Split`); ``teacher_targets``
-    are the teacher's logits on them or, as eq. 14 needs no more, its decisions (one
-    class index per sample: M integers instead of M x classes floats), computed
-    once. Sub-model n shuffles with
-    its own generator (``seed``, n), so a run resumed from ``checkpoints`` after
-    sub-model n-1 calibrates n exactly as an uninterrupted run would.
+    are the teacher's outputs on them, computed once: for ``hard`` its logits or,
+    as eq. 14 needs no more, its decisions (M integers instead of M x classes
+    floats); for ``soft`` its logits; for ``feature`` its pooled features.
+    Sub-model n shuffles with its own generator (``seed``, n), so a run resumed
+    from ``checkpoints`` after sub-model n-1 calibrates n exactly as an
+    uninterrupted run would.
     """
     data = as_split(x)
     dev = compute.torch_device
     M = len(data)
-    yt = teacher_decisions(teacher_targets)
+    targets = teacher_decisions(teacher_targets) if config.distill == "hard" else teacher_targets
+    objective = Objective(config.distill, targets, labels if config.distill != "feature" else None,
+                          config.temperature)
     w = torch.full((M,), 1.0 / M)
     report = BoostReport()
     steps_per_epoch = math.ceil(M / config.batch_size)
@@ -225,6 +262,9 @@ def calibrate(
             report.weights.append(w.clone())
             report.losses.append(list(done["losses"]))
             report.resumed.append(n)
+            if objective.kind == "feature":
+                report.features.append(done["features"])
+                report.residual.append(float(done["residual"]))
             w = done["next_weights"]
             continue
         gen = torch.Generator().manual_seed(config.seed * 1000 + n)
@@ -245,8 +285,8 @@ def calibrate(
             total = 0.0
             for idx, xb in data.batches(config.batch_size, shuffle=True, generator=gen, workers=compute.workers):
                 with compute.autocast():
-                    logits = model(xb.to(dev)).float()
-                per = boost_loss(logits, yt[idx].to(dev), None if labels is None else labels[idx].to(dev))
+                    out = model(xb.to(dev)).float()
+                per = objective.per_sample(out, idx)
                 loss = (w[idx].to(dev) * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
                 opt.zero_grad()
                 if scaler is not None:
@@ -264,9 +304,17 @@ def calibrate(
         bar.close()
         report.losses.append(epoch_losses)
         model.eval()
-        w = update_weights(w, _per_sample_loss(model, data, yt, labels, compute), config.max_weight_ratio)
+        extra = {}
+        if objective.kind == "feature":
+            report.features.append(_features(body, data, compute))
+            residual = ensemble_residual(report.features, objective)
+            report.residual.append(float(residual.mean()))
+            w = update_weights(w, residual, config.max_weight_ratio)
+            extra = {"features": report.features[-1], "residual": report.residual[-1]}
+        else:
+            w = update_weights(w, _per_sample_loss(model, data, objective, compute), config.max_weight_ratio)
         model.to("cpu")
         if checkpoints:
             checkpoints.save(f"sub-{n}", {"body": body.state_dict(), "head": head.state_dict(),
-                                          "next_weights": w, "losses": epoch_losses})
+                                          "next_weights": w, "losses": epoch_losses, **extra})
     return report

@@ -27,14 +27,15 @@ _BY_MODEL_TYPE = {"bert": "BertModel", "gpt2": "GPT2Model", "t5": "T5EncoderMode
 
 
 def wrap_hf(hf: nn.Module, source: str = "", max_length: int = 128, tokenizer: Optional[Path] = None,
-            pool: Optional[str] = None) -> TextTeacher:
+            pool: Optional[str] = None, normalize: bool = False) -> TextTeacher:
     """A HF model (already built) as a :class:`TextTeacher`; ``tokenizer`` is its ``tokenizer.json``."""
     adapter = hf_adapter_for(hf)
     head = adapter.task_head(hf)
     fitted = head is not None
     if head is None:
         head = nn.Linear(_hidden_size(hf), 2)  # resized to the data's labels by fit_head
-    teacher = TextTeacher(hf.eval(), adapter.name, head, pool or adapter.default_pool(hf), fitted, source)
+    teacher = TextTeacher(hf.eval(), adapter.name, head, pool or adapter.default_pool(hf), fitted, source,
+                          normalize=normalize)
     limit = _max_positions(hf)
     if limit and max_length > limit:
         raise CoFormerError(f"max_length {max_length} exceeds the model's {limit} positions")
@@ -53,12 +54,69 @@ def _max_positions(hf: nn.Module) -> int:
     return int(getattr(c, "max_position_embeddings", 0) or getattr(c, "n_positions", 0) or 0)
 
 
+ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+              "pooling_mode_lasttoken": "last"}
+
+
+def sentence_transformers_layout(path: Path) -> Optional[dict[str, Any]]:
+    """A sentence-transformers folder's pipeline (``modules.json``): where the transformer's
+    weights are, its pooling (``1_Pooling/config.json``: mean, CLS, max or last token), whether a
+    ``Normalize`` module follows, and ``max_seq_length``. None for a plain checkpoint folder;
+    modules CoFormer cannot reproduce (a ``Dense`` projection, weighted or sqrt-length
+    pooling) are refused by name."""
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return None
+    entries = read_json(modules, "")
+    if not isinstance(entries, list):
+        raise CoFormerError(f"{modules} must list the pipeline's modules")
+    out: dict[str, Any] = {"transformer": path, "pool": None, "normalize": False, "max_seq_length": None}
+    for m in sorted(entries, key=lambda e: int(e.get("idx", 0))):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        where = path / str(m.get("path", ""))
+        if kind == "Transformer":
+            out["transformer"] = where
+            cfg = where / "sentence_bert_config.json"
+            if cfg.is_file():
+                out["max_seq_length"] = read_json(cfg, "").get("max_seq_length")
+        elif kind == "Pooling":
+            cfg = read_json(where / "config.json", f"{where} has no config.json for its pooling")
+            modes = [ST_POOLING.get(k, k) for k, on in cfg.items() if k.startswith("pooling_mode") and on]
+            if len(modes) != 1 or modes[0] not in ST_POOLING.values():
+                raise CoFormerError(f"{where}: pooling {modes} is not one CoFormer reproduces (one of "
+                                    f"{sorted(ST_POOLING.values())})")
+            out["pool"] = modes[0]
+        elif kind == "Normalize":
+            out["normalize"] = True
+        else:
+            raise CoFormerError(f"{path}: sentence-transformers module {kind!r} ({m.get('path')}) is not supported "
+                                "(Transformer, Pooling and Normalize are)")
+    return out
+
+
 def load_hf(path: Path, max_length: int = 128) -> TextTeacher:
-    """Load the checkpoint directory ``path`` as a teacher (see the module doc)."""
+    """Load the checkpoint directory ``path`` as a teacher (see the module doc). A
+    sentence-transformers folder (``modules.json``) gives the pooling and normalisation of its
+    own pipeline, so the teacher's feature is the embedding that library computes."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # CoFormer shows its own progress
     path = Path(path)
+    st = sentence_transformers_layout(path)
+    if st is not None:
+        teacher = _load_plain(st["transformer"], min(max_length, st["max_seq_length"] or max_length))
+        if st["pool"]:
+            teacher.pool_kind = st["pool"]
+        teacher.normalize = st["normalize"]
+        teacher.source = f"hf:{path}"
+        teacher.sentence_transformers = True
+        return teacher
+    return _load_plain(path, max_length)
+
+
+def _load_plain(path: Path, max_length: int) -> TextTeacher:
+    import transformers
+
     cfg = read_json(path / "config.json", f"hf:{path} is not a HuggingFace checkpoint directory: no config.json in it")
     arch = (cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type", ""), "")])[0]
     supported = supported_architectures()
@@ -132,7 +190,7 @@ def fit_head(teacher: TextTeacher, data, epochs: int = 200, progress: bool = Fal
         return {"head": "checkpoint"}
     if data.train.y is None:
         raise CoFormerError("this checkpoint has no task head and the data has no labels: give labelled data "
-                            "so CoFormer can fit one")
+                            "so CoFormer can fit one, or compile it as an encoder with --task embedding")
     feats = run_batched(_Features(teacher), data.train.x)
     with torch.random.fork_rng():  # the same head every run: a resumed compile's key must not change
         torch.manual_seed(0)

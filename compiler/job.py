@@ -49,6 +49,8 @@ class CompileJob:
         compute: where the passes over data run.
         checkpoint_dir: calibration checkpoints (resume an interrupted compile).
         model_name, model_info: for the manifest.
+        task, normalize: ``classification`` or ``embedding`` (:mod:`coformer.compiler.tasks`),
+            and whether embeddings are L2-normalised (None: as the teacher's pipeline does).
     """
 
     teacher: nn.Module
@@ -72,6 +74,8 @@ class CompileJob:
     model_name: str = "teacher"
     model_info: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    task: str = "classification"
+    normalize: Optional[bool] = None
 
 
 @dataclass
@@ -118,7 +122,7 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
     space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute)
     policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods, job.delta,
                                   job.initial, job.iterations, job.seed, job.search_log, job.use_labels,
-                                  job.progress, space, compute=job.compute)
+                                  job.progress, space, compute=job.compute, task=job.task, normalize=job.normalize)
     report["search"] = found
     report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
     return policy, space
@@ -135,12 +139,19 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
     result = compile_bundle(job.teacher, job.devices, job.data, job.out_dir, policy=policy, boost=job.boost,
                             aggregator_epochs=job.aggregator_epochs, use_labels=job.use_labels,
                             model_name=job.model_name, progress=job.progress, compute=job.compute,
-                            checkpoint_dir=job.checkpoint_dir, model_info=job.model_info)
+                            checkpoint_dir=job.checkpoint_dir, model_info=job.model_info, task=job.task,
+                            normalize=job.normalize)
     acc = result.accuracy
-    report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
-                  submodel_accuracies=acc["submodel_accuracies"], accuracy_reference=acc["reference"],
+    report.update(task=job.task, distill=acc["distill"], accuracy_reference=acc["reference"],
                   policy_source=result.policy.source, memory=memory_report(result, job.devices),
                   resumed_submodels=list(result.boost.resumed) if result.boost else [])
+    if job.task == "embedding":
+        report.update(mean_cosine=acc["mean_cosine"], nn_agreement=acc["nn_agreement"],
+                      submodel_cosines=acc["submodel_cosines"], ridge_probe=acc["ridge_probe"],
+                      calibration=acc["calibration"], test_samples=acc["samples"])
+    else:
+        report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
+                      submodel_accuracies=acc["submodel_accuracies"])
     report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
     out = JobResult(result, report, method, space)
     if measure is not None:

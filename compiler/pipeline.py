@@ -11,6 +11,7 @@ passes and lowering is always on the CPU in float32.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coformer.calibration.aggregator import Aggregator, train_aggregator
+from coformer.calibration.aggregator import Aggregator, train_aggregator, train_jointly
 from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, as_split, calibrate
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Dataset, Split
+from coformer.calibration.objectives import Objective, ridge_fit
+from coformer.compiler import tasks
 from coformer.compiler.bundle import check_target, write_bundle
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.families import adapter_for
@@ -34,6 +37,7 @@ from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
 from coformer.runtime._files import public_mode
+from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
 
 log = logging.getLogger("coformer.compile")
@@ -167,6 +171,8 @@ def compile_bundle(
     compute: Compute = CPU,
     checkpoint_dir: Optional[Path] = None,
     model_info: Optional[dict[str, Any]] = None,
+    task: str = "classification",
+    normalize: Optional[bool] = None,
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
@@ -179,6 +185,12 @@ def compile_bundle(
     part-way resumes where it stopped (:class:`~coformer.calibration.booster.Checkpoints`);
     the folder is removed once the bundle is written. ``model_info`` adds to the
     manifest's ``model`` record (where the teacher came from).
+
+    ``task="embedding"`` (:mod:`coformer.compiler.tasks`) distils to the teacher's
+    pooled feature and serves the fused vector, L2-normalised when ``normalize``
+    (default: as the teacher's own pipeline does); ``boost.distill`` is then
+    ``feature``, and the report adds a ridge probe of the uncalibrated sub-models
+    as the baseline calibration has to beat.
     """
     check_target(out_dir)
     teacher = teacher.eval()
@@ -192,32 +204,65 @@ def compile_bundle(
         check_policy(policy, shape, devices)
     specs = list(policy.submodels)
     subs = [adapter.slice(teacher, s) for s in specs]
-    heads = [adapter.submodel_head(teacher, s) for s in specs]
-    labels = data.train.y if use_labels else None
+    embedding = task == "embedding"
+    norm = tasks.normalizes(teacher, normalize)
+    dim = _teacher_feature_dim(adapter, teacher, data)
+    if embedding:
+        boost = dataclasses.replace(boost, distill="feature")
+        heads = tasks.feature_heads(adapter, teacher, specs, dim)
+        target_model: nn.Module = tasks.TeacherEmbedding(adapter, teacher, norm)
+    else:
+        if boost.distill == "feature":
+            raise CoFormerError("feature distillation is for embedding bundles (--task embedding)")
+        heads = [adapter.submodel_head(teacher, s) for s in specs]
+        target_model = teacher
+    labels = data.train.y if use_labels and not embedding else None
+    baseline = _ridge_probe(subs, target_model, data, compute, progress) if embedding else None
+    sliced = [copy.deepcopy(s) for s in subs] if embedding else []  # the fallback if calibration does not pay
 
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = Checkpoints(checkpoint_dir, calibration_key(teacher, policy, data, boost, use_labels, aggregator_epochs))
+        ckpt = Checkpoints(checkpoint_dir, calibration_key(teacher, policy, data, boost, use_labels, aggregator_epochs)
+                           + task + str(norm))
     cached = ckpt.load("teacher") if ckpt else None
     if cached is not None:
-        decisions = cached["decisions"]
-    else:  # eq. 14 distils to the teacher's decisions: M class indices are all that is kept
-        decisions = run_batched(teacher, data.train, compute, progress, "teacher on calibration data",
-                                reduce=lambda logits: logits.argmax(-1))
+        targets = cached["targets"]
+    else:  # hard distillation (eq. 14) needs the teacher's decisions alone: M class indices are all that is kept
+        targets = run_batched(target_model, data.train, compute, progress, "teacher on calibration data",
+                              reduce=(lambda logits: logits.argmax(-1)) if boost.distill == "hard" else None)
         if ckpt:
-            ckpt.save("teacher", {"decisions": decisions})
-    report = calibrate(subs, heads, data.train, decisions, labels, boost, progress=progress, compute=compute,
+            ckpt.save("teacher", {"targets": targets})
+    report = calibrate(subs, heads, data.train, targets, labels, boost, progress=progress, compute=compute,
                        checkpoints=ckpt)
 
-    feats_train = run_many(subs, data.train, compute, progress, "sub-model features")
-    agg = Aggregator([f.shape[1] for f in feats_train], _teacher_feature_dim(adapter, teacher, data),
-                     copy.deepcopy(adapter.teacher_head(teacher)))
-    agg.init_from_index([adapter.feature_index(teacher, s) for s in specs])
-    train_aggregator(agg, feats_train, decisions, labels, epochs=aggregator_epochs,
-                     seed=boost.seed, progress=progress, compute=compute)
+    feats_train = report.features or run_many(subs, data.train, compute, progress, "sub-model features")
+    if embedding:
+        agg = tasks.embedding_aggregator([f.shape[1] for f in feats_train], dim, norm)
+        agg.init_ridge(feats_train, targets)
+        objective = Objective("feature", targets)
+    else:
+        agg = Aggregator([f.shape[1] for f in feats_train], dim, copy.deepcopy(adapter.teacher_head(teacher)))
+        agg.init_from_index([adapter.feature_index(teacher, s) for s in specs])
+        objective = Objective(boost.distill, targets, labels, boost.temperature)
+    train_aggregator(agg, feats_train, objective, epochs=aggregator_epochs, seed=boost.seed, progress=progress,
+                     compute=compute)
+    if boost.joint_epochs > 0:
+        train_jointly(subs, agg, data.train, objective, boost.joint_epochs, lr=boost.lr * 0.5,
+                      batch_size=boost.batch_size, seed=boost.seed, progress=progress, compute=compute)
+        feats_train = run_many(subs, data.train.head(3), compute)  # the sub-models changed: fresh examples
     agg.eval()
-
-    acc = evaluate(teacher, subs, heads, agg, data, compute, progress)
+    if embedding:
+        kept = _keep_better(target_model, subs, agg, baseline, data, compute, progress)
+        if kept["kept"] == "ridge":
+            subs, heads = sliced, tasks.feature_heads(adapter, teacher, specs, dim)
+            agg = tasks.embedding_aggregator([f.shape[1] for f in feats_train], dim, norm)
+            agg.set_linear(baseline.W, baseline.b)
+            feats_train = run_many(subs, data.train.head(3), compute)
+        acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress)
+        acc["ridge_probe"], acc["calibration"] = baseline.scores, kept
+    else:
+        acc = evaluate(teacher, subs, heads, agg, data, compute, progress)
+    acc["distill"] = boost.distill
     costs = [submodel_cost(s, shape) for s in specs]
     t_cost = teacher_cost(shape)
     x_example = data.val.head(3)
@@ -237,7 +282,8 @@ def compile_bundle(
             ))
         feats_example = [f[:3] for f in feats_train]
         names = [f"feature_{i}" for i in range(len(subs))]
-        export_onnx(agg, [f[:1] for f in feats_example], staging / "aggregator.onnx", names, ["logits"])
+        export_onnx(agg, [f[:1] for f in feats_example], staging / "aggregator.onnx", names,
+                    ["embedding" if embedding else "logits"])
         parity["aggregator.onnx"] = check_parity(agg, staging / "aggregator.onnx", feats_example, names)
         preprocessing = dict(data.preprocessing)
         if text:
@@ -249,7 +295,8 @@ def compile_bundle(
             info.setdefault("source", getattr(teacher, "source", ""))
         return dict(
             model=info,
-            task={"kind": "classification", "labels": list(data.labels)},
+            task=tasks.task_record(task, data.labels, dim, norm, str(getattr(teacher, "pool_kind", None)
+                                                                         or shape.extras.get("pool", ""))),
             input=InputSpec(
                 "tokens" if text else names_in[0], "int64" if text else "float32",
                 tuple(adapter.input_shape(teacher)), 64, preprocessing, dynamic_axes=(1,) if text else ()),
@@ -312,6 +359,66 @@ def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: 
     parity[key] = worst
 
 
+@dataclasses.dataclass
+class RidgeProbe:
+    """The sliced sub-models as they are, their concatenated features mapped to the teacher's
+    feature by ridge regression fitted on the training split: the baseline an embedding
+    calibration must beat. ``scores`` on the test split, ``val_cosine`` on the validation split."""
+
+    W: torch.Tensor
+    b: torch.Tensor
+    scores: dict[str, float]
+    val_cosine: float
+
+
+def _ridge_probe(subs: Sequence[nn.Module], target_model: nn.Module, data: Dataset, compute: Compute,
+                 progress: bool) -> RidgeProbe:
+    *feats, t = run_many([*subs, target_model], data.train, compute, progress, "ridge probe (uncalibrated)")
+    W, b = ridge_fit(torch.cat(feats, dim=1), t)
+    normalize = isinstance(target_model, tasks.TeacherEmbedding) and target_model.normalize
+
+    def predict(split: Split, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        *f, t_split = run_many([*subs, target_model], split, compute, progress, what)
+        pred = torch.cat(f, dim=1) @ W + b
+        return t_split, torch.nn.functional.normalize(pred, dim=-1) if normalize else pred
+
+    val = tasks.embedding_scores(*predict(data.val, "ridge probe, validation split"))["mean_cosine"] \
+        if len(data.val) else 0.0
+    return RidgeProbe(W, b, tasks.embedding_scores(*predict(data.test, "ridge probe, test split")), val)
+
+
+@torch.no_grad()
+def _keep_better(target_model: nn.Module, subs: Sequence[nn.Module], agg: nn.Module, probe: RidgeProbe,
+                 data: Dataset, compute: Compute, progress: bool) -> dict[str, Any]:
+    """Which of the distilled ensemble and the ridge probe an embedding bundle serves.
+
+    Choice written down, beyond the paper: feature distillation rewrites the sub-models, and
+    on little data (a few hundred sentences) it can lose more of what the sliced teacher
+    layers already carried than it adds; the uncalibrated slices with a ridge map are then
+    closer to the teacher. The validation split's mean cosine decides (the test split stays
+    untouched, for the report), so a bundle is never worse there than that baseline.
+    """
+    if len(data.val) == 0:
+        return {"kept": "distilled", "val_cosine": {}}
+    t, *feats = run_many([target_model, *subs], data.val, compute, progress, "calibrated, validation split")
+    distilled = tasks.embedding_scores(t, agg.eval()(*feats))["mean_cosine"]
+    return {"kept": "distilled" if distilled >= probe.val_cosine else "ridge",
+            "val_cosine": {"distilled": distilled, "ridge": probe.val_cosine}}
+
+
+@torch.no_grad()
+def evaluate_embedding(target_model: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
+                       agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False) -> dict[str, Any]:
+    """Test-split agreement with the teacher's embeddings: mean (and worst) cosine of the
+    ensemble's vectors and nearest-neighbour agreement within the split; each sub-model alone
+    through its head."""
+    t, *feats = run_many([target_model, *subs], data.test, compute, progress, "evaluate on the test split")
+    out = {**tasks.embedding_scores(t, agg.eval()(*feats)), "split": "test", "samples": int(len(t)),
+           "reference": "teacher"}
+    out["submodel_cosines"] = [tasks.embedding_scores(t, h.eval()(f))["mean_cosine"] for h, f in zip(heads, feats)]
+    return out
+
+
 def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
     with torch.no_grad():
         return int(adapter.teacher_features(teacher, data.train.head(1)).shape[-1])
@@ -341,7 +448,8 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
 
 
 def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, probe_samples: int = 512,
-                    compute: Compute = CPU, val_samples: int = 512):
+                    compute: Compute = CPU, val_samples: int = 512, task: str = "classification",
+                    normalize: Optional[bool] = None):
     """L_val of eq. 7 for a policy: mean over sub-models of their validation cross-entropy.
 
     Choice written down: a freshly sliced sub-model with the teacher's head
@@ -352,16 +460,24 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     logits on ``probe_samples`` training inputs, a cheap stand-in for the
     calibration it will get. The loss is then measured on the first
     ``val_samples`` of the validation split. Both sets are decoded once and held
-    in memory, since the search evaluates dozens of policies on them.
+    in memory, since the search evaluates dozens of policies on them. For an
+    embedding bundle the ridge map goes to the teacher's feature and the loss is
+    the feature distillation's (:func:`coformer.calibration.objectives.feature_loss`).
     """
     import torch.nn.functional as F
 
+    from coformer.calibration.objectives import feature_loss, feature_moments
+
     adapter = adapter_for(teacher)
     x_fit, x_val = data.train.head(probe_samples), data.val.head(val_samples)
-    t_fit, t_val = run_batched(teacher, x_fit, compute), run_batched(teacher, x_val, compute)
+    embedding = task == "embedding"
+    reference = tasks.TeacherEmbedding(adapter, teacher, tasks.normalizes(teacher, normalize)) if embedding \
+        else teacher
+    t_fit, t_val = run_batched(reference, x_fit, compute), run_batched(reference, x_val, compute)
     t_fit = t_fit.double()
     y_val = None if data.val.y is None else data.val.y[:len(x_val)]
     target = y_val if (use_labels and y_val is not None) else t_val.argmax(-1)
+    center, scale = feature_moments(t_fit) if embedding else (None, 0.0)
 
     @torch.no_grad()
     def l_val(policy: Policy) -> float:
@@ -373,7 +489,10 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
             ridge = 1e-3 * float((A * A).sum()) / A.shape[1]
             W = torch.linalg.solve(A.T @ A + ridge * torch.eye(A.shape[1], dtype=torch.float64), A.T @ t_fit)
             logits = torch.cat([f_val, torch.ones(len(f_val), 1, dtype=torch.float64)], dim=1) @ W
-            losses.append(float(F.cross_entropy(logits.float(), target)))
+            if embedding:
+                losses.append(float(feature_loss(logits.float(), t_val, center, scale).mean()))
+            else:
+                losses.append(float(F.cross_entropy(logits.float(), target)))
         return sum(losses) / len(losses)
 
     return l_val
@@ -421,6 +540,8 @@ def search_policy(
     progress: bool = True,
     space: Optional[tuple[Any, Any]] = None,
     compute: Compute = CPU,
+    task: str = "classification",
+    normalize: Optional[bool] = None,
 ) -> tuple[Policy, dict[str, Any]]:
     """Run DeBo (and any baselines in ``methods``); the policy of the first method wins.
 
@@ -434,7 +555,7 @@ def search_policy(
     from coformer.compiler.search import run_search
 
     decoder, latency = space or search_space(teacher, devices, predictors, data, compute)
-    l_val = validation_loss(teacher, data, use_labels, compute=compute)
+    l_val = validation_loss(teacher, data, use_labels, compute=compute, task=task, normalize=normalize)
     results: dict[str, Any] = {}
     chosen = None
     for method in methods:

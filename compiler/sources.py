@@ -156,9 +156,10 @@ def is_vision(teacher: nn.Module) -> bool:
 
 def load_data(teacher: nn.Module, data: Optional[str] = None, *, unlabeled: bool = False,
               preprocessing: Optional[Mapping[str, Any]] = None, val_fraction: float = 0.1,
-              test_fraction: float = 0.2, seed: int = 0, truncation: bool = False):
+              test_fraction: float = 0.2, seed: int = 0, truncation: bool = False, task: str = "auto"):
     """The calibration data for ``teacher`` (``--data``) and, for a language teacher without a
-    task head, the head fitted on its labels: ``(dataset, head_report)``.
+    task head compiled as a classifier, the head fitted on its labels: ``(dataset, head_report)``.
+    ``task`` (see :func:`coformer.compiler.tasks.resolve_task`) decides whether a head is fitted.
 
     Vision: a folder of images (see :mod:`coformer.calibration.images`; preprocessed by the
     teacher's own timm data config, with ``preprocessing`` overrides) or ``digits``, the
@@ -170,7 +171,7 @@ def load_data(teacher: nn.Module, data: Optional[str] = None, *, unlabeled: bool
         return _vision_data(teacher, data, unlabeled, preprocessing, val_fraction, test_fraction, seed), {}
     if preprocessing and any(v is not None for v in preprocessing.values()):
         raise CoFormerError("image preprocessing flags (--crop-pct, --mean, ...) are for image models")
-    return _text_data(teacher, data, truncation)
+    return _text_data(teacher, data, truncation, task)
 
 
 def _vision_data(teacher: nn.Module, data: Optional[str], unlabeled: bool, preprocessing, val_fraction: float,
@@ -217,7 +218,7 @@ def _vision_data(teacher: nn.Module, data: Optional[str], unlabeled: bool, prepr
     return dataset
 
 
-def _text_data(teacher: nn.Module, data: Optional[str], truncation: bool):
+def _text_data(teacher: nn.Module, data: Optional[str], truncation: bool, task: str = "auto"):
     from coformer.calibration.text import read_records, sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head
 
@@ -234,4 +235,8 @@ def _text_data(teacher: nn.Module, data: Optional[str], truncation: bool):
         label_names = [str(id2label[i]) for i in sorted(id2label)]
     encoder = encoder_for(teacher, pair=len(records[0]["text"]) == 2, truncation=truncation)
     dataset = text_dataset(records, encoder, labels=label_names)
+    from coformer.compiler.tasks import resolve_task
+
+    if resolve_task(teacher, labelled, task) == "embedding":
+        return dataset, {}  # distilled to the teacher's feature: no head to fit
     return dataset, fit_head(teacher, dataset)

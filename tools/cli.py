@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--epochs", type=int, default=5, help="calibration epochs per sub-model")
+    p.add_argument("--lr", type=float, default=5e-4, help="calibration's peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--distill", default="hard", choices=["hard", "soft"],
+                   help="classifiers: distil to the teacher's decisions (eq. 14) or to its softened logits (KL); "
+                        "embeddings always distil to the teacher's feature")
+    p.add_argument("--temperature", type=float, default=4.0, help="with --distill soft: the softening")
+    p.add_argument("--joint-epochs", type=int, default=0,
+                   help="then fine-tune all sub-models and the aggregator together on the fused answer")
+    p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
+                   help="embeddings: L2-normalise the answer (default: as the teacher's own pipeline does)")
     p.add_argument("--resume-dir", type=Path, default=None,
                    help="calibration checkpoints, one per finished sub-model: an interrupted compile started "
                         "again resumes from them (default: OUT.calibration; removed once the bundle is written)")
@@ -180,6 +189,9 @@ def _add_data(p: argparse.ArgumentParser, bench: bool = False) -> None:
     g.add_argument("--mean", type=_floats, default=None, help="override the per-channel mean, e.g. 0.5,0.5,0.5")
     g.add_argument("--std", type=_floats, default=None, help="override the per-channel std")
     g.add_argument("--unlabeled", action="store_true", help="calibrate from the teacher's decisions only")
+    g.add_argument("--task", default="auto", choices=["auto", "classification", "embedding"],
+                   help="what the bundle answers: class logits, or the teacher's pooled feature (auto: embedding "
+                        "for a model without a task head and data without labels)")
     g.add_argument("--truncation", action="store_true",
                    help="text: cut texts longer than --max-length instead of refusing them")
 
@@ -207,7 +219,7 @@ def _data(args: argparse.Namespace, teacher):
     overrides = {k: getattr(args, k) for k in ("crop_pct", "crop_mode", "interpolation", "mean", "std")}
     return load_data(teacher, args.data, unlabeled=args.unlabeled, preprocessing=overrides,
                      val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=getattr(args, "seed", 0),
-                     truncation=args.truncation)
+                     truncation=args.truncation, task=args.task)
 
 
 def _compute(args: argparse.Namespace):
@@ -249,11 +261,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
             predictors.append(pred)
             if fit is not None:
                 fits[d.name] = fit
+    from coformer.compiler.tasks import resolve_task
+
+    task = resolve_task(teacher, data.train.y is not None, args.task)
     job = CompileJob(
-        teacher, devices, data, args.out, policy=policy, search=method,
+        teacher, devices, data, args.out, policy=policy, search=method, task=task, normalize=args.normalize,
         predictors=predictors, compare=args.compare, delta=args.delta, initial=args.initial,
         iterations=args.iterations, seed=args.seed, search_log=args.search_log or Path(f"{args.out}.search"),
-        boost=BoostConfig(epochs=args.epochs, batch_size=compute.batch_size, seed=args.seed),
+        boost=BoostConfig(epochs=args.epochs, batch_size=compute.batch_size, lr=args.lr, seed=args.seed,
+                          distill=args.distill, temperature=args.temperature, joint_epochs=args.joint_epochs),
         use_labels=not args.unlabeled, compute=compute,
         checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
         model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress)
@@ -273,10 +289,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"bundle: {args.out} (policy: {result.policy.source})")
     if report["resumed_submodels"]:
         print(f"resumed: sub-models {[i + 1 for i in report['resumed_submodels']]} from {job.checkpoint_dir}")
-    against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
-    print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
-          f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against} "
-          f"({acc['samples']} test samples)")
+    if task == "embedding":
+        rp = acc["ridge_probe"]
+        print(f"embedding (dim {result.manifest.task['dim']}, {'normalised' if result.manifest.task['normalize'] else 'not normalised'}): "
+              f"mean cosine to the teacher {acc['mean_cosine']:.4f} (worst {acc['min_cosine']:.3f}), nearest-neighbour "
+              f"agreement {acc['nn_agreement'] * 100:.1f}% ({acc['samples']} test samples); uncalibrated sub-models "
+              f"with a ridge map: {rp['mean_cosine']:.4f}, {rp['nn_agreement'] * 100:.1f}%; sub-models alone "
+              + ", ".join(f"{c:.3f}" for c in acc["submodel_cosines"]))
+        kept = acc["calibration"]
+        if kept["kept"] == "ridge":
+            print(f"note: distillation did not beat the uncalibrated sub-models with a ridge map on the validation "
+                  f"split (mean cosine {kept['val_cosine']['distilled']:.4f} against {kept['val_cosine']['ridge']:.4f}): "
+                  "the bundle serves those. More sentences or --epochs may change that.")
+    else:
+        against = " (no labels: agreement with the teacher's decisions)" if acc.get("reference") == "teacher" else ""
+        print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
+              f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against} "
+              f"({acc['samples']} test samples)")
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")

@@ -42,7 +42,7 @@ FIELDS = {
     "gpt2": ("input_ids", "attention_mask"),
     "t5": ("input_ids", "attention_mask"),
 }
-POOLS = ("pooler", "cls", "mean", "last")
+POOLS = ("pooler", "cls", "mean", "max", "last")
 
 
 class _Norm(nn.Module):
@@ -219,6 +219,8 @@ def pool_features(x: torch.Tensor, attention_mask: torch.Tensor, kind: str,
     m = attention_mask.to(x.dtype)
     if kind == "mean":
         return (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+    if kind == "max":  # sentence-transformers' max pooling: padding set to -1e9 first
+        return torch.where(m[..., None] > 0, x, torch.full_like(x, -1e9)).amax(1)
     # last: the rightmost kept token (GPT2ForSequenceClassification's choice), as an exact 0/1 selection
     idx = torch.arange(x.shape[1], device=x.device)
     last = (idx[None, :] * attention_mask.to(torch.long)).argmax(-1)
@@ -252,13 +254,16 @@ class TextTeacher(nn.Module):
         pool: how the feature is pooled (see :data:`POOLS`).
         head_fitted: whether ``head`` came trained with the checkpoint.
         source: where the checkpoint was read from (recorded in the bundle).
+        normalize: whether the checkpoint's own pipeline L2-normalises the pooled
+            feature (a sentence-transformers ``Normalize`` module): an embedding
+            bundle then returns unit vectors.
     """
 
     def __init__(self, hf: nn.Module, family: str, head: nn.Module, pool: str, head_fitted: bool,
-                 source: str = "") -> None:
+                 source: str = "", normalize: bool = False) -> None:
         super().__init__()
         self.hf, self.family, self.head, self.pool_kind = hf, family, head, pool
-        self.head_fitted, self.source = head_fitted, source
+        self.head_fitted, self.source, self.normalize = head_fitted, source, normalize
         self.fields = FIELDS[family]
 
     @property

@@ -111,3 +111,60 @@ def test_a_checkpoint_folder_that_is_not_coformers_is_refused_and_never_emptied(
     (tmp_path / "ckpt" / "notes.txt").write_text("put here by hand")
     ours.remove()  # only what it wrote goes
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
+
+
+def test_soft_distillation_follows_the_teachers_softened_logits():
+    subs, heads, x, y, t_logits = _setup()
+    report = calibrate(subs, heads, x, t_logits, None, BoostConfig(epochs=3, batch_size=16, lr=1e-3,
+                                                                  distill="soft", temperature=2.0), progress=False)
+    assert all(losses[-1] < losses[0] for losses in report.losses)
+    from coformer.calibration.booster import calibrate as again
+
+    with pytest.raises(Exception, match="needs the teacher's logits"):
+        again(subs, heads, x, t_logits.argmax(-1), None, BoostConfig(distill="soft"), progress=False)
+
+
+def test_feature_distillation_reweights_by_the_ensembles_residual():
+    """Embedding targets: each sub-model learns the teacher's feature through a linear head, and
+    after each one the weights rise where the sub-models so far, together, miss it most."""
+    from coformer.calibration.objectives import Objective
+    from coformer.compiler.tasks import feature_heads
+
+    teacher = tiny_vit()
+    adapter = adapter_for(teacher)
+    specs = [SubModelSpec((0, 1, 2), tuple(range(0, 48, 2)), ((0, 1),) * 3, (tuple(range(96)),) * 3),
+             SubModelSpec((0, 2), tuple(range(1, 48, 2)), ((2,), (3,)), (tuple(range(96, 192)),) * 2)]
+    subs = [adapter.slice(teacher, s) for s in specs]
+    heads = feature_heads(adapter, teacher, specs, 48)
+    torch.manual_seed(1)
+    x = torch.randn(48, 1, 16, 16)
+    with torch.no_grad():
+        target = adapter.teacher_features(teacher, x)
+    report = calibrate(subs, heads, x, target, None, BoostConfig(epochs=4, batch_size=16, lr=2e-3, distill="feature"),
+                       progress=False)
+    assert all(losses[-1] < losses[0] for losses in report.losses)
+    assert [f.shape for f in report.features] == [(48, 24), (48, 24)]
+    assert report.residual[1] < report.residual[0]  # two sub-models together reconstruct better than one
+    objective = Objective("feature", target)
+    from coformer.calibration.booster import ensemble_residual
+
+    residual = ensemble_residual(report.features[:1], objective)
+    worst, best = int(residual.argmax()), int(residual.argmin())
+    assert report.weights[1][worst] > report.weights[1][best]  # eq. 13's analogue raised the worst-fitted sample
+
+
+def test_feature_loss_and_ridge():
+    from coformer.calibration.objectives import feature_loss, feature_moments, ridge_fit
+
+    torch.manual_seed(0)
+    t = torch.randn(64, 8) + 5.0  # anisotropic: a large common direction
+    center, scale = feature_moments(t)
+    assert torch.allclose(feature_loss(t, t, center, scale), torch.zeros(64), atol=1e-5)
+    shifted = t + 0.3 * torch.randn(64, 8)
+    raw_cos = torch.nn.functional.cosine_similarity(shifted, t).mean()
+    centered = feature_loss(shifted, t, center, scale).mean()
+    assert raw_cos > 0.99 and centered > 0.05  # the common direction hides the error; the centred loss sees it
+    x = torch.randn(200, 5)
+    W = torch.randn(5, 3)
+    w_fit, b_fit = ridge_fit(x, x @ W + 2.0, reg=1e-8)
+    assert torch.allclose(w_fit, W, atol=1e-3) and torch.allclose(b_fit, torch.full((3,), 2.0), atol=1e-3)

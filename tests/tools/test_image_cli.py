@@ -264,3 +264,30 @@ def test_served_bench_predicts_a_swin_bundle_beside_its_probes(swin_searched):
     (row,) = json.loads((tmp / "served.json").read_text())["rows"]
     assert row["bundle"] == str(tmp / "swin-searched") and row["measured_ms"] > 0 and row["calibrated_ms"] > 0
     assert set(row["terms_ms"]["probes"]) >= {"small", "uniform"}
+
+
+def test_an_image_encoder_without_a_head_compiles_to_an_embedding_bundle(work):
+    """A timm model built with num_classes=0 and a flat folder: nothing to classify, so the bundle
+    answers with the teacher's pooled feature (here normalised on request)."""
+    import timm
+
+    tmp, _ = work
+    torch.manual_seed(0)
+    encoder = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    torch.save(encoder.state_dict(), tmp / "encoder.pth")
+    flat = tmp / "flat-encoder"
+    flat.mkdir()
+    for i, f in enumerate(sorted((tmp / "photos").rglob("*.jpg"))[:30]):
+        (flat / f"{i}.jpg").write_bytes(f.read_bytes())
+    done = run("coformer", "compile", "--model", "timm:deit_tiny_patch16_224", "--checkpoint", tmp / "encoder.pth",
+               "--model-kwargs", json.dumps({"depth": 2, "num_classes": 0}), "--data", flat, "--devices",
+               tmp / "devices.yaml", "--out", tmp / "encoder-bundle", "--epochs", "1", "--normalize", "--no-progress",
+               "--report-json", tmp / "encoder.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = load_manifest(tmp / "encoder-bundle")
+    assert m.task_kind == "embedding" and m.task["dim"] == 192 and m.task["normalize"] and m.labels == []
+    r = json.loads((tmp / "encoder.json").read_text())
+    assert r["task"] == "embedding" and r["distill"] == "feature"
+    kept = r["calibration"]
+    assert kept["kept"] == max(kept["val_cosine"], key=kept["val_cosine"].get)
+    assert r["mean_cosine"] >= r["ridge_probe"]["mean_cosine"] - 0.01
