@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -184,6 +184,8 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
         raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
     teacher = teacher.eval()
     adapter = adapter_for(teacher)
+    if strategy == "teacher" and getattr(adapter, "matches_hf", None) is not None:
+        return build_text_teacher(teacher, devices[0], x_example, out_dir, labels, preprocessing, model_name)
     if adapter.name not in baseline_families(strategy):
         raise CoFormerError(f"the {strategy} baseline is built for {'/'.join(baseline_families(strategy))} "
                             f"teachers, not the {adapter.name!r} family; bench with --strategies "
@@ -284,5 +286,46 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
             parity=parity,
             strategy=strategy,
         )
+
+    return write_bundle(Path(out_dir), build)
+
+
+def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.Tensor, out_dir: Path,
+                       labels: Sequence[str], preprocessing: dict[str, Any], model_name: str = "teacher",
+                       task: Optional[dict[str, Any]] = None) -> Manifest:
+    """The teacher alone on ``device`` for a language model: its whole network (the TextNet it
+    converts into exactly) exported with dynamic batch and sequence axes, answering what a
+    CoFormer bundle of ``task`` answers (logits, or the embedding: pooled feature,
+    normalised as ``task["normalize"]`` says), with the bundle's tokenizer."""
+    import shutil
+
+    from coformer.calibration.aggregator import Normalize
+    from coformer.compiler.families.textnet import PartsModule
+    from coformer.compiler.pipeline import lower_submodel
+    from coformer.runtime._files import public_mode
+
+    adapter = adapter_for(teacher)
+    task = dict(task or {"kind": "classification", "labels": list(labels)})
+    embedding = task.get("kind") == "embedding"
+    head = (Normalize() if task.get("normalize") else None) if embedding else teacher.head
+    module = PartsModule(adapter.full_net(teacher), head).eval()
+    shape = adapter.read_shape(teacher)
+    names = adapter.input_names(teacher)
+
+    def build(staging: Path) -> dict[str, Any]:
+        parity: dict[str, float] = {}
+        rel = "teacher/0-teacher.onnx"
+        lower_submodel(module, x_example[:3], staging / rel, names, True, parity, rel, output="output")
+        shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
+        public_mode(staging / preprocessing["tokenizer"])
+        out_dim = int(task["dim"]) if embedding else shape.num_classes
+        art = DeviceArtifact(device=device.name, role="central", artifact=rel, feature_dim=out_dim, flops=0,
+                             params=_onnx_params(staging / rel), backend=device.backend, threads=1,
+                             cpu_share=device.cpu_share)
+        return dict(model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
+                           "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": "teacher"}},
+                    task=task, input=InputSpec("tokens", "int64", tuple(adapter.input_shape(teacher)), 64,
+                                               dict(preprocessing), dynamic_axes=(1,)),
+                    devices=(art,), aggregator="", parity=parity, strategy="teacher")
 
     return write_bundle(Path(out_dir), build)

@@ -250,7 +250,8 @@ def run_strategy(bundle: Path, x: np.ndarray, indices: Sequence[int], source: st
                 if n >= min_samples and time.monotonic() - start > max_seconds:
                     break
                 r = one(i)
-                for key, value in (("index", i), ("rtt", r.round_trip_ms), ("pred", r.label_index[0]),
+                for key, value in (("index", i), ("rtt", r.round_trip_ms),
+                                   ("pred", r.label_index[0] if r.label_index else -1),  # -1: an embedding
                                    ("wire_to", r.wire_bytes_to_workers), ("wire_from", r.wire_bytes_from_workers),
                                    ("timing", r.timing_ms)):
                     raw[key].append(value)
@@ -658,9 +659,10 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     from coformer.runtime.manifest import load_manifest
 
     manifest = load_manifest(bundle)
-    if manifest.input.is_text:
-        raise CoFormerError("coformer bench does not take language-model bundles yet (its baselines are built for "
-                            "image models); measure a text bundle with coformer compile --measure")
+    if manifest.input.is_text or manifest.task_kind == "embedding":
+        what = "language-model" if manifest.input.is_text else "embedding"
+        raise CoFormerError(f"coformer bench does not take {what} bundles yet (its baselines and accuracy are built "
+                            "for image classifiers); measure this bundle with coformer compile --measure")
     devices = bundle_devices(manifest, devices)
     check_bundle_matches(manifest, teacher, data)
     available = strategies_for(teacher)

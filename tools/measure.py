@@ -24,10 +24,13 @@ class _Records:
         self.wire: list[int] = []
         self.breakdown: list[dict] = []
         self.runtime: list[float] = []  # round trip less the compute on its critical path
+        self.vectors: list[np.ndarray] = []  # an embedding bundle's answers
 
     def add(self, r) -> None:
         self.rtts.append(r.round_trip_ms)
-        self.preds.append(r.label_index[0])
+        self.preds.append(r.label_index[0] if r.label_index else -1)
+        if r.task == "embedding":
+            self.vectors.append(r.embedding[0])
         self.wire.append(r.wire_bytes_from_workers)
         self.breakdown.append(r.timing_ms)
         self.runtime.append(r.round_trip_ms - r.timing_ms["critical_compute"])
@@ -37,6 +40,7 @@ class _Records:
         med = lambda key: float(np.median([b[key] for b in bd]))  # noqa: E731
         return {
             "predictions": np.asarray(self.preds),
+            **({"embeddings": np.stack(self.vectors)} if self.vectors else {}),
             "latency_ms": summarise(self.rtts),
             "bytes_per_inference": int(np.median(self.wire)),
             "runtime_ms_median": float(np.median(self.runtime)),
@@ -323,7 +327,17 @@ def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: 
             served = measure_served(job.out_dir, x, warmup, throttle, log_dir)
         extra["measured_latency_ms"] = served["latency_ms"]["median"]
         extra["measured_samples"] = int(len(x))
-        if y is not None:
+        if "embeddings" in served:  # served vectors against the teacher's, on the same inputs
+            import torch
+
+            from coformer.compiler.families import adapter_for
+            from coformer.compiler.pipeline import run_batched
+            from coformer.compiler.tasks import TeacherEmbedding, embedding_scores, normalizes
+
+            reference = TeacherEmbedding(adapter_for(job.teacher), job.teacher, normalizes(job.teacher, job.normalize))
+            t = run_batched(reference, torch.as_tensor(x))
+            extra["served_embedding"] = embedding_scores(t, torch.as_tensor(served["embeddings"]))
+        elif y is not None:
             extra["served_accuracy"] = float((served["predictions"] == np.asarray(y)[: len(x)]).mean())
         extra["served_breakdown_ms_median"] = served["breakdown_ms_median"]
         return extra

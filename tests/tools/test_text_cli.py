@@ -194,3 +194,35 @@ def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["search"]["bo"]["evaluations"] == 3 and r["predicted_latency_ms"] > 0
     assert load_manifest(tmp_path / "bundle").policy["source"] == "bo"
+
+
+@pytest.mark.slow
+def test_text_latency_serves_the_bundle_beside_its_teacher_at_each_length(tmp_path):
+    """`python -m coformer.tools.text_latency`: the teacher's own bundle is built beside the
+    CoFormer bundle and both are served by the same runtime, with inputs of exactly T tokens."""
+    ckpt = _checkpoint("bert", tmp_path / "bert")
+    (tmp_path / "devices.yaml").write_text(
+        "devices:\n  - {name: a, memory_bytes: 1000000000, flops_budget: 1000000000}\n"
+        "  - {name: b, memory_bytes: 1000000000, flops_budget: 1000000000, cpu_share: 0.5}\n")
+    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", tmp_path / "devices.yaml", "--max-length", 32,
+                "--out", tmp_path / "bundle", "--epochs", 0, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "coformer.tools.text_latency", str(tmp_path / "bundle"), "--model",
+                           f"hf:{ckpt}", "--max-length", "32", "--devices", str(tmp_path / "devices.yaml"),
+                           "--lengths", "8,32", "--samples", "6", "--passes", "1", "--no-progress",
+                           "--report-json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {(r["tokens"], r["strategy"], r["input_source"]) for r in rows} == {
+        (T, s, src) for T in (8, 32) for s, src in (("coformer", "device"), ("coformer", "central"),
+                                                     ("teacher", "central"))}
+    by = {(r["tokens"], r["strategy"], r["input_source"]): r for r in rows}
+    # a 32-token request carries 4x the ids of an 8-token one; the teacher sends nothing to workers
+    assert by[32, "coformer", "central"]["bytes_per_inference"] > by[8, "coformer", "central"]["bytes_per_inference"]
+    assert by[32, "teacher", "central"]["bytes_per_inference"] == 0
+    assert all("speedup_vs_teacher" in r for r in rows if r["strategy"] == "coformer")
+    from coformer.runtime.manifest import load_manifest
+
+    teacher = load_manifest(tmp_path / "text-latency" / "teacher-bundle")
+    assert teacher.strategy == "teacher" and teacher.input.is_text
+    assert teacher.labels == load_manifest(tmp_path / "bundle").labels == ["negative", "positive"]
