@@ -101,14 +101,13 @@ def test_the_folder_reads_as_sentence_transformers_computes_it(compiled):
     assert np.abs(_teacher_embeddings(folder, texts) - reference).max() <= 1e-5
 
 
-def test_a_txt_file_alone_compiles_an_embedding_bundle_that_beats_a_ridge_probe(compiled):
+def test_a_txt_file_alone_compiles_an_embedding_bundle_no_worse_than_a_ridge_probe(compiled):
     tmp, _, report, stdout = compiled
     m = load_manifest(tmp / "bundle")
     assert m.task == {"kind": "embedding", "dim": 64, "normalize": True, "pooling": "mean", "labels": []}
     assert m.schema_version == 4 and report["task"] == "embedding" and report["distill"] == "feature"
     assert report["test_samples"] == 200  # 20% of 1000, held out
     kept = report["calibration"]
-    print(kept, report["mean_cosine"], report["ridge_probe"])
     # the validation split chose the closer of the distilled ensemble and the uncalibrated slices with a ridge map
     assert kept["kept"] == max(kept["val_cosine"], key=kept["val_cosine"].get)
     assert report["mean_cosine"] > 0.95 and report["mean_cosine"] >= report["ridge_probe"]["mean_cosine"] - 0.005
