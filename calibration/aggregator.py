@@ -144,7 +144,7 @@ def train_jointly(submodels: Sequence[nn.Module], agg: Aggregator, data, objecti
     """
     import math
 
-    from coformer.calibration.booster import as_split
+    from coformer.calibration.booster import as_split, optimizer_step
 
     split = as_split(data)
     dev = compute.torch_device
@@ -168,14 +168,7 @@ def train_jointly(submodels: Sequence[nn.Module], agg: Aggregator, data, objecti
             with compute.autocast():
                 out = model(xb.to(dev)).float()
             loss = objective.per_sample(out, idx).mean()
-            opt.zero_grad()
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            optimizer_step(opt, loss, scaler)
             sched.step()
             total += loss.item() * len(idx)
             bar.update(1)

@@ -96,6 +96,18 @@ class _WithHead(nn.Module):
         return self.head(self.body(x))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler) -> None:
+    """One step on ``loss``, through the AMP grad ``scaler`` where the compute has one."""
+    opt.zero_grad()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def update_weights(w: torch.Tensor, losses: torch.Tensor, max_ratio: float) -> torch.Tensor:
     """Eq. 13 with the boosting sign (see module doc), renormalised, each weight capped
     at ``max_ratio / M`` (the excess is spread over the others in proportion)."""
@@ -288,14 +300,7 @@ def calibrate(
                     out = model(xb.to(dev)).float()
                 per = objective.per_sample(out, idx)
                 loss = (w[idx].to(dev) * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
-                opt.zero_grad()
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                optimizer_step(opt, loss, scaler)
                 sched.step()
                 total += loss.item() * len(idx)
                 bar.update(1)
