@@ -118,7 +118,11 @@ class CentralNode:
                 throttle.waiting()
                 events = dict(poller.poll(POLL_MS))
                 if self.back in events:
-                    self._on_back(self.back.recv_multipart(), pending=None)
+                    frames = self.back.recv_multipart()
+                    try:
+                        self._on_back(frames, pending=None)
+                    except Exception:  # nothing a peer sends may end the service
+                        log.exception("message from worker socket peer %r not handled", frames[0][:64])
                 if self.front in events:
                     self._on_front(self.front.recv_multipart())
         finally:
@@ -143,6 +147,9 @@ class CentralNode:
                 raise protocol.ProtocolError("bad_op", f"the central node does not serve op {msg.op!r}")
         except protocol.ProtocolError as e:
             reply = protocol.error_frames(_id_of(rest) if rest else 0, e.code, str(e))
+        except Exception as e:  # a fault this node did not foresee: answer it, log it, keep serving
+            log.exception("request not served")
+            reply = protocol.error_frames(_id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
         self.front.send_multipart(envelope + reply)
 
     def _alive(self) -> list[str]:
@@ -366,11 +373,15 @@ class CentralNode:
             got = None if t is None else (str(t.dtype), list(t.shape))
             pending["error"] = f"worker {name} sent {msg.op} {got}, expected float32 {list(want)}"
             return
+        try:
+            timings = {k: protocol.number(msg.header, k) for k in ("compute_ms", "service_ms", "queued_ms")}
+        except protocol.ProtocolError as e:
+            pending["error"] = f"worker {name}: {e}"
+            return
         pending["features"][name] = t
         pending["arrival"][name] = time.perf_counter()
-        pending["compute_ms"][name] = float(msg.header.get("compute_ms", 0.0))
-        pending["service_ms"][name] = float(msg.header.get("service_ms", 0.0))
-        pending["queued_ms"][name] = float(msg.header.get("queued_ms", 0.0))
+        for k, v in timings.items():
+            pending[k][name] = v
         pending["wire_bytes"] += msg.wire_bytes
 
     def _register(self, ident: bytes, msg: protocol.Message) -> None:

@@ -17,6 +17,7 @@ message answers with an ``error`` and keeps serving; it never crashes on input.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -26,6 +27,9 @@ from coformer.runtime.errors import CoFormerError
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 4096
+MAX_HEADER_DEPTH = 8  # headers are shallow: an object of scalars, short lists and small objects
+MAX_DIMS = 8  # a tensor's rank on the wire
+MAX_DIM = 1 << 31  # one axis's length; the product is then checked against the payload in Python ints
 OPS = ("infer", "features", "result", "status", "status_reply", "hello", "welcome", "error")
 _DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32}
 
@@ -108,9 +112,11 @@ def decode(frames: Sequence[bytes], limits: Union[None, TensorLimits, Callable[[
     raw_header, payload = frames
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ProtocolError("bad_header", f"header is {len(raw_header)} bytes, the limit is {MAX_HEADER_BYTES}")
+    if nesting(raw_header) > MAX_HEADER_DEPTH:  # before json.loads, whose recursion a deep header can exhaust
+        raise ProtocolError("bad_header", f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         header = json.loads(raw_header)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProtocolError("bad_header", "header is not UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header must be a JSON object")
@@ -134,16 +140,47 @@ def decode(frames: Sequence[bytes], limits: Union[None, TensorLimits, Callable[[
     return Message(header, tensor, wire)
 
 
+def nesting(raw: bytes) -> int:
+    """How deep ``[`` and ``{`` nest in a JSON text, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def number(header: Mapping[str, Any], key: str, default: float = 0.0) -> float:
+    """A finite number from a peer's header, or :class:`ProtocolError` naming the field."""
+    v = header.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ProtocolError("bad_header", f"{key} {v!r} must be a finite number")
+    return float(v)
+
+
 def _tensor(header: Mapping[str, Any], payload: bytes, limits: Optional[TensorLimits]) -> np.ndarray:
     dtype, shape = header.get("dtype"), header.get("shape")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list or object is not hashable: check first
         raise ProtocolError("bad_dtype", f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     if (
         not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        or not 1 <= len(shape) <= MAX_DIMS
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
     ):
-        raise ProtocolError("bad_shape", f"shape {shape!r} must be a non-empty list of non-negative integers")
+        raise ProtocolError("bad_shape", f"shape {str(shape)[:80]} must be a list of 1..{MAX_DIMS} integers in "
+                                         f"0..{MAX_DIM}")
     if limits is not None:
         if len(payload) > limits.max_payload_bytes:
             raise ProtocolError(
@@ -163,7 +200,7 @@ def _tensor(header: Mapping[str, Any], payload: bytes, limits: Optional[TensorLi
         if not 1 <= shape[0] <= limits.max_batch:
             raise ProtocolError("bad_shape", f"batch {shape[0]} is outside 1..{limits.max_batch}")
     np_dtype = np.dtype(_DTYPES[dtype])
-    expected = int(np.prod(shape)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: no int64 overflow to slip past this check
     if len(payload) != expected:
         raise ProtocolError(
             "bad_payload", f"payload is {len(payload)} bytes, shape {shape} of {dtype} needs {expected}"

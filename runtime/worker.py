@@ -175,7 +175,12 @@ def run_worker(
                     sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
                     continue
                 queued = throttle.queued_s()
-                out = engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
+                try:
+                    out = engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
+                except Exception as e:  # this request fails, named; the worker keeps serving
+                    log.exception("worker %s: request %d failed in the engine", device, msg.id)
+                    sock.send_multipart(protocol.error_frames(msg.id, "engine", f"{type(e).__name__}: {e}"[:500]))
+                    continue
                 features = next(iter(out.values()))
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
                 sock.send_multipart(
@@ -201,9 +206,11 @@ def run_worker(
 def _id_of(frames) -> int:
     """Best-effort request id of a message that failed to parse (0 when unknown)."""
     try:
+        if len(frames[0]) > protocol.MAX_HEADER_BYTES or protocol.nesting(frames[0]) > protocol.MAX_HEADER_DEPTH:
+            return 0
         import json
 
         rid = json.loads(frames[0]).get("id", 0)
-        return rid if isinstance(rid, int) and rid >= 0 else 0
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else 0
     except Exception:
         return 0

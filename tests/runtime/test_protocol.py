@@ -56,3 +56,42 @@ def test_a_dynamic_axis_takes_any_length_up_to_its_limit_and_no_more():
         with pytest.raises(protocol.ProtocolError, match=r"expected \[batch, 3, 1..16\]") as e:
             protocol.decode(protocol.encode("infer", 1, np.zeros(shape, dtype=np.int64)), limits)
         assert e.value.code == "bad_shape"
+
+
+# The four messages that once ended the central node (issue 19), and their neighbours: each is
+# now a ProtocolError with a code, with limits (client socket) and without (worker socket).
+CRASHERS = [
+    ([b'{"v":1,"op":"infer","id":1,"dtype":[],"shape":[1]}', b""], "bad_dtype"),
+    ([b'{"v":1,"op":"infer","id":1,"dtype":{},"shape":[1]}', b""], "bad_dtype"),
+    ([b"[" * 1500 + b"]" * 1500, b""], "bad_header"),
+    ([b'{"v":1,"op":"infer","x":' + b"[" * 9 + b"]" * 9 + b"}", b""], "bad_header"),
+    ([json.dumps({"v": 1, "op": "features", "id": 1, "dtype": "float32", "shape": [2**62, 4]}).encode(), b""],
+     "bad_shape"),
+    ([json.dumps({"v": 1, "op": "features", "id": 1, "dtype": "float32", "shape": [2**30, 2**30, 16]}).encode(),
+      b""], "bad_payload"),
+    ([json.dumps({"v": 1, "op": "features", "id": 1, "dtype": "float32", "shape": [1] * 9}).encode(), b""],
+     "bad_shape"),
+]
+
+
+@pytest.mark.parametrize("frames, code", CRASHERS)
+@pytest.mark.parametrize("limits", [LIMITS, None], ids=["client-socket", "worker-socket"])
+def test_messages_that_once_crashed_the_central_node_are_protocol_errors(frames, code, limits):
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode(frames, limits)
+    if limits is None:
+        assert info.value.code == code
+    else:  # the client socket checks dtype, shape and size against the bundle's input first
+        assert info.value.code in (code, "bad_dtype", "bad_shape", "too_large")
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    header = {"v": 1, "op": "status", "id": 2, "note": "[[[[[[[[[[{{{{{{{{ \\\" ]"}
+    assert protocol.decode([json.dumps(header).encode(), b""]).header["note"] == header["note"]
+
+
+@pytest.mark.parametrize("value", ["fast", None, [], True, float("nan")])
+def test_a_peers_timing_must_be_a_finite_number(value):
+    with pytest.raises(ProtocolError, match="compute_ms"):
+        protocol.number({"compute_ms": value}, "compute_ms")
+    assert protocol.number({"compute_ms": 2}, "compute_ms") == 2.0

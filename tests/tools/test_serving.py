@@ -92,6 +92,31 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(compiled, cluster)
         assert client.status()["ready"] is True
 
 
+def test_messages_that_once_ended_the_central_node_are_answered_or_dropped(compiled, cluster):
+    """Issue 19's four crashers, on the client socket and, from a peer that never said hello, on
+    the worker socket: the central node answers (client socket) or ignores them, and serves on."""
+    import zmq
+
+    from tests.runtime.test_protocol import CRASHERS
+
+    _, data = compiled
+    x = data.test.x[:1].numpy()
+    ctx = zmq.Context.instance()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(cluster.endpoints["back"])
+    try:
+        with cluster.client(timeout_s=5) as client:
+            for frames, _ in CRASHERS:
+                stranger.send_multipart(frames)
+                reply = client.send_raw(frames)
+                assert reply.op == "error" and reply.header["code"].startswith("bad_"), reply.header
+            assert client.infer(x).logits.shape == (1, 10)  # the workers' socket is still served too
+            assert client.status()["ready"] is True
+    finally:
+        stranger.close(0)
+
+
 def test_a_dead_worker_is_named_in_a_timeout_error(compiled):
     result, data = compiled
     x = data.test.x[:1].numpy()
