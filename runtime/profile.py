@@ -75,13 +75,28 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from coformer.runtime._files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits
 from coformer.runtime.timing import benchmark_engine, cpu_model, summarise
 from coformer.runtime.trtexec import load_trtexec_times
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # the device install (coformer[cpu]) has no tqdm: the same profile, without a bar
+    class tqdm:  # noqa: N801 - stands in for tqdm's class
+        def __init__(self, iterable=None, **_):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
 
 KIT_NAME = "kit.json"
 ESTIMATE = "min"  # an entry's latency: this statistic of all its samples (see the module doc)
