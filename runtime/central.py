@@ -77,6 +77,10 @@ class CentralNode:
         for s in (self.front, self.back):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.in_limits))
+        # A worker restarted (or replacing a hung one) connects under the same identity: without
+        # handover ROUTER silently drops the new connection while the old one lives, and the
+        # replacement is locked out for as long as its predecessor hangs.
+        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from coformer.runtime.text import check_tokens, model_feeds
 
 log = logging.getLogger("coformer.worker")
 HELLO_INTERVAL_S = 1.0  # until the central node welcomes us
+WELCOME_TIMEOUT_S = 5.0  # unwelcomed this long: say so and reconnect
 KEEPALIVE_S = 5.0  # afterwards: lets a restarted central node learn who is there
 POLL_MS = 100
 
@@ -139,8 +140,15 @@ def run_worker(
         digest = manifest_digest(bundle_dir)
         hello = protocol.encode("hello", 0, device=device, digest=digest, feature_dim=art.feature_dim)
         welcomed, last_hello = False, 0.0
+        waiting_since = time.monotonic()  # for a welcome
         log.info("worker %s: %s, %s", device, art.artifact, throttle.describe())
         while not stop.is_set():
+            if not welcomed and time.monotonic() - waiting_since >= WELCOME_TIMEOUT_S:
+                log.warning("worker %s: no welcome from %s for %.0f s (is the central node up, serving this "
+                            "bundle?); reconnecting", device, central, time.monotonic() - waiting_since)
+                sock.disconnect(central)
+                sock.connect(central)
+                waiting_since, last_hello = time.monotonic(), 0.0
             if time.monotonic() - last_hello >= (KEEPALIVE_S if welcomed else HELLO_INTERVAL_S):
                 sock.send_multipart(hello)
                 last_hello = time.monotonic()
@@ -158,7 +166,7 @@ def run_worker(
                 welcomed = True
             elif msg.op == "error":
                 if msg.header.get("code") == "unknown_worker":
-                    welcomed = False  # the central node restarted: register again
+                    welcomed, waiting_since = False, time.monotonic()  # the central node restarted: register again
                 else:
                     raise CoFormerError(f"central node refused worker {device!r}: {msg.header.get('message')}")
             elif msg.op == "infer":

@@ -188,3 +188,43 @@ def test_an_index_to_workers_without_local_inputs_is_an_error_not_a_crash(cluste
         reply = client.send_raw(protocol.encode("infer", 7))  # no tensor at all
         assert reply.op == "error" and reply.header["code"] == "bad_payload"
         assert client.infer(x).logits.shape == (1, 10)  # still serving
+
+
+def test_a_worker_replaced_while_its_predecessor_hangs_serves_within_5_s(compiled, tmp_path):
+    """Issue 19: a hung (SIGSTOPped) worker's replacement connects under the same identity; the
+    central node hands the identity over to it, so requests are answered again within seconds."""
+    import os
+    import signal
+    import time
+
+    from coformer.tools.cluster import _runtime_cmd
+
+    result, data = compiled
+    x = data.test.x[:1].numpy()
+    with torch.no_grad():
+        expected = result.aggregator(*[s(data.test.x[:1]) for s in result.submodels]).numpy()
+    with LocalCluster(result.bundle_dir, throttle="none", timeout_s=1.0) as c:
+        old = c.procs["worker-edge-b"]
+        os.kill(old.pid, signal.SIGSTOP)
+        log = open(tmp_path / "replacement.log", "w")
+        new = subprocess.Popen(_runtime_cmd() + ["-v", "worker", str(result.bundle_dir), "--device", "edge-b",
+                                                 "--central", c.endpoints["back"]], stderr=log)
+        try:
+            t0 = time.monotonic()
+            answer = None
+            with c.client(timeout_s=2) as client:
+                while answer is None and time.monotonic() - t0 < 20:
+                    try:
+                        answer = client.infer(x)
+                    except CoFormerError:
+                        time.sleep(0.1)
+            elapsed = time.monotonic() - t0
+            assert answer is not None, (tmp_path / "replacement.log").read_text()[-2000:]
+            np.testing.assert_allclose(answer.logits[0], expected[0], atol=1e-4)  # the replacement's features
+            print(f"replacement serving after {elapsed:.2f} s")
+            assert elapsed < 5.0, elapsed
+        finally:
+            os.kill(old.pid, signal.SIGCONT)
+            new.terminate()
+            new.wait(timeout=10)
+            log.close()
