@@ -217,7 +217,6 @@ def compile_bundle(
         heads = [adapter.submodel_head(teacher, s) for s in specs]
         target_model = teacher
     labels = data.train.y if use_labels and not embedding else None
-    baseline = _ridge_probe(subs, target_model, data, compute, progress) if embedding else None
     sliced = [copy.deepcopy(s) for s in subs] if embedding else []  # the fallback if calibration does not pay
 
     ckpt = None
@@ -232,6 +231,7 @@ def compile_bundle(
                               reduce=(lambda logits: logits.argmax(-1)) if boost.distill == "hard" else None)
         if ckpt:
             ckpt.save("teacher", {"targets": targets})
+    baseline = _ridge_probe(subs, target_model, targets, data, compute, progress) if embedding else None
     report = calibrate(subs, heads, data.train, targets, labels, boost, progress=progress, compute=compute,
                        checkpoints=ckpt)
 
@@ -371,9 +371,10 @@ class RidgeProbe:
     val_cosine: float
 
 
-def _ridge_probe(subs: Sequence[nn.Module], target_model: nn.Module, data: Dataset, compute: Compute,
-                 progress: bool) -> RidgeProbe:
-    *feats, t = run_many([*subs, target_model], data.train, compute, progress, "ridge probe (uncalibrated)")
+def _ridge_probe(subs: Sequence[nn.Module], target_model: nn.Module, t: torch.Tensor, data: Dataset,
+                 compute: Compute, progress: bool) -> RidgeProbe:
+    """``t``: the teacher's features on the training split, computed once for calibration too."""
+    feats = run_many(subs, data.train, compute, progress, "ridge probe (uncalibrated)")
     W, b = ridge_fit(torch.cat(feats, dim=1), t)
     normalize = isinstance(target_model, tasks.TeacherEmbedding) and target_model.normalize
 
