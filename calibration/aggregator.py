@@ -17,7 +17,7 @@ closed-form ridge map from the concatenated features to the teacher's feature
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +177,58 @@ def train_jointly(submodels: Sequence[nn.Module], agg: Aggregator, data, objecti
     bar.close()
     model.to("cpu").eval()
     return history
+
+
+def missing_sets(devices: Sequence[str], max_all_subsets: int = 3) -> list[tuple[str, ...]]:
+    """The sets of worker devices a bundle gets a fallback aggregator for (issue 19).
+
+    ``devices[0]`` is the central node: it is never missing (without it nothing answers).
+    Choice written down: one small linear map per missing set, fitted on the features that
+    remain, rather than one aggregator trained with feature dropout. The aggregator is linear
+    (eq. 2), so a map refitted for each set is the best linear answer from those features,
+    while a single map with dropped inputs zeroed has to compromise between all sets (and
+    answers every set with the same weights). A map costs sum(d_n) x D floats and a few
+    seconds of training on cached features. With up to ``max_all_subsets`` workers every
+    non-empty set of them gets a map (2^W - 1, so 7 for three workers); beyond that, only
+    each single worker missing (W maps): two devices down at once is then refused by name.
+    """
+    workers = list(devices[1:])
+    if len(workers) <= max_all_subsets:
+        import itertools
+
+        return [c for r in range(1, len(workers) + 1) for c in itertools.combinations(workers, r)]
+    return [(w,) for w in workers]
+
+
+def train_fallbacks(
+    agg: Aggregator,
+    make: Callable[[Sequence[int]], Aggregator],
+    features: Sequence[torch.Tensor],
+    objective: Objective,
+    devices: Sequence[str],
+    epochs: int,
+    seed: int = 0,
+    progress: bool = False,
+    compute: Compute = CPU,
+) -> list[tuple[tuple[str, ...], list[int], Aggregator]]:
+    """One aggregator per :func:`missing_sets` entry: ``(missing names, present indices, map)``.
+
+    Each map starts from the full aggregator's columns of the devices present (their share
+    of eq. 2's W, and its bias) and is then trained on the same objective, with the head
+    frozen as in :func:`train_aggregator`. ``make(dims)`` builds an empty aggregator over
+    features of those widths (it carries the head)."""
+    out = []
+    W_full = agg.linear.weight.detach().T  # [sum d_n, D]
+    starts = [0]
+    for f in features:
+        starts.append(starts[-1] + f.shape[1])
+    for missing in missing_sets(devices):
+        present = [i for i, name in enumerate(devices) if name not in missing]
+        fb = make([features[i].shape[1] for i in present])
+        rows = torch.cat([W_full[starts[i]: starts[i + 1]] for i in present])
+        fb.set_linear(rows, agg.linear.bias.detach())
+        train_aggregator(fb, [features[i] for i in present], objective, epochs=epochs, seed=seed,
+                         progress=progress, compute=compute)
+        fb.eval()
+        out.append((tuple(missing), present, fb))
+    return out

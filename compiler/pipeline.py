@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coformer.calibration.aggregator import Aggregator, train_aggregator, train_jointly
+from coformer.calibration.aggregator import Aggregator, train_aggregator, train_fallbacks, train_jointly
 from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, as_split, calibrate
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Dataset, Split
@@ -173,6 +173,7 @@ def compile_bundle(
     model_info: Optional[dict[str, Any]] = None,
     task: str = "classification",
     normalize: Optional[bool] = None,
+    fallback_aggregators: bool = True,
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
@@ -191,6 +192,11 @@ def compile_bundle(
     (default: as the teacher's own pipeline does); ``boost.distill`` is then
     ``feature``, and the report adds a ridge probe of the uncalibrated sub-models
     as the baseline calibration has to beat.
+
+    ``fallback_aggregators``: also fit and ship one aggregator per set of workers that
+    may be missing (:func:`~coformer.calibration.aggregator.missing_sets`), with its
+    test-split score in the manifest, so the central node answers, flagged degraded,
+    when a device drops.
     """
     check_target(out_dir)
     teacher = teacher.eval()
@@ -246,10 +252,11 @@ def compile_bundle(
         objective = Objective(boost.distill, targets, labels, boost.temperature)
     train_aggregator(agg, feats_train, objective, epochs=aggregator_epochs, seed=boost.seed, progress=progress,
                      compute=compute)
+    changed = False  # the sub-models changed after feats_train was computed
     if boost.joint_epochs > 0:
         train_jointly(subs, agg, data.train, objective, boost.joint_epochs, lr=boost.lr * 0.5,
                       batch_size=boost.batch_size, seed=boost.seed, progress=progress, compute=compute)
-        feats_train = run_many(subs, data.train.head(3), compute)  # the sub-models changed: fresh examples
+        changed = True
     agg.eval()
     if embedding:
         kept = _keep_better(target_model, subs, agg, baseline, data, compute, progress)
@@ -257,11 +264,24 @@ def compile_bundle(
             subs, heads = sliced, tasks.feature_heads(adapter, teacher, specs, dim)
             agg = tasks.embedding_aggregator([f.shape[1] for f in feats_train], dim, norm)
             agg.set_linear(baseline.W, baseline.b)
-            feats_train = run_many(subs, data.train.head(3), compute)
-        acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress)
+            changed = True
+    if changed:  # fresh features: the fallbacks train on them, the export takes examples
+        feats_train = (run_many(subs, data.train, compute, progress, "sub-model features") if fallback_aggregators
+                       else run_many(subs, data.train.head(3), compute))
+    # Degraded answers (issue 19): a fallback aggregator for each set of workers that may be missing.
+    if embedding:
+        def make(dims):
+            return tasks.embedding_aggregator(dims, dim, norm)
+    else:
+        def make(dims):
+            return Aggregator(dims, dim, copy.deepcopy(adapter.teacher_head(teacher)))
+    fallbacks = train_fallbacks(agg, make, feats_train, objective, policy.devices, aggregator_epochs, seed=boost.seed,
+                                progress=progress, compute=compute) if fallback_aggregators else []
+    if embedding:
+        acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress, fallbacks)
         acc["ridge_probe"], acc["calibration"] = baseline.scores, kept
     else:
-        acc = evaluate(teacher, subs, heads, agg, data, compute, progress)
+        acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks)
     acc["distill"] = boost.distill
     costs = [submodel_cost(s, shape) for s in specs]
     t_cost = teacher_cost(shape)
@@ -285,6 +305,16 @@ def compile_bundle(
         export_onnx(agg, [f[:1] for f in feats_example], staging / "aggregator.onnx", names,
                     ["embedding" if embedding else "logits"])
         parity["aggregator.onnx"] = check_parity(agg, staging / "aggregator.onnx", feats_example, names)
+        degraded = []
+        for missing, present, fb in fallbacks:
+            rel = "fallbacks/without-" + "+".join(missing) + ".onnx"
+            (staging / "fallbacks").mkdir(exist_ok=True)
+            sub_names = [names[i] for i in present]
+            export_onnx(fb, [feats_example[i][:1] for i in present], staging / rel, sub_names,
+                        ["embedding" if embedding else "logits"])
+            parity[rel] = check_parity(fb, staging / rel, [feats_example[i] for i in present], sub_names)
+            degraded.append({"missing": list(missing), "aggregator": rel,
+                             "score": acc["degraded"]["+".join(missing)]})
         preprocessing = dict(data.preprocessing)
         if text:
             shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
@@ -302,6 +332,7 @@ def compile_bundle(
                 tuple(adapter.input_shape(teacher)), 64, preprocessing, dynamic_axes=(1,) if text else ()),
             devices=tuple(arts),
             aggregator="aggregator.onnx",
+            fallbacks=tuple(degraded),
             parity=parity,
             expected=acc,
             policy=policy.to_dict(),
@@ -409,14 +440,19 @@ def _keep_better(target_model: nn.Module, subs: Sequence[nn.Module], agg: nn.Mod
 
 @torch.no_grad()
 def evaluate_embedding(target_model: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
-                       agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False) -> dict[str, Any]:
+                       agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
+                       fallbacks: Sequence = ()) -> dict[str, Any]:
     """Test-split agreement with the teacher's embeddings: mean (and worst) cosine of the
     ensemble's vectors and nearest-neighbour agreement within the split; each sub-model alone
-    through its head."""
+    through its head; and the mean cosine of each fallback aggregator (``degraded``, keyed by
+    the missing devices joined with ``+``)."""
     t, *feats = run_many([target_model, *subs], data.test, compute, progress, "evaluate on the test split")
     out = {**tasks.embedding_scores(t, agg.eval()(*feats)), "split": "test", "samples": int(len(t)),
            "reference": "teacher"}
     out["submodel_cosines"] = [tasks.embedding_scores(t, h.eval()(f))["mean_cosine"] for h, f in zip(heads, feats)]
+    with torch.no_grad():
+        out["degraded"] = {"+".join(missing): tasks.embedding_scores(t, fb(*[feats[i] for i in present]))["mean_cosine"]
+                           for missing, present, fb in fallbacks}
     return out
 
 
@@ -426,8 +462,11 @@ def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
 
 
 def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
-             agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False) -> dict[str, Any]:
-    """Test-split accuracy in PyTorch: teacher, each sub-model with its head, and the ensemble.
+             agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
+             fallbacks: Sequence = ()) -> dict[str, Any]:
+    """Test-split accuracy in PyTorch: teacher, each sub-model with its head, the ensemble, and
+    the ensemble answering without each set of devices in ``fallbacks`` (``degraded``, keyed by
+    the missing devices joined with ``+``: what a degraded answer is worth).
 
     Without labels (label-free distillation) the reference is the teacher's own
     decisions: ``reference`` says which, and the teacher scores 1.0 against itself.
@@ -442,6 +481,8 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
             "teacher_accuracy": accuracy(t_logits, y),
             "ensemble_accuracy": accuracy(agg.eval()(*feats), y),
             "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
+            "degraded": {"+".join(missing): accuracy(fb(*[feats[i] for i in present]), y)
+                         for missing, present, fb in fallbacks},
             "split": "test",
             "samples": int(len(y)),
             "reference": reference,

@@ -7,9 +7,16 @@ manifest's ``strategy``): the teacher alone, a layer pipeline and tensor
 parallelism, so every strategy is measured through one runtime.
 
 Sockets: a ROUTER ``front`` for clients and a ROUTER ``back`` that workers
-connect to. One request is served at a time; others queue in ZeroMQ. The
-input is forwarded to the workers first, then the central node computes its
-own sub-model while they compute theirs, so all devices run in parallel.
+connect to. Requests wait in a bounded queue (``busy`` past it); the oldest is
+served together with the compatible ones behind it, stacked on the batch axis
+(micro-batching), so throughput under concurrent clients grows with the batch
+rather than being one request per end-to-end latency. The input is forwarded
+to the workers first, then the central node computes its own sub-model while
+they compute theirs, so all devices run in parallel.
+
+A worker that is down (its connection gone, or silent for three heartbeats)
+or late at the request's deadline is left out: the answer then comes from the
+bundle's fallback aggregator without it and says ``degraded: [names]``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +39,10 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
+from coformer.runtime.security import RoleKeys, curve_server, require_security, start_authenticator
 from coformer.runtime.text import check_tokens, model_feeds
-from coformer.runtime.worker import KEEPALIVE_S, POLL_MS, _id_of, input_limits, install_stop_signals, max_message_bytes
+from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, _id_of, heartbeats, input_limits, install_stop_signals,
+                                     max_message_bytes)
 
 _yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # (Unix; elsewhere a no-op-ish sleep)
 log = logging.getLogger("coformer.central")
@@ -49,6 +59,14 @@ class CentralNode:
         limits: compute limits of the central device.
         timeout_s: how long to wait for the slowest worker before answering
             the client with a ``timeout`` error that names it.
+        keys: this node's key folder (:func:`coformer.runtime.security.load_keys`): both
+            sockets then run CURVE, the worker socket admits only ``devices/`` keys (each
+            under its own device name) and the client socket only ``clients/`` keys; with
+            the folder's operator key the bundle's signature is checked on load.
+        insecure: serve plain TCP on a non-loopback endpoint (refused otherwise).
+        batch_requests: at most this many queued requests are served in one round, their
+            inputs stacked on the batch axis (1: one request at a time).
+        queue_limit: requests waiting beyond this are answered ``busy``.
     """
 
     def __init__(
@@ -59,15 +77,26 @@ class CentralNode:
         limits: DeviceLimits = DeviceLimits(),
         threads: Optional[int] = None,
         timeout_s: float = 10.0,
+        keys: Optional[RoleKeys] = None,
+        insecure: bool = False,
+        batch_requests: int = 8,
+        queue_limit: int = 256,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = load_manifest(self.bundle_dir)
+        self.secure = require_security(keys, insecure, (front, back), "central node")
+        self.keys = keys
+        self.manifest = load_manifest(self.bundle_dir, trust=keys.operator if keys else None)
         self.digest = manifest_digest(self.bundle_dir)
         self.front_addr, self.back_addr = front, back
         self.limits = limits
         self.threads = threads
         self.timeout_s = timeout_s
         self.in_limits = input_limits(self.manifest)
+        if batch_requests < 1 or queue_limit < 1:
+            raise CoFormerError(f"batch_requests {batch_requests} and queue_limit {queue_limit} must be >= 1")
+        self.batch_requests, self.queue_limit = batch_requests, queue_limit
+        self._queue: deque = deque()  # (reply envelope, admitted infer message, deadline)
+        self._late_since: dict[str, float] = {}  # worker -> when it last missed a request's deadline
         self.workers: dict[str, bytes] = {}
         self.last_seen: dict[str, float] = {}
         self._next_id = 1
@@ -80,7 +109,24 @@ class CentralNode:
         # A worker restarted (or replacing a hung one) connects under the same identity: without
         # handover ROUTER silently drops the new connection while the old one lives, and the
         # replacement is locked out for as long as its predecessor hangs.
+        self.front.setsockopt(zmq.RCVHWM, queue_limit)
         self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A request to a worker whose connection is gone fails at once (EHOSTUNREACH) instead of
+        # vanishing, and the worker leaves the ready set; sends never block on a full queue.
+        self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        heartbeats(self.back)
+        self._auth = None
+        if self.secure:
+            self._auth = start_authenticator(self.ctx, keys)
+            curve_server(self.front, keys, "front")
+            curve_server(self.back, keys, "back")
+            unknown = sorted(set(keys.devices) - {w.device for w in self.manifest.workers})
+            missing = sorted({w.device for w in self.manifest.workers} - set(keys.devices))
+            if missing:
+                log.warning("central: no key in %s for workers %s: they cannot join", keys.devices_dir, missing)
+            if unknown:
+                log.info("central: keys for %s in %s are not workers of this bundle", unknown, keys.devices_dir)
+        self._refused: dict[bytes, float] = {}  # peer identity -> when a refusal was last logged
         self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:
@@ -110,56 +156,134 @@ class CentralNode:
             self._own = {name: open_engine(self.bundle_dir / f, c.backend, self.threads or c.threads)
                          for name, f in c.model_files().items()}
             self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
+            self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)
+                               for fb in m.fallbacks}
             self._throttle = throttle
             if ready_stream is not None:
                 ready_stream.write(json.dumps({"event": "ready", **self.endpoints}) + "\n")
                 ready_stream.flush()
             log.info("central %s: %s, %s", m.central.device, m.central.artifact, throttle.describe())
-            poller = zmq.Poller()
+            poller = self._poller = zmq.Poller()
             poller.register(self.front, zmq.POLLIN)
             poller.register(self.back, zmq.POLLIN)
             while not stop.is_set():
                 throttle.waiting()
                 events = dict(poller.poll(POLL_MS))
                 if self.back in events:
-                    frames = self.back.recv_multipart()
+                    frames = self._recv_back()
                     try:
                         self._on_back(frames, pending=None)
                     except Exception:  # nothing a peer sends may end the service
                         log.exception("message from worker socket peer %r not handled", frames[0][:64])
                 if self.front in events:
-                    self._on_front(self.front.recv_multipart())
+                    self._drain_front()
+                if self._queue:
+                    self._serve_queued()
         finally:
             self.front.close(0)
             self.back.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             self.ctx.term()
             throttle.release()
 
     # -- clients ---------------------------------------------------------
-    def _on_front(self, frames: list[bytes]) -> None:
-        client, rest = frames[0], frames[1:]
-        envelope = [client]
-        if rest and rest[0] == b"":  # a REQ client puts an empty delimiter first
-            envelope, rest = [client, b""], rest[1:]
+    def _drain_front(self) -> None:
+        """Read what clients have sent, up to the queue's bound: status and bad requests are
+        answered at once, good ``infer`` requests queued; past ``queue_limit`` waiting, a
+        request is answered ``busy`` (the client may retry) rather than left in ZeroMQ's
+        buffers, whose receive high-water mark is the same bound."""
+        for _ in range(self.queue_limit):
+            try:
+                frames = self.front.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client, rest = frames[0], frames[1:]
+            envelope = [client]
+            if rest and rest[0] == b"":  # a REQ client puts an empty delimiter first
+                envelope, rest = [client, b""], rest[1:]
+            try:
+                msg = protocol.decode(rest, self.in_limits)
+                if msg.op == "status":
+                    reply = protocol.encode("status_reply", msg.id, **self.status())
+                elif msg.op == "infer":
+                    deadline = time.monotonic() + self._deadline_s(msg.header)
+                    self._admit(msg)
+                    if len(self._queue) >= self.queue_limit:
+                        raise protocol.ProtocolError("busy", f"{len(self._queue)} requests are waiting; try again")
+                    self._queue.append((envelope, msg, deadline))
+                    continue
+                else:
+                    raise protocol.ProtocolError("bad_op", f"the central node does not serve op {msg.op!r}")
+            except protocol.ProtocolError as e:
+                reply = protocol.error_frames(_id_of(rest) if rest else 0, e.code, str(e))
+            except Exception as e:  # a fault this node did not foresee: answer it, log it, keep serving
+                log.exception("request not served")
+                reply = protocol.error_frames(_id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
+            self._reply(envelope, reply)
+
+    def _reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
         try:
-            msg = protocol.decode(rest, self.in_limits)
-            if msg.op == "status":
-                reply = protocol.encode("status_reply", msg.id, **self.status())
-            elif msg.op == "infer":
-                reply = self._infer(msg)
+            self.front.send_multipart(envelope + frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the client is gone, or not reading: its answer is dropped, not waited on
+            log.debug("reply to client %r dropped", envelope[0][:32])
+
+    def _serve_queued(self) -> None:
+        """Serve the oldest queued request, batched with the compatible ones queued behind it
+        (micro-batching: one round for up to ``batch_requests`` requests and ``max_batch``
+        samples, since every model takes a batch axis), and answer each with its rows."""
+        now = time.monotonic()
+        while self._queue and self._queue[0][2] <= now:  # waited in the queue past its deadline
+            envelope, msg, _ = self._queue.popleft()
+            self._reply(envelope, protocol.error_frames(msg.id, "timeout", "the request's deadline passed while "
+                                                                            "it waited in the queue"))
+        if not self._queue:
+            return
+        head = self._queue.popleft()
+        group = [head]
+        t = head[1].tensor
+        rows = t.shape[0]
+        indexed = head[1].header.get("input_index") is not None
+        while (self._queue and len(group) < self.batch_requests and self.manifest.strategy == "coformer"):
+            nxt = self._queue[0][1]
+            nt = nxt.tensor
+            if (nt.dtype != t.dtype or nt.shape[1:] != t.shape[1:] or rows + nt.shape[0] > self.in_limits.max_batch
+                    or (nxt.header.get("input_index") is not None) != indexed):
+                break
+            group.append(self._queue.popleft())
+            rows += nt.shape[0]
+        try:
+            if len(group) == 1:
+                x, index = t, head[1].header.get("input_index")
             else:
-                raise protocol.ProtocolError("bad_op", f"the central node does not serve op {msg.op!r}")
+                x = np.concatenate([g[1].tensor for g in group])
+                index = [i for g in group for i in g[1].header["input_index"]] if indexed else None
+            out, fields = self._infer(x, index, min(g[2] for g in group))
         except protocol.ProtocolError as e:
-            reply = protocol.error_frames(_id_of(rest) if rest else 0, e.code, str(e))
+            for envelope, msg, _ in group:
+                self._reply(envelope, protocol.error_frames(msg.id, e.code, str(e)))
+            return
         except Exception as e:  # a fault this node did not foresee: answer it, log it, keep serving
             log.exception("request not served")
-            reply = protocol.error_frames(_id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
-        self.front.send_multipart(envelope + reply)
+            for envelope, msg, _ in group:
+                self._reply(envelope, protocol.error_frames(msg.id, "internal", f"{type(e).__name__}: {e}"))
+            return
+        lo = 0
+        for envelope, msg, _ in group:
+            n = msg.tensor.shape[0]
+            part = out[lo: lo + n]
+            lo += n
+            label = [] if self.manifest.task_kind == "embedding" else [int(i) for i in np.argmax(part, axis=-1)]
+            self._reply(envelope, protocol.encode("result", msg.id, np.ascontiguousarray(part, dtype=np.float32),
+                                                  label_index=label, batched_requests=len(group), **fields))
 
     def _alive(self) -> list[str]:
-        """Workers heard from within three keep-alive periods (a killed worker drops out)."""
+        """Workers heard from within three keep-alive periods (a killed worker drops out), and
+        heard from since they last missed a deadline (a hung one is not waited for again, round
+        after round; its next heartbeat brings it back)."""
         horizon = time.monotonic() - 3 * KEEPALIVE_S
-        return sorted(n for n in self.workers if self.last_seen.get(n, 0.0) >= horizon)
+        return sorted(n for n in self.workers if self.last_seen.get(n, 0.0) >= horizon
+                      and self.last_seen.get(n, 0.0) > self._late_since.get(n, float("-inf")))
 
     def status(self) -> dict:
         expected = [w.device for w in self.manifest.workers]
@@ -167,20 +291,28 @@ class CentralNode:
         missing = [d for d in expected if d not in alive]
         return {
             "ready": not missing,
+            # answers still come, flagged degraded, from the fallback aggregator without the missing
+            "degraded": bool(missing) and self.manifest.fallback(missing) is not None,
             "central": self.manifest.central.device,
             "workers": alive,
             "missing": missing,
             "model": self.manifest.model.get("name"),
         }
 
-    def _infer(self, msg: protocol.Message) -> list[bytes]:
-        status = self.status()
-        if not status["ready"]:
-            raise protocol.ProtocolError("not_ready", f"waiting for workers {status['missing']} to register")
+    def _deadline_s(self, header) -> float:
+        """Seconds this request may wait for workers: the client's ``deadline_ms`` (the time
+        left when it sent the request), at most this node's ``timeout_s``, its default."""
+        if "deadline_ms" not in header:
+            return self.timeout_s
+        ms = protocol.number(header, "deadline_ms")
+        if not 1.0 <= ms <= 3.6e6:
+            raise protocol.ProtocolError("bad_header", f"deadline_ms {ms!r} must be between 1 and 3600000")
+        return min(self.timeout_s, ms / 1e3)
+
+    def _admit(self, msg: protocol.Message) -> None:
+        """Refuse, by name, an ``infer`` that cannot be served, before it is queued."""
         if msg.tensor is None:
             raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
-        t0 = time.perf_counter()
-        acct = _Account()
         index = msg.header.get("input_index")
         if index is not None and self.manifest.strategy != "coformer":
             raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer bundles, this one is "
@@ -190,17 +322,24 @@ class CentralNode:
                                                       f"batch of {msg.tensor.shape[0]}")
         if self.manifest.input.is_text:
             check_tokens(msg.tensor, self.manifest.input.preprocessing)
+
+    def _infer(self, x: np.ndarray, index, deadline: float) -> tuple[np.ndarray, dict]:
+        """The bundle's answer for the (admitted) batch ``x``, and the reply's header fields."""
+        status = self.status()
+        fallback_ok = self.manifest.strategy == "coformer" and self.manifest.fallback(status["missing"]) is not None
+        if not status["ready"] and not fallback_ok:
+            raise protocol.ProtocolError("not_ready", f"waiting for workers {status['missing']} to register")
+        t0 = time.perf_counter()
+        acct = _Account()
+        acct.deadline = deadline
         run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
                "tensor_parallel": self._run_tensor_parallel}[self.manifest.strategy]
-        out = run(msg.tensor, index, acct)
+        out = run(x, index, acct)
         t_end = time.perf_counter()
-        embedding = self.manifest.task_kind == "embedding"  # the fused vector itself: no labels to pick
-        return protocol.encode(
-            "result",
-            msg.id,
-            np.ascontiguousarray(out, dtype=np.float32),
+        return out, dict(
             task=self.manifest.task_kind,
-            label_index=[] if embedding else [int(i) for i in np.argmax(out, axis=-1)],
+            # the devices whose features this answer lacks (answered by their fallback aggregator)
+            degraded=acct.degraded,
             wire_bytes_from_workers=acct.bytes_from,
             wire_bytes_to_workers=acct.bytes_to,
             rounds=acct.rounds,
@@ -238,12 +377,23 @@ class CentralNode:
         so only the index goes on the wire.
         """
         extra = {} if index is None else {"input_index": index}
-        workers = {w.device: (None, None if index is not None else x, extra) for w in self.manifest.workers}
-        own, gathered = self._round(workers, x.shape[0], acct, own=lambda: self._run_own("", x, acct))
+        alive = set(self._alive())
+        workers = {w.device: (None, None if index is not None else x, extra) for w in self.manifest.workers
+                   if w.device in alive or not self._fallbacks}
+        own, gathered = self._round(workers, x.shape[0], acct, own=lambda: self._run_own("", x, acct),
+                                    partial=bool(self._fallbacks))
+        missing = sorted(w.device for w in self.manifest.workers if w.device not in gathered)
+        agg = self._agg
+        if missing:
+            agg = self._fallbacks.get(frozenset(missing))
+            if agg is None:  # (only past the fallbacks this bundle has, e.g. two of five workers down)
+                raise protocol.ProtocolError("timeout", f"workers {missing} did not answer within the deadline, "
+                                                        "and this bundle has no fallback without them")
+            acct.degraded = missing
         t = time.perf_counter()
         feeds = {f"feature_{i}": own if dev.role == "central" else gathered[dev.device]
-                 for i, dev in enumerate(self.manifest.devices)}
-        logits = next(iter(self._agg.infer(feeds).values()))
+                 for i, dev in enumerate(self.manifest.devices) if dev.device not in missing}
+        logits = next(iter(agg.infer(feeds).values()))
         acct.aggregate_ms += (time.perf_counter() - t) * 1e3
         return logits
 
@@ -278,9 +428,11 @@ class CentralNode:
                 acct.aggregate_ms += (time.perf_counter() - t) * 1e3
         return self._run_own("head", h, acct)
 
-    def _round(self, requests: dict, batch: int, acct: "_Account", own=None):
+    def _round(self, requests: dict, batch: int, acct: "_Account", own=None, partial: bool = False):
         """Send each worker its request ``(model, tensor or None, header fields)``, run ``own()``
-        here meanwhile, then gather every answer; returns ``(own's result, {worker: output})``."""
+        here meanwhile, then gather every answer; returns ``(own's result, {worker: output})``.
+        With ``partial``, a worker that cannot be reached or is late at the request's
+        deadline is left out of the outputs instead of failing the request."""
         rid = self._next_id
         self._next_id += 1
         t0 = time.perf_counter()
@@ -289,7 +441,13 @@ class CentralNode:
             fields = dict(extra) if model is None else {"model": model, **extra}
             frames = protocol.encode("infer", rid, tensor, **fields)
             acct.bytes_to += sum(len(f) for f in frames)
-            self.back.send_multipart([self.workers[name]] + frames)
+            ident = self.workers.get(name)
+            if ident is None or not self._send_back(ident, frames):
+                self.workers.pop(name, None)
+                if partial:
+                    continue
+                raise protocol.ProtocolError("not_ready", f"worker {name}'s connection is gone; waiting for it to "
+                                                          "register again")
             art = self.manifest.device(name)
             expected[name] = (batch, *(art.models[model].output_shape if model is not None else (art.feature_dim,)))
         if expected:
@@ -305,7 +463,7 @@ class CentralNode:
         result = own() if own is not None else None
         t_own = time.perf_counter()
         own_ms = acct.central_ms - own_before
-        gathered = self._gather(rid, expected) if expected else {"features": {}, "compute_ms": {},
+        gathered = self._gather(rid, expected, acct.deadline, partial) if expected else {"features": {}, "compute_ms": {},
                                                                  "service_ms": {}, "queued_ms": {}, "arrival": {},
                                                                  "wire_bytes": 0}
         acct.dispatch_ms += (t_sent - t0) * 1e3
@@ -316,7 +474,7 @@ class CentralNode:
         # The round's critical path: the central node's own part, or the worker that answered last
         # (its compute, and the rest of its dispatch-to-arrival time: the links and message handling).
         acct.own_in_rounds += own_ms
-        last = max(gathered["arrival"], key=gathered["arrival"].get) if expected else None
+        last = max(gathered["arrival"], key=gathered["arrival"].get) if gathered["arrival"] else None
         if last is None or t_own >= gathered["arrival"][last]:
             acct.round_compute += own_ms
         else:
@@ -331,23 +489,61 @@ class CentralNode:
         return result, gathered["features"]
 
     # -- workers ---------------------------------------------------------
-    def _gather(self, rid: int, expected: dict) -> dict:
+    def _gather(self, rid: int, expected: dict, deadline: Optional[float] = None, partial: bool = False) -> dict:
         pending = {"id": rid, "expected": expected, "features": {}, "compute_ms": {}, "service_ms": {},
                    "queued_ms": {}, "arrival": {}, "wire_bytes": 0, "error": None}
-        deadline = time.monotonic() + self.timeout_s
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
+        # A worker that misses a round it had a fair chance at is not waited for again until it is
+        # heard from; a round that starts with its deadline nearly spent (it waited in the queue)
+        # says nothing about the workers.
+        fair = deadline - time.monotonic() >= LATE_AFTER_S
         while len(pending["features"]) < len(expected) and pending["error"] is None:
             left_ms = int((deadline - time.monotonic()) * 1e3)
-            if left_ms <= 0 or not self.back.poll(left_ms):
+            events = dict(self._poller.poll(left_ms)) if left_ms > 0 else {}
+            if self.front in events:  # requests arriving meanwhile are queued now: their deadlines run from here
+                self._drain_front()
+            if self.back not in events and left_ms > 0 and time.monotonic() < deadline:
+                continue
+            if self.back not in events:
+                if partial:
+                    now = time.monotonic()
+                    for name in set(expected) - set(pending["features"]) if fair else ():
+                        self._late_since[name] = now  # not waited for again until it is heard from
+                    return pending  # the caller answers from what arrived, flagged degraded
                 late = sorted(set(expected) - set(pending["features"]))
-                raise protocol.ProtocolError("timeout", f"workers {late} did not answer within {self.timeout_s:g} s")
-            self._on_back(self.back.recv_multipart(), pending)
+                raise protocol.ProtocolError("timeout", f"workers {late} did not answer within the deadline "
+                                                        f"({self.timeout_s:g} s at most)")
+            self._on_back(self._recv_back(), pending)
         if pending["error"] is not None:
             # a fault in the client's request (a bad input_index) keeps its code; anything else is the worker's
             code = pending.get("code") if pending.get("code") in _CLIENT_FAULTS else "worker_error"
             raise protocol.ProtocolError(code, pending["error"])
         return pending
 
+    def _recv_back(self) -> list[bytes]:
+        """One message from the worker socket, or ``[]`` for one dropped unread: under CURVE, a
+        peer whose key was not issued for the device its identity names (ZAP's User-Id is the
+        z85 key), so one device's key cannot speak for another."""
+        if not self.secure:
+            return self.back.recv_multipart()
+        parts = self.back.recv_multipart(copy=False)
+        ident = parts[0].bytes
+        user = parts[-1].get("User-Id") if len(parts) > 1 else None
+        expected = self.keys.devices.get(ident.decode(errors="replace"))
+        if expected is None or user is None or user.encode() != expected:
+            now = time.monotonic()
+            if now - self._refused.get(ident, -60.0) >= 60.0:  # at most once a minute per peer
+                self._refused[ident] = now
+                if len(self._refused) > 1024:
+                    self._refused.clear()
+                log.warning("worker socket: dropped a message under identity %r from key %s, not that "
+                            "device's key", ident[:64], user)
+            return []
+        return [p.bytes for p in parts]
+
     def _on_back(self, frames: list[bytes], pending: Optional[dict]) -> None:
+        if not frames:
+            return
         ident, rest = frames[0], frames[1:]
         name = ident.decode(errors="replace")
         if self.workers.get(name) == ident:
@@ -361,7 +557,7 @@ class CentralNode:
             self._register(ident, msg)
             return
         if self.workers.get(name) != ident:
-            self.back.send_multipart([ident] + protocol.error_frames(msg.id, "unknown_worker", "send hello first"))
+            self._send_back(ident, protocol.error_frames(msg.id, "unknown_worker", "send hello first"))
             return
         if pending is None or msg.id != pending["id"]:
             return  # a late answer to a request that already timed out
@@ -400,10 +596,21 @@ class CentralNode:
             self.last_seen[name] = time.monotonic()
             reply = protocol.encode("welcome", 0)
             log.debug("worker %s registered", name)
-        self.back.send_multipart([ident] + reply)
+        self._send_back(ident, reply)
+
+    def _send_back(self, ident: bytes, frames: list[bytes]) -> bool:
+        """Send to a worker socket peer; False when its connection is gone or its queue is full."""
+        try:
+            self.back.send_multipart([ident] + frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
 
 
 _CLIENT_FAULTS = ("bad_index", "no_local_inputs")
+LATE_AFTER_S = 0.05  # a worker silent this long past dispatch, at a request's deadline, counts as late
 
 
 class _Account:
@@ -416,9 +623,12 @@ class _Account:
         self.workers_compute: dict[str, float] = {}
         self.workers_service: dict[str, float] = {}
         self.workers_queued: dict[str, float] = {}  # waiting for a core shared with another emulated device
+        self.degraded: list[str] = []
+        self.deadline: Optional[float] = None  # time.monotonic() by which workers must have answered
 
 
 def run_central(bundle_dir: Path, front: str, back: str, **kwargs) -> None:
+    """Serve until SIGTERM/SIGINT; ``kwargs`` are :class:`CentralNode`'s."""
     node = CentralNode(bundle_dir, front, back, **kwargs)
     node.bind()
     node.serve(ready_stream=sys.stdout)

@@ -5,6 +5,11 @@
   coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --input x.npy
   coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --image photo.jpg --top-k 5
   coformer-runtime verify  BUNDLE
+  coformer-runtime keys    KEYS --bundle BUNDLE --clients laptop   (key folders per role; signs BUNDLE)
+  coformer-runtime sign    BUNDLE --key KEYS/operator/operator.signing
+
+Off loopback every link is authenticated and encrypted (ZeroMQ CURVE): give each
+role its folder from `keys` with --keys, or --insecure to run plain TCP.
 """
 
 from __future__ import annotations
@@ -35,6 +40,22 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                    help="how --cpu-share is enforced (auto = duty-cycle; cgroup: a CFS quota, needs root)")
 
 
+def _add_security(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--keys", type=Path, default=None,
+                   help=f"this {role}'s key folder from `coformer-runtime keys` (CURVE on every link, and the "
+                        "bundle's signature checked against the operator key in it)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain TCP on a non-loopback endpoint: anyone who reaches the port may send and read")
+
+
+def _role_keys(args: argparse.Namespace, role: str):
+    if args.keys is None:
+        return None
+    from coformer.runtime.security import load_keys
+
+    return load_keys(args.keys, role)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coformer-runtime", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--front", default="tcp://127.0.0.1:5555", help="endpoint for clients")
     p.add_argument("--back", default="tcp://127.0.0.1:5556", help="endpoint for workers")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the slowest worker")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the slowest worker (a request's deadline, at most)")
+    p.add_argument("--batch-requests", type=int, default=8,
+                   help="serve up to this many queued requests in one round, stacked on the batch axis (1: off)")
+    p.add_argument("--queue-limit", type=int, default=256, help="requests waiting past this are answered busy")
+    _add_security(p, "central node")
     _add_limits(p)
 
     p = sub.add_parser("worker", help="run one device's sub-model and send its pooled features")
@@ -55,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-inputs", type=Path, default=None,
                    help=".npy of model inputs this device captures itself: requests may name a row instead of "
                         "sending the tensor")
+    _add_security(p, "device")
     _add_limits(p)
 
     p = sub.add_parser("infer", help="send one input (.npy, model input or raw data, or text) and print the answer")
@@ -72,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an embedding bundle: print the embedding of each text, image or input row")
     p.add_argument("--raw", action="store_true", help="apply the bundle's preprocessing to the input first")
     p.add_argument("--timeout", type=float, default=30.0)
+    _add_security(p, "client")
 
     p = sub.add_parser("time", help="time a model on each sample of a .npy file (batch 1), under device limits")
     p.add_argument("model", type=Path, help=".onnx file")
@@ -117,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
     p.add_argument("bundle", type=Path)
+    p.add_argument("--keys", type=Path, default=None,
+                   help="a key folder holding operator.pub: also check the operator's signature")
+
+    p = sub.add_parser("keys", help="write CURVE key pairs for the central node, each device and each client, "
+                                    "and the operator's signing key; sign the bundle")
+    p.add_argument("out", type=Path, help="folder for the keys: one sub-folder per role, to copy to its machine")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle whose devices get keys (and is signed)")
+    p.add_argument("--clients", nargs="+", default=["client"], metavar="NAME", help="one key per client")
+
+    p = sub.add_parser("sign", help="sign a bundle's manifest with the operator's key (after a recompile)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key", type=Path, required=True, help="operator/operator.signing from `coformer-runtime keys`")
     return parser
 
 
@@ -130,18 +170,21 @@ def run(args: argparse.Namespace) -> int:
         from coformer.runtime.central import run_central
 
         run_central(args.bundle, args.front, args.back, limits=_limits(args), threads=args.threads,
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, keys=_role_keys(args, "central"), insecure=args.insecure,
+                    batch_requests=args.batch_requests, queue_limit=args.queue_limit)
     elif args.command == "worker":
         from coformer.runtime.worker import run_worker
 
         run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads,
-                   local_inputs=args.local_inputs)
+                   local_inputs=args.local_inputs, keys=_role_keys(args, "worker"), insecure=args.insecure)
     elif args.command == "infer":
         from coformer.runtime.client import Client
         from coformer.runtime.manifest import load_manifest
         from coformer.runtime.preprocess import preprocess
 
-        manifest = load_manifest(args.bundle, verify=False)
+        keys = _role_keys(args, "client")
+        manifest = load_manifest(args.bundle, verify=False, trust=keys.operator if keys else None)
+        connect = {"timeout_s": args.timeout, "keys": keys, "insecure": args.insecure}
         if args.embed or manifest.task_kind == "embedding":
             if manifest.task_kind != "embedding":
                 raise CoFormerError("--embed needs an embedding bundle; this one classifies (drop --embed)")
@@ -156,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 items = preprocess(manifest.input.preprocessing, items) if args.raw else _model_input(items)
                 if items.ndim == len(manifest.input.shape):
                     items = items[None]
-            with Client(args.central, timeout_s=args.timeout) as client:
+            with Client(args.central, **connect) as client:
                 vectors = client.embed(items, args.bundle)
             print(json.dumps({"embedding": vectors.tolist(), "dim": int(vectors.shape[1]),
                               "normalized": bool(manifest.task.get("normalize"))}))
@@ -166,13 +209,13 @@ def run(args: argparse.Namespace) -> int:
 
             encoder = TextEncoder.from_bundle(args.bundle, manifest)
             texts = [args.text] if encoder.spec["pair"] else args.text
-            with Client(args.central, timeout_s=args.timeout) as client:
+            with Client(args.central, **connect) as client:
                 labels, result = client.classify(texts, encoder, manifest.labels)
             print(json.dumps({"label": labels, "logits": result.logits.tolist(),
                               "round_trip_ms": round(result.round_trip_ms, 3)}))
             return 0
         if args.image is not None:
-            with Client(args.central, timeout_s=args.timeout) as client:
+            with Client(args.central, **connect) as client:
                 answers, results = client.classify_images(args.image, manifest, top_k=args.top_k)
             print(json.dumps({"images": [{"file": str(f), "top_k": [{"label": lab, "probability": round(p, 6)}
                                                                       for lab, p in a]}
@@ -187,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         x = preprocess(manifest.input.preprocessing, x) if args.raw else x.astype(np.float32)
         if x.ndim == len(manifest.input.shape):
             x = x[None]
-        with Client(args.central, timeout_s=args.timeout) as client:
+        with Client(args.central, **connect) as client:
             result = client.infer(x)
         labels = manifest.labels
         print(json.dumps({
@@ -246,8 +289,37 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         from coformer.runtime.manifest import load_manifest
 
+        from coformer.runtime.security import SIGNATURE_NAME, load_keys
+
+        trust = None
+        if args.keys is not None:
+            trust = load_keys(args.keys, "central" if (args.keys / "clients").is_dir() else "worker").operator
+            if trust is None:
+                raise CoFormerError(f"key folder {args.keys} has no operator.pub to check the signature with")
+        m = load_manifest(args.bundle, verify=True, trust=trust)
+        signed = ("signature checked" if trust is not None else
+                  "signature present, not checked (give --keys)" if (args.bundle / SIGNATURE_NAME).is_file()
+                  else "not signed")
+        print(f"{args.bundle}: OK, {len(m.files)} files verified, {signed}, devices {[d.device for d in m.devices]}")
+    elif args.command == "keys":
+        from coformer.runtime.manifest import load_manifest
+        from coformer.runtime.security import OPERATOR_SECRET, sign_bundle, write_keys
+
         m = load_manifest(args.bundle, verify=True)
-        print(f"{args.bundle}: OK, {len(m.files)} files verified, devices {[d.device for d in m.devices]}")
+        folders = write_keys(args.out, [w.device for w in m.workers], args.clients)
+        sig = sign_bundle(args.bundle, folders["operator"] / OPERATOR_SECRET)
+        print(f"{args.out}: keys for central ({m.central.device}), workers {[w.device for w in m.workers]} and "
+              f"clients {args.clients}; {args.bundle} signed ({sig.name})")
+        for role, folder in folders.items():
+            where = ("stays with the operator: its secret signs bundles" if role == "operator" else
+                     f"copy to the machine of {role}, and run it with --keys pointing there")
+            print(f"  {folder}: {where}")
+    elif args.command == "sign":
+        from coformer.runtime.manifest import load_manifest
+        from coformer.runtime.security import sign_bundle
+
+        load_manifest(args.bundle, verify=True)  # never sign a bundle whose files do not match
+        print(f"{args.bundle}: signed ({sign_bundle(args.bundle, args.key).name})")
     return 0
 
 

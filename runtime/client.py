@@ -28,6 +28,9 @@ class Result:
     wire_bytes_to_workers: int = 0
     rounds: int = 0
     task: str = "classification"
+    # the devices whose features this answer lacks (they were down or late at the deadline): the
+    # central node answered with the bundle's fallback aggregator without them
+    degraded: tuple = ()
 
     @property
     def embedding(self) -> np.ndarray:
@@ -52,16 +55,32 @@ class Client:
         timeout_s: how long to wait for each reply; a server that does not
             answer in time raises :class:`CoFormerError` (ZeroMQ never says a
             peer is gone, so every call has a deadline).
+        keys: this client's key folder (from ``coformer-runtime keys``, a path or
+            :class:`~coformer.runtime.security.RoleKeys`): the link runs CURVE, pinned
+            to the central node's key, and bundles this client reads (labels,
+            preprocessing, tokenizer) must carry the operator's signature.
+        insecure: talk plain TCP to a non-loopback endpoint (refused otherwise).
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 30.0, keys: Any = None, insecure: bool = False) -> None:
+        from coformer.runtime.security import RoleKeys, curve_client, load_keys, require_security
+
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.keys = keys if keys is None or isinstance(keys, RoleKeys) else load_keys(Path(keys), "client")
+        secure = require_security(self.keys, insecure, (endpoint,), "client")
         self._ids = itertools.count(1)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if secure:
+            curve_client(self._sock, self.keys)
         self._sock.connect(endpoint)
+
+    @property
+    def trust(self) -> Optional[bytes]:
+        """The operator's verify key bundles must be signed with (None: not checked)."""
+        return self.keys.operator if self.keys is not None else None
 
     def _call(self, frames: list[bytes], rid: int, timeout_s: Optional[float] = None) -> protocol.Message:
         self._sock.send_multipart(frames)
@@ -69,7 +88,8 @@ class Client:
         while True:
             left_ms = int((deadline - time.monotonic()) * 1e3)
             if left_ms <= 0 or not self._sock.poll(left_ms):
-                raise CoFormerError(f"no reply from {self.endpoint} within {self.timeout_s:g} s")
+                raise CoFormerError(f"no reply from {self.endpoint} within "
+                                    f"{self.timeout_s if timeout_s is None else timeout_s:g} s")
             msg = protocol.decode(self._sock.recv_multipart())
             if msg.id != rid:
                 continue  # the late reply to an earlier call that timed out
@@ -77,17 +97,29 @@ class Client:
                 raise ServerError(str(msg.header.get("code")), str(msg.header.get("message")))
             return msg
 
-    def infer(self, x: np.ndarray, input_index: Optional[list[int]] = None) -> Result:
+    def infer(self, x: np.ndarray, input_index: Optional[list[int]] = None,
+              deadline_s: Optional[float] = None) -> Result:
         """Run one input (a batch, shape ``[B, *input.shape]``) through the cluster.
 
         ``input_index``: the rows of the workers' ``--local-inputs`` that hold the
         same batch (each device captures the input itself, as in the paper);
         the central node then sends the workers the index, not the tensor.
+
+        ``deadline_s``: how long the central node may wait for the workers. A device
+        late by then is left out and the answer comes from the bundle's fallback
+        aggregator, with ``Result.degraded`` naming it (default: the central node's
+        ``--timeout``). The reply itself is awaited up to ``deadline_s`` plus one second,
+        or the client's ``timeout_s``.
         """
         rid = next(self._ids)
         start = time.perf_counter()
         fields = {} if input_index is None else {"input_index": [int(i) for i in input_index]}
-        msg = self._call(protocol.encode("infer", rid, np.asarray(x), **fields), rid)
+        if deadline_s is not None:
+            if not 0.001 <= deadline_s <= 3600:
+                raise CoFormerError(f"deadline_s {deadline_s!r} must be between 0.001 and 3600 seconds")
+            fields["deadline_ms"] = deadline_s * 1e3
+        wait = None if deadline_s is None else deadline_s + 1.0
+        msg = self._call(protocol.encode("infer", rid, np.asarray(x), **fields), rid, wait)
         rtt = (time.perf_counter() - start) * 1e3
         return Result(
             logits=msg.tensor,
@@ -98,6 +130,7 @@ class Client:
             wire_bytes_to_workers=int(msg.header.get("wire_bytes_to_workers", 0)),
             rounds=int(msg.header.get("rounds", 0)),
             task=str(msg.header.get("task", "classification")),
+            degraded=tuple(str(d) for d in msg.header.get("degraded", []) or []),
         )
 
     def embed(self, inputs: Any, bundle: Any = None, batch_size: int = 32) -> np.ndarray:
@@ -109,7 +142,7 @@ class Client:
         items = inputs if isinstance(inputs, np.ndarray) else list(inputs)
         if not len(items):
             raise CoFormerError("nothing to embed")
-        encode = self._encoder_for(items, bundle)
+        encode = self._encoder_for(items, bundle, self.trust)
         out = []
         for lo in range(0, len(items), batch_size):
             r = self.infer(encode(items[lo: lo + batch_size]))
@@ -117,7 +150,7 @@ class Client:
         return np.concatenate(out)
 
     @staticmethod
-    def _encoder_for(items: Any, bundle: Any):
+    def _encoder_for(items: Any, bundle: Any, trust: Optional[bytes] = None):
         """How ``embed`` turns a batch of ``items`` into model inputs."""
         if isinstance(items, np.ndarray):
             return lambda batch: batch
@@ -127,7 +160,7 @@ class Client:
             raise CoFormerError("texts and image files need the bundle (its folder) to be tokenised or preprocessed")
         from coformer.runtime.manifest import load_manifest
 
-        manifest = load_manifest(Path(bundle), verify=False)
+        manifest = load_manifest(Path(bundle), verify=False, trust=trust)
         if manifest.input.is_text:
             from coformer.runtime.text import TextEncoder
 
@@ -160,7 +193,7 @@ class Client:
         from coformer.runtime.manifest import Manifest, load_manifest
 
         if isinstance(bundle, (str, Path)):
-            bundle = load_manifest(Path(bundle), verify=False)
+            bundle = load_manifest(Path(bundle), verify=False, trust=self.trust)
         if isinstance(bundle, Manifest):
             labels = labels if labels is not None else bundle.labels
             preprocessing = bundle.input.preprocessing

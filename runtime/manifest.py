@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from coformer.runtime._files import atomic_write_json, read_json, sha256_file
 from coformer.runtime.errors import CoFormerError
@@ -168,6 +168,10 @@ class Manifest:
     devices: tuple[DeviceArtifact, ...]
     aggregator: str
     files: Mapping[str, str]
+    # Degraded answers: {"missing": [worker names], "aggregator": rel path, "score": test accuracy
+    # (or mean cosine for an embedding bundle) with those devices missing}. Optional: older
+    # bundles have none and are served all-or-nothing.
+    fallbacks: tuple = ()
     parity: Mapping[str, float] = field(default_factory=dict)
     expected: Mapping[str, Any] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=dict)
@@ -201,6 +205,14 @@ class Manifest:
         needed = [d.artifact for d in self.devices] + [m.artifact for d in self.devices for m in d.models.values()]
         if self.strategy == "coformer" or self.aggregator:
             needed.append(self.aggregator)
+        workers = {d.device for d in self.devices if d.role == "worker"}
+        for fb in self.fallbacks:
+            if (not isinstance(fb, Mapping) or not isinstance(fb.get("missing"), list) or not fb["missing"]
+                    or not set(fb["missing"]) <= workers or not isinstance(fb.get("aggregator"), str)):
+                raise CoFormerError(f"manifest fallback {fb!r} must name missing workers of this bundle and "
+                                    "its aggregator file")
+            needed.append(fb["aggregator"])
+        object.__setattr__(self, "fallbacks", tuple(self.fallbacks))
         for rel in needed:
             if rel not in self.files:
                 raise CoFormerError(f"manifest artifact {rel!r} has no checksum in 'files'")
@@ -223,6 +235,11 @@ class Manifest:
         """``classification`` (the answer is logits over ``labels``) or ``embedding`` (a vector of
         ``task["dim"]`` numbers, unit length when ``task["normalize"]``)."""
         return str(self.task.get("kind", "classification"))
+
+    def fallback(self, missing) -> Optional[Mapping[str, Any]]:
+        """The fallback aggregator record for this set of missing workers, or None."""
+        want = set(missing)
+        return next((fb for fb in self.fallbacks if set(fb["missing"]) == want), None)
 
     def device(self, name: str) -> DeviceArtifact:
         for d in self.devices:
@@ -259,6 +276,7 @@ class Manifest:
             devices=tuple(DeviceArtifact.from_dict(x) for x in _need(d, "devices", list, w)),
             aggregator=_need(d, "aggregator", str, w),
             files=_need(d, "files", dict, w),
+            fallbacks=tuple(_need(d, "fallbacks", list, w)) if "fallbacks" in d else (),
             parity=d.get("parity", {}),
             expected=d.get("expected", {}),
             policy=d.get("policy", {}),
@@ -278,8 +296,11 @@ def manifest_digest(bundle_dir: Path) -> str:
     return sha256_file(Path(bundle_dir) / MANIFEST_NAME)
 
 
-def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:
-    """Read a bundle's manifest; with ``verify``, check every listed file's SHA-256.
+def load_manifest(bundle_dir: Path, verify: bool = True, trust: Optional[bytes] = None) -> Manifest:
+    """Read a bundle's manifest; with ``verify``, check every listed file's SHA-256; with
+    ``trust`` (the operator's Ed25519 verify key), first check ``manifest.sig``, so an edited
+    manifest, or a file replaced together with its checksum, is refused
+    (:func:`coformer.runtime.security.verify_signature`).
 
     Raises :class:`CoFormerError` naming the file for a missing manifest, a
     schema version this runtime does not read, a missing artifact or a checksum
@@ -288,6 +309,10 @@ def load_manifest(bundle_dir: Path, verify: bool = True) -> Manifest:
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
     raw = read_json(path, f"{bundle_dir} is not a CoFormer bundle: no {MANIFEST_NAME} in it")
+    if trust is not None:
+        from coformer.runtime.security import verify_signature
+
+        verify_signature(bundle_dir, trust)
     if not isinstance(raw, dict):
         raise CoFormerError(f"{path} must hold a JSON object, found {type(raw).__name__}")
     manifest = Manifest.from_dict(raw)

@@ -18,12 +18,26 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
+from coformer.runtime.security import RoleKeys, curve_client, require_security
 from coformer.runtime.text import check_tokens, model_feeds
 
 log = logging.getLogger("coformer.worker")
 HELLO_INTERVAL_S = 1.0  # until the central node welcomes us
 WELCOME_TIMEOUT_S = 5.0  # unwelcomed this long: say so and reconnect
-KEEPALIVE_S = 5.0  # afterwards: lets a restarted central node learn who is there
+# Afterwards, a heartbeat: the central node counts a worker silent for 3 of these as gone (so a
+# killed or hung device leaves the ready set within ~3 s), and a restarted central node learns
+# who is there. One ~200-byte message a second per worker.
+KEEPALIVE_S = 1.0
+# ZeroMQ's own heartbeats (ZMTP PING/PONG) on every link, both ways: a connection whose peer
+# stopped answering (a hung process, a cable pulled) is closed after this long, and reconnected.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def heartbeats(sock) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 POLL_MS = 100
 
 
@@ -46,7 +60,7 @@ def header_limits(limits: dict[str, protocol.TensorLimits]):
 
     def pick(header) -> protocol.TensorLimits:
         name = header.get("model", default)
-        if name not in limits:
+        if not isinstance(name, str) or name not in limits:
             raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's {sorted(limits)}")
         return limits[name]
 
@@ -104,6 +118,8 @@ def run_worker(
     threads: Optional[int] = None,
     stop: Optional[threading.Event] = None,
     local_inputs: Optional[Path] = None,
+    keys: Optional[RoleKeys] = None,
+    insecure: bool = False,
 ) -> None:
     """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
 
@@ -116,10 +132,16 @@ def run_worker(
     A baseline bundle's device may hold several models: each ``infer`` names
     one in ``model``. With ``local_inputs`` (a .npy of model inputs), an
     ``infer`` may carry ``input_index`` instead of a tensor.
+
+    With ``keys`` (this device's folder from ``coformer-runtime keys``) the link runs
+    CURVE, pinned to the central node's key, and the bundle's signature is checked
+    against the operator key in the folder. A non-loopback ``central`` without keys
+    needs ``insecure``.
     """
     stop = stop or threading.Event()
     install_stop_signals(stop)
-    manifest = load_manifest(bundle_dir)
+    secure = require_security(keys, insecure, (central,), f"worker {device}")
+    manifest = load_manifest(bundle_dir, trust=keys.operator if keys else None)
     art = manifest.device(device)
     if art.role != "worker":
         raise CoFormerError(f"device {device!r} has role {art.role!r} in this bundle; run it as the central node")
@@ -136,6 +158,9 @@ def run_worker(
         sock.setsockopt(zmq.IDENTITY, device.encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))
+        heartbeats(sock)
+        if secure:
+            curve_client(sock, keys)
         sock.connect(central)
         digest = manifest_digest(bundle_dir)
         hello = protocol.encode("hello", 0, device=device, digest=digest, feature_dim=art.feature_dim)
@@ -162,17 +187,25 @@ def run_worker(
             except protocol.ProtocolError as e:
                 sock.send_multipart(protocol.error_frames(_id_of(frames), e.code, str(e)))
                 continue
+            except Exception as e:  # a fault a peer can cause that decode did not foresee: answer, go on
+                log.exception("worker %s: message not decoded", device)
+                sock.send_multipart(protocol.error_frames(_id_of(frames), "bad_header", f"{type(e).__name__}: {e}"))
+                continue
             if msg.op == "welcome":
                 welcomed = True
             elif msg.op == "error":
-                if msg.header.get("code") == "unknown_worker":
+                code = msg.header.get("code")
+                if code == "unknown_worker":
                     welcomed, waiting_since = False, time.monotonic()  # the central node restarted: register again
-                else:
+                elif code == "bad_hello":  # the wrong bundle or device name: serving on cannot help
                     raise CoFormerError(f"central node refused worker {device!r}: {msg.header.get('message')}")
+                else:
+                    log.warning("worker %s: the central node sent error %r: %s", device, code,
+                                str(msg.header.get("message"))[:200])
             elif msg.op == "infer":
                 name = msg.header.get("model", next(iter(engines)) if len(engines) == 1 else None)
                 try:
-                    if name not in engines:  # (with a tensor, decode has already refused it)
+                    if not isinstance(name, str) or name not in engines:  # (with a tensor, decode refused it)
                         raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's "
                                                                   f"{sorted(engines)}")
                     engine = engines[name]

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--front", default="tcp://127.0.0.1:5555", help="endpoint clients connect to")
     p.add_argument("--throttle", default="auto", choices=THROTTLES)
+    p.add_argument("--keys", type=Path, default=None,
+                   help="key folder from `coformer-runtime keys` (default: throwaway keys for this run; "
+                        "clients use the clients/ folder printed at start)")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="each process's log, kept after the run (default: a new folder, printed at start)")
     return parser
 
 
@@ -380,29 +385,56 @@ def cmd_profile_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C. A worker that exits is restarted (at most ``RESTARTS_PER_MIN`` times a
+    minute each); meanwhile the central node answers without it, flagged degraded. Logs go to
+    ``--log-dir`` (default: a new folder, printed) and are kept after the run."""
+    import tempfile
     import threading
+    import time
+    from collections import deque
 
     from coformer.runtime.worker import install_stop_signals
     from coformer.tools.cluster import LocalCluster
 
     stop = threading.Event()
     install_stop_signals(stop)
-    cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="coformer-serve-logs-"))
+    cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front, keys=args.keys, log_dir=log_dir)
     endpoints = cluster.start()
+    restarts: dict[str, deque] = {}
     try:
         m = cluster.manifest
-        print(f"serving {args.bundle} ({m.model.get('name')}): clients connect to {endpoints['front']}")
+        print(f"serving {args.bundle} ({m.model.get('name')}): clients connect to {endpoints['front']} "
+              f"with --keys {cluster.client_keys}")
+        print(f"  logs in {log_dir} (kept after the run)")
         for d in m.devices:
             p = cluster.placements[d.device]
             print(f"  {d.device:<12} {d.role:<8} cores {list(p.cores or [])} share {p.cpu_share:.2f}")
         print("press Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
-            for name, proc in cluster.procs.items():
-                if proc.poll() is not None:
-                    raise CoFormerError(f"{name} exited with code {proc.returncode}; see its log")
+            for name, proc in list(cluster.procs.items()):
+                if proc.poll() is None:
+                    continue
+                log_file = log_dir / f"{name}.log"
+                if not name.startswith("worker-"):
+                    raise CoFormerError(f"{name} exited with code {proc.returncode}; its log: {log_file}")
+                recent = restarts.setdefault(name, deque())
+                now = time.monotonic()
+                while recent and now - recent[0] > 60:
+                    recent.popleft()
+                if len(recent) >= RESTARTS_PER_MIN:
+                    raise CoFormerError(f"{name} exited {len(recent) + 1} times within a minute (code "
+                                        f"{proc.returncode}); its log: {log_file}")
+                recent.append(now)
+                print(f"{name} exited with code {proc.returncode} (log: {log_file}); answering without it, "
+                      "degraded, and restarting it", file=sys.stderr, flush=True)
+                cluster.start_worker(name[len("worker-"):])
     finally:
         cluster.stop()
     return 0
+
+
+RESTARTS_PER_MIN = 3
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:

@@ -70,6 +70,15 @@ class LocalCluster:
             clients connect over the testbed's client link.
         local_inputs: a .npy of model inputs every worker loads, so a client may
             send ``input_index`` and the input never crosses the links.
+        keys: a folder from ``coformer-runtime keys`` for this bundle: each process
+            gets its role's folder, and the bundle's signature is checked. Default:
+            throwaway CURVE keys made for this cluster and removed with it, so
+            every link is authenticated and encrypted here too (the signature is
+            then not checked: there is no operator key to check it against).
+        secure: ``False`` runs plain TCP (loopback only, unless a testbed: then
+            ``--insecure``); for comparing against CURVE and fuzzing the decoder.
+        central_args: more ``coformer-runtime central`` options, e.g.
+            ``["--batch-requests", "1"]``.
     """
 
     def __init__(
@@ -82,9 +91,23 @@ class LocalCluster:
         timeout_s: float = 10.0,
         testbed: Optional[Any] = None,
         local_inputs: Optional[Path] = None,
+        keys: Optional[Path] = None,
+        secure: bool = True,
+        central_args: Sequence[str] = (),
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self.manifest = load_manifest(self.bundle_dir)
+        self.secure = secure
+        self.central_args = list(central_args)
+        if keys is not None and not secure:
+            raise CoFormerError("LocalCluster: keys and secure=False contradict each other")
+        self.keys = Path(keys) if keys is not None else None
+        self._own_keys = None
+        trust = None
+        if self.keys is not None:
+            from coformer.runtime.security import load_keys
+
+            trust = load_keys(self.keys / "central", "central").operator
+        self.manifest = load_manifest(self.bundle_dir, trust=trust)
         self.placements = dict(placements or default_placements(self.manifest))
         self.throttle = throttle
         self.log_dir = Path(log_dir) if log_dir else None
@@ -106,6 +129,28 @@ class LocalCluster:
             if front == "tcp://127.0.0.1:*":
                 self.front_request = f"tcp://{testbed.client_address}:*"
 
+    def _security_args(self, role: str) -> list[str]:
+        if not self.secure:
+            return ["--insecure"] if self.testbed is not None else []
+        return ["--keys", str(self._key_folder(role))]
+
+    def _key_folder(self, role: str) -> Path:
+        """The key folder of ``role`` (``central``, a worker's name or ``client``)."""
+        if self.keys is None:  # throwaway keys, made on first use
+            from coformer.runtime.security import OPERATOR_PUBLIC, write_keys
+
+            self._own_keys = Path(tempfile.mkdtemp(prefix="coformer-keys-"))
+            write_keys(self._own_keys, [w.device for w in self.manifest.workers], ["client"])
+            for f in self._own_keys.rglob(OPERATOR_PUBLIC):
+                f.unlink()  # a throwaway operator key signed nothing: leave the signature unchecked
+            self.keys = self._own_keys
+        if role == "client":
+            clients = sorted(p for p in (self.keys / "clients").iterdir() if p.is_dir())
+            if not clients:
+                raise CoFormerError(f"key folder {self.keys} holds no client keys (clients/NAME)")
+            return clients[0]
+        return self.keys / role
+
     def _limits_args(self, device: str) -> list[str]:
         if self.testbed is not None:
             return ["--throttle", "none"]  # the device's cgroups hold cores, share and memory
@@ -118,7 +163,10 @@ class LocalCluster:
             self.log_dir = Path(tempfile.mkdtemp(prefix="coformer-cluster-"))
             self._own_log_dir = True
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        err = open(self.log_dir / f"{name}.log", "w")
+        old = self._logs.pop(name, None)
+        if old is not None:
+            old.close()
+        err = open(self.log_dir / f"{name}.log", "a")  # a restarted process appends: its history is kept
         self._logs[name] = err
         cmd = _runtime_cmd() + ["-v"] + args
         if self.testbed is not None:
@@ -136,6 +184,16 @@ class LocalCluster:
             return ""
         return "\n".join(lines[-8:])
 
+    def start_worker(self, device: str) -> subprocess.Popen:
+        """(Re)start ``device``'s worker, as :meth:`start` does; its log is appended to."""
+        back = self.endpoints["back"]
+        if self.testbed is not None:  # the central node as this worker's link sees it
+            back = f"tcp://{self.testbed.central_address(device)}:{back.rsplit(':', 1)[1]}"
+        return self._spawn(f"worker-{device}", ["worker", str(self.bundle_dir), "--device", device,
+                                                "--central", back, *self._security_args(device)]
+                           + self._limits_args(device)
+                           + (["--local-inputs", str(self.local_inputs)] if self.local_inputs else []))
+
     def start(self, timeout_s: float = 60.0) -> dict[str, str]:
         remove_stale_cgroups()
         m = self.manifest
@@ -143,17 +201,13 @@ class LocalCluster:
             f"central-{m.central.device}",
             ["central", str(self.bundle_dir), "--front", self.front_request,
              "--back", "tcp://127.0.0.1:*" if self.testbed is None else "tcp://0.0.0.0:*",
-             "--timeout", str(self.timeout_s)] + self._limits_args(m.central.device),
+             "--timeout", str(self.timeout_s), *self._security_args("central"), *self.central_args]
+            + self._limits_args(m.central.device),
             stdout=subprocess.PIPE,
         )
         self.endpoints = self._read_ready(central, timeout_s)
         for w in m.workers:
-            back = self.endpoints["back"]
-            if self.testbed is not None:  # the central node as this worker's link sees it
-                back = f"tcp://{self.testbed.central_address(w.device)}:{back.rsplit(':', 1)[1]}"
-            self._spawn(f"worker-{w.device}", ["worker", str(self.bundle_dir), "--device", w.device,
-                                               "--central", back] + self._limits_args(w.device)
-                        + (["--local-inputs", str(self.local_inputs)] if self.local_inputs else []))
+            self.start_worker(w.device)
         try:
             with self.client() as c:
                 c.wait_ready(timeout_s)
@@ -185,8 +239,15 @@ class LocalCluster:
                 self.stop()
                 raise CoFormerError(f"{name} exited with code {p.returncode}:\n{tail}")
 
+    @property
+    def client_keys(self) -> Optional[Path]:
+        """The key folder a client of this cluster connects with (None: plain TCP)."""
+        return self._key_folder("client") if self.secure else None
+
     def client(self, timeout_s: float = 30.0) -> Client:
-        return Client(self.endpoints["front"], timeout_s=timeout_s)
+        if not self.secure:
+            return Client(self.endpoints["front"], timeout_s=timeout_s, insecure=self.testbed is not None)
+        return Client(self.endpoints["front"], timeout_s=timeout_s, keys=self._key_folder("client"))
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -207,6 +268,9 @@ class LocalCluster:
         if self._own_log_dir and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
             self.log_dir, self._own_log_dir = None, False
+        if self._own_keys is not None:
+            shutil.rmtree(self._own_keys, ignore_errors=True)
+            self.keys = self._own_keys = None
         remove_stale_cgroups()
 
     def __enter__(self) -> "LocalCluster":

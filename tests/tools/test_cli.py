@@ -94,9 +94,9 @@ def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        endpoint = re.search(r"clients connect to (\S+)", line)
+        endpoint = re.search(r"clients connect to (\S+) with --keys (\S+)", line)
         assert endpoint, line + proc.stderr.read() if proc.poll() is not None else line
-        with Client(endpoint.group(1), timeout_s=20) as client:
+        with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=20) as client:
             r = client.infer(np.zeros((2, 1, 16, 16), np.float32))
         assert r.logits.shape == (2, 10)
     finally:
@@ -105,6 +105,58 @@ def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled):
     assert proc.returncode == 0
     leftovers = subprocess.run(["pgrep", "-f", str(tmp / "bundle")], capture_output=True, text=True).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child processes of ``pid`` and their command lines, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def test_serve_restarts_a_dead_worker_answers_degraded_meanwhile_and_keeps_logs(compiled, tmp_path):
+    import time
+
+    tmp, _ = compiled
+    name = load_manifest(tmp / "bundle").workers[-1].device
+    err = open(tmp_path / "serve.err", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(tmp / "bundle"), "--front",
+                             "tcp://127.0.0.1:*", "--throttle", "none", "--log-dir", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = proc.stdout.readline()
+        endpoint = re.search(r"clients connect to (\S+) with --keys (\S+)", line)
+        assert endpoint, line + (tmp_path / "serve.err").read_text()
+        victim = [pid for pid, cmd in _children(proc.pid).items() if f"--device {name} " in cmd]
+        assert len(victim) == 1, _children(proc.pid)
+        x = np.zeros((1, 1, 16, 16), np.float32)
+        with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=20) as client:
+            assert client.infer(x).degraded == ()
+            os.kill(victim[0], signal.SIGKILL)
+            seen, t0 = set(), time.monotonic()
+            while time.monotonic() - t0 < 30:
+                r = client.infer(x, deadline_s=1.0)
+                seen.add(r.degraded)
+                if r.degraded == () and (name,) in seen:
+                    break
+                time.sleep(0.05)
+            assert seen == {(name,), ()}, seen  # degraded meanwhile, then full again
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        err.close()
+    assert f"worker-{name} exited with code -9" in (tmp_path / "serve.err").read_text()
+    log = (tmp_path / "logs" / f"worker-{name}.log").read_text()
+    assert log.count(f"worker {name}:") >= 2, log  # both runs' lines, kept after serve stopped
 
 
 def test_compile_searches_with_device_profiles_and_reports_every_method(compiled):

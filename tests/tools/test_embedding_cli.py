@@ -123,12 +123,13 @@ def test_served_embeddings_match_the_teacher_on_held_out_sentences(compiled):
                              "tcp://127.0.0.1:*", "--throttle", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        endpoint = re.search(r"clients connect to (\S+)", proc.stdout.readline())
+        endpoint = re.search(r"clients connect to (\S+) with --keys (\S+)", proc.stdout.readline())
         assert endpoint
-        with Client(endpoint.group(1), timeout_s=60) as client:
+        with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=60) as client:
             served = client.embed(held_out, tmp / "bundle", batch_size=16)
         done = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "infer", str(tmp / "bundle"),
-                               "--central", endpoint.group(1), "--embed", "--text", held_out[0], held_out[1]],
+                               "--central", endpoint.group(1), "--keys", endpoint.group(2), "--embed", "--text",
+                               held_out[0], held_out[1]],
                               capture_output=True, text=True, timeout=60)
     finally:
         proc.send_signal(signal.SIGINT)

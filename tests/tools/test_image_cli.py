@@ -113,17 +113,17 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
                             text=True)
     try:
         line = proc.stdout.readline()
-        endpoint = re.search(r"clients connect to (\S+)", line)
+        endpoint = re.search(r"clients connect to (\S+) with --keys (\S+)", line)
         assert endpoint, line + (proc.stderr.read() if proc.poll() is not None else "")
-        done = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--image", *files,
+        done = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--keys", endpoint.group(2), "--image", *files,
                    "--top-k", "2", timeout=120)
         assert done.returncode == 0, done.stderr
         answer = json.loads(done.stdout)
-        bad = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--image",
+        bad = run("coformer-runtime", "infer", bundle, "--central", endpoint.group(1), "--keys", endpoint.group(2), "--image",
                   tmp / "devices.yaml", timeout=60)
         from coformer.runtime.client import Client
 
-        with Client(endpoint.group(1), timeout_s=60) as client:  # the Python API, on the same files
+        with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=60) as client:  # the Python API, on the same files
             api, results = client.classify_images([str(f) for f in files], bundle, top_k=1, batch_size=2)
     finally:
         proc.send_signal(signal.SIGINT)
