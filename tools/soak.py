@@ -168,14 +168,17 @@ def main(argv=None) -> int:
     p.add_argument("--compare-plain", action="store_true",
                    help="alternate rounds between a CURVE and a plain cluster of the same bundle")
     p.add_argument("--rounds", type=int, default=6, help="with --compare-plain: rounds per mode")
+    p.add_argument("--batch-requests", type=int, default=None,
+                   help="the central node's --batch-requests (default: its own, 8; 1: one request per round)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
+    central_args = [] if args.batch_requests is None else ["--batch-requests", str(args.batch_requests)]
     xs = _inputs(args.bundle)
     report: dict = {"bundle": str(args.bundle), "rounds": []}
     if args.compare_plain:
-        with LocalCluster(args.bundle, throttle=args.throttle) as sec, \
-                LocalCluster(args.bundle, throttle=args.throttle, secure=False) as plain:
+        with LocalCluster(args.bundle, throttle=args.throttle, central_args=central_args) as sec, \
+                LocalCluster(args.bundle, throttle=args.throttle, secure=False, central_args=central_args) as plain:
             expected = _expected(sec, xs)
             for c in (sec, plain):
                 soak(c, 1, args.warmup, xs, expected)
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
         print(f"round trip p50: CURVE {med[True]:.3f} ms, plain {med[False]:.3f} ms, "
               f"ratio {med[True] / med[False]:.3f} (median of {args.rounds} alternating rounds each)")
     else:
-        with LocalCluster(args.bundle, throttle=args.throttle, secure=not args.plain) as cluster:
+        with LocalCluster(args.bundle, throttle=args.throttle, secure=not args.plain,
+                          central_args=central_args) as cluster:
             expected = _expected(cluster, xs)
             soak(cluster, 1, args.warmup, xs, expected)
             print("| clients | answers/s | p50 ms | p99 ms | lost | duplicated | mismatched | errors |")

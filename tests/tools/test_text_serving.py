@@ -151,8 +151,8 @@ def test_runtime_cli_infer_takes_text(served):
     kind, result, cluster = served
     args = ["--text", *PAIRS[0]] if kind == "bert-pairs" else ["--text", TEXTS[0], TEXTS[1]]
     done = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "infer", str(result.bundle_dir),
-                           "--central", cluster.endpoints["front"], *args], capture_output=True, text=True,
-                          timeout=60)
+                           "--central", cluster.endpoints["front"], "--keys", str(cluster.client_keys), *args],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert len(out["label"]) == (1 if kind == "bert-pairs" else 2)
