@@ -213,28 +213,22 @@ def train_fallbacks(
 ) -> list[tuple[tuple[str, ...], list[int], Aggregator]]:
     """One aggregator per :func:`missing_sets` entry: ``(missing names, present indices, map)``.
 
-    Each map starts from the closed-form ridge map from the features present to the full
-    aggregator's fused feature ``W . Concat(X_1..X_N) + b`` (the best linear stand-in for
-    what the missing devices contributed), and is then trained on the same objective with
-    the head frozen, as in :func:`train_aggregator`, for a third of its epochs and in large
-    batches: from that start a few dozen full steps suffice, and the compile does not pay 2^W - 1 more aggregator
-    trainings at the small batch. ``make(dims)`` builds an empty aggregator over features
-    of those widths (it carries the head)."""
-    from coformer.calibration.objectives import ridge_fit
-
+    Each map starts from the full aggregator's columns of the devices present (their share
+    of eq. 2's W, and its bias) and is then trained on the same objective, with the head
+    frozen as in :func:`train_aggregator`. ``make(dims)`` builds an empty aggregator over
+    features of those widths (it carries the head)."""
     out = []
-    with torch.no_grad():
-        fused = agg.linear(torch.cat(list(features), dim=1))
+    W_full = agg.linear.weight.detach().T  # [sum d_n, D]
+    starts = [0]
+    for f in features:
+        starts.append(starts[-1] + f.shape[1])
     for missing in missing_sets(devices):
         present = [i for i, name in enumerate(devices) if name not in missing]
         fb = make([features[i].shape[1] for i in present])
-        with torch.no_grad():
-            fb.set_linear(*ridge_fit(torch.cat([features[i] for i in present], dim=1), fused))
-        train_aggregator(fb, [features[i] for i in present], objective, epochs=max(1, epochs // 3), seed=seed,
-                         batch_size=FALLBACK_BATCH, progress=progress, compute=compute)
+        rows = torch.cat([W_full[starts[i]: starts[i + 1]] for i in present])
+        fb.set_linear(rows, agg.linear.bias.detach())
+        train_aggregator(fb, [features[i] for i in present], objective, epochs=epochs, seed=seed,
+                         progress=progress, compute=compute)
         fb.eval()
         out.append((tuple(missing), present, fb))
     return out
-
-
-FALLBACK_BATCH = 1024
