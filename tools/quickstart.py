@@ -50,6 +50,12 @@ class QuickstartConfig:
     warmup_requests: int = 10
     kit_count: int = 60
     profile_alone: bool = True  # profile one device at a time (see profile_devices)
+    # How long the profiler times each kit entry (coformer-runtime profile --rounds, --duration,
+    # --extra-rounds); None: the profiler's defaults. --fast times briefly: its kit feeds the
+    # search, and the served latency it reports is calibrated on probe bundles, not on the kit.
+    profile_rounds: int | None = None
+    profile_duration_s: float | None = None
+    profile_extra_rounds: int | None = None
     search_initial: int = 8
     search_iterations: int = 24
     delta: float = 0.05
@@ -65,7 +71,8 @@ class QuickstartConfig:
 
 FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
                         teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3,
-                        kit_count=12, search_initial=4, search_iterations=4)
+                        kit_count=12, search_initial=4, search_iterations=4, profile_rounds=2,
+                        profile_duration_s=0.1, profile_extra_rounds=1)
 
 
 def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
@@ -132,6 +139,10 @@ def profile_devices(teacher, devices, placements, out_dir: Path, cfg: Quickstart
                    "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
                    "--cpu-cores", cores_text(p.cores or [0]), "--throttle", throttle, "--threads", "1",
                    "--warmup", "50", "--no-progress"]
+            for flag, value in (("--rounds", cfg.profile_rounds), ("--duration", cfg.profile_duration_s),
+                                ("--extra-rounds", cfg.profile_extra_rounds)):
+                if value is not None:
+                    cmd += [flag, str(value)]
             procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for name, proc in procs.items():
             _, err = proc.communicate()
