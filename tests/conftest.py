@@ -34,3 +34,23 @@ def tiny_deit_distilled(**overrides):
 @pytest.fixture
 def vit_factory():
     return tiny_vit
+
+
+@pytest.fixture(scope="session")
+def quickstart_fast(tmp_path_factory):
+    """One ``coformer quickstart --fast`` run (console script, emulated devices throttled by
+    duty cycle), shared by the quickstart and bench tests: ``(out dir, env, report, result)``.
+    The env's COFORMER_CACHE_DIR holds its teacher. It costs about a minute, so it runs once."""
+    import json
+    import os
+    import subprocess
+
+    from tests.tools.test_quickstart import _coformer
+
+    base = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "COFORMER_CACHE_DIR": str(base / "cache")}
+    done = subprocess.run([_coformer(), "quickstart", "--fast", "--out", str(base / "qs"), "--report-json",
+                           str(base / "r.json"), "--no-progress", "--throttle", "duty-cycle"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base / "qs", env, json.loads((base / "r.json").read_text()), done

@@ -148,7 +148,9 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
     prediction of served latency on this machine (:func:`predict_served_here`):
 
     * ``small``: the smallest sub-models (1 layer, 8 channels, 1 head, 8
-      neurons): served, it costs what the runtime itself costs;
+      neurons): served, it costs what the runtime itself costs. Where the layer
+      has fewer heads than there are devices (a Swin's first stage may have 2),
+      the devices beyond them keep none (C3 bounds the heads' sum);
     * ``uniform-l{k}`` and ``uniform``: the uniform decomposition (every device
       1/N of each width, cut to its budget; the search's DeViT-style baseline)
       with k = 1, 2, 4, ... layers (:func:`probe_layer_counts`) and with all.
@@ -174,7 +176,11 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
     shape = adapter_for(teacher).read_shape(teacher)
     data = data.head(64)  # only their timing matters: no pass over a large data set
     spec = uniform_spec(shape, (1, min(8, shape.embed_dim // len(devices)), 1, 8))
-    policies = {"small": Policy(tuple(spec for _ in devices), tuple(d.name for d in devices), source="probe")}
+    heads_there = [shape.heads[i] for i in spec.layers] if shape.stage_dims else [max(shape.heads)]
+    room = min(heads_there) // max(1, max(len(h) for h in spec.heads))  # devices that may keep a head
+    headless = dataclasses.replace(spec, heads=tuple(() for _ in spec.heads))
+    policies = {"small": Policy(tuple(spec if i < room else headless for i in range(len(devices))),
+                                tuple(d.name for d in devices), source="probe")}
     n, widths = len(devices), decoder.uniform_point()[1:4]
     for k in probe_layer_counts(shape.num_layers):
         name = "uniform" if k == shape.num_layers else f"uniform-l{k}"

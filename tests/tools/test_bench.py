@@ -16,13 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "COFORMER_CACHE_DIR": str(base / "cache")}
-    done = subprocess.run([_coformer(), "quickstart", "--fast", "--out", str(base / "qs"), "--no-progress",
-                           "--throttle", "duty-cycle"], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return base / "qs", env
+def quickstart_dir(quickstart_fast):
+    """The session's quickstart run (tests/conftest.py); the bench adds its baselines there."""
+    qs, env, _, _ = quickstart_fast
+    return qs, env
 
 
 def _bench(args, env, timeout=900):

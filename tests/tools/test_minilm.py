@@ -30,8 +30,8 @@ def test_distilled_minilm_is_closer_to_the_teacher_than_a_ridge_probe_of_its_sli
     (tmp_path / "devices.yaml").write_text(DEVICES)
     done = subprocess.run([sys.executable, "-m", "coformer.tools.cli", "compile", "--model", f"hf:{model}", "--data",
                            str(tmp_path / "sentences.txt"), "--devices", str(tmp_path / "devices.yaml"),
-                           "--max-length", "32", "--truncation", "--out", str(tmp_path / "bundle"), "--epochs", "5",
-                           "--lr", "1e-3", "--no-progress", "--report-json", str(tmp_path / "r.json")],
+                           "--max-length", "24", "--truncation", "--out", str(tmp_path / "bundle"), "--epochs", "4",
+                           "--lr", "2e-3", "--no-progress", "--report-json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())

@@ -1,6 +1,5 @@
 """`coformer quickstart --fast`, run as a user would: the console script, real processes."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,15 +19,8 @@ def _coformer() -> str:
 
 
 @pytest.mark.slow
-def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
-    exe = _coformer()
-    env = {**os.environ, "COFORMER_CACHE_DIR": str(tmp_path / "cache")}
-    report_path = tmp_path / "r.json"
-    done = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--report-json",
-                           str(report_path), "--no-progress", "--throttle", "duty-cycle"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = json.loads(report_path.read_text())
+def test_quickstart_fast_runs_end_to_end_and_reports(quickstart_fast):
+    qs, env, r, done = quickstart_fast
     for key in ("teacher_accuracy", "ensemble_accuracy", "submodel_accuracies", "teacher_latency_ms",
                 "collaborative_latency_ms", "speedup", "bytes_per_inference", "devices"):
         assert key in r
@@ -41,7 +33,7 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
     assert r["feature_payload_bytes"] < r["bytes_per_inference"] <= r["feature_payload_bytes"] + 400
     # the served ensemble answers as the in-process one did (same split, same ONNX numerics)
     assert abs(r["ensemble_accuracy"] - r["pytorch_accuracy"]["ensemble_accuracy"]) <= 0.01
-    assert "speedup" in done.stdout and (tmp_path / "qs" / "bundle" / "manifest.json").is_file()
+    assert "speedup" in done.stdout and (qs / "bundle" / "manifest.json").is_file()
     # the search ran on profiles of the emulated devices, with both baselines
     for method in ("bo", "random", "uniform"):
         assert isinstance(r["search"][method]["best_objective"], float)
@@ -66,10 +58,10 @@ def test_quickstart_fast_runs_end_to_end_and_reports(tmp_path):
         lo, hi = sorted((below[-1]["measured_ms"], above[0]["measured_ms"]))
         assert lo <= r["predicted_latency_ms"] <= hi
     assert r["prediction_error"] == pytest.approx(r["predicted_latency_ms"] / r["measured_latency_ms"] - 1)
-    assert not list((tmp_path / "qs").glob("probe-*"))  # the probe bundles are removed
-    assert not (tmp_path / "qs" / "kit" / "models").exists()  # the kit's ONNX files are removed
-    # the teacher is cached: a second run does not train it again
-    again = subprocess.run([exe, "quickstart", "--fast", "--out", str(tmp_path / "qs"), "--no-progress",
+    assert not list(qs.glob("probe-*"))  # the probe bundles are removed
+    assert not (qs / "kit" / "models").exists()  # the kit's ONNX files are removed
+    # the teacher is cached: a second run, over the first one's folder, does not train it again
+    again = subprocess.run([_coformer(), "quickstart", "--fast", "--out", str(qs), "--no-progress",
                             "--throttle", "duty-cycle"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "teacher: cached" in again.stderr
 
