@@ -555,3 +555,27 @@ def test_a_worker_lost_mid_stream_degrades_answers_then_rejoins(compiled, fault)
     # nobody waited past the deadline (plus the round's own compute and the reply)
     assert max(s for _, _, _, s in log) < deadline_s + 0.5, max(s for _, _, _, s in log)
     assert {k for _, k, _, _ in log} <= {"full", "degraded", "timeout"}
+
+
+def test_the_soak_tool_kills_a_worker_and_reports_what_the_clients_saw(compiled, tmp_path):  # noqa: F811
+    """`python -m coformer.tools.soak --kill`, as the docs run it: the kill, the degraded answers,
+    the deadline and the recovery come back in its report."""
+    import sys
+
+    result, _ = compiled
+    bundle = str(result.bundle_dir)
+    base = [sys.executable, "-m", "coformer.tools.soak", bundle, "--throttle", "none", "--warmup", "1"]
+    done = subprocess.run([*base, "--clients", "2", "--seconds", "7", "--deadline", "0.5", "--kill", "edge-c",
+                           "--kill-at", "2", "--restart-after", "2", "--json", str(tmp_path / "soak.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r,) = json.loads((tmp_path / "soak.json").read_text())["rounds"]
+    assert r["answers"] > 50 and r["lost"] == r["duplicated"] == r["mismatched"] == 0, r
+    f = r["fault"]
+    assert f["device"] == "edge-c" and f["signal"] == "kill" and 1.9 < f["fault_at_s"] < f["restart_at_s"] < 6.5
+    assert f["degraded"] > 0 and f["degraded_before_fault"] == 0 and "edge-c" in f["degraded_by_missing_set"]
+    assert f["full_again_after_restart_s"] is not None and f["full_again_after_restart_s"] < 2.0, f
+    assert r["max_ms"] < 1000 and r["later_than_deadline"] <= 0.02 * r["answers"], r
+    assert "degraded answers" in done.stdout and "accuracy recorded in the manifest" in done.stdout
+    bad = subprocess.run([*base, "--kill", "edge-z"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--kill 'edge-z' is not a worker of this bundle" in bad.stderr
