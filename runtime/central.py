@@ -300,14 +300,24 @@ class CentralNode:
         }
 
     def _deadline_s(self, header) -> float:
-        """Seconds this request may wait for workers: the client's ``deadline_ms`` (the time
-        left when it sent the request), at most this node's ``timeout_s``, its default."""
+        """Seconds this request may wait for workers: its budget, the client's ``deadline_ms``
+        (the time left when it sent the request, at most this node's ``timeout_s``, its
+        default), less a reserve for what follows the wait.
+
+        The deadline is the client's: by then its reply must be on the wire. After the last
+        feature arrives, this node still aggregates, serialises and sends, and a request is
+        stamped on arrival only when this node next reads its socket (it may be aggregating
+        another round). So the wait ends ``min(10% of the budget, 25 ms)`` early; without that,
+        replies under load came a few ms late (docs/benchmarks.md, "A worker killed under
+        four clients")."""
         if "deadline_ms" not in header:
-            return self.timeout_s
-        ms = protocol.number(header, "deadline_ms")
-        if not 1.0 <= ms <= 3.6e6:
-            raise protocol.ProtocolError("bad_header", f"deadline_ms {ms!r} must be between 1 and 3600000")
-        return min(self.timeout_s, ms / 1e3)
+            budget = self.timeout_s
+        else:
+            ms = protocol.number(header, "deadline_ms")
+            if not 1.0 <= ms <= 3.6e6:
+                raise protocol.ProtocolError("bad_header", f"deadline_ms {ms!r} must be between 1 and 3600000")
+            budget = min(self.timeout_s, ms / 1e3)
+        return budget - min(REPLY_RESERVE_FRACTION * budget, REPLY_RESERVE_S)
 
     def _admit(self, msg: protocol.Message) -> None:
         """Refuse, by name, an ``infer`` that cannot be served, before it is queued."""
@@ -611,6 +621,9 @@ class CentralNode:
 
 _CLIENT_FAULTS = ("bad_index", "no_local_inputs")
 LATE_AFTER_S = 0.05  # a worker silent this long past dispatch, at a request's deadline, counts as late
+# The end of a request's wait for workers comes this much before its reply deadline (see _deadline_s).
+REPLY_RESERVE_FRACTION = 0.1
+REPLY_RESERVE_S = 0.025
 
 
 class _Account:

@@ -105,8 +105,9 @@ class Client:
         same batch (each device captures the input itself, as in the paper);
         the central node then sends the workers the index, not the tensor.
 
-        ``deadline_s``: how long the central node may wait for the workers. A device
-        late by then is left out and the answer comes from the bundle's fallback
+        ``deadline_s``: when the reply is due, from now. The central node waits for the
+        workers until a little before it (it keeps ``min(10%, 25 ms)`` to aggregate and
+        reply); a device late by then is left out and the answer comes from the bundle's fallback
         aggregator, with ``Result.degraded`` naming it (default: the central node's
         ``--timeout``). The reply itself is awaited up to ``deadline_s`` plus one second,
         or the client's ``timeout_s``.

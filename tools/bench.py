@@ -44,6 +44,7 @@ import numpy as np
 from coformer.runtime._files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.timing import summarise
+from coformer.tools.progress import Progress
 
 STRATEGIES = ("coformer", "uniform", "teacher", "pipeline", "tensor_parallel")
 INPUT_SOURCES = ("device", "central")
@@ -213,11 +214,12 @@ def check_bundle_matches(manifest, teacher, data) -> None:
                             f"than --data gives ({', '.join(f'{k}: {want.get(k)!r}' for k in bad)})")
 
 
+_PROGRESS = Progress()  # the bench's clock, from when it was imported
+
+
 def _say(progress: bool, msg: str) -> None:
     if progress:
-        from coformer.tools.quickstart import _say as say
-
-        say(msg)
+        _PROGRESS(msg)
 
 
 # -- one run -------------------------------------------------------------------

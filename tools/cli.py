@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("compile", help="decompose, calibrate and lower a teacher into a bundle")
-    _add_model(p)
+    add_model_args(p)
     p.add_argument("--devices", type=Path, required=True, help="devices file (YAML or JSON)")
-    _add_data(p)
+    add_data_args(p)
     _add_compute(p)
     p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
     p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("profile-kit", help="ONNX sub-models spanning the search space, to time on each device")
-    _add_model(p)
+    add_model_args(p)
     p.add_argument("--out", type=Path, required=True, help="kit folder to write")
     p.add_argument("--count", type=int, default=40, help="number of sub-models")
     p.add_argument("--refine", type=Path, default=None,
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--model-kwargs", default="{}")
     p.add_argument("--devices", type=Path, default=None, help="the devices file the bundle was compiled for")
-    _add_data(p, bench=True)
+    add_data_args(p, bench=True)
     _add_compute(p)
     p.add_argument("--strategies", default=None,
                    help="comma-separated, from: " + ", ".join(bench_strategies()) + " (default: all that the "
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The teacher's flags (--model, --checkpoint, --model-kwargs, --max-length), shared by the tools."""
     p.add_argument("--model", required=required,
                    help="'quickstart' (the built-in teacher), 'timm:NAME' with --checkpoint (any timm ViT, DeiT or "
                         "Swin), 'timm-dir:PATH' (timm's local folder: config.json and model.safetensors) or "
@@ -173,7 +174,8 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _add_data(p: argparse.ArgumentParser, bench: bool = False) -> None:
+def add_data_args(p: argparse.ArgumentParser, bench: bool = False) -> None:
+    """The calibration data's flags (--data, the splits, the preprocessing overrides, --task)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="images: a folder (one sub-folder per class, or flat for label-free distillation; JPEG, PNG, "
@@ -211,14 +213,16 @@ def _add_compute(p: argparse.ArgumentParser) -> None:
                    help="processes decoding image folders (default: up to 4, one core left free)")
 
 
-def _teacher(args: argparse.Namespace):
+def teacher_from_args(args: argparse.Namespace):
+    """The teacher the flags of :func:`add_model_args` name, loaded from local files."""
     from coformer.compiler.sources import load_teacher
 
     return load_teacher(args.model, args.checkpoint, args.model_kwargs, getattr(args, "max_length", 128),
                         progress=not getattr(args, "no_progress", False))
 
 
-def _data(args: argparse.Namespace, teacher):
+def data_from_args(args: argparse.Namespace, teacher):
+    """The data the flags of :func:`add_data_args` name, preprocessed for ``teacher``."""
     from coformer.compiler.sources import load_data
 
     overrides = {k: getattr(args, k) for k in ("crop_pct", "crop_mode", "interpolation", "mean", "std")}
@@ -247,8 +251,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     devices = load_devices(args.devices)
     policy = Policy.load(args.policy) if args.policy else None
     compute = _compute(args)  # a bad --device fails before the teacher is loaded
-    teacher = _teacher(args)
-    data, head = _data(args, teacher)
+    teacher = teacher_from_args(args)
+    data, head = data_from_args(args, teacher)
     method = args.search
     wants_search = policy is None and method != "heuristic"  # predictors: for bo, random, uniform
     if method in ("bo", "random"):
@@ -341,7 +345,7 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
     from coformer.compiler.profile_kit import refine_configs, sample_configs, write_kit
     from coformer.runtime.profile import load_kit
 
-    teacher = _teacher(args)
+    teacher = teacher_from_args(args)
     shape = adapter_for(teacher).read_shape(teacher)
     if args.refine:
         kit = load_kit(args.out)
@@ -504,8 +508,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         devices = bench.bundle_devices(load_manifest(args.bundle), load_devices(args.devices))  # before the teacher
         compute = _compute(args)
-        teacher = _teacher(args)
-        data, _ = _data(args, teacher)
+        teacher = teacher_from_args(args)
+        data, _ = data_from_args(args, teacher)
         report = bench.run_model_bench(args.bundle, teacher, devices, data, args.out, strategies, sources,
                                        args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
                                        progress, args.passes, args.epochs, compute)

@@ -75,22 +75,6 @@ FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_s
                         profile_duration_s=0.1, profile_extra_rounds=1)
 
 
-def load_or_train_teacher(cfg: QuickstartConfig, data, progress: bool = True):
-    """The trained teacher of ``cfg`` and its cache file (:func:`coformer.compiler.builtin.quickstart_teacher`)."""
-    from coformer.compiler.builtin import quickstart_teacher
-
-    return quickstart_teacher(cfg.teacher, data, progress, say=_say)
-
-
-_T0 = time.perf_counter()
-
-
-def _say(msg: str) -> None:
-    """A progress line on stderr, with the minutes and seconds since the run began."""
-    m, sec = divmod(int(time.perf_counter() - _T0), 60)
-    print(f"[{m:2d}:{sec:02d}] {msg}", file=sys.stderr, flush=True)
-
-
 def make_devices(cfg: QuickstartConfig, teacher_flops: int):
     """Three emulated devices; Omega_n = flops_fraction * share * teacher FLOPs.
 
@@ -190,12 +174,15 @@ def run_quickstart(
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
     check_target(out_dir / "bundle")  # refuse before an expensive run, not after
     out_dir.mkdir(parents=True, exist_ok=True)
-    global _T0
-    _T0 = t_start = time.perf_counter()
+    from coformer.compiler.builtin import quickstart_teacher
+    from coformer.tools.progress import Progress
+
+    _say = Progress()
+    t_start = time.perf_counter()
     _say(f"quickstart: writing to {out_dir}")
     torch.manual_seed(cfg.seed)
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
-    teacher, teacher_ckpt = load_or_train_teacher(cfg, data, progress)
+    teacher, teacher_ckpt = quickstart_teacher(cfg.teacher, data, progress, say=_say)
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
     t_cost = teacher_cost(shape)

@@ -123,13 +123,15 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.tools.cluster import LocalCluster
     from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.pipeline import lower_submodel
-    from coformer.tools.quickstart import _say, make_devices, time_teacher
+    from coformer.tools.progress import Progress
+    from coformer.tools.quickstart import make_devices, time_teacher
 
     cfg = config or dataclasses.replace(FAST_TEXT if fast else TextQuickstartConfig(), family=family)
     out_dir = Path(out_dir or "coformer-quickstart-text").resolve()
     check_target(out_dir / "bundle")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    _say = Progress()
     _say(f"quickstart (text): writing to {out_dir}")
     _say(f"teacher: training {cfg.family} d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on "
          f"{cfg.examples} synthetic reviews (saved as a HuggingFace checkpoint)")

@@ -36,11 +36,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from coformer.compiler.predictor import LatencyPredictor
         from coformer.compiler.search import run_search
         from coformer.compiler.pipeline import search_space, validation_loss
-        from coformer.tools.quickstart import QuickstartConfig, load_or_train_teacher, make_devices
+        from coformer.compiler.builtin import quickstart_teacher
+        from coformer.tools.quickstart import QuickstartConfig, make_devices
 
         cfg = QuickstartConfig()
         data = load_digits_dataset(cfg.img_size)
-        teacher, _ = load_or_train_teacher(cfg, data, progress=False)
+        teacher, _ = quickstart_teacher(cfg.teacher, data, progress=False)
         devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
         preds = []
         for d in devices:

@@ -45,10 +45,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--samples", type=int, default=200, help="with --model: test samples sent to each bundle")
-    from coformer.tools.cli import _add_data, _add_model
+    from coformer.tools.cli import add_data_args, add_model_args
 
-    _add_model(p, required=False)
-    _add_data(p)
+    add_model_args(p, required=False)
+    add_data_args(p)
     p.add_argument("--devices", type=Path, default=None, help="with --model: the devices file, with profiles")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -108,7 +108,7 @@ def run_model(args) -> list[dict]:
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
     from coformer.runtime.manifest import load_manifest
-    from coformer.tools.cli import _data, _teacher
+    from coformer.tools.cli import data_from_args, teacher_from_args
 
     if args.devices is None:
         raise CoFormerError("--model needs --devices (the devices file the bundles were compiled for, with profiles)")
@@ -121,8 +121,8 @@ def run_model(args) -> list[dict]:
         if [d.device for d in m.devices] != [d.name for d in devices]:
             raise CoFormerError(f"{b} was compiled for {[d.device for d in m.devices]}, --devices names "
                                 f"{[d.name for d in devices]}")
-    teacher = _teacher(args)
-    data, _ = _data(args, teacher)
+    teacher = teacher_from_args(args)
+    data, _ = data_from_args(args, teacher)
     from coformer.tools.bench import check_bundle_matches
 
     for m in manifests:

@@ -86,12 +86,12 @@ def run(bundle: Path, teacher, devices, lengths: Sequence[int], out_dir: Path, u
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from coformer.tools.cli import _add_model, _teacher
+    from coformer.tools.cli import add_model_args, teacher_from_args
 
     p = argparse.ArgumentParser(prog="python -m coformer.tools.text_latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
-    _add_model(p)
+    add_model_args(p)
     p.add_argument("--devices", type=Path, required=True)
     p.add_argument("--lengths", default="32,128,256")
     p.add_argument("--testbed", action="store_true", help="namespaces, shaped links and cgroups (root)")
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from coformer.tools.bench import check_testbed
 
             check_testbed()
-        teacher = _teacher(args)
+        teacher = teacher_from_args(args)
         out = args.out or args.bundle.resolve().parent / "text-latency"
         report = run(args.bundle, teacher, load_devices(args.devices), lengths, out, args.testbed, args.bandwidth,
                      args.samples, args.passes, not args.no_progress)
