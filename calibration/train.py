@@ -10,6 +10,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 matrix products natively (AVX512-BF16 or AMX), where
+    oneDNN makes them about twice as fast as float32; elsewhere bf16 is emulated, and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -22,10 +31,16 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train teacher",
+    bf16: bool = False,
 ) -> list[float]:
-    """AdamW with a short warm-up and cosine decay; returns the mean loss of each epoch."""
+    """AdamW with a short warm-up and cosine decay; returns the mean loss of each epoch.
+
+    ``bf16``: forward and backward under bfloat16 autocast on the CPU (the weights and the
+    optimizer stay float32). Where :func:`cpu_bf16_supported`, it trains the quickstart's
+    teacher about 2.2x faster than float32 at the same or better accuracy (the figures and
+    their command are in docs/benchmarks.md, "The quickstart's time")."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     M = x.shape[0]
     total = max(1, epochs * math.ceil(M / batch_size))
     warmup = max(1, total // 10)
@@ -40,7 +55,8 @@ def train_classifier(
         running = 0.0
         for i in range(0, M, batch_size):
             idx = perm[i: i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x[idx]).float(), y[idx], label_smoothing=label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()

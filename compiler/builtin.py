@@ -30,8 +30,13 @@ class QuickstartTeacher:
     """The built-in teacher and its training.
 
     The default is wide and shallow with few tokens (a 32x32 input in 8x8
-    patches): about 25 ms per image on one core of this project's CI machine,
-    so that socket overhead does not dominate, yet trainable in a few minutes.
+    patches): slow enough on one core that socket overhead does not dominate
+    CoFormer's latency, yet trainable in a few minutes.
+
+    ``precision``: ``auto`` trains under bfloat16 autocast where the CPU has native
+    bf16 (:func:`coformer.calibration.train.cpu_bf16_supported`), float32 elsewhere;
+    ``bf16`` or ``float32`` force one. The weights differ between the two, so the
+    precision used is part of the cache key.
     """
 
     embed_dim: int = 768
@@ -42,6 +47,7 @@ class QuickstartTeacher:
     epochs: int = 8
     lr: float = 1e-3
     seed: int = 0
+    precision: str = "auto"
 
 
 def cache_dir() -> Path:
@@ -65,11 +71,16 @@ def quickstart_teacher(cfg: QuickstartTeacher = QuickstartTeacher(), data=None, 
     """The trained teacher and its cache file, trained on ``data`` (default: the digits at the
     teacher's size) when no identical one was trained before."""
     from coformer.calibration.data import load_digits_dataset
-    from coformer.calibration.train import train_classifier
+    from coformer.calibration.train import cpu_bf16_supported, train_classifier
 
     say = say or (lambda msg: None)
+    if cfg.precision not in ("auto", "bf16", "float32"):
+        raise ValueError(f"precision {cfg.precision!r} must be auto, bf16 or float32")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cpu_bf16_supported() else "float32")
     key = {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "img_size": cfg.img_size,
            "patch_size": cfg.patch_size, "teacher_epochs": cfg.epochs, "teacher_lr": cfg.lr, "seed": cfg.seed}
+    if precision != "float32":  # float32 keeps the keys of the teachers cached before precision was one
+        key["precision"] = precision
     digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "quickstart" / f"teacher-{digest}.pt"
     model = build_quickstart_teacher(cfg)
@@ -82,8 +93,9 @@ def quickstart_teacher(cfg: QuickstartTeacher = QuickstartTeacher(), data=None, 
             say(f"teacher cache {path} is unreadable ({e}); training again")
     data = data or load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
     say(f"teacher: training ViT d={cfg.embed_dim}, {cfg.depth} layers, {cfg.num_heads} heads "
-        f"for {cfg.epochs} epochs on {len(data.train)} images (cached afterwards)")
-    train_classifier(model, data.train.x, data.train.y, cfg.epochs, lr=cfg.lr, seed=cfg.seed, progress=progress)
+        f"for {cfg.epochs} epochs on {len(data.train)} images, {precision} (cached afterwards)")
+    train_classifier(model, data.train.x, data.train.y, cfg.epochs, lr=cfg.lr, seed=cfg.seed, progress=progress,
+                     bf16=precision == "bf16")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -38,8 +38,8 @@ def vit_factory():
 
 @pytest.fixture(scope="session")
 def quickstart_fast(tmp_path_factory):
-    """One ``coformer quickstart --fast`` run (console script, emulated devices throttled by
-    duty cycle), shared by the quickstart and bench tests: ``(out dir, env, report, result)``.
+    """One ``coformer quickstart --fast --compare`` run (console script, emulated devices throttled
+    by duty cycle; --compare for the search baselines and the probe calibration), shared by the quickstart and bench tests: ``(out dir, env, report, result)``.
     The env's COFORMER_CACHE_DIR holds its teacher. It costs about a minute, so it runs once."""
     import json
     import os
@@ -50,7 +50,7 @@ def quickstart_fast(tmp_path_factory):
     base = tmp_path_factory.mktemp("quickstart")
     env = {**os.environ, "COFORMER_CACHE_DIR": str(base / "cache")}
     done = subprocess.run([_coformer(), "quickstart", "--fast", "--out", str(base / "qs"), "--report-json",
-                           str(base / "r.json"), "--no-progress", "--throttle", "duty-cycle"],
+                           str(base / "r.json"), "--no-progress", "--throttle", "duty-cycle", "--compare"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return base / "qs", env, json.loads((base / "r.json").read_text()), done

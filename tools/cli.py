@@ -1,6 +1,6 @@
 """``coformer``: compile a transformer for a few unequal devices, serve it, try it.
 
-  coformer quickstart [--task vision|text] [--fast] [--out DIR] [--report-json PATH]
+  coformer quickstart [--task vision|text] [--fast] [--compare] [--out DIR] [--report-json PATH]
   coformer profile-kit --model quickstart --out KIT       (then, on each device: coformer-runtime profile KIT ...)
   coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
   coformer profile-stats DEVICE.json [DEVICE2.json ...]   (predictor error vs profile noise, over profiles of one kit)
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="folder for the bundle, teacher and report "
                    "(default: ./coformer-quickstart, or ./coformer-quickstart-text)")
     p.add_argument("--fast", action="store_true", help="a small teacher and short calibration (for tests)")
+    p.add_argument("--compare", action="store_true", help="vision: also run random search and the uniform "
+                   "decomposition, and calibrate the predicted latency on probe bundles (about 2 min more)")
     p.add_argument("--report-json", type=Path, default=None, help="write the measured report here")
     p.add_argument("--throttle", default="auto", choices=THROTTLES,
                    help="how device shares are enforced (auto = duty-cycle; cgroup: a CFS quota, needs root)")
@@ -532,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
         from coformer.tools.quickstart import run_quickstart
 
         run_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, compare=args.compare)
         return 0
     commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
                 "profile-stats": cmd_profile_stats,

@@ -31,8 +31,9 @@ class QuickstartConfig:
     """The teacher, its training and the emulated devices.
 
     The default teacher is wide and shallow with few tokens (a 32x32 input in
-    8x8 patches): about 25 ms per image on one core of this class of machine,
-    so that socket overhead does not dominate, yet trainable in a few minutes.
+    8x8 patches): slow enough on one core that socket overhead does not dominate
+    CoFormer's latency, yet trainable in a few minutes (under bf16 autocast where
+    the CPU has it).
     """
 
     embed_dim: int = 768
@@ -42,18 +43,20 @@ class QuickstartConfig:
     patch_size: int = 8
     teacher_epochs: int = 8
     teacher_lr: float = 1e-3
+    teacher_precision: str = "auto"  # bf16 autocast where the CPU has it (QuickstartTeacher)
     boost_epochs: int = 5
     aggregator_epochs: int = 60
     shares: tuple[float, ...] = (1.0, 0.6, 0.4)
     flops_fraction: float = 0.5
     seed: int = 0
     warmup_requests: int = 10
-    kit_count: int = 60
+    kit_count: int = 24
     profile_alone: bool = True  # profile one device at a time (see profile_devices)
     # How long the profiler times each kit entry (coformer-runtime profile --rounds, --duration,
-    # --extra-rounds); None: the profiler's defaults. --fast times briefly: its kit feeds the
-    # search, and the served latency it reports is calibrated on probe bundles, not on the kit.
-    profile_rounds: int | None = None
+    # --extra-rounds); None: the profiler's defaults. The quickstart profiles a small kit briefly
+    # (24 entries, 3 rounds) to finish in minutes; a real deployment profiles more
+    # (docs/usage.md, "Profiling devices"). --fast times more briefly still.
+    profile_rounds: int | None = 3
     profile_duration_s: float | None = None
     profile_extra_rounds: int | None = None
     search_initial: int = 8
@@ -65,8 +68,9 @@ class QuickstartConfig:
         """The teacher's part of the config (:class:`coformer.compiler.builtin.QuickstartTeacher`)."""
         from coformer.compiler.builtin import QuickstartTeacher
 
-        return QuickstartTeacher(self.embed_dim, self.depth, self.num_heads, self.img_size, self.patch_size,
-                                 self.teacher_epochs, self.teacher_lr, self.seed)
+        return QuickstartTeacher(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                                 img_size=self.img_size, patch_size=self.patch_size, epochs=self.teacher_epochs,
+                                 lr=self.teacher_lr, seed=self.seed, precision=self.teacher_precision)
 
 
 FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
@@ -155,7 +159,15 @@ def run_quickstart(
     throttle: str = "auto",
     progress: bool = True,
     config: Optional[QuickstartConfig] = None,
+    compare: bool = False,
 ) -> dict[str, Any]:
+    """The whole pipeline on the built-in task (module doc); returns the report it writes.
+
+    ``compare``: also run random search and the uniform decomposition at the same number of
+    evaluations, and serve probe bundles beside the bundle to calibrate the predicted latency
+    on this machine (about two minutes more). Without it, the prediction reported is the
+    search's own (eq. 3, from the device profiles), uncalibrated.
+    """
     import torch
 
     from coformer.calibration.booster import BoostConfig
@@ -198,18 +210,20 @@ def run_quickstart(
         pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
         predictors.append(pred)
 
-    _say("search (DeBo, with random search and uniform decomposition to compare), then compile: "
-         "decompose -> calibrate -> ONNX -> bundle")
+    _say("search (DeBo" + (", with random search and uniform decomposition to compare" if compare else "")
+         + "), then compile: decompose -> calibrate -> ONNX -> bundle")
     job = run_job(CompileJob(
-        teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, compare=True,
+        teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, compare=compare,
         delta=cfg.delta, initial=cfg.search_initial, iterations=cfg.search_iterations, seed=cfg.seed,
         boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed), aggregator_epochs=cfg.aggregator_epochs,
         model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", model_info={"source": "quickstart"},
         progress=progress))
     result, search = job.result, job.report["search"]
 
-    _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
-    probes = build_probe_bundles(teacher, devices, data, out_dir, *job.space)
+    probes = {}
+    if compare:
+        _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
+        probes = build_probe_bundles(teacher, devices, data, out_dir, *job.space)
     teacher_onnx = export_onnx(teacher, [data.val.x[:1]], out_dir / "teacher.onnx", ["pixels"], ["logits"])
     check_parity(teacher, teacher_onnx, [data.val.x[:3]], ["pixels"])
     x_test = data.test.x.numpy()
@@ -222,7 +236,8 @@ def run_quickstart(
     teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
 
     manifest = result.manifest
-    _say("serving: central node + workers as separate processes on loopback (the probe bundles beside it)")
+    _say("serving: central node + workers as separate processes on loopback"
+         + (" (the probe bundles beside it)" if probes else ""))
     try:
         served, probed = measure_served_with_probes(out_dir / "bundle", probes, x_test, cfg.warmup_requests,
                                                     throttle, out_dir / "logs")
@@ -232,8 +247,11 @@ def run_quickstart(
     ensemble_acc = float((served["predictions"] == y_test).mean())
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
     bo = search["bo"]
-    here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, served["placements"],
-                               probe_measurements(probes, probed, devices))
+    if probes:
+        here = predict_served_here(bo["t1_ms"], bo["t3_ms"], devices, served["placements"],
+                                   probe_measurements(probes, probed, devices))
+    else:
+        here = {"predicted_ms": bo["predicted_latency_ms"], "terms_ms": {"calibrated": False}}
     report = {
         "teacher_accuracy": teacher_acc,
         "ensemble_accuracy": ensemble_acc,
@@ -256,8 +274,8 @@ def run_quickstart(
         "predicted_latency_terms_ms": {"T_eq3": bo["predicted_latency_ms"], **here["terms_ms"]},
         "measured_latency_ms": c_lat["median"],
         "prediction_error": here["predicted_ms"] / c_lat["median"] - 1,
-        "probe_latency_ms": {k: v["latency_ms"]["median"] for k, v in probed.items()},
-        "probe_breakdown_ms_median": {k: v["breakdown_ms_median"] for k, v in probed.items()},
+        **({"probe_latency_ms": {k: v["latency_ms"]["median"] for k, v in probed.items()},
+            "probe_breakdown_ms_median": {k: v["breakdown_ms_median"] for k, v in probed.items()}} if probes else {}),
         "breakdown_ms_median": served["breakdown_ms_median"],
         "pytorch_accuracy": result.accuracy,
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(teacher_ckpt),
@@ -265,6 +283,7 @@ def run_quickstart(
         "test_samples": int(len(x_test)),
         "quickstart_config": dataclasses.asdict(cfg),
         "throttle": throttle,
+        "compare": compare,
         "bundle": str(out_dir / "bundle"),
         "wall_time_s": time.perf_counter() - t_start,
     }
@@ -310,11 +329,15 @@ def format_report(r: dict[str, Any]) -> str:
         lines += [
             f"search, best objective (L_val + delta*T, {s['evaluations']} evaluations): "
             + ", ".join(f"{m} {s[m]['best_objective']:.3f}" for m in ("bo", "random", "uniform") if m in s),
-            f"latency predicted {r['predicted_latency_ms']:.2f} ms (slowest device {pt['slowest_device']}; "
-            f"calibrated on {len(pt['probes'])} probe bundles served beside it, "
-            f"{min(p['measured_ms'] for p in pt['probes'].values()):.2f}-"
-            f"{max(p['measured_ms'] for p in pt['probes'].values()):.2f} ms), measured "
-            f"{r['measured_latency_ms']:.2f} ms ({r['prediction_error'] * 100:+.0f}%)",
+            (f"latency predicted {r['predicted_latency_ms']:.2f} ms (slowest device {pt['slowest_device']}; "
+             f"calibrated on {len(pt['probes'])} probe bundles served beside it, "
+             f"{min(p['measured_ms'] for p in pt['probes'].values()):.2f}-"
+             f"{max(p['measured_ms'] for p in pt['probes'].values()):.2f} ms), measured "
+             if "probes" in pt else
+             f"latency predicted by the search {r['predicted_latency_ms']:.2f} ms (eq. 3: the devices' compute "
+             f"and links from their profiles, without the runtime's own cost; --compare calibrates it on probe "
+             f"bundles served here), measured ")
+            + f"{r['measured_latency_ms']:.2f} ms ({r['prediction_error'] * 100:+.0f}%)",
             "predictor, held-out kit entries within 10%: "
             + ", ".join(f"{k} {v['within_10pct'] * 100:.0f}% ({v['chosen']})" for k, v in r["predictor"].items())
             + "; all entries, each by a fit without it: "

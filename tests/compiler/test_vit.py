@@ -62,12 +62,27 @@ def test_cost_model_matches_flop_counter_and_parameter_count(variant):
         assert cost.params == sum(p.numel() for p in sub.parameters())
 
 
-def test_sliced_submodel_is_smaller_and_runs():
-    teacher = tiny_vit()
+def test_sliced_submodel_keeps_exactly_the_teachers_chosen_units():
+    """The sub-model holds the teacher's own weights for the kept layers, channels, heads and
+    neurons, and nothing else: smaller by what the spec drops, and it runs."""
+    teacher = _randomised(tiny_vit())
     adapter = adapter_for(teacher)
     spec = SubModelSpec(layers=(0, 2), channels=(0, 5, 7, 40), heads=((2,), (0, 3)), neurons=((1, 2, 3), (9,)))
     sub = adapter.slice(teacher, spec)
-    assert sub(torch.randn(2, 1, 16, 16)).shape == (2, 4)
+    ch, hd = list(spec.channels), 12  # 48 channels over 4 heads
+    p = dict(sub.named_parameters())
+    assert torch.equal(p["patch.weight"], teacher.patch_embed.proj.weight[ch])
+    assert torch.equal(p["pos_embed"], teacher.pos_embed[..., ch])
+    for i, (layer, heads, neurons) in enumerate(zip(spec.layers, spec.heads, spec.neurons)):
+        block = teacher.blocks[layer]
+        rows = [part * 48 + h * hd + j for part in range(3) for h in heads for j in range(hd)]  # q, k, v
+        assert torch.equal(p[f"blocks.{i}.attn.qkv.weight"], block.attn.qkv.weight[rows][:, ch])
+        assert torch.equal(p[f"blocks.{i}.fc1.weight"], block.mlp.fc1.weight[list(neurons)][:, ch])
+        assert torch.equal(p[f"blocks.{i}.fc2.weight"], block.mlp.fc2.weight[ch][:, list(neurons)])
+    assert sum(v.numel() for v in p.values()) == submodel_cost(spec, adapter.read_shape(teacher)).params
+    assert sum(v.numel() for v in p.values()) < sum(v.numel() for v in teacher.parameters()) / 20
+    out = sub(torch.randn(2, 1, 16, 16))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
 
 
 def test_bad_spec_names_the_bad_indices():

@@ -51,7 +51,12 @@ def test_quickstart_fast_runs_end_to_end_and_reports(quickstart_fast):
     assert len(probes) >= 3 and probes[0] == pt["probes"]["small"] and probes[-1] == pt["probes"]["uniform"]
     assert probes[0]["measured_ms"] < probes[-1]["measured_ms"]
     assert r["probe_latency_ms"] == {k: p["measured_ms"] for k, p in pt["probes"].items()}
-    # between the two probes whose served compute brackets the policy's, or beyond the last
+    # read off the probes' measured round trips at the policy's served compute: between the two
+    # probes that bracket it, or on the end segment's line beyond them
+    from coformer.tools.measure import interpolate
+
+    line = [(p["compute_ms"], p["measured_ms"]) for p in probes]
+    assert r["predicted_latency_ms"] == pytest.approx(interpolate(pt["compute_ms"], line))
     below = [p for p in probes if p["compute_ms"] <= pt["compute_ms"]]
     above = [p for p in probes if p["compute_ms"] > pt["compute_ms"]]
     if below and above:
@@ -61,6 +66,19 @@ def test_quickstart_fast_runs_end_to_end_and_reports(quickstart_fast):
     assert not list(qs.glob("probe-*"))  # the probe bundles are removed
     assert not (qs / "kit" / "models").exists()  # the kit's ONNX files are removed
     assert "teacher: training" in done.stderr
+
+
+def test_without_compare_the_report_says_its_prediction_is_uncalibrated(quickstart_fast):
+    """The default run skips the probe bundles: its summary must not claim a calibration."""
+    from coformer.tools.quickstart import format_report
+
+    _, _, r, _ = quickstart_fast
+    plain = {**r, "predicted_latency_ms": r["search"]["bo"]["predicted_latency_ms"],
+             "predicted_latency_terms_ms": {"T_eq3": r["search"]["bo"]["predicted_latency_ms"], "calibrated": False},
+             "search": {"bo": r["search"]["bo"], "evaluations": r["search"]["evaluations"]}}
+    text = format_report(plain)
+    assert "uncalibrated" in text and "probe bundles served beside it" not in text and "random" not in text
+    assert "probe bundles served beside it" in format_report(r)
 
 
 def test_a_second_quickstart_finds_its_teacher_cached(quickstart_fast, monkeypatch):

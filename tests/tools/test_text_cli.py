@@ -152,7 +152,9 @@ def test_label_free_distillation_from_a_plain_text_file(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "agreement with the teacher" in done.stdout
     r = json.loads(report.read_text())
-    assert r["teacher_accuracy"] == 1.0 and 0.0 <= r["ensemble_accuracy"] <= 1.0
+    # without labels the score is agreement with the teacher's decisions, and says so
+    assert r["accuracy_reference"] == "teacher" and r["teacher_accuracy"] == 1.0
+    assert r["ensemble_accuracy"] >= 0.9
     from coformer.runtime.manifest import load_manifest
 
     assert load_manifest(tmp_path / "b").labels == ["no", "yes"]

@@ -90,6 +90,7 @@ def test_bad_text_is_refused_clearly_and_the_server_keeps_serving(served):
     x = encoder.encode(good)
     V = m.input.preprocessing["vocab_size"]
     with cluster.client() as client:
+        before, r_before = client.classify(good, encoder, m.labels)
         bad = x.copy()
         bad[0, 0, 1] = V + 7
         with pytest.raises(ServerError, match=f"bad_ids: token id {V + 7} at sample 0, position 1 is outside "
@@ -105,8 +106,8 @@ def test_bad_text_is_refused_clearly_and_the_server_keeps_serving(served):
             client.infer(too_long)
         with pytest.raises(ServerError, match="bad_dtype"):
             client.infer(x.astype(np.float32))
-        labels, _ = client.classify(good, encoder, m.labels)  # still serving
-        assert labels[0] in m.labels
+        labels, r_after = client.classify(good, encoder, m.labels)  # still serving, and unchanged by the errors
+        assert labels == before and np.allclose(r_after.logits, r_before.logits, atol=1e-5)
 
 
 def test_a_worker_refuses_out_of_range_ids_itself(served):
