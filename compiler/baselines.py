@@ -315,7 +315,7 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
     def build(staging: Path) -> dict[str, Any]:
         parity: dict[str, float] = {}
         rel = "teacher/0-teacher.onnx"
-        lower_submodel(module, x_example[:3], staging / rel, names, True, parity, rel, output="output")
+        parity[rel] = lower_submodel(module, x_example[:3], staging / rel, names, text=True, output="output")
         shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
         public_mode(staging / preprocessing["tokenizer"])
         out_dim = int(task["dim"]) if embedding else shape.num_classes

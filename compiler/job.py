@@ -120,9 +120,10 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
         return dataclasses.replace(decoder.decode(decoder.uniform_point()), source="uniform"), None
     methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if job.compare else [])
     space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute)
-    policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods, job.delta,
-                                  job.initial, job.iterations, job.seed, job.search_log, job.use_labels,
-                                  job.progress, space, compute=job.compute, task=job.task, normalize=job.normalize)
+    policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods=methods,
+                                  delta=job.delta, initial=job.initial, iterations=job.iterations, seed=job.seed,
+                                  log_path=job.search_log, use_labels=job.use_labels, progress=job.progress,
+                                  space=space, compute=job.compute, task=job.task, normalize=job.normalize)
     report["search"] = found
     report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
     return policy, space

@@ -293,7 +293,7 @@ def compile_bundle(
         text = data.preprocessing.get("kind") == "text"
         for i, (name, sub, c) in enumerate(zip(policy.devices, subs, costs)):
             rel = f"submodels/{i}-{name}.onnx"
-            lower_submodel(adapter.export_module(sub), x_example, staging / rel, names_in, text, parity, rel)
+            parity[rel] = lower_submodel(adapter.export_module(sub), x_example, staging / rel, names_in, text=text)
             dev = by_name[name]
             arts.append(DeviceArtifact(
                 device=name, role="central" if i == 0 else "worker", artifact=rel,
@@ -367,9 +367,10 @@ def parity_lengths(x: torch.Tensor) -> list[int]:
     return sorted({max(2, T // 4), max(2, T // 2), T})
 
 
-def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], text: bool,
-                   parity: dict, key: str, output: str = FEATURE_OUTPUT) -> None:
-    """Export one sub-model to ONNX and record its parity with PyTorch under ``parity[key]``.
+def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], *, text: bool,
+                   output: str = FEATURE_OUTPUT) -> float:
+    """Export one sub-model to ONNX; returns its parity with PyTorch (the largest absolute
+    difference of the outputs).
 
     A text model (packed ``x``: ``[B, k, T]``) is exported with dynamic batch and
     sequence axes on every input and checked at three sequence lengths (the
@@ -377,8 +378,7 @@ def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: 
     """
     if not text:
         export_onnx(module, [x[:1]], path, input_names, [output])
-        parity[key] = check_parity(module, path, [x], input_names)
-        return
+        return check_parity(module, path, [x], input_names)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in input_names}
     dynamic[output] = {0: "batch"}
     export_onnx(module, list(x[:2].unbind(1)), path, input_names, [output], dynamic)
@@ -387,7 +387,7 @@ def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: 
         cut = x[..., :T].clone()
         cut[:, 1, 0] = 1  # a text keeps at least its first token
         worst = max(worst, check_parity(module, path, list(cut.unbind(1)), input_names))
-    parity[key] = worst
+    return worst
 
 
 @dataclasses.dataclass
@@ -572,6 +572,7 @@ def search_policy(
     devices: Sequence[DeviceSpec],
     predictors: Sequence[Any],
     data: Dataset,
+    *,
     methods: Sequence[str] = ("bo",),
     delta: float = 0.05,
     initial: int = 8,

@@ -131,7 +131,7 @@ def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: 
         if text:
             from coformer.compiler.pipeline import lower_submodel
 
-            lower_submodel(adapter.export_module(sub), example, out_dir / rel, names, True, {}, rel)
+            lower_submodel(adapter.export_module(sub), example, out_dir / rel, names, text=True)
         else:
             export_onnx(sub, [example], out_dir / rel, [adapter.input_name], ["features"])
         cost = submodel_cost(spec, shape)

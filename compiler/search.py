@@ -53,9 +53,9 @@ from coformer.compiler.policy import apportion, policy_violations
 from coformer.compiler.profile_kit import spec_features
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
+from coformer.runtime.protocol import features_header_bytes
 
 LOW = 0.05
-HEADER_BYTES = 128  # a features message's JSON header, rounded up
 METHODS = ("bo", "random", "uniform")
 
 
@@ -176,7 +176,8 @@ class LatencyModel:
         for n, (spec, dev, pred) in enumerate(zip(policy.submodels, self.devices, self.predictors)):
             c = self.cost(spec, self.shape)
             t1.append(pred.predict_served(spec_features(spec), c.flops, c.params))
-            nbytes = 0 if n == 0 else 4 * self.feature_dim(spec) + HEADER_BYTES
+            d = self.feature_dim(spec)
+            nbytes = 0 if n == 0 else 4 * d + features_header_bytes(dev.name, d)
             t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
         d_agg = sum(self.feature_dim(s) for s in policy.submodels)
         d_i = self.feature_dim(SubModelSpec.full(self.shape))

@@ -463,10 +463,9 @@ class CentralNode:
         if expected:
             # Let ZeroMQ's I/O thread put the requests on the wire before this thread computes:
             # where both share a core (an emulated device, a single-core board) the scheduler
-            # otherwise lets the compute run on, and the workers got their requests 1.3 ms
-            # (median) and 3.2-3.6 ms (p90) after dispatch, against 0.2-0.3 ms with the yield
-            # (a quickstart bundle whose central sub-model takes 3 ms). Costs nothing where a
-            # core is free.
+            # otherwise lets the compute run on, and the workers get their requests only after
+            # it (docs/benchmarks.md has the dispatch delays with and without the yield).
+            # Costs nothing where a core is free.
             _yield_cpu()
         t_sent = time.perf_counter()
         own_before = acct.central_ms

@@ -14,11 +14,11 @@ engine, and a *share* of one core, enforced one of two ways:
   1 ms / share). A quota limits throughput, not latency: how long one
   inference takes depends on where it falls in the period.
 
-Measured here on a 9.8 ms model at share 0.4 (26 ms expected), 30 runs each:
-duty cycle 28.2 ms with idle gaps between runs as when serving; CFS quota
-25.2 ms back to back but 36.4 ms with the same idle gaps. A profile taken
-back to back would thus mispredict served latency under a quota by ~40%,
-hence the duty cycle by default; ``cgroup`` stays for throughput studies.
+With idle gaps between runs, as when serving, a quota makes one inference much
+slower than back to back (it falls wherever the period is), while a duty cycle
+takes compute / share either way. A profile taken back to back would thus
+mispredict served latency under a quota, hence the duty cycle by default;
+``cgroup`` stays for throughput studies.
 
 Two emulated devices that share a core queue behind each other: a request
 that reaches one while its neighbour computes waits for the core, which a real
@@ -29,13 +29,11 @@ device was already working: the device's time for a request is ``cpu / share``
 from the moment the request could have started (``queued_ms`` in a worker's
 reply). Where the kernel does not keep run delays, nothing is credited.
 Served, the quickstart's two workers on core 1 rarely queue in the thread
-that computes (median 0.01 ms: it is woken once the request is in hand, and
-runs at once). They queue elsewhere: in ZeroMQ's I/O thread, which reads the
-request off the socket while the neighbour computes (0.7 and 2.1 ms median
-for edge-b and edge-c, in one run of a quickstart bundle whose workers
-compute 0.9 and 1.2 ms), and at the end, when one's pause is over while the
-other computes and it waits for the core to send its reply (its
-``service_ms`` then exceeds its ``compute_ms`` by 0.5-1.4 ms). Neither is
+that computes (it is woken once the request is in hand, and runs at once).
+They queue elsewhere: in ZeroMQ's I/O thread, which reads the request off the
+socket while the neighbour computes, and at the end, when one's pause is over
+while the other computes and it waits for the core to send its reply (its
+``service_ms`` then exceeds its ``compute_ms``). Neither is
 credited: the I/O thread's wait cannot be told apart from its delay in
 sending the previous reply, and no credit can undo a delay that comes after
 the device's time. The latency predicted for this machine counts them instead

@@ -93,6 +93,16 @@ def encode(op: str, request_id: int, tensor: Optional[np.ndarray] = None, **fiel
     return [json.dumps(header, separators=(",", ":")).encode(), payload]
 
 
+def features_header_bytes(device: str, feature_dim: int, batch: int = 1) -> int:
+    """The bytes of a worker's ``features`` header as :mod:`coformer.runtime.worker` writes it,
+    for a device name and feature width (timings at full float precision, a large id), so
+    that the compiler's latency model charges the wire what the runtime sends."""
+    t = 0.00012345678901234567  # the longest repr a float gets in JSON: 22 characters
+    frames = encode("features", 2**31 - 1, np.zeros((batch, feature_dim), np.float32), device=device,
+                    compute_ms=t, queued_ms=t, service_ms=t)
+    return len(frames[0])
+
+
 def error_frames(request_id: int, code: str, message: str) -> list[bytes]:
     return encode("error", request_id, code=code, message=message)
 

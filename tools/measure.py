@@ -98,8 +98,7 @@ def measure_served_with_probes(bundle_dir: Path, probes: Mapping[str, Mapping[st
     (:func:`measure_side_by_side`); returns the bundle's measurement and each probe's.
 
     Side by side because this machine's speed drifts by tens of percent from
-    one minute to the next (the smallest probe's runtime cost: 1.6 and 2.9 ms a
-    minute apart here): probes measured before the bundle would calibrate the
+    one minute to the next: probes measured before the bundle would calibrate the
     prediction on a different machine, in effect.
     """
     if "bundle" in probes:
@@ -268,24 +267,15 @@ def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[
        placed among the probes' C (on their measured compute), read off their
        measured round trips.
 
-    Served, compute costs more than the profiles say, and not by one factor.
-    On five quickstart bundles served beside the probes (``python -m
-    coformer.tools.served_bench``): the smallest sub-models computed 0.06,
-    0.12 and 0.19 ms against 0.02-0.05 ms predicted (a fixed cost per request
-    of about 0.05 ms of CPU, divided by the device's share); beyond that, sub-models
-    computed 1.0-1.9x their prediction, most on edge-b, which shares its core
-    with edge-c; one of edge-c, 1.1 ms predicted, computed 1.9-2.1 ms while
-    the uniform probe's edge-c, 5.5 ms predicted, computed 5.8-5.9; and the
-    round trip less the critical path's compute grew from 1.0 ms (small probe)
-    to 2.1-2.5 ms on a bundle whose workers computed 1.6 and 2.8 ms and to 4.5
-    ms on the uniform probe.
-    Over 11 quickstart bundles served twice each, this prediction was within
-    15% in 22 of 22 (worst 13%, mean 4.9%); the one before it, the small
-    probe's runtime cost plus C on the predicted compute, in 13 of 22 (worst
-    -41%, mean 15.6%, nearly always low). Probes are fixed by the teacher and
-    the devices, not by the policy, and measured in the same minutes as the
-    bundle, as this machine drifts by tens of percent from minute to minute
-    (docs/benchmarks.md, "Served latency calibrated on probe bundles").
+    Served, compute costs more than the profiles say, and not by one factor: a fixed
+    cost per request (divided by the device's share) dominates the smallest sub-models,
+    devices that share a core slow each other, and the round trip less the critical
+    path's compute grows with the bundle. Reading both steps off probes measured in the
+    same minutes as the bundle takes all of that from this machine as it is now, as it
+    drifts by tens of percent from minute to minute. Probes are fixed by the teacher and
+    the devices, not by the policy. How well this predicts, against the simpler
+    predictions before it: docs/benchmarks.md, "Served latency calibrated on probe
+    bundles" (``python -m coformer.tools.served_bench``).
     """
     if not probes:
         raise CoFormerError("no probe measurements: serve the probe bundles beside the bundle")

@@ -98,8 +98,9 @@ def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib) -> dict
         return {"skipped": str(e)}
     names = adapter.input_names(teacher)
     parity: dict = {}
-    lower_submodel(PartsModule(adapter.full_net(teacher)), x, out_dir / "teacher.onnx", names, True, parity, "t")
-    lower_submodel(PartsModule(adapter.slice(teacher, spec)), x, out_dir / "largest.onnx", names, True, parity, "s")
+    parity["t"] = lower_submodel(PartsModule(adapter.full_net(teacher)), x, out_dir / "teacher.onnx", names, text=True)
+    parity["s"] = lower_submodel(PartsModule(adapter.slice(teacher, spec)), x, out_dir / "largest.onnx", names,
+                                 text=True)
     np.save(out_dir / "inputs.npy", x.numpy())
     sub_file = (out_dir / "largest.onnx").stat().st_size
     limit = (device_mib << 20) if device_mib else 2 * sub_file + (256 << 20)

@@ -156,9 +156,8 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(texts)} test sentences)")
     adapter = adapter_for(teacher)
     teacher_onnx = out_dir / "teacher.onnx"
-    parity: dict = {}
     lower_submodel(PartsModule(adapter.full_net(teacher), teacher.head), data.val.x[:3], teacher_onnx,
-                   adapter.input_names(teacher), True, parity, "teacher", output="logits")
+                   adapter.input_names(teacher), text=True, output="logits")
     np.save(out_dir / "test_inputs.npy", data.test.x.numpy())
     timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
                          cfg.warmup_requests)

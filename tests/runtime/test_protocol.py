@@ -95,3 +95,20 @@ def test_a_peers_timing_must_be_a_finite_number(value):
     with pytest.raises(ProtocolError, match="compute_ms"):
         protocol.number({"compute_ms": value}, "compute_ms")
     assert protocol.number({"compute_ms": 2}, "compute_ms") == 2.0
+
+
+def test_the_compilers_header_size_bounds_what_a_worker_sends():
+    """The search charges each link a features header of ``features_header_bytes``; a worker's
+    real header (any id, any timings) is never larger, and the estimate grows with the name."""
+    import json
+
+    from coformer.compiler.search import features_header_bytes as used_by_search
+
+    assert used_by_search is protocol.features_header_bytes
+    bound = protocol.features_header_bytes("edge-b", 256)
+    for rid, t in ((1, 0.1), (2**31 - 1, 98765.4321098765), (77, 1e-7), (5, 0.00098765432109876543)):
+        frames = protocol.encode("features", rid, np.zeros((1, 256), np.float32), device="edge-b",
+                                 compute_ms=t, queued_ms=t / 3, service_ms=t * 1.1)
+        assert len(frames[0]) <= bound, json.loads(frames[0])
+    assert 100 < bound < 300
+    assert protocol.features_header_bytes("a-much-longer-device-name", 256) > bound

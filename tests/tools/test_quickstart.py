@@ -77,7 +77,8 @@ def test_without_compare_the_report_says_its_prediction_is_uncalibrated(quicksta
              "predicted_latency_terms_ms": {"T_eq3": r["search"]["bo"]["predicted_latency_ms"], "calibrated": False},
              "search": {"bo": r["search"]["bo"], "evaluations": r["search"]["evaluations"]}}
     text = format_report(plain)
-    assert "uncalibrated" in text and "probe bundles served beside it" not in text and "random" not in text
+    assert "--compare calibrates it" in text and "without the runtime's own cost" in text
+    assert "probe bundles served beside it" not in text and "random" not in text
     assert "probe bundles served beside it" in format_report(r)
 
 
