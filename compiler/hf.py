@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from coformer.compiler.families import hf_adapter_for, supported_architectures
-from coformer.compiler.families.textnet import TextTeacher
+from coformer.compiler.families.text_teacher import TextTeacher
 from coformer.runtime._files import read_json
 from coformer.runtime.errors import CoFormerError
 

@@ -1,7 +1,8 @@
-"""What the language families (BERT, GPT-2, T5 encoder) share: one standalone
+"""The network the language families (BERT, GPT-2, T5 encoder) share: one standalone
 transformer, :class:`TextNet`, that each family's full teacher converts into
-exactly, and that every sub-model is a slice of; the teacher wrapper
-:class:`TextTeacher`; and the slicing and importance code, written once.
+exactly, and that every sub-model is a slice of. The teacher wrapper and the
+adapter are in :mod:`coformer.compiler.families.text_teacher`, the slicing and
+importance in :mod:`coformer.compiler.families.text_slicing`.
 
 A sub-model takes the *packed* token tensor ``[B, k, T]`` (int64): row 0 the
 token ids, row 1 the attention mask, row 2 (BERT) the token type ids, one row
@@ -23,18 +24,16 @@ Choices the paper leaves open, written down here (as for ViT):
 * Padding is on the right. Masked keys get the dtype's lowest value before the
   softmax (as HF does); a sequence must keep at least one token.
 """
-
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coformer.compiler.importance import Importance
-from coformer.compiler.specs import SubModelSpec, TransformerShape
+from coformer.compiler.specs import TransformerShape
 from coformer.runtime.errors import CoFormerError
 
 FIELDS = {
@@ -241,51 +240,16 @@ class PartsModule(nn.Module):
         return self.head(f) if self.head is not None else f
 
 
-class TextTeacher(nn.Module):
-    """A HF language model as CoFormer's teacher: packed tokens -> logits.
 
-    Args:
-        hf: the HF model (``BertModel``/``Bert*ForSequenceClassification``,
-            ``GPT2Model``/``GPT2ForSequenceClassification``/``GPT2LMHeadModel``,
-            ``T5EncoderModel``/``T5ForConditionalGeneration``).
-        family: ``bert``, ``gpt2`` or ``t5``.
-        head: the task head on the pooled feature; for a checkpoint without one
-            (a plain encoder) a fresh linear head, fitted by :func:`fit_head`.
-        pool: how the feature is pooled (see :data:`POOLS`).
-        head_fitted: whether ``head`` came trained with the checkpoint.
-        source: where the checkpoint was read from (recorded in the bundle).
-        normalize: whether the checkpoint's own pipeline L2-normalises the pooled
-            feature (a sentence-transformers ``Normalize`` module): an embedding
-            bundle then returns unit vectors.
-    """
-
-    def __init__(self, hf: nn.Module, family: str, head: nn.Module, pool: str, head_fitted: bool,
-                 source: str = "", normalize: bool = False) -> None:
-        super().__init__()
-        self.hf, self.family, self.head, self.pool_kind = hf, family, head, pool
-        self.head_fitted, self.source, self.normalize = head_fitted, source, normalize
-        self.fields = FIELDS[family]
-
-    @property
-    def num_labels(self) -> int:
-        return int(_last_linear(self.head).out_features)
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        from coformer.compiler.families import get_adapter
-
-        return get_adapter(self.family).teacher_features(self, tokens)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(tokens))
-
-
-def _last_linear(head: nn.Module) -> nn.Linear:
+def last_linear(head: nn.Module) -> nn.Linear:
+    """The last linear layer of a task head (its output size is the number of labels)."""
     if isinstance(head, nn.Linear):
         return head
     lin = [m for m in head.modules() if isinstance(m, nn.Linear)]
     if not lin:
         raise CoFormerError(f"task head {type(head).__name__} has no linear layer")
     return lin[-1]
+
 
 
 @torch.no_grad()
@@ -316,189 +280,3 @@ def read_shape(net: TextNet, num_classes: int, max_length: int) -> TransformerSh
                 "mlp_bias": c["mlp_bias"], "gated": c["gated"], "norm_params": 2 if c["norm"] == "layer" else 1,
                 "pooler": c["pool"] == "pooler", "causal": c["causal"], "pool": c["pool"]},
     )
-
-
-@torch.no_grad()
-def slice_net(full: TextNet, spec: SubModelSpec) -> TextNet:
-    """The standalone sub-model of ``spec``, sliced from the full (teacher-equal) TextNet."""
-    c = full.cfg
-    K = torch.tensor(spec.channels)
-    cfg = dict(c, embed_dim=len(K), heads=list(spec.head_counts), mlp_dims=list(spec.mlp_dims))
-    union: list[int] = []
-    if c.get("rel_bias"):
-        union = sorted({h for heads in spec.heads for h in heads}) or [0]
-        cfg["rel_bias"] = dict(c["rel_bias"], columns=len(union))
-    sub = TextNet(cfg)
-    sub.word.weight.copy_(full.word.weight[:, K])
-    for name in ("pos", "typ"):
-        if getattr(sub, name) is not None:
-            getattr(sub, name).weight.copy_(getattr(full, name).weight[:, K])
-    for dst, src in ((sub.emb_norm, full.emb_norm), (sub.final_norm, full.final_norm)):
-        if dst is not None:
-            _copy_norm(dst, src, K)
-    if sub.rel is not None:
-        # full.rel's columns are teacher heads in order (its blocks' bias_cols are 0..H-1)
-        sub.rel.weight.copy_(full.rel.weight[:, torch.tensor(union)])
-    if sub.pooler is not None:
-        sub.pooler.weight.copy_(full.pooler.weight[K][:, K])
-        sub.pooler.bias.copy_(full.pooler.bias[K])
-    hd = c["head_dim"]
-    for blk, layer, heads, neurons in zip(sub.blocks, spec.layers, spec.heads, spec.neurons):
-        t = full.blocks[layer]
-        if blk.attn is not None:
-            rows = torch.tensor([j * hd + i for j in heads for i in range(hd)])
-            _copy_norm(blk.norm1, t.norm1, K)
-            for n in ("q", "k", "v"):
-                _copy_linear(getattr(blk.attn, n), getattr(t.attn, n), rows, K)
-            _copy_linear(blk.attn.o, t.attn.o, K, rows)
-            if union:
-                blk.bias_cols.copy_(torch.tensor([union.index(h) for h in heads]))
-        if blk.fc1 is not None:
-            N = torch.tensor(neurons)
-            _copy_norm(blk.norm2, t.norm2, K)
-            _copy_linear(blk.fc1, t.fc1, N, K)
-            if blk.fc1g is not None:
-                _copy_linear(blk.fc1g, t.fc1g, N, K)
-            _copy_linear(blk.fc2, t.fc2, K, N)
-    return sub.eval()
-
-
-def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> None:
-    dst.weight.copy_(src.weight[rows][:, cols])
-    if dst.bias is not None:
-        dst.bias.copy_(src.bias[rows])
-
-
-def _copy_norm(dst: _Norm, src: _Norm, K: torch.Tensor) -> None:
-    dst.weight.copy_(src.weight[K])
-    if dst.bias is not None:
-        dst.bias.copy_(src.bias[K])
-
-
-def sliced_head(head: nn.Module, index: Sequence[int]) -> nn.Module:
-    """The teacher's task head restricted to the feature entries ``index`` (for calibration)."""
-    lin = _last_linear(head)
-    if lin is not head:
-        raise CoFormerError("a multi-layer task head cannot be sliced; use a linear head")
-    out = nn.Linear(len(index), lin.out_features, bias=lin.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(lin.weight[:, torch.tensor(list(index))])
-        if lin.bias is not None:
-            out.bias.copy_(lin.bias)
-    return out
-
-
-@torch.no_grad()
-def magnitude(net: TextNet, batches: Iterable[torch.Tensor]) -> Importance:
-    """Activation-magnitude importance over the kept (unpadded) tokens, as for ViT:
-
-    head j of layer l: E ||o_j W_o[:, j]^T||, its contribution to the residual stream;
-    neuron i of layer l: E |a_i| * ||W_fc2[:, i]||;
-    channel c: mean over layers of E |x_c| / E |x| of the block outputs;
-    layer l: E ||block(x) - x|| / ||x||.
-    """
-    c = net.cfg
-    L, hd = len(net.blocks), c["head_dim"]
-    dev = next(net.parameters()).device  # sums stay where the model runs (a GPU)
-    heads = [torch.zeros(h, dtype=torch.float64, device=dev) for h in c["heads"]]
-    neurons = [torch.zeros(m, dtype=torch.float64, device=dev) for m in c["mlp_dims"]]
-    channels = torch.zeros(c["embed_dim"], dtype=torch.float64, device=dev)
-    layers = torch.zeros(L, dtype=torch.float64, device=dev)
-    state: dict[str, Any] = {"mask": None, "tokens": 0}
-    hooks = []
-
-    def masked(t: torch.Tensor) -> torch.Tensor:
-        return t * state["mask"][..., None]
-
-    def on_o(l: int):
-        def hook(mod, inp, out):
-            o = inp[0]
-            H = c["heads"][l]
-            W = mod.weight.view(mod.weight.shape[0], H, hd)
-            contrib = torch.einsum("bnjt,cjt->bnjc", o.reshape(*o.shape[:2], H, hd), W).norm(dim=-1)
-            heads[l].add_((contrib * state["mask"][..., None]).sum(dim=(0, 1)).double())
-        return hook
-
-    def on_fc2(l: int):
-        def hook(mod, inp, out):
-            neurons[l].add_(masked(inp[0].abs()).sum(dim=(0, 1)).double() * mod.weight.norm(dim=0).double())
-        return hook
-
-    def on_block(l: int):
-        def hook(mod, inp, out):
-            x = inp[0]
-            rel = (out - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)
-            layers[l] += (rel * state["mask"]).sum().double()
-            m = masked(out.abs()).sum(dim=(0, 1)).double()
-            channels.add_(m / m.mean().clamp_min(1e-12))
-        return hook
-
-    for l, blk in enumerate(net.blocks):
-        if blk.attn is not None:
-            hooks.append(blk.attn.o.register_forward_hook(on_o(l)))
-        if blk.fc2 is not None:
-            hooks.append(blk.fc2.register_forward_hook(on_fc2(l)))
-        hooks.append(blk.register_forward_hook(on_block(l)))
-    try:
-        for x in batches:
-            x = x.to(dev)
-            state["mask"] = x[:, 1].to(torch.float32)
-            net(x)
-            state["tokens"] += int(x[:, 1].sum())
-    finally:
-        for h in hooks:
-            h.remove()
-    return Importance.from_sums(layers, channels, heads, neurons, state["tokens"])
-
-
-class TextAdapter:
-    """The adapter methods every language family shares; a family supplies
-    ``name``, ``matches_hf``, ``full_net`` (TextNet config and weights from the
-    HF model) and ``teacher_features`` (the HF model's own pooled feature)."""
-
-    name = ""
-
-    def matches(self, model: Any) -> bool:
-        return isinstance(model, TextTeacher) and model.family == self.name
-
-    def input_names(self, model: TextTeacher) -> list[str]:
-        return list(FIELDS[self.name])
-
-    def export_module(self, sub: TextNet) -> nn.Module:
-        return PartsModule(sub)
-
-    def input_shape(self, model: TextTeacher) -> tuple[int, ...]:
-        return (len(FIELDS[self.name]), int(model.max_length))
-
-    def full_net(self, model: TextTeacher) -> TextNet:
-        """The teacher as a TextNet (what every sub-model is sliced from). Converted once and
-        reused while the teacher's weights are unchanged (in-place updates bump their versions)."""
-        version = sum(p._version for p in model.hf.parameters())
-        cached = getattr(model, "_coformer_full_net", None)
-        if cached is None or cached[0] != version:
-            cached = (version, load_state(TextNet(self.net_config(model)), self.net_weights(model)))
-            object.__setattr__(model, "_coformer_full_net", cached)  # not a submodule: no double parameters
-        return cached[1]
-
-    def read_shape(self, model: TextTeacher) -> TransformerShape:
-        return read_shape(self.full_net(model), model.num_labels, int(getattr(model, "max_length", 128)))
-
-    def slice(self, model: TextTeacher, spec: SubModelSpec) -> TextNet:
-        spec.validate(self.read_shape(model))
-        return slice_net(self.full_net(model), spec)
-
-    def teacher_head(self, model: TextTeacher) -> nn.Module:
-        return model.head
-
-    def feature_index(self, model: TextTeacher, spec: SubModelSpec) -> list[int]:
-        return list(spec.channels)
-
-    def submodel_head(self, model: TextTeacher, spec: SubModelSpec) -> nn.Module:
-        return sliced_head(model.head, self.feature_index(model, spec))
-
-    def importance(self, model: TextTeacher, batches: Iterable[torch.Tensor], method: Any = "magnitude") -> Importance:
-        if callable(method):
-            return method(model, batches).check(self.read_shape(model))
-        if method != "magnitude":
-            raise CoFormerError(f"importance method {method!r} is not available for {self.name}; use 'magnitude'")
-        return magnitude(self.full_net(model).eval(), batches).check(self.read_shape(model))
