@@ -10,10 +10,9 @@ with a constant scale, not as ``scaled_dot_product_attention``: the exporter
 lowers the latter with the scale computed from the tensor's shape at run time
 (Shape, Slice, Cast, Sqrt, Div, and q and k each multiplied by the scale's
 square root), 11 nodes a layer more that ONNX Runtime does not fold because
-the batch axis is dynamic. Measured side by side on seven quickstart kit
-shapes (ONNX Runtime, one thread, interleaved rounds, lower quartile of 15):
-the explicit form ran 3-7% faster (0.93-0.975x; 7 layers of 23 narrow heads
-0.930x, one 444-wide layer 0.950x), outputs within 1e-6. Modules that follow
+the batch axis is dynamic. The explicit form runs faster on ONNX Runtime's
+CPU provider, with the same outputs within 1e-6 (docs/benchmarks.md, the
+section on explicit attention since 5642ae5). Modules that follow
 timm's convention (a boolean ``fused_attn``: timm's ViT and DeiT
 attention, and CoFormer's own ViT sub-models) are switched to their explicit
 path for the export and back after, so the teacher and every baseline are

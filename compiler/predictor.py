@@ -11,26 +11,22 @@ Two models, chosen per device by 5-fold cross-validation on the profile:
   weights stop fitting the last-level cache (then *every* weight is fetched
   from memory on every inference, LRU thrashing, hence the step in the cost per
   parameter and not only a hinge), per-layer, per-head and per-width dispatch,
-  and a constant. Measured on this 2-core VM (ONNX Runtime, one thread, 17
-  tokens): 0.33 ms per million fp32 parameters up to 8.3 M, 0.50 from 10.4 M;
-  leave-one-out on a 60-entry kit, 95-97% of entries within 10% with step and
-  hinge, 85-92% with the hinge alone. Coefficients are non-negative
+  and a constant. On the machine it was designed on, the cost per parameter
+  steps up where the weights leave the cache, and the step fits the profiles
+  better than a hinge alone (docs/benchmarks.md, "Design measurements quoted
+  by the code"). Coefficients are non-negative
   (non-negative least squares on relative error); P_c is chosen among the
   midpoints between the profile's own sizes (or none).
 
 Served, a device idles between requests and the first run after an idle is
 slower than back to back. The profiler measures that per kit entry
 (``gap_ratio``); the slow-down is mostly a fixed cost (caches refilled, a vCPU
-woken), so it is large for small sub-models and shrinks for large ones
-(against the profiler's estimate, the fastest run, over the nine profiles of
-three quickstart runs: per-profile medians of 1.05-1.89 below 1 ms, 1.14-1.91
-from 1 to 5 ms, 1.06-1.16 above 5 ms; single entries up to 2.4x; against the
-lower quartile of the round medians, the estimate before, 1.1-5x below 1 ms
-and 1.07-1.26 above 5 ms). :meth:`LatencyPredictor.served_factor_at`
-therefore takes the median ratio of the ``SERVED_NEIGHBOURS`` entries nearest
-in (log) back-to-back latency, not one factor for every size: on the
-quickstart's chosen sub-models (0.4-0.9 ms) the single median under-predicted
-served compute by 1.3-2.4x (measured with the median-of-three estimate).
+woken), so it is large for small sub-models and shrinks for large ones.
+:meth:`LatencyPredictor.served_factor_at` therefore takes the median ratio of
+the ``SERVED_NEIGHBOURS`` entries nearest in (log) back-to-back latency, not
+one factor for every size: a single factor under-predicted the served compute
+of the quickstart's small chosen sub-models (docs/benchmarks.md, "Design
+measurements quoted by the code").
 
 A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
 numpy alone.

@@ -7,8 +7,8 @@ engine, and a *share* of one core, enforced one of two ways:
   seconds of CPU, the process idles until ``c / share`` seconds have passed
   since it started, as on a device that much slower. CPU time, not wall time,
   so that two emulated devices sharing a core do not count each other's
-  contention as their own compute (measured: with wall time, two workers on
-  one core served 2.4-2.8x slower than profiled);
+  contention as their own compute (with wall time, two workers on one core
+  served far slower than profiled);
 * ``cgroup`` (needs root): a CFS CPU quota with the shortest period the
   kernel allows for the share (the quota must be >= 1 ms, so the period is
   1 ms / share). A quota limits throughput, not latency: how long one
@@ -134,8 +134,7 @@ class Throttle:
         cpu = compute_s if cpu_s is None else cpu_s
         off = max(0.0, cpu / self.limits.cpu_share - compute_s - queued_s)
         if off and sleep:
-            # A sub-millisecond sleep overshoots (here by 0.1-0.3 ms: timer slack and a vCPU
-            # waking up); ask for less by the running mean overshoot so the pause is what the
+            # A sub-millisecond sleep overshoots (timer slack and a vCPU waking up); ask for less by the running mean overshoot so the pause is what the
             # share calls for.
             ask = max(0.0, off - self._overshoot_s)
             t0 = time.perf_counter()

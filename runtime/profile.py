@@ -4,68 +4,52 @@ Writes ``DEVICE.json``: the device's environment and, per kit entry, its
 configuration and latency statistics. Entries measured elsewhere with NVIDIA's
 trtexec (``--exportTimes``) can be merged in by id.
 
-Measured here, on a 2-core VM: timing each entry once, two profiles of the same
-60-entry kit agreed within 10% on only 87% of entries (back to back) and 42%
-(with a 2 ms idle before each run), because some sessions land in a slow state
-for their whole life (one entry: 18.7 ms in one run, 10.5 ms in the next, each
-run tight around its own value) and because the machine drifts. So the kit is
-timed in ``rounds``: every round opens a fresh session for every entry (the
+Timing each entry once does not reproduce on a shared machine: some sessions
+land in a slow state for their whole life, and the machine drifts. So the kit
+is timed in ``rounds``: every round opens a fresh session for every entry (the
 first round in kit order, later ones shuffled). ``latency_ms`` keeps the
 statistics of all samples pooled, ``round_medians_ms`` each round's median,
 and an entry's latency (``latency_estimate_ms``, the one the predictor fits)
 is the **minimum of all its samples** (``ESTIMATE``).
 
-Why the minimum: on this shared VM the disturbances only ever add time
-(another tenant's use of the shared L3 and memory bus, a descheduled vCPU, a
-session that lands in a slow state, the co-profiled devices' context
-switches), they come and go within a profile, and they hit sub-models between
-the 2 MiB L2 and the 32 MiB L3 hardest. Any statistic that averages over them
-says partly when an entry was timed; the fastest of some hundred runs over
-seven sessions is the run nothing disturbed, and it reproduces. Python's
-``timeit`` documentation recommends the minimum of repeats for the same
-reason. Measured by an ad-hoc script (not kept; ``coformer profile-stats``
-compares the estimates leave-one-out) over 21 profiles of the quickstart's
-60-entry kit (three emulated devices, seven quickstart runs, taken side by
-side; docs/benchmarks.md): two profiles of
-one device agreed within 10% on 87% of entries (worst pair 63%) with the
-minimum, 72% (worst 12%) with the lower quartile of the round medians (this
-profiler's estimate until then), 81% with the minimum of the round medians;
-an analytic predictor held 88.9% of entries within 10% leave-one-out on the
-minimum against 84.4% on the lower quartile (worst profile 82% against 72%).
-Sample minima of one entry across profiles were within about 1% (0.441,
-0.443, 0.447 ms where the lower quartiles were 0.457, 0.471, 0.625). How much
-slower the device is when served, with disturbances and idle gaps, is
-measured separately (``gap_ratio`` below) and applied by the predictor, so
-the undisturbed estimate does not make served predictions optimistic.
+Why the minimum: on a shared VM the disturbances only ever add time (another
+tenant's use of the shared L3 and memory bus, a descheduled vCPU, a session
+that lands in a slow state, the co-profiled devices' context switches), they
+come and go within a profile, and they hit sub-models between the L2 and the
+L3 hardest. Any statistic that averages over them says partly when an entry
+was timed; the fastest of some hundred runs over several sessions is the run
+nothing disturbed, and it reproduces. Python's ``timeit`` documentation
+recommends the minimum of repeats for the same reason. The comparison of
+estimates across profiles is in docs/benchmarks.md ("Profiles: the fastest
+run, devices profiled alone"); ``coformer profile-stats`` repeats it
+leave-one-out on any set of profiles. How much slower the device is when
+served, with disturbances and idle gaps, is measured separately
+(``gap_ratio`` below) and applied by the predictor, so the undisturbed
+estimate does not make served predictions optimistic.
 
 A served device is not run back to back: it idles between requests, and the
-first run after an idle is slower (here 1.1-1.25x, sometimes 1.7x: caches and a
-descheduled vCPU). Timing with a gap is too noisy to fit on (run to run, 63%
-of entries within 10%), so every entry is also run ``gap_iterations`` times
-with ``gap_ms`` of idle before each (in the first round), and the profile
-records each entry's ratio (gapped median / the entry's
+first run after an idle is slower (caches, a descheduled vCPU). Timing with a
+gap is too noisy to fit on, so every entry is also run ``gap_iterations``
+times with ``gap_ms`` of idle before each (in the first round), and the
+profile records each entry's ratio (gapped median / the entry's
 ``latency_estimate_ms``) as ``gap_ratio`` and their median as
 ``served_factor``: it carries both the idle slow-down and the disturbances the
 estimate leaves out. The slow-down is mostly a fixed cost, large for small
-sub-models and lost in large ones, so the
-latency predictor multiplies a predicted back-to-back latency by the ratios
-of entries of about the same latency (``coformer.compiler.predictor``). A
-device emulated by a duty cycle is timed the same way: back to back, each run
-charged its device time (CPU time / share) without the emulation's pauses, which would make every run start cold (rounds 23% apart at
-share 0.6); its gapped runs do pause, as it will when served.
+sub-models and lost in large ones, so the latency predictor multiplies a
+predicted back-to-back latency by the ratios of entries of about the same
+latency (``coformer.compiler.predictor``). A device emulated by a duty cycle
+is timed the same way: back to back, each run charged its device time (CPU
+time / share) without the emulation's pauses, which would make every run
+start cold; its gapped runs do pause, as it will when served.
 
 A profile taken while something else loads the machine is wrong, and every
-predictor fitted on it inherits the error: on one quickstart run here only
-20-30% of entries had round medians within 10% of each other (against 57-88%
-on a quiet run), and its predictors then held 62-75% of held-out entries
-within 10% (against 100%). So after the rounds, every entry without a
-majority of round medians within ``tolerance`` of their median is timed
-again, one round at a time, up to ``extra_rounds`` more rounds (more
+predictor fitted on it inherits the error. So after the rounds, every entry
+without a majority of round medians within ``tolerance`` of their median is
+timed again, one round at a time, up to ``extra_rounds`` more rounds (more
 sessions, more chances of an undisturbed run), and its latency stays the
-minimum of all its samples.
-``stability`` in the profile records the share of entries within tolerance
-before and after, and how many were timed again; a profile that stays
-unstable is worth taking again on a quiet machine.
+minimum of all its samples. ``stability`` in the profile records the share of
+entries within tolerance before and after, and how many were timed again; a
+profile that stays unstable is worth taking again on a quiet machine.
 """
 
 from __future__ import annotations

@@ -156,9 +156,8 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
 
     A ladder of sizes rather than two ends, because served compute is not one
     factor times the predicted one (see :func:`predict_served_here`). The
-    uniform decomposition is usually slower than the policy the search picks
-    (quickstart: about 10 ms served, against 1.3-5.6 ms), so that the
-    prediction interpolates; beyond it, it extrapolates the last segment.
+    uniform decomposition is usually slower than the policy the search picks,
+    so that the prediction interpolates; beyond it, it extrapolates the last segment.
     All uncalibrated (no distillation: only their timing matters). ``decoder``
     and ``latency`` are the search's
     (:func:`coformer.compiler.pipeline.search_space`): the uniform policies and
