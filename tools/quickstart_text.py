@@ -156,8 +156,8 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(texts)} test sentences)")
     adapter = adapter_for(teacher)
     teacher_onnx = out_dir / "teacher.onnx"
-    lower_submodel(PartsModule(adapter.full_net(teacher), teacher.head), data.val.x[:3], teacher_onnx,
-                   adapter.input_names(teacher), text=True, output="logits")
+    teacher_parity = lower_submodel(PartsModule(adapter.full_net(teacher), teacher.head), data.val.x[:3],
+                                    teacher_onnx, adapter.input_names(teacher), text=True, output="logits")
     np.save(out_dir / "test_inputs.npy", data.test.x.numpy())
     timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
                          cfg.warmup_requests)
@@ -194,7 +194,8 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
         "memory": memory_report(result, devices),
         "devices": [{"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "flops": d.flops,
                      "params": d.params, "feature_dim": d.feature_dim} for d in result.manifest.devices],
-        "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(ckpt)},
+        "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(ckpt),
+                    "onnx_parity": teacher_parity},
         "examples": samples,
         "test_samples": len(texts),
         "quickstart_config": dataclasses.asdict(cfg),

@@ -66,6 +66,7 @@ def test_quickstart_fast_runs_end_to_end_and_reports(quickstart_fast):
     assert not list(qs.glob("probe-*"))  # the probe bundles are removed
     assert not (qs / "kit" / "models").exists()  # the kit's ONNX files are removed
     assert "teacher: training" in done.stderr
+    assert 0 <= r["teacher"]["onnx_parity"] <= 1e-4  # the teacher timed is the teacher evaluated
 
 
 def test_without_compare_the_report_says_its_prediction_is_uncalibrated(quickstart_fast):
