@@ -16,6 +16,7 @@ message answers with an ``error`` and keeps serving; it never crashes on input.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ def encode(op: str, request_id: int, tensor: Optional[np.ndarray] = None, **fiel
     return [json.dumps(header, separators=(",", ":")).encode(), payload]
 
 
+@functools.lru_cache(maxsize=256)  # the search asks once per device and policy
 def features_header_bytes(device: str, feature_dim: int, batch: int = 1) -> int:
     """The bytes of a worker's ``features`` header as :mod:`coformer.runtime.worker` writes it,
     for a device name and feature width (timings at full float precision, a large id), so
