@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 
 TASKS = ("digits", "sentiment")
@@ -33,19 +33,14 @@ TASKS = ("digits", "sentiment")
 
 def _task(name: str, work: Path):
     """(teacher, devices, data, boost epochs, aggregator epochs) of a built-in task."""
-    from coformer.calibration.data import load_digits_dataset
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
 
     if name == "digits":
-        from coformer.compiler.builtin import quickstart_teacher
-        from coformer.tools.quickstart import QuickstartConfig, make_devices
+        from coformer.tools.quickstart import load_quickstart
 
-        cfg = QuickstartConfig()
-        data = load_digits_dataset(cfg.img_size, seed=cfg.seed)
-        teacher, _ = quickstart_teacher(cfg.teacher, data, progress=False)
-        devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
-        return teacher, devices, data, cfg.boost_epochs, cfg.aggregator_epochs
+        qs = load_quickstart()
+        return qs.teacher, qs.devices, qs.data, qs.config.boost_epochs, qs.config.aggregator_epochs
     from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head, load_hf
     from coformer.compiler.specs import DeviceSpec

@@ -3,134 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from coformer.runtime.errors import CoFormerError
-from coformer.runtime.timing import summarise
-from coformer.tools.cluster import LocalCluster
 
 
-class _Records:
-    """What one served bundle answered, request by request."""
+def measure_with_probes(bundle_dir: Path, probes: Mapping[str, Mapping[str, Any]], x: np.ndarray, *,
+                        y: Optional[np.ndarray] = None, warmup: int = 10, throttle: str = "auto",
+                        log_dir: Optional[Path] = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Serve the bundle and the probe bundles (:func:`build_probe_bundles`; none is fine)
+    side by side (:func:`coformer.tools.served.measure_bundles`) and send each every sample
+    of ``x``; returns the bundle's summary (:meth:`~coformer.tools.served.Measurement.summary`,
+    with ``accuracy`` when ``y`` is given) and each probe's.
 
-    def __init__(self) -> None:
-        self.rtts: list[float] = []
-        self.preds: list[int] = []
-        self.wire: list[int] = []
-        self.breakdown: list[dict] = []
-        self.runtime: list[float] = []  # round trip less the compute on its critical path
-        self.vectors: list[np.ndarray] = []  # an embedding bundle's answers
-
-    def add(self, r) -> None:
-        self.rtts.append(r.round_trip_ms)
-        self.preds.append(r.label_index[0] if r.label_index else -1)
-        if r.task == "embedding":
-            self.vectors.append(r.embedding[0])
-        self.wire.append(r.wire_bytes_from_workers)
-        self.breakdown.append(r.timing_ms)
-        self.runtime.append(r.round_trip_ms - r.timing_ms["critical_compute"])
-
-    def summary(self, placements) -> dict[str, Any]:
-        bd = self.breakdown
-        med = lambda key: float(np.median([b[key] for b in bd]))  # noqa: E731
-        return {
-            "predictions": np.asarray(self.preds),
-            **({"embeddings": np.stack(self.vectors)} if self.vectors else {}),
-            "latency_ms": summarise(self.rtts),
-            "bytes_per_inference": int(np.median(self.wire)),
-            "runtime_ms_median": float(np.median(self.runtime)),
-            "breakdown_ms_median": {
-                "central_compute": med("central_compute"),
-                "wait_for_workers": med("wait_for_workers"),
-                "aggregate": med("aggregate"),
-                "central_total": med("total"),
-                "dispatch": med("dispatch"),
-                "central_own": med("central_own"),
-                "critical_compute": med("critical_compute"),
-                **{f"worker_compute.{k}": float(np.median([b["workers_compute"][k] for b in bd]))
-                   for k in bd[0]["workers_compute"]},
-                **{f"worker_service.{k}": float(np.median([b["workers_service"][k] for b in bd]))
-                   for k in bd[0]["workers_service"]},
-                **{f"worker_queued.{k}": float(np.median([b["workers_queued"][k] for b in bd]))
-                   for k in bd[0]["workers_queued"]},
-            },
-            "placements": {k: {"cores": list(v.cores or []), "cpu_share": v.cpu_share} for k, v in placements.items()},
-        }
-
-
-def _warm_up(client, x: np.ndarray, n: int) -> None:
-    """``n`` untimed requests (sessions, sockets and caches warm), cycling over ``x``."""
-    for i in range(n):
-        client.infer(x[i % len(x): i % len(x) + 1])
-
-
-def measure_served(bundle_dir: Path, x: np.ndarray, warmup: int = 10, throttle: str = "auto",
-                   log_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Serve ``bundle_dir`` on this machine (devices emulated) and send each sample of ``x``.
-
-    Returns predictions, round-trip latency statistics, wire bytes from the
-    workers, the central node's per-phase medians, the round trip less the
-    critical path's compute (``runtime_ms_median``), and the median round trip
-    of a ``status`` request (message handling and loopback alone).
+    Side by side because this machine's speed drifts by tens of percent from one minute to
+    the next: probes measured before the bundle would calibrate the prediction on a
+    different machine, in effect.
     """
-    rec, pings = _Records(), []
-    with LocalCluster(bundle_dir, throttle=throttle, log_dir=log_dir) as cluster:
-        with cluster.client() as client:
-            _warm_up(client, x, warmup)
-            for i in range(len(x)):
-                rec.add(client.infer(x[i: i + 1]))
-            for _ in range(20):
-                t0 = time.perf_counter()
-                client.status()
-                pings.append((time.perf_counter() - t0) * 1e3)
-    return {**rec.summary(cluster.placements), "status_round_trip_ms": float(np.median(pings))}
+    from coformer.tools.served import measure_bundles
 
-
-def measure_served_with_probes(bundle_dir: Path, probes: Mapping[str, Mapping[str, Any]], x: np.ndarray,
-                               warmup: int = 10, throttle: str = "auto", log_dir: Optional[Path] = None,
-                               block: int = 20) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Serve the bundle and the probe bundles (:func:`build_probe_bundles`) side by side
-    (:func:`measure_side_by_side`); returns the bundle's measurement and each probe's.
-
-    Side by side because this machine's speed drifts by tens of percent from
-    one minute to the next: probes measured before the bundle would calibrate the
-    prediction on a different machine, in effect.
-    """
     if "bundle" in probes:
         raise CoFormerError("a probe may not be named 'bundle'")
-    out = measure_side_by_side({"bundle": bundle_dir, **{k: v["dir"] for k, v in probes.items()}}, x, warmup,
-                               throttle, log_dir, block)
-    return out.pop("bundle"), out
-
-
-def measure_side_by_side(bundles: Mapping[str, Path], x: np.ndarray, warmup: int = 10, throttle: str = "auto",
-                         log_dir: Optional[Path] = None, block: int = 20) -> dict[str, dict[str, Any]]:
-    """Serve every bundle of ``bundles`` (name -> directory) at once and send every sample
-    of ``x`` to each, in turn, in blocks of ``block`` requests; one summary (as
-    :func:`measure_served`) per name.
-
-    Blocks rather than single requests, so that each cluster idles between its
-    requests as it does when served alone; in turn, so that all see the same
-    minutes of this machine.
-    """
-    names = list(bundles)
-    clusters = [LocalCluster(bundles[n], throttle=throttle, log_dir=None if log_dir is None else Path(log_dir) / n)
-                for n in names]
-    recs = [_Records() for _ in names]
-    with ExitStack() as stack:
-        clients = [stack.enter_context(stack.enter_context(c).client()) for c in clusters]
-        for client in clients:
-            _warm_up(client, x, warmup)
-        for lo in range(0, len(x), block):
-            for client, rec in zip(clients, recs):
-                for i in range(lo, min(lo + block, len(x))):
-                    rec.add(client.infer(x[i: i + 1]))
-    return {n: rec.summary(c.placements) for n, rec, c in zip(names, recs, clusters)}
+    measured = measure_bundles({"bundle": bundle_dir, **{k: v["dir"] for k, v in probes.items()}}, x,
+                               warmup=warmup, throttle=throttle, log_dir=log_dir)
+    bundle = measured.pop("bundle").summary(y)
+    return bundle, {k: m.summary() for k, m in measured.items()}
 
 
 def probe_layer_counts(num_layers: int) -> list[int]:
@@ -196,7 +96,7 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
 
 
 def device_compute_ms(served: Mapping[str, Any], devices: Sequence[Any]) -> list[float]:
-    """Each device's median served compute from a measurement (:func:`measure_served`),
+    """Each device's median served compute from a measurement (:func:`measure_with_probes`),
     in the order of ``devices`` (the first is the central node)."""
     bd = served["breakdown_ms_median"]
     return [bd["central_compute"]] + [bd[f"worker_compute.{d.name}"] for d in devices[1:]]
@@ -309,7 +209,8 @@ def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: 
             tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(job.out_dir).resolve().parent))
             try:
                 probes = build_probe_bundles(job.teacher, job.devices, job.data, tmp, *out.space)
-                served, probed = measure_served_with_probes(job.out_dir, probes, x, warmup, throttle, log_dir)
+                served, probed = measure_with_probes(job.out_dir, probes, x, y=y, warmup=warmup, throttle=throttle,
+                                                     log_dir=log_dir)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             best = report["search"][out.method]
@@ -319,7 +220,8 @@ def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: 
                          predicted_latency_local_ms=here["predicted_ms"],
                          predicted_latency_local_terms_ms=here["terms_ms"])
         else:
-            served = measure_served(job.out_dir, x, warmup, throttle, log_dir)
+            served, _ = measure_with_probes(job.out_dir, {}, x, y=y, warmup=warmup, throttle=throttle,
+                                            log_dir=log_dir)
         extra["measured_latency_ms"] = served["latency_ms"]["median"]
         extra["measured_samples"] = int(len(x))
         if "embeddings" in served:  # served vectors against the teacher's, on the same inputs
@@ -332,8 +234,8 @@ def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: 
             reference = TeacherEmbedding(adapter_for(job.teacher), job.teacher, normalizes(job.teacher, job.normalize))
             t = run_batched(reference, torch.as_tensor(x))
             extra["served_embedding"] = embedding_scores(t, torch.as_tensor(served["embeddings"]))
-        elif y is not None:
-            extra["served_accuracy"] = float((served["predictions"] == np.asarray(y)[: len(x)]).mean())
+        elif "accuracy" in served:
+            extra["served_accuracy"] = served["accuracy"]
         extra["served_breakdown_ms_median"] = served["breakdown_ms_median"]
         return extra
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional, Union
 
 
 class Progress:
@@ -14,6 +15,14 @@ class Progress:
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
+
+    @staticmethod
+    def of(progress: Union[bool, "Progress"]) -> Optional["Progress"]:
+        """What to print progress lines with: ``progress`` itself when it is one (a caller's
+        clock, so one command's lines share it), a new one for ``True``, none for ``False``."""
+        if isinstance(progress, Progress):
+            return progress
+        return Progress() if progress else None
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.t0

@@ -12,16 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json
-from coformer.runtime.errors import CoFormerError
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.timing import summarise
 
 
@@ -50,7 +47,7 @@ class QuickstartConfig:
     seed: int = 0
     warmup_requests: int = 10
     kit_count: int = 24
-    profile_alone: bool = True  # profile one device at a time (see profile_devices)
+    profile_alone: bool = True  # profile one device at a time (coformer.tools.emulated.profile_devices)
     # How long the profiler times each kit entry (coformer-runtime profile --rounds, --duration,
     # --extra-rounds); None: the profiler's defaults. The quickstart profiles a small kit briefly
     # (24 entries, 3 rounds) to finish in minutes; a real deployment profiles more
@@ -92,63 +89,45 @@ def make_devices(cfg: QuickstartConfig, teacher_flops: int):
                        link_mbit_s=1000.0, cpu_share=s) for n, s in zip(names, cfg.shares)]
 
 
-def profile_devices(teacher, devices, placements, out_dir: Path, cfg: QuickstartConfig, throttle: str,
-                    progress: bool) -> dict[str, dict]:
-    """Build a profile kit and time it on every emulated device, each in its own process
-    under its own limits (as they will serve); the kit's ONNX files are removed after."""
+@dataclass(frozen=True)
+class QuickstartSetup:
+    """What a quickstart run is made of: its config, the built-in teacher, the data, the devices."""
+
+    config: QuickstartConfig
+    teacher: Any
+    data: Any
+    devices: list
+
+
+def quickstart_config(qs_dir: Optional[Path] = None) -> QuickstartConfig:
+    """The config the quickstart run in ``qs_dir`` saved in its ``report.json``; the default
+    without ``qs_dir`` or a report."""
+    report = None if qs_dir is None else Path(qs_dir) / "report.json"
+    if report is None or not report.is_file():
+        return QuickstartConfig()
+    saved = json.loads(report.read_text()).get("quickstart_config") or {}
+    known = {f.name for f in dataclasses.fields(QuickstartConfig)}  # a setting since removed is dropped
+    return QuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+def load_quickstart(qs_dir: Optional[Path] = None, progress: bool = False, say=None) -> QuickstartSetup:
+    """The teacher, data and devices of the quickstart run in ``qs_dir``, from the config its
+    ``report.json`` saved (a ``--fast`` run's is not the default); the default config without
+    ``qs_dir`` or a report. The teacher comes from the cache, trained when it is missing.
+
+    For the tools that study a quickstart's output (the bench, ``served_bench``,
+    ``search_bench``, ``distill_compare``), so that each rebuilds the same setting.
+    """
+    from coformer.calibration.data import load_digits_dataset
+    from coformer.compiler.builtin import quickstart_teacher
+    from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.profile_kit import sample_configs, write_kit
-    from coformer.runtime.limits import cores_text
 
-    shape = adapter_for(teacher).read_shape(teacher)
-    kit_dir = out_dir / "kit"
-    shutil.rmtree(kit_dir, ignore_errors=True)
-    write_kit(teacher, sample_configs(shape, cfg.kit_count, cfg.seed), kit_dir, progress)
-    (out_dir / "profiles").mkdir(exist_ok=True)
-    # Devices sharing a core are profiled one after another, so each profile is the device alone,
-    # as a real one would be. With cfg.profile_alone so are devices on different cores: they
-    # still share this machine's L3 cache and memory bus, which a real device does not.
-    waves: list[list] = []
-    for d in devices:
-        cores = set(placements[d.name].cores or [0])
-        wave = None if cfg.profile_alone else next(
-            (w for w in waves if all(cores.isdisjoint(placements[x.name].cores or [0]) for x in w)), None)
-        if wave is None:
-            waves.append([d])
-        else:
-            wave.append(d)
-    profiles = {}
-    for wave in waves:
-        procs = {}
-        for d in wave:
-            p = placements[d.name]
-            cmd = [sys.executable, "-m", "coformer.runtime.cli", "profile", str(kit_dir), "--device", d.name,
-                   "--out", str(out_dir / "profiles" / f"{d.name}.json"), "--cpu-share", str(p.cpu_share),
-                   "--cpu-cores", cores_text(p.cores or [0]), "--throttle", throttle, "--threads", "1",
-                   "--warmup", "50", "--no-progress"]
-            for flag, value in (("--rounds", cfg.profile_rounds), ("--duration", cfg.profile_duration_s),
-                                ("--extra-rounds", cfg.profile_extra_rounds)):
-                if value is not None:
-                    cmd += [flag, str(value)]
-            procs[d.name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for name, proc in procs.items():
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                raise CoFormerError(f"profiling {name} failed: {err.strip()[-2000:]}")
-            profiles[name] = json.loads((out_dir / "profiles" / f"{name}.json").read_text())
-    shutil.rmtree(kit_dir / "models", ignore_errors=True)
-    return profiles
-
-
-def time_teacher(onnx_path: Path, inputs_path: Path, out_path: Path, throttle: str, warmup: int) -> np.lib.npyio.NpzFile:
-    """Time the teacher in its own process under the central (strongest) device's limits."""
-    cmd = [sys.executable, "-m", "coformer.runtime.cli", "time", str(onnx_path), "--inputs", str(inputs_path),
-           "--out", str(out_path), "--cpu-cores", "0", "--cpu-share", "1.0", "--threads", "1",
-           "--throttle", throttle, "--warmup", str(warmup)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise CoFormerError(f"timing the teacher failed: {done.stderr.strip()[-2000:]}")
-    return np.load(out_path)
+    cfg = quickstart_config(qs_dir)
+    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    teacher, _ = quickstart_teacher(cfg.teacher, data, progress, say=say)
+    devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
+    return QuickstartSetup(cfg, teacher, data, devices)
 
 
 def run_quickstart(
@@ -178,7 +157,8 @@ def run_quickstart(
     from coformer.compiler.job import CompileJob, run_job
     from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
+    from coformer.tools.emulated import profile_devices, time_teacher
+    from coformer.tools.measure import (build_probe_bundles, measure_with_probes, predict_served_here,
                                         probe_measurements)
 
     cfg = config or (FAST if fast else QuickstartConfig())
@@ -188,11 +168,11 @@ def run_quickstart(
     from coformer.compiler.builtin import quickstart_teacher
     from coformer.tools.progress import Progress
 
-    _say = Progress()
-    _say(f"quickstart: writing to {out_dir}")
+    say = Progress()
+    say(f"quickstart: writing to {out_dir}")
     torch.manual_seed(cfg.seed)
     data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
-    teacher, teacher_ckpt = quickstart_teacher(cfg.teacher, data, progress, say=_say)
+    teacher, teacher_ckpt = quickstart_teacher(cfg.teacher, data, progress, say=say)
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
     t_cost = teacher_cost(shape)
@@ -200,15 +180,18 @@ def run_quickstart(
 
     placements = place_devices([(d.name, d.cpu_share) for d in devices])
 
-    _say(f"profiling the {len(devices)} emulated devices on a kit of {cfg.kit_count} sub-models")
-    profiles = profile_devices(teacher, devices, placements, out_dir, cfg, throttle, progress)
+    say(f"profiling the {len(devices)} emulated devices on a kit of {cfg.kit_count} sub-models")
+    profiles = profile_devices(teacher, devices, placements, out_dir, kit_count=cfg.kit_count, seed=cfg.seed,
+                               throttle=throttle, alone=cfg.profile_alone, rounds=cfg.profile_rounds,
+                               duration_s=cfg.profile_duration_s, extra_rounds=cfg.profile_extra_rounds,
+                               progress=progress)
     predictors, fits = [], {}
     for d in devices:
         pred, fits[d.name] = fit_predictor(profiles[d.name], seed=cfg.seed, all_entries=True)
         pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
         predictors.append(pred)
 
-    _say("search (DeBo" + (", with random search and uniform decomposition to compare" if compare else "")
+    say("search (DeBo" + (", with random search and uniform decomposition to compare" if compare else "")
          + "), then compile: decompose -> calibrate -> ONNX -> bundle")
     job = run_job(CompileJob(
         teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, compare=compare,
@@ -220,7 +203,7 @@ def run_quickstart(
 
     probes = {}
     if compare:
-        _say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
+        say("probe bundles (the smallest sub-models, the uniform decomposition by depth) to calibrate the prediction")
         probes = build_probe_bundles(teacher, devices, data, out_dir, *job.space)
     # the teacher is lowered as every sub-model is (as the text quickstart does too); a parity
     # miss raises
@@ -230,21 +213,21 @@ def run_quickstart(
     y_test = data.test.y.numpy()
     np.save(out_dir / "test_inputs.npy", x_test)
 
-    _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(x_test)} test images)")
+    say(f"timing the teacher alone on {devices[0].name}'s limits ({len(x_test)} test images)")
     timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
                          cfg.warmup_requests)
     teacher_acc = float((timed["outputs"].argmax(-1) == y_test).mean())
 
     manifest = result.manifest
-    _say("serving: central node + workers as separate processes on loopback"
+    say("serving: central node + workers as separate processes on loopback"
          + (" (the probe bundles beside it)" if probes else ""))
     try:
-        served, probed = measure_served_with_probes(out_dir / "bundle", probes, x_test, cfg.warmup_requests,
-                                                    throttle, out_dir / "logs")
+        served, probed = measure_with_probes(out_dir / "bundle", probes, x_test, y=y_test,
+                                             warmup=cfg.warmup_requests, throttle=throttle, log_dir=out_dir / "logs")
     finally:
         for probe in probes.values():
             shutil.rmtree(probe["dir"], ignore_errors=True)
-    ensemble_acc = float((served["predictions"] == y_test).mean())
+    ensemble_acc = served["accuracy"]
     t_lat, c_lat = summarise(timed["latency_ms"]), served["latency_ms"]
     bo = search["bo"]
     if probes:
@@ -259,7 +242,7 @@ def run_quickstart(
         "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
         "collaborative_latency_ms": {"median": c_lat["median"], "p90": c_lat["p90"]},
         "speedup": t_lat["median"] / c_lat["median"],
-        "bytes_per_inference": served["bytes_per_inference"],
+        "bytes_per_inference": served["bytes_from_devices"],  # the features; the input goes the other way
         "feature_payload_bytes": sum(4 * d.feature_dim for d in manifest.workers),
         "devices": [
             {"name": d.device, "role": d.role, "cpu_share": d.cpu_share,
@@ -286,7 +269,7 @@ def run_quickstart(
         "throttle": throttle,
         "compare": compare,
         "bundle": str(out_dir / "bundle"),
-        "wall_time_s": _say.elapsed_s(),
+        "wall_time_s": say.elapsed_s(),
     }
     atomic_write_json(out_dir / "report.json", report)
     if report_json:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.timing import summarise
 
 
@@ -119,19 +119,20 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.compiler.hf import encoder_for, fit_head, load_hf
     from coformer.compiler.pipeline import compile_bundle, memory_report, run_batched
     from coformer.runtime.text import TextEncoder
-    from coformer.tools.cluster import LocalCluster
     from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.pipeline import lower_submodel
     from coformer.tools.progress import Progress
-    from coformer.tools.quickstart import make_devices, time_teacher
+    from coformer.tools.emulated import time_teacher
+    from coformer.tools.quickstart import make_devices
+    from coformer.tools.served import measure_bundles
 
     cfg = config or dataclasses.replace(FAST_TEXT if fast else TextQuickstartConfig(), family=family)
     out_dir = Path(out_dir or "coformer-quickstart-text").resolve()
     check_target(out_dir / "bundle")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _say = Progress()
-    _say(f"quickstart (text): writing to {out_dir}")
-    _say(f"teacher: training {cfg.family} d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on "
+    say = Progress()
+    say(f"quickstart (text): writing to {out_dir}")
+    say(f"teacher: training {cfg.family} d={cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads on "
          f"{cfg.examples} synthetic reviews (saved as a HuggingFace checkpoint)")
     ckpt = train_text_teacher(cfg, out_dir / "teacher-hf", progress)
     teacher = load_hf(ckpt, max_length=cfg.max_length)
@@ -140,7 +141,7 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     task_head = fit_head(teacher, data)
     t_cost = teacher_cost(adapter_for(teacher).read_shape(teacher))
     devices = make_devices(cfg, t_cost.flops)
-    _say("compile: decompose -> calibrate -> ONNX -> bundle (heuristic policy)")
+    say("compile: decompose -> calibrate -> ONNX -> bundle (heuristic policy)")
     result = compile_bundle(teacher, devices, data, out_dir / "bundle",
                             boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
                             aggregator_epochs=cfg.aggregator_epochs, model_name=f"hf:{ckpt}", progress=progress)
@@ -151,7 +152,7 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
         expected = result.aggregator(*[run_batched(s, x_all) for s in result.submodels]).argmax(-1).numpy()
         teacher_pred = run_batched(teacher, x_all).argmax(-1).numpy()
 
-    _say(f"timing the teacher alone on {devices[0].name}'s limits ({len(texts)} test sentences)")
+    say(f"timing the teacher alone on {devices[0].name}'s limits ({len(texts)} test sentences)")
     adapter = adapter_for(teacher)
     teacher_onnx = out_dir / "teacher.onnx"
     teacher_parity = lower_submodel(PartsModule(adapter.full_net(teacher), teacher.head), data.val.x[:3],
@@ -159,23 +160,17 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     np.save(out_dir / "test_inputs.npy", data.test.x.numpy())
     timed = time_teacher(teacher_onnx, out_dir / "test_inputs.npy", out_dir / "teacher_timing.npz", throttle,
                          cfg.warmup_requests)
-    _say(f"serving: central node + workers as processes; {len(texts)} test sentences sent as raw text")
-    encoder = TextEncoder.from_bundle(out_dir / "bundle")
-    labels = result.manifest.labels
-    served, rtts, wire = [], [], []
-    with LocalCluster(out_dir / "bundle", throttle=throttle, log_dir=out_dir / "logs") as cluster:
-        with cluster.client() as client:
-            for t in texts[: cfg.warmup_requests]:
-                client.classify([t], encoder, labels)
-            for t in texts:
-                names, r = client.classify([t], encoder, labels)
-                served.append(labels.index(names[0]))
-                rtts.append(r.round_trip_ms)
-                wire.append(r.wire_bytes_from_workers)
-            samples = {t: client.classify([t], encoder, labels)[0][0]
-                       for t in ("the movie was not good", "honestly the food was really great today")}
-    served = np.asarray(served)
-    lat, t_lat = summarise(rtts), summarise(timed["latency_ms"])
+    say(f"serving: central node + workers as processes; {len(texts)} test sentences sent as raw text")
+    examples = ("the movie was not good", "honestly the food was really great today")
+
+    def classify_examples(_name, client):
+        encoder = TextEncoder.from_bundle(out_dir / "bundle")
+        return {t: client.classify([t], encoder, result.manifest.labels)[0][0] for t in examples}
+
+    measured = measure_bundles({"bundle": out_dir / "bundle"}, texts, warmup=cfg.warmup_requests, throttle=throttle,
+                               log_dir=out_dir / "logs", after=classify_examples)["bundle"]
+    served = measured.summary(y)
+    lat, t_lat = served["latency_ms"], summarise(timed["latency_ms"])
     report = {
         "task": "text",
         "family": cfg.family,
@@ -183,22 +178,22 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
         "teacher_latency_ms": {"median": t_lat["median"], "p90": t_lat["p90"]},
         "speedup": t_lat["median"] / lat["median"],
         "teacher_accuracy": float((teacher_pred == y).mean()),
-        "ensemble_accuracy": float((served == y).mean()),
+        "ensemble_accuracy": served["accuracy"],
         "pytorch_ensemble_accuracy": result.accuracy["ensemble_accuracy"],
-        "served_equals_pytorch": float((served == expected).mean()),
+        "served_equals_pytorch": float((served["predictions"] == expected[served["indices"]]).mean()),
         "submodel_accuracies": result.accuracy["submodel_accuracies"],
         "collaborative_latency_ms": {"median": lat["median"], "p90": lat["p90"]},
-        "bytes_per_inference": int(np.median(wire)),
+        "bytes_per_inference": served["bytes_from_devices"],
         "memory": memory_report(result, devices),
         "devices": [{"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "flops": d.flops,
                      "params": d.params, "feature_dim": d.feature_dim} for d in result.manifest.devices],
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(ckpt),
                     "onnx_parity": teacher_parity},
-        "examples": samples,
+        "examples": measured.after,
         "test_samples": len(texts),
         "quickstart_config": dataclasses.asdict(cfg),
         "bundle": str(out_dir / "bundle"),
-        "wall_time_s": _say.elapsed_s(),
+        "wall_time_s": say.elapsed_s(),
     }
     atomic_write_json(out_dir / "report.json", report)
     if report_json:

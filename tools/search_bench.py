@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 
 
@@ -30,19 +30,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--report-json", type=Path, default=None)
     args = p.parse_args(argv)
     try:
-        from coformer.calibration.data import load_digits_dataset
-        from coformer.compiler.cost import teacher_cost
-        from coformer.compiler.families import adapter_for
         from coformer.compiler.predictor import LatencyPredictor
         from coformer.compiler.search import run_search
         from coformer.compiler.pipeline import search_space, validation_loss
-        from coformer.compiler.builtin import quickstart_teacher
-        from coformer.tools.quickstart import QuickstartConfig, make_devices
+        from coformer.tools.quickstart import load_quickstart
 
-        cfg = QuickstartConfig()
-        data = load_digits_dataset(cfg.img_size)
-        teacher, _ = quickstart_teacher(cfg.teacher, data, progress=False)
-        devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
+        qs = load_quickstart(args.quickstart_dir)
+        teacher, data, devices = qs.teacher, qs.data, qs.devices
         preds = []
         for d in devices:
             path = args.quickstart_dir / "profiles" / f"{d.name}.predictor.json"

@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 
 
@@ -73,23 +73,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
     """Quickstart outputs: the built-in teacher, its devices, each folder's own predictors."""
-    from coformer.calibration.data import load_digits_dataset
-    from coformer.compiler.builtin import quickstart_teacher
-    from coformer.compiler.cost import teacher_cost
-    from coformer.compiler.families import adapter_for
     from coformer.compiler.pipeline import latency_model
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.specs import Policy
-    from coformer.tools.quickstart import QuickstartConfig, make_devices
+    from coformer.tools.quickstart import load_quickstart, quickstart_config
 
     for d in dirs:  # before the teacher is loaded (or trained, without a cache)
         missing = [str(x) for x in (d / "bundle" / "manifest.json", d / "profiles") if not x.exists()]
         if missing:
             raise CoFormerError(f"{d} is not a quickstart output: {', '.join(missing)} missing")
-    cfg = QuickstartConfig()
-    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
-    teacher, _ = quickstart_teacher(cfg.teacher, data, progress=False)
-    devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
+    configs = [quickstart_config(d) for d in dirs]
+    if any(c.teacher != configs[0].teacher or c.shares != configs[0].shares for c in configs):
+        raise CoFormerError(f"{', '.join(map(str, dirs))} were made with different teachers or devices; "
+                            "compare quickstart outputs of one config")
+    qs = load_quickstart(dirs[0])
+    teacher, devices, data = qs.teacher, qs.devices, qs.data
     runs = []
     for d in dirs:
         paths = [d / "profiles" / f"{dev.name}.predictor.json" for dev in devices] + [d / "bundle" / "manifest.json"]
@@ -135,7 +133,7 @@ def run_model(args) -> list[dict]:
 def measure_runs(teacher, devices, data, runs, x, repeats: int) -> list[dict]:
     """Serve every ``(bundle, latency model, policy)`` of ``runs`` beside the probes, ``repeats`` times."""
     from coformer.compiler.pipeline import search_space
-    from coformer.tools.measure import (build_probe_bundles, measure_served_with_probes, predict_served_here,
+    from coformer.tools.measure import (build_probe_bundles, measure_with_probes, predict_served_here,
                                         probe_measurements, served_compute_ms)
 
     tmp = Path(tempfile.mkdtemp(prefix="coformer-served-bench-"))
@@ -152,7 +150,7 @@ def measure_runs(teacher, devices, data, runs, x, repeats: int) -> list[dict]:
                 for k, v in probes.items():
                     t1_k, _, t3_k, _ = latency.terms(v["policy"])
                     mine[k] = {**v, "t1_ms": t1_k, "t3_ms": t3_k}
-                served, probed = measure_served_with_probes(d, mine, x)
+                served, probed = measure_with_probes(d, mine, x)
                 measured = served["latency_ms"]["median"]
                 here = predict_served_here(t1, t3, devices, served["placements"],
                                            probe_measurements(mine, probed, devices))

@@ -1,0 +1,47 @@
+"""``coformer bench``: CoFormer against the strategies a user would otherwise deploy,
+on the same emulated devices, the same inputs, in one run (paper §II-B, §IV,
+Fig. 3/4/10/12, Tables III-V).
+
+Strategies (all from the same teacher's real weights, all served by the same
+runtime, see :mod:`coformer.compiler.baselines`): ``coformer`` (the bundle),
+``uniform`` (DeViT-style: the same sub-model size on every device, calibrated
+like CoFormer's), ``teacher`` (alone on the central, strongest device),
+``pipeline`` (EdgeShard-style) and ``tensor_parallel`` (Galaxy-style).
+
+Where the input comes from matters as much as the network:
+
+* ``device``: every device captures the input itself (the paper's setting:
+  cameras at every device). Workers load the test inputs and the central node
+  sends an index, so only features cross the links.
+* ``central``: the input arrives at the central node, which sends it to the
+  devices that need it: the honest cost of distributing it.
+
+The teacher, the pipeline and tensor parallelism consume the input only on the
+central device, so for them both settings are the same run (reported once,
+as ``central``).
+
+Every request's latency is the client's round trip (the client sits on the
+central device's side of an unshaped link). Breakdown of the critical path,
+from the central node's clock (see ``coformer.runtime.central``): ``compute``
+(the central node's own compute outside rounds plus, per round, the part that
+finished last), ``transfer`` (the last worker's dispatch-to-answer time less
+its service time: the links both ways), ``aggregation``, ``other`` (the rest of
+the round trip: message handling, the client link, waiting).
+The package, along the lines of its work: :mod:`.options` (what the command line
+names), :mod:`.strategies` (building and checking each strategy's bundle),
+:mod:`.runner` (serving them, through :func:`coformer.tools.served.measure_bundles`),
+:mod:`.report` (ratios and markdown) and :mod:`.plots`.
+"""
+
+from coformer.tools.bench.options import (DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name,
+                                          parse_bandwidths, parse_choice, parse_counts)
+from coformer.tools.bench.report import format_summary, markdown, ratios
+from coformer.tools.bench.runner import (BENCH_MEMORY, check_testbed, memory_story, quickstart_inputs, run_bench,
+                                         run_model_bench, run_quickstart_bench)
+from coformer.tools.bench.strategies import (BUNDLES_VERSION, bundle_devices, bundles_digest, check_bundle_matches,
+                                             prepare_bundles, strategies_for)
+
+__all__ = ["BENCH_MEMORY", "BUNDLES_VERSION", "DEFAULT_BANDWIDTHS", "INPUT_SOURCES", "STRATEGIES", "bandwidth_name",
+           "bundle_devices", "bundles_digest", "check_bundle_matches", "check_testbed", "format_summary", "markdown",
+           "memory_story", "parse_bandwidths", "parse_choice", "parse_counts", "prepare_bundles", "quickstart_inputs",
+           "ratios", "run_bench", "run_model_bench", "run_quickstart_bench", "strategies_for"]

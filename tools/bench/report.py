@@ -1,0 +1,70 @@
+"""The bench's report: CoFormer's ratios against each strategy, and the markdown tables."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
+    """CoFormer against each other strategy, per bandwidth and input source: how many times
+    faster (median latency) and how many times fewer bytes per inference."""
+    out = []
+    same = lambda a, b: a["bandwidth"] == b["bandwidth"] and a["devices_count"] == b["devices_count"]  # noqa: E731
+    for c in [r for r in results if r["strategy"] == "coformer"]:
+        row: dict[str, Any] = {"bandwidth": c["bandwidth"], "devices_count": c["devices_count"],
+                               "input_source": c["input_source"]}
+        for o in results:
+            if not same(o, c) or o["strategy"] == "coformer":
+                continue
+            if o["strategy"] == "uniform" and o["input_source"] != c["input_source"]:
+                continue
+            row[f"speedup_vs_{o['strategy']}"] = o["latency_ms"]["median"] / c["latency_ms"]["median"]
+            if c["bytes_per_inference"] and o["bytes_per_inference"]:  # the teacher alone sends nothing
+                row[f"fewer_bytes_vs_{o['strategy']}"] = o["bytes_per_inference"] / c["bytes_per_inference"]
+        teacher = next((o for o in results if same(o, c) and o["strategy"] == "teacher"), None)
+        if teacher is not None:
+            row["accuracy_vs_teacher_points"] = 100 * (c["accuracy"] - teacher["accuracy"])
+        out.append(row)
+    return out
+
+
+def _mib(n: Optional[int]) -> str:
+    return "–" if not n else f"{n / 2**20:.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| strategy | devices | bandwidth | input from | accuracy | agrees with teacher | median ms | p90 ms | p99 ms "
+             "| compute | transfer | aggregation | other | bytes/inference | peak MiB per device | samples |",
+             "|" + "---|" * 16]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | "
+                         f"{r['status']} {', '.join(r.get('out_of_memory_on', []))} |" + " |" * 11)
+            continue
+        b, lat = r["breakdown_ms"], r["latency_ms"]
+        peak = " / ".join(_mib(v) for v in r["peak_memory_bytes"].values()) or "–"
+        agree = r.get("agreement_with_teacher")
+        lines.append(
+            f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | {100 * r['accuracy']:.1f}% | "
+            f"{'–' if agree is None else f'{100 * agree:.1f}%'} | {lat['median']:.2f} | {lat['p90']:.2f} | "
+            f"{lat['p99']:.2f} | {b['compute']:.2f} | {b['transfer']:.2f} | {b['aggregation']:.2f} | "
+            f"{b['other']:.2f} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")
+    if report["ratios"]:
+        lines += ["", "CoFormer against each strategy (x times faster, median latency; x times fewer bytes):", ""]
+        keys = sorted({k for r in report["ratios"] for k in r if k.startswith(("speedup", "fewer"))})
+        lines.append("| devices | bandwidth | input from | " + " | ".join(k.replace("_", " ") for k in keys) + " |")
+        lines.append("|" + "---|" * (len(keys) + 3))
+        for r in report["ratios"]:
+            lines.append(f"| {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | "
+                         + " | ".join("–" if k not in r else f"{r[k]:.1f}x" for k in keys) + " |")
+    m = report.get("memory")
+    if m:
+        lines += ["", f"Memory: on {m['device']} (limit {_mib(m['memory_limit_bytes'])} MiB) the teacher "
+                      f"ends {m['teacher']['status']} (peak {_mib(m['teacher']['peak_memory_bytes'])} MiB); its "
+                      f"sub-model ends {m['submodel']['status']} (peak {_mib(m['submodel']['peak_memory_bytes'])} MiB)."]
+    return "\n".join(lines) + "\n"
+
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The markdown tables and the plots written, as the command prints them."""
+    return markdown(report) + (f"\nplots: {', '.join(report.get('plots', [])) or 'none (matplotlib missing)'}\n")

@@ -1,0 +1,142 @@
+"""Each strategy's bundle, built from the same teacher's real weights (see
+:mod:`coformer.compiler.baselines`) and cached while what it was built from is unchanged;
+and the checks that a user's bundle matches the teacher, devices and data it is benched with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from coformer.runtime.files import atomic_write_bytes
+from coformer.runtime.errors import CoFormerError
+from coformer.tools.bench.options import STRATEGIES
+from coformer.tools.progress import Progress
+
+BUNDLES_VERSION = 2  # bump when the baselines are built differently: cached ones are rebuilt (2: explicit attention)
+
+
+def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, seed: int, data=None,
+                   batch_size: int = 64) -> str:
+    """What the built bundles depend on: every byte of the teacher's weights (not a prefix
+    of each tensor: a fine-tuned head or a retrained last row differs late), the devices,
+    the calibration settings and the data they were calibrated on."""
+    import hashlib
+
+    from coformer.compiler.pipeline import hash_data, hash_weights
+
+    key = hashlib.sha256(f"bundles v{BUNDLES_VERSION}".encode())
+    hash_weights(key, teacher)
+    key.update(json.dumps([d.to_dict() for d in devices], sort_keys=True, default=str).encode())
+    key.update(json.dumps([boost_epochs, aggregator_epochs, seed, batch_size]).encode())
+    if data is not None:
+        hash_data(key, data)
+    return key.hexdigest()[:16]
+
+
+def strategies_for(teacher) -> tuple[str, ...]:
+    """The strategies the bench can build for ``teacher``'s family: pipeline and tensor
+    parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others; the
+    teacher alone is built for image families."""
+    from coformer.compiler.baselines import baseline_families
+    from coformer.compiler.families import adapter_for
+
+    family = adapter_for(teacher).name
+    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform") or family in baseline_families(s))
+
+
+def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
+                    boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
+                    progress: Union[bool, Progress] = True, predictors: Optional[Sequence[Any]] = None,
+                    compute=None) -> dict[str, Path]:
+    """The bundle of every strategy: CoFormer's as given, the others built in ``out_dir``
+    (reused while the teacher, devices and settings they were built from are unchanged).
+
+    Without ``coformer_bundle``, CoFormer's is compiled here too: DeBo over
+    ``predictors`` (one per device), then calibration, as ``coformer compile`` does;
+    ``uniform`` is compiled the same way with the uniform policy. Both go through
+    :func:`coformer.compiler.job.run_job`, on ``compute``.
+    """
+    from coformer.calibration.booster import BoostConfig
+    from coformer.calibration.compute import CPU
+    from coformer.compiler.baselines import BASELINES, build_baseline
+    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.sources import source_of
+    from coformer.runtime.manifest import load_manifest
+
+    compute = compute or CPU
+    say = Progress.of(progress)
+    digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed, data, compute.batch_size)
+    out: dict[str, Path] = {}
+    for s in strategies:
+        if s == "coformer" and coformer_bundle is not None:
+            out[s] = Path(coformer_bundle)
+            continue
+        path = Path(out_dir) / s
+        stamp = path / "built-from.txt"
+        if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+            load_manifest(path)  # verifies checksums
+            out[s] = path
+            continue
+        if say:
+            say(f"bench: building the {s} bundle")
+        if path.exists():
+            shutil.rmtree(path)
+        if s in BASELINES:
+            build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
+                           model_name=f"{s}")
+        else:  # coformer (searched over the predictors) or uniform, calibrated alike
+            if s == "coformer" and predictors is None:
+                raise CoFormerError("compiling a CoFormer bundle for the bench needs each device's predictor")
+            import torch
+
+            torch.manual_seed(seed)
+            run_job(CompileJob(teacher, devices, data, path, search="bo" if s == "coformer" else "uniform",
+                               predictors=predictors if s == "coformer" else None, seed=seed,
+                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
+                               aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
+                               model_info=source_of(teacher), progress=bool(progress)))
+        atomic_write_bytes(stamp, (digest + "\n").encode())
+        out[s] = path
+    return out
+
+
+def bundle_devices(manifest, devices):
+    """``devices`` in the bundle's order (the central node first); refuses other names."""
+    order = [d.device for d in manifest.devices]
+    if sorted(order) != sorted(d.name for d in devices):
+        raise CoFormerError(f"the devices file names {[d.name for d in devices]}, the bundle was compiled for {order}")
+    return sorted(devices, key=lambda d: order.index(d.name))
+
+
+def check_bundle_matches(manifest, teacher, data) -> None:
+    """Refuse to bench a bundle against a teacher or data it was not compiled from (the
+    baselines are built from the teacher, the test inputs from the data)."""
+    from coformer.compiler.families import adapter_for
+
+    adapter = adapter_for(teacher)
+    shape = adapter.read_shape(teacher).to_dict()
+    recorded = dict(manifest.model.get("shape") or {})
+    diff = sorted(k for k in set(shape) | set(recorded) if k != "extras" and shape.get(k) != recorded.get(k))
+    if recorded and diff:
+        raise CoFormerError(f"the bundle was compiled from another teacher: {', '.join(diff)} differ "
+                            f"(bundle {[recorded.get(k) for k in diff]}, --model {[shape.get(k) for k in diff]})")
+    recorded_weights = manifest.model.get("weights_sha256")
+    if recorded_weights:
+        from coformer.compiler.pipeline import weights_digest
+
+        if weights_digest(teacher) != recorded_weights:
+            raise CoFormerError("the bundle was compiled from other weights than --model/--checkpoint give "
+                                f"(weights SHA-256 {recorded_weights[:12]}... in the manifest); bench it with "
+                                "the checkpoint it was compiled from")
+    if tuple(manifest.input.shape) != tuple(adapter.input_shape(teacher)):
+        raise CoFormerError(f"the bundle takes inputs {list(manifest.input.shape)}, the teacher "
+                            f"{list(adapter.input_shape(teacher))}")
+    keys = ("kind", "source", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "scale",
+            "resize", "raw_shape")
+    pre, want = dict(manifest.input.preprocessing), dict(data.preprocessing)
+    bad = [k for k in keys if pre.get(k) != want.get(k)]
+    if bad:
+        raise CoFormerError(f"the bundle was compiled with other preprocessing ({', '.join(f'{k}: {pre.get(k)!r}' for k in bad)}) "
+                            f"than --data gives ({', '.join(f'{k}: {want.get(k)!r}' for k in bad)})")
