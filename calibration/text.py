@@ -184,7 +184,7 @@ def build_word_tokenizer(path: Path, words: Sequence[str]) -> Path:
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    from coformer.runtime._files import atomic_write_bytes
+    from coformer.runtime.files import atomic_write_bytes
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}

@@ -31,7 +31,7 @@ from torch import nn
 
 from coformer.compiler.bundle import write_bundle
 from coformer.compiler.families import adapter_for
-from coformer.compiler.families.vit import _check_supported, head_rows_cols
+from coformer.compiler.families.vit import check_supported, head_rows_cols
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.specs import DeviceSpec
 from coformer.runtime.errors import CoFormerError
@@ -191,7 +191,7 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
                             f"teachers, not the {adapter.name!r} family; bench with --strategies "
                             "coformer,uniform,teacher")
     if adapter.name == "vit":
-        _check_supported(teacher)
+        check_supported(teacher)
     shape = adapter.read_shape(teacher)
     L, D, N = shape.num_layers, shape.embed_dim, shape.num_tokens
     devices = list(devices) if strategy != "teacher" else list(devices[:1])
@@ -302,7 +302,7 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
     from coformer.calibration.aggregator import Normalize
     from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.pipeline import lower_submodel
-    from coformer.runtime._files import public_mode
+    from coformer.runtime.files import public_mode
 
     adapter = adapter_for(teacher)
     task = dict(task or {"kind": "classification", "labels": list(labels)})

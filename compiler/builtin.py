@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from coformer.runtime._files import atomic_write_bytes
+from coformer.runtime.files import atomic_write_bytes
 
 CACHE_VERSION = 1
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from coformer.runtime._files import public_mode, replace_dir, sha256_file
+from coformer.runtime.files import public_mode, replace_dir, sha256_file
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, write_manifest
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from coformer.compiler.families import hf_adapter_for, supported_architectures
 from coformer.compiler.families.text_teacher import TextTeacher
-from coformer.runtime._files import read_json
+from coformer.runtime.files import read_json
 from coformer.runtime.errors import CoFormerError
 
 # model_type -> the class used when config.json names no architecture

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coformer.runtime._files import public_mode
+from coformer.runtime.files import public_mode
 from coformer.runtime.errors import CoFormerError
 
 OPSET = 17

@@ -36,7 +36,7 @@ from coformer.compiler.families import adapter_for
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
-from coformer.runtime._files import public_mode
+from coformer.runtime.files import public_mode
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
 

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json, read_json
+from coformer.runtime.files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 
 KINDS = ("mlp", "analytic")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from coformer.compiler.cost import submodel_cost
 from coformer.compiler.specs import SubModelSpec, TransformerShape
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 
 KIT_VERSION = 1

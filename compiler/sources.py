@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
-from coformer.runtime._files import sha256_file
+from coformer.runtime.files import sha256_file
 from coformer.runtime.errors import CoFormerError
 
 MODEL_FORMS = "'quickstart', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"
@@ -126,7 +126,7 @@ def _timm_from_checkpoint(name: str, checkpoint: Optional[Path], kwargs: dict[st
 def _timm_from_dir(path: Path, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
-    from coformer.runtime._files import read_json
+    from coformer.runtime.files import read_json
 
     cfg = read_json(path / "config.json", f"timm-dir:{path} is not a timm model folder: no config.json in it")
     if not isinstance(cfg, dict) or "architecture" not in cfg:

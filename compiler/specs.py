@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from coformer.runtime._files import atomic_write_json, read_json
+from coformer.runtime.files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 
 

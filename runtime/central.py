@@ -41,7 +41,7 @@ from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
 from coformer.runtime.security import RoleKeys, curve_server, require_security, start_authenticator
 from coformer.runtime.text import check_tokens, model_feeds
-from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, _id_of, heartbeats, input_limits, install_stop_signals,
+from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, id_of, heartbeats, input_limits, install_stop_signals,
                                      max_message_bytes)
 
 _yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # (Unix; elsewhere a no-op-ish sleep)
@@ -216,10 +216,10 @@ class CentralNode:
                 else:
                     raise protocol.ProtocolError("bad_op", f"the central node does not serve op {msg.op!r}")
             except protocol.ProtocolError as e:
-                reply = protocol.error_frames(_id_of(rest) if rest else 0, e.code, str(e))
+                reply = protocol.error_frames(id_of(rest) if rest else 0, e.code, str(e))
             except Exception as e:  # a fault this node did not foresee: answer it, log it, keep serving
                 log.exception("request not served")
-                reply = protocol.error_frames(_id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
+                reply = protocol.error_frames(id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
             self._reply(envelope, reply)
 
     def _reply(self, envelope: list[bytes], frames: list[bytes]) -> None:

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "time":
         import io
 
-        from coformer.runtime._files import atomic_write_bytes
+        from coformer.runtime.files import atomic_write_bytes
         from coformer.runtime.timing import summarise, time_samples
 
         if not args.inputs.is_file():
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             print("warning: most entries still disagree between rounds; something else is loading this machine? "
                   "A predictor fitted on this profile will be poor: profile again when it is quiet", file=sys.stderr)
     elif args.command == "benchmark":
-        from coformer.runtime._files import atomic_write_json
+        from coformer.runtime.files import atomic_write_json
         from coformer.runtime.timing import benchmark_engine
 
         t = benchmark_engine(args.model, "onnxruntime", args.warmup, args.iterations, args.duration,

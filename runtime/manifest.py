@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from coformer.runtime._files import atomic_write_json, read_json, sha256_file
+from coformer.runtime.files import atomic_write_json, read_json, sha256_file
 from coformer.runtime.errors import CoFormerError
 
 SCHEMA_VERSION = 1  # CoFormer bundles

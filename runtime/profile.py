@@ -60,7 +60,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits
 from coformer.runtime.timing import benchmark_engine, cpu_model, summarise

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 from urllib.parse import urlsplit
 
-from coformer.runtime._files import atomic_write_bytes
+from coformer.runtime.files import atomic_write_bytes
 from coformer.runtime.errors import CoFormerError
 
 log = logging.getLogger("coformer.security")

@@ -185,11 +185,11 @@ def run_worker(
             try:
                 msg = protocol.decode(frames, limits_in)
             except protocol.ProtocolError as e:
-                sock.send_multipart(protocol.error_frames(_id_of(frames), e.code, str(e)))
+                sock.send_multipart(protocol.error_frames(id_of(frames), e.code, str(e)))
                 continue
             except Exception as e:  # a fault a peer can cause that decode did not foresee: answer, go on
                 log.exception("worker %s: message not decoded", device)
-                sock.send_multipart(protocol.error_frames(_id_of(frames), "bad_header", f"{type(e).__name__}: {e}"))
+                sock.send_multipart(protocol.error_frames(id_of(frames), "bad_header", f"{type(e).__name__}: {e}"))
                 continue
             if msg.op == "welcome":
                 welcomed = True
@@ -244,7 +244,7 @@ def run_worker(
         throttle.release()
 
 
-def _id_of(frames) -> int:
+def id_of(frames) -> int:
     """Best-effort request id of a message that failed to parse (0 when unknown)."""
     try:
         if len(frames[0]) > protocol.MAX_HEADER_BYTES or protocol.nesting(frames[0]) > protocol.MAX_HEADER_DEPTH:

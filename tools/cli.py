@@ -246,7 +246,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.sources import source_of
     from coformer.compiler.specs import Policy
-    from coformer.runtime._files import atomic_write_json
+    from coformer.runtime.files import atomic_write_json
 
     if args.measure_samples < 1:
         raise CoFormerError(f"--measure-samples {args.measure_samples} must be >= 1")
@@ -365,7 +365,7 @@ def cmd_profile_kit(args: argparse.Namespace) -> int:
 
 def cmd_fit_predictor(args: argparse.Namespace) -> int:
     from coformer.compiler.predictor import fit_predictor
-    from coformer.runtime._files import atomic_write_json, read_json
+    from coformer.runtime.files import atomic_write_json, read_json
 
     profile = read_json(args.profile, f"profile {args.profile} does not exist")
     pred, report = fit_predictor(profile, seed=args.seed, all_entries=True)
@@ -516,7 +516,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                        args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
                                        progress, args.passes, args.epochs, compute)
     if args.report_json:
-        from coformer.runtime._files import atomic_write_json
+        from coformer.runtime.files import atomic_write_json
 
         atomic_write_json(args.report_json, report)
     print(bench.format_summary(report))

@@ -51,7 +51,7 @@ def place_devices(devices: Sequence[tuple[str, float]]) -> dict[str, Placement]:
     return out
 
 
-def _runtime_cmd() -> list[str]:
+def runtime_cmd() -> list[str]:
     return [sys.executable, "-m", "coformer.runtime.cli"]
 
 
@@ -168,7 +168,7 @@ class LocalCluster:
             old.close()
         err = open(self.log_dir / f"{name}.log", "a")  # a restarted process appends: its history is kept
         self._logs[name] = err
-        cmd = _runtime_cmd() + ["-v"] + args
+        cmd = runtime_cmd() + ["-v"] + args
         if self.testbed is not None:
             device = name.split("-", 1)[1]
             proc = self.testbed.popen(device, cmd, stdout=stdout, stderr=err, text=True, start_new_session=True)

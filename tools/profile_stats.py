@@ -37,7 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from coformer.compiler.predictor import all_entries_report, cross_validate, profile_rows
-from coformer.runtime._files import atomic_write_json, read_json
+from coformer.runtime.files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.profile import latency_estimate
 

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from coformer.runtime._files import atomic_write_bytes
+from coformer.runtime.files import atomic_write_bytes
 
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtledemo", "turtle"}
 

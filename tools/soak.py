@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 from coformer.runtime import protocol
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.manifest import load_manifest
 
 

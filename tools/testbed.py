@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from coformer.runtime._files import atomic_write_json
+from coformer.runtime.files import atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import cfs_quota, cores_text
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from coformer.compiler.families import register
 from coformer.compiler.families.text_teacher import TextAdapter, TextTeacher

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coformer.compiler.families import register
-from coformer.compiler.families.vit import ImageAdapter, _copy_norm, head_rows_cols, slice_inputs
+from coformer.compiler.families.vit import ImageAdapter, copy_norm, head_rows_cols, slice_inputs
 from coformer.compiler.importance import Importance
 from coformer.compiler.specs import SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
@@ -178,7 +178,7 @@ class SubSwin(nn.Module):
         return self.norm(x).mean(dim=(1, 2))
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     from timm.layers import PatchEmbed
     from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
 
@@ -257,7 +257,7 @@ class SwinAdapter(ImageAdapter):
         return isinstance(model, SwinTransformer)
 
     def read_shape(self, model: nn.Module) -> TransformerShape:
-        _check_supported(model)
+        check_supported(model)
         blocks = _blocks(model)
         head_dims = [_head_dim(stage.blocks[0]) for stage in model.layers]
         pe = model.patch_embed
@@ -293,7 +293,7 @@ class SwinAdapter(ImageAdapter):
         if sub.patch.bias is not None:
             sub.patch.bias.copy_(pe.proj.bias[K[0]])
         if isinstance(sub.patch_norm, nn.LayerNorm):
-            _copy_norm(sub.patch_norm, pe.norm, K[0])
+            copy_norm(sub.patch_norm, pe.norm, K[0])
         blocks = _blocks(model)
         neurons = dict(zip(spec.layers, spec.neurons))
         heads_of = dict(zip(spec.layers, spec.heads))
@@ -302,14 +302,14 @@ class SwinAdapter(ImageAdapter):
                 t = model.layers[s].downsample
                 C = model.layers[s - 1].blocks[0].norm1.normalized_shape[0]
                 merged = torch.cat([g * C + K[s - 1] for g in range(4)])
-                _copy_norm(sub.merges[s - 1].norm, t.norm, merged)
+                copy_norm(sub.merges[s - 1].norm, t.norm, merged)
                 sub.merges[s - 1].reduction.weight.copy_(t.reduction.weight[K[s]][:, merged])
             for blk, b in zip(stage, cfg["blocks"][s]):
                 t = blocks[b["layer"]]
                 if blk.attn is not None:
                     heads = torch.tensor(heads_of[b["layer"]])
                     rows, cols = head_rows_cols(heads.tolist(), t.attn.num_heads, b["head_dim"])
-                    _copy_norm(blk.norm1, t.norm1, K[s])
+                    copy_norm(blk.norm1, t.norm1, K[s])
                     blk.attn.qkv.weight.copy_(t.attn.qkv.weight[rows][:, K[s]])
                     if t.attn.qkv.bias is not None:
                         blk.attn.qkv.bias.copy_(t.attn.qkv.bias[rows])
@@ -320,12 +320,12 @@ class SwinAdapter(ImageAdapter):
                         blk.attn_mask.copy_(t.attn_mask)
                 if blk.fc1 is not None:
                     N = torch.tensor(neurons[b["layer"]])
-                    _copy_norm(blk.norm2, t.norm2, K[s])
+                    copy_norm(blk.norm2, t.norm2, K[s])
                     blk.fc1.weight.copy_(t.mlp.fc1.weight[N][:, K[s]])
                     blk.fc1.bias.copy_(t.mlp.fc1.bias[N])
                     blk.fc2.weight.copy_(t.mlp.fc2.weight[K[s]][:, N])
                     blk.fc2.bias.copy_(t.mlp.fc2.bias[K[s]])
-        _copy_norm(sub.norm, model.norm, K[-1])
+        copy_norm(sub.norm, model.norm, K[-1])
         return sub.eval()
 
     # -- heads -----------------------------------------------------------

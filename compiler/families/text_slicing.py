@@ -32,7 +32,7 @@ def slice_net(full: TextNet, spec: SubModelSpec) -> TextNet:
             getattr(sub, name).weight.copy_(getattr(full, name).weight[:, K])
     for dst, src in ((sub.emb_norm, full.emb_norm), (sub.final_norm, full.final_norm)):
         if dst is not None:
-            _copy_norm(dst, src, K)
+            copy_norm(dst, src, K)
     if sub.rel is not None:
         # full.rel's columns are teacher heads in order (its blocks' bias_cols are 0..H-1)
         sub.rel.weight.copy_(full.rel.weight[:, torch.tensor(union)])
@@ -44,7 +44,7 @@ def slice_net(full: TextNet, spec: SubModelSpec) -> TextNet:
         t = full.blocks[layer]
         if blk.attn is not None:
             rows = torch.tensor([j * hd + i for j in heads for i in range(hd)])
-            _copy_norm(blk.norm1, t.norm1, K)
+            copy_norm(blk.norm1, t.norm1, K)
             for n in ("q", "k", "v"):
                 _copy_linear(getattr(blk.attn, n), getattr(t.attn, n), rows, K)
             _copy_linear(blk.attn.o, t.attn.o, K, rows)
@@ -52,7 +52,7 @@ def slice_net(full: TextNet, spec: SubModelSpec) -> TextNet:
                 blk.bias_cols.copy_(torch.tensor([union.index(h) for h in heads]))
         if blk.fc1 is not None:
             N = torch.tensor(neurons)
-            _copy_norm(blk.norm2, t.norm2, K)
+            copy_norm(blk.norm2, t.norm2, K)
             _copy_linear(blk.fc1, t.fc1, N, K)
             if blk.fc1g is not None:
                 _copy_linear(blk.fc1g, t.fc1g, N, K)
@@ -66,7 +66,7 @@ def _copy_linear(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor, cols: torch
         dst.bias.copy_(src.bias[rows])
 
 
-def _copy_norm(dst: nn.Module, src: nn.Module, K: torch.Tensor) -> None:
+def copy_norm(dst: nn.Module, src: nn.Module, K: torch.Tensor) -> None:
     dst.weight.copy_(src.weight[K])
     if dst.bias is not None:
         dst.bias.copy_(src.bias[K])

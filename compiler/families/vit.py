@@ -144,7 +144,7 @@ class _PairHead(nn.Module):
         return (self.head(x[:, : self.dim]) + self.head_dist(x[:, self.dim:])) / 2
 
 
-def _check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module) -> None:
     from timm.layers import PatchEmbed
     from timm.layers.attention import Attention
     from timm.models.vision_transformer import Block
@@ -245,7 +245,7 @@ class VitAdapter(ImageAdapter):
         return isinstance(model, VisionTransformer)
 
     def read_shape(self, model: nn.Module) -> TransformerShape:
-        _check_supported(model)
+        check_supported(model)
         cfg = _config(model, SubModelSpec.full(self._rough_shape(model)))
         npfx = model.num_prefix_tokens
         return TransformerShape(
@@ -286,14 +286,14 @@ class VitAdapter(ImageAdapter):
                 getattr(sub, name).copy_(getattr(model, name)[..., K])
         for dst, src in ((sub.norm_pre, model.norm_pre), (sub.norm, model.norm), (sub.fc_norm, model.fc_norm)):
             if isinstance(dst, nn.LayerNorm):
-                _copy_norm(dst, src, K)
+                copy_norm(dst, src, K)
         hd = cfg["head_dim"]
         for blk, layer, heads, neurons in zip(sub.blocks, spec.layers, spec.heads, spec.neurons):
             t = model.blocks[layer]
             if blk.attn is not None:
                 H = t.attn.num_heads
                 rows, cols = head_rows_cols(heads, H, hd)
-                _copy_norm(blk.norm1, t.norm1, K)
+                copy_norm(blk.norm1, t.norm1, K)
                 blk.attn.qkv.weight.copy_(t.attn.qkv.weight[rows][:, K])
                 if t.attn.qkv.bias is not None:
                     blk.attn.qkv.bias.copy_(t.attn.qkv.bias[rows])
@@ -306,7 +306,7 @@ class VitAdapter(ImageAdapter):
                     blk.ls1.copy_(t.ls1.gamma[K])
             if blk.fc1 is not None:
                 N = torch.tensor(neurons)
-                _copy_norm(blk.norm2, t.norm2, K)
+                copy_norm(blk.norm2, t.norm2, K)
                 blk.fc1.weight.copy_(t.mlp.fc1.weight[N][:, K])
                 blk.fc1.bias.copy_(t.mlp.fc1.bias[N])
                 blk.fc2.weight.copy_(t.mlp.fc2.weight[K][:, N])
@@ -365,7 +365,7 @@ def head_rows_cols(heads, num_heads: int, head_dim: int) -> tuple[torch.Tensor, 
     return torch.cat([p * num_heads * head_dim + cols for p in range(3)]), cols
 
 
-def _copy_norm(dst: nn.LayerNorm, src: nn.Module, K: torch.Tensor) -> None:
+def copy_norm(dst: nn.LayerNorm, src: nn.Module, K: torch.Tensor) -> None:
     if not isinstance(src, nn.LayerNorm):
         raise CoFormerError(f"expected a LayerNorm, found {type(src).__name__}")
     dst.weight.copy_(src.weight[K])

@@ -22,7 +22,6 @@ def test_weights_rise_where_the_previous_sub_model_was_wrong():
 def _setup(seed=0):
     teacher = tiny_vit(seed=seed)
     adapter = adapter_for(teacher)
-    shape = adapter.read_shape(teacher)
     specs = [SubModelSpec((0, 1, 2), tuple(range(0, 48, 2)), ((0, 1),) * 3, (tuple(range(96)),) * 3),
              SubModelSpec((0, 2), tuple(range(1, 48, 2)), ((2,), (3,)), (tuple(range(96, 192)),) * 2)]
     subs = [adapter.slice(teacher, s) for s in specs]

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from coformer.calibration.data import load_digits_dataset
 from coformer.compiler.families import adapter_for

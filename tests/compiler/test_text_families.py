@@ -7,7 +7,6 @@ import torch
 
 from coformer.calibration.text import sentiment_records, text_dataset
 from coformer.compiler.families import adapter_for
-from coformer.compiler.families.text_slicing import slice_net
 from coformer.compiler.families.textnet import PartsModule
 from coformer.compiler.hf import encoder_for, wrap_hf
 from coformer.compiler.pipeline import lower_submodel

@@ -4,7 +4,7 @@ import time
 import pytest
 
 from coformer.runtime.errors import CoFormerError
-from coformer.runtime.limits import DeviceLimits, Throttle, apply_limits, parse_cores
+from coformer.runtime.limits import DeviceLimits, Throttle, parse_cores
 
 
 def test_duty_cycle_idles_so_work_runs_at_the_share():

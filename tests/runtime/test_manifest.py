@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from coformer.runtime._files import sha256_file
+from coformer.runtime.files import sha256_file
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest, load_manifest, write_manifest
 

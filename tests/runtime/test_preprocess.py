@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from coformer.calibration.data import digits_preprocessing, preprocess_torch
 from coformer.runtime.errors import CoFormerError

@@ -26,7 +26,7 @@ from coformer.runtime.security import (
     require_security,
     write_keys,
 )
-from coformer.tools.cluster import LocalCluster, _runtime_cmd
+from coformer.tools.cluster import LocalCluster, runtime_cmd
 
 from tests.runtime.test_protocol import CRASHERS
 from tests.tools.test_serving import compiled  # noqa: F401  (the module's compiled bundle)
@@ -242,7 +242,7 @@ def test_fuzz_a_workers_own_socket(compiled):  # noqa: F811
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    proc = subprocess.Popen(_runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
+    proc = subprocess.Popen(runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
                                               f"tcp://127.0.0.1:{port}", "--throttle", "none"],
                             stderr=subprocess.PIPE, text=True)
     rng = random.Random(5)
@@ -299,7 +299,7 @@ def test_without_an_allowed_key_a_client_or_worker_gets_nothing(compiled, tmp_pa
         c.procs["worker-edge-b"].kill()
         c.procs["worker-edge-b"].wait()
         impostors = [
-            subprocess.Popen(_runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
+            subprocess.Popen(runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
                                                c.endpoints["back"], "--keys", str(folder), "--throttle", "none"],
                              stderr=subprocess.DEVNULL)
             for folder in (_with_server_key(strangers["edge-b"], c.keys), _renamed(c.keys / "edge-c", "edge-b",
@@ -317,7 +317,7 @@ def test_without_an_allowed_key_a_client_or_worker_gets_nothing(compiled, tmp_pa
                 p.wait()
         # the real worker, with its own key, is back within seconds
         c.procs["worker-edge-b"] = subprocess.Popen(
-            _runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central", c.endpoints["back"],
+            runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central", c.endpoints["back"],
                               "--keys", str(c.keys / "edge-b"), "--throttle", "none"], stderr=subprocess.DEVNULL)
         with c.client(timeout_s=5) as client:
             client.wait_ready(15)
@@ -350,10 +350,10 @@ def test_secure_is_the_default_off_loopback():
 
 def test_runtime_roles_refuse_plain_tcp_off_loopback_without_insecure(compiled):  # noqa: F811
     result, _ = compiled
-    done = subprocess.run(_runtime_cmd() + ["central", str(result.bundle_dir), "--front", "tcp://0.0.0.0:*",
+    done = subprocess.run(runtime_cmd() + ["central", str(result.bundle_dir), "--front", "tcp://0.0.0.0:*",
                                             "--back", "tcp://127.0.0.1:*"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "is not loopback" in done.stderr and "--insecure" in done.stderr
-    done = subprocess.run(_runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
+    done = subprocess.run(runtime_cmd() + ["worker", str(result.bundle_dir), "--device", "edge-b", "--central",
                                             "tcp://10.255.255.1:5556"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--keys" in done.stderr and "Traceback" not in done.stderr
 
@@ -370,7 +370,7 @@ def _edits(bundle):
         pre[key] = [0.4] * len(pre[key]) if isinstance(pre[key], list) else 0.4
 
     def checksum(m):  # an ONNX file replaced together with its checksum
-        from coformer.runtime._files import sha256_file
+        from coformer.runtime.files import sha256_file
 
         rel = m["devices"][1]["artifact"]
         path = bundle / rel
@@ -386,10 +386,10 @@ def test_an_edited_manifest_is_refused_by_every_role(compiled, tmp_path, edit): 
     bundle = tmp_path / "bundle"
     shutil.copytree(result.bundle_dir, bundle)
     keys = tmp_path / "keys"
-    done = subprocess.run(_runtime_cmd() + ["keys", str(keys), "--bundle", str(bundle), "--clients", "laptop"],
+    done = subprocess.run(runtime_cmd() + ["keys", str(keys), "--bundle", str(bundle), "--clients", "laptop"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    verified = subprocess.run(_runtime_cmd() + ["verify", str(bundle), "--keys", str(keys / "edge-b")],
+    verified = subprocess.run(runtime_cmd() + ["verify", str(bundle), "--keys", str(keys / "edge-b")],
                               capture_output=True, text=True, timeout=60)
     assert verified.returncode == 0 and "signature checked" in verified.stdout, verified.stderr
     m = json.loads((bundle / "manifest.json").read_text())
@@ -406,7 +406,7 @@ def test_an_edited_manifest_is_refused_by_every_role(compiled, tmp_path, edit): 
                   "--keys", str(keys / "clients" / "laptop")],
     }
     for role, args in roles.items():
-        done = subprocess.run(_runtime_cmd() + args, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(runtime_cmd() + args, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2, (role, done.stderr)
         assert "does not match its signature" in done.stderr and "Traceback" not in done.stderr, (role, done.stderr)
     with pytest.raises(CoFormerError, match="does not match its signature"):  # and the Python client
@@ -421,7 +421,7 @@ def test_a_bundle_served_with_the_operators_keys_answers_and_resigning_after_a_c
     bundle = tmp_path / "bundle"
     shutil.copytree(result.bundle_dir, bundle)
     keys = tmp_path / "keys"
-    subprocess.run(_runtime_cmd() + ["keys", str(keys), "--bundle", str(bundle)], check=True, capture_output=True)
+    subprocess.run(runtime_cmd() + ["keys", str(keys), "--bundle", str(bundle)], check=True, capture_output=True)
     x = data.test.x[:2].numpy()
     with LocalCluster(bundle, throttle="none", keys=keys) as c, c.client() as client:
         np.testing.assert_allclose(client.infer(x).logits, _expected(result, x), atol=1e-4)
@@ -430,7 +430,7 @@ def test_a_bundle_served_with_the_operators_keys_answers_and_resigning_after_a_c
     m = json.loads((bundle / "manifest.json").read_text())
     m["task"]["labels"][0] = "zero"
     (bundle / "manifest.json").write_text(json.dumps(m))
-    done = subprocess.run(_runtime_cmd() + ["sign", str(bundle), "--key", str(keys / "operator" / "operator.signing")],
+    done = subprocess.run(runtime_cmd() + ["sign", str(bundle), "--key", str(keys / "operator" / "operator.signing")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert LocalCluster(bundle, keys=keys).manifest.labels[0] == "zero"

@@ -222,7 +222,7 @@ def test_a_worker_replaced_while_its_predecessor_hangs_serves_within_5_s(compile
     import signal
     import time
 
-    from coformer.tools.cluster import _runtime_cmd
+    from coformer.tools.cluster import runtime_cmd
 
     result, data = compiled
     x = data.test.x[:1].numpy()
@@ -232,7 +232,7 @@ def test_a_worker_replaced_while_its_predecessor_hangs_serves_within_5_s(compile
         old = c.procs["worker-edge-b"]
         os.kill(old.pid, signal.SIGSTOP)
         log = open(tmp_path / "replacement.log", "w")
-        new = subprocess.Popen(_runtime_cmd() + ["-v", "worker", str(result.bundle_dir), "--device", "edge-b",
+        new = subprocess.Popen(runtime_cmd() + ["-v", "worker", str(result.bundle_dir), "--device", "edge-b",
                                                  "--central", c.endpoints["back"],
                                                  "--keys", str(c.keys / "edge-b")], stderr=log)
         try:

@@ -12,7 +12,7 @@ import torch
 from coformer.calibration.booster import BoostConfig
 from coformer.calibration.text import sentiment_records, text_dataset
 from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
-from coformer.compiler.pipeline import compile_bundle, run_batched
+from coformer.compiler.pipeline import compile_bundle
 from coformer.compiler.specs import DeviceSpec
 from coformer.runtime import protocol
 from coformer.runtime.client import ServerError
