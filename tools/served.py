@@ -23,6 +23,7 @@ hold the bundles:
 
 from __future__ import annotations
 
+import subprocess
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -278,10 +279,12 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     else:
                         served[n].run(chunk, m, turn_min, turn_s)
                     m.passes += 1
-                except CoFormerError as e:
+                except (CoFormerError, OSError, subprocess.SubprocessError) as e:
+                    # a process that could not start (a vanished testbed namespace fails in
+                    # Popen's preexec_fn) is this bundle's failure too, not the run's
                     if not keep_going:
                         raise
-                    m.error = str(e)
+                    m.error = str(e) if isinstance(e, CoFormerError) else f"{type(e).__name__}: {e}"
                     m.out_of_memory_on = [d for d, k in kills.items() if _oom_kills(d) > k]
         if not alone and after is not None:
             for n in names:

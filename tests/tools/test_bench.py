@@ -36,8 +36,8 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     r = json.loads(report_path.read_text())
     rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
     assert set(rows) == {("coformer", "device"), ("coformer", "central"), ("uniform", "device"),
-                         ("uniform", "central"), ("teacher", "central"), ("pipeline", "central"),
-                         ("tensor_parallel", "central")}
+                         ("uniform", "central"), ("student", "central"), ("student_matched", "central"),
+                         ("teacher", "central"), ("pipeline", "central"), ("tensor_parallel", "central")}
     for x in r["results"]:
         assert x["samples"] == 15 and x["passes"] == 3 and x["bandwidth"] == "loopback"
         assert {"median", "p90", "p99"} <= set(x["latency_ms"])
@@ -58,6 +58,32 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     ratio = next(x for x in r["ratios"] if x["input_source"] == "device")
     assert ratio["speedup_vs_pipeline"] == pytest.approx(
         rows["pipeline", "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])
+    # the students: one sub-model on edge-a alone, the largest within its budget, and the one
+    # that computes as long as CoFormer's slowest device
+    from coformer.runtime.manifest import load_manifest
+    from coformer.tools.bench.strategies import matched_student_flops
+
+    coformer = load_manifest(qs / "bundle")
+    student, matched = (load_manifest(qs / "baselines" / s) for s in ("student", "student_matched"))
+    assert [d.device for d in student.devices] == [d.device for d in matched.devices] == ["edge-a"]
+    budget = next(d["flops_budget"] for d in json.loads((qs / "report.json").read_text())["devices"]
+                  if d["name"] == "edge-a")
+    assert matched.central.flops <= matched_student_flops(coformer) < student.central.flops <= budget
+    for name in ("student", "student_matched"):
+        assert rows[name, "central"]["bytes_per_inference"] == 0  # nothing crosses a link
+        assert ratio[f"speedup_vs_{name}"] == pytest.approx(
+            rows[name, "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])
+        assert ratio[f"accuracy_vs_{name}_points"] == pytest.approx(
+            100 * (dev["accuracy"] - rows[name, "central"]["accuracy"]))
+    # every decomposed row is held against its physical limit; on loopback the wire is free,
+    # so the limit is the slowest device's compute plus the aggregation
+    for key, x in rows.items():
+        assert ("limit_ms" in x) == (key[0] in ("coformer", "uniform", "student", "student_matched"))
+    for x in (dev, cen, rows["student", "central"]):
+        slowest = max(x["limit_terms_ms"]["devices"].values())
+        assert x["limit_ms"] == pytest.approx(slowest + x["breakdown_ms_median"]["aggregate"])
+        assert x["measured_over_limit"] == pytest.approx(x["latency_ms"]["median"] / x["limit_ms"])
+        assert x["measured_over_limit"] > 1.0
     out = tmp_path / "out"
     assert (out / "bench.md").read_text().count("| coformer |") == 2
     assert {"latency_breakdown.png", "accuracy_vs_latency.png"} <= set(r["plots"])
@@ -148,6 +174,12 @@ def test_bench_on_the_testbed_then_killed_mid_run_leaves_nothing(quickstart_dir,
     assert tp["latency_ms"]["median"] > pipe["latency_ms"]["median"]
     assert dev["latency_ms"]["median"] < pipe["latency_ms"]["median"] / 2
     assert pipe["breakdown_ms"]["transfer"] > pipe["breakdown_ms"]["compute"]
+    # at 2 Mbit/s the limit charges each worker its features' wire time: 8 bits a byte at 2,000 bits a ms
+    for name, term in dev["limit_terms_ms"]["devices"].items():
+        if name != "edge-a":
+            wire = term - dev["breakdown_ms_median"][f"worker_compute.{name}"]
+            assert wire > 8 * 4 * 8 / 2000  # at least 8 float32 channels
+    assert dev["measured_over_limit"] > 1.0
     for x in r["results"]:  # each device's memory cgroup saw the processes run in it
         assert all(v and v > 10 << 20 for v in x["peak_memory_bytes"].values()), x["peak_memory_bytes"]
     assert r["memory"]["teacher"]["status"] in ("ok", "out_of_memory")
@@ -217,3 +249,21 @@ def test_baselines_are_rebuilt_when_any_weight_changes():
     with torch.no_grad():
         fc1[-1, -1] += 1.0
     assert bundles_digest(teacher, [], 5, 60, 0) != before
+
+
+def test_the_physical_limit_charges_each_worker_its_features_on_the_wire():
+    from types import SimpleNamespace as NS
+
+    from coformer.tools.bench.report import physical_limit
+
+    manifest = NS(central=NS(device="a"), workers=[NS(device="b", feature_dim=250), NS(device="c", feature_dim=100)])
+    row = {"breakdown_ms_median": {"central_compute": 3.0, "worker_compute.b": 1.0, "worker_compute.c": 2.5,
+                                   "aggregate": 0.5},
+           "bytes_to_devices": 200, "bytes_from_devices": 1400 + 200, "latency_ms": {"median": 12.0}}
+    # 1 Mbit/s = 1,000 bits a ms; b: (1,000 feature bytes + 200 of the 400 beyond) * 8 = 9.6 ms,
+    # c: (400 + 200) * 8 = 4.8 ms
+    at_1mbit = physical_limit(row, manifest, 1.0)
+    assert at_1mbit["limit_terms_ms"]["devices"] == pytest.approx({"a": 3.0, "b": 1.0 + 9.6, "c": 2.5 + 4.8})
+    assert at_1mbit["limit_ms"] == pytest.approx(10.6 + 0.5)
+    assert at_1mbit["measured_over_limit"] == pytest.approx(12.0 / 11.1)
+    assert physical_limit(row, manifest, None)["limit_ms"] == pytest.approx(3.0 + 0.5)  # loopback: compute bound

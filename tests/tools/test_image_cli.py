@@ -237,7 +237,7 @@ def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
                "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["strategy"]: r for r in json.loads((tmp / "bench.json").read_text())["results"]}
-    assert set(rows) == {"coformer", "uniform", "teacher"}  # no pipeline / tensor parallel for Swin
+    assert set(rows) == {"coformer", "uniform", "student", "student_matched", "teacher"}  # no pipeline, tensor parallel
     assert all(r["samples"] == 6 and r["status"] == "ok" for r in rows.values())
     assert rows["coformer"]["bytes_from_devices"] < 3 * 384 * 4 + 400  # pooled features, not images
     done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",

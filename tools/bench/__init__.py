@@ -5,7 +5,10 @@ Fig. 3/4/10/12, Tables III-V).
 Strategies (all from the same teacher's real weights, all served by the same
 runtime, see :mod:`coformer.compiler.baselines`): ``coformer`` (the bundle),
 ``uniform`` (DeViT-style: the same sub-model size on every device, calibrated
-like CoFormer's), ``teacher`` (alone on the central, strongest device),
+like CoFormer's), ``student`` and ``student_matched`` (one sub-model alone on the
+central device, calibrated like CoFormer's: the largest within its budget, and the one
+with the compute time of CoFormer's slowest device; see
+:func:`.strategies.prepare_bundles`), ``teacher`` (alone on the central, strongest device),
 ``pipeline`` (EdgeShard-style) and ``tensor_parallel`` (Galaxy-style).
 
 Where the input comes from matters as much as the network:

@@ -8,7 +8,10 @@ from typing import Sequence
 
 from coformer.runtime.errors import CoFormerError
 
-STRATEGIES = ("coformer", "uniform", "teacher", "pipeline", "tensor_parallel")
+STRATEGIES = ("coformer", "uniform", "student", "student_matched", "teacher", "pipeline", "tensor_parallel")
+STUDENTS = ("student", "student_matched")  # one sub-model on the central device alone
+# the strategies that are CoFormer bundles (sub-models, features, an aggregator): their rows get a physical limit
+DECOMPOSED = ("coformer", "uniform", *STUDENTS)
 INPUT_SOURCES = ("device", "central")
 DEFAULT_BANDWIDTHS = "2mbit"
 _UNITS = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}

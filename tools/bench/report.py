@@ -4,6 +4,34 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+
+def physical_limit(row: dict[str, Any], manifest, mbit_s: Optional[float]) -> dict[str, Any]:
+    """The fastest a decomposed bundle's round trip could be, from the same run's breakdown:
+    every device computes at once, so the answer waits for the slowest of the central
+    node's own compute and each worker's compute plus the wire time of what it exchanges
+    at the link rate, then for the aggregation:
+    ``limit = max(c_central, max_n(c_n + 8 * bytes_n / rate)) + aggregation``.
+
+    ``c`` are the run's medians (``breakdown_ms_median``). ``bytes_n`` is the worker's
+    features (4 bytes a channel of its ``feature_dim``) plus its even share of what the
+    run measured beyond them (headers both ways, and the input or its index sent to the
+    worker). On loopback (no rate) the wire costs nothing. Everything else (message
+    handling, queueing, the client's link) is what ``measured_over_limit`` charges the
+    runtime with.
+    """
+    phases = row["breakdown_ms_median"]
+    workers = list(manifest.workers)
+    features = [4 * w.feature_dim for w in workers]
+    rest = max(0, row["bytes_to_devices"] + row["bytes_from_devices"] - sum(features))
+    per_device = {manifest.central.device: phases["central_compute"]}
+    for w, f in zip(workers, features):
+        wire = 0.0 if not mbit_s else 8 * (f + rest / len(workers)) / (mbit_s * 1e3)
+        per_device[w.device] = phases.get(f"worker_compute.{w.device}", 0.0) + wire
+    limit = max(per_device.values()) + phases["aggregate"]
+    return {"limit_ms": limit, "measured_over_limit": row["latency_ms"]["median"] / limit,
+            "limit_terms_ms": {"devices": per_device, "aggregation": phases["aggregate"]}}
+
+
 def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
     """CoFormer against each other strategy, per bandwidth and input source: how many times
     faster (median latency) and how many times fewer bytes per inference."""
@@ -20,9 +48,10 @@ def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
             row[f"speedup_vs_{o['strategy']}"] = o["latency_ms"]["median"] / c["latency_ms"]["median"]
             if c["bytes_per_inference"] and o["bytes_per_inference"]:  # the teacher alone sends nothing
                 row[f"fewer_bytes_vs_{o['strategy']}"] = o["bytes_per_inference"] / c["bytes_per_inference"]
-        teacher = next((o for o in results if same(o, c) and o["strategy"] == "teacher"), None)
-        if teacher is not None:
-            row["accuracy_vs_teacher_points"] = 100 * (c["accuracy"] - teacher["accuracy"])
+        for name in ("teacher", "student", "student_matched"):
+            other = next((o for o in results if same(o, c) and o["strategy"] == name), None)
+            if other is not None:
+                row[f"accuracy_vs_{name}_points"] = 100 * (c["accuracy"] - other["accuracy"])
         out.append(row)
     return out
 
@@ -33,21 +62,24 @@ def _mib(n: Optional[int]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| strategy | devices | bandwidth | input from | accuracy | agrees with teacher | median ms | p90 ms | p99 ms "
-             "| compute | transfer | aggregation | other | bytes/inference | peak MiB per device | samples |",
-             "|" + "---|" * 16]
+             "| compute | transfer | aggregation | other | limit ms | x limit | bytes/inference | peak MiB per device "
+             "| samples |",
+             "|" + "---|" * 18]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | "
-                         f"{r['status']} {', '.join(r.get('out_of_memory_on', []))} |" + " |" * 11)
+                         f"{r['status']} {', '.join(r.get('out_of_memory_on', []))} |" + " |" * 13)
             continue
         b, lat = r["breakdown_ms"], r["latency_ms"]
         peak = " / ".join(_mib(v) for v in r["peak_memory_bytes"].values()) or "–"
         agree = r.get("agreement_with_teacher")
+        limit = f"{r['limit_ms']:.2f}" if "limit_ms" in r else "–"
+        over = f"{r['measured_over_limit']:.1f}x" if "limit_ms" in r else "–"
         lines.append(
             f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | {100 * r['accuracy']:.1f}% | "
             f"{'–' if agree is None else f'{100 * agree:.1f}%'} | {lat['median']:.2f} | {lat['p90']:.2f} | "
             f"{lat['p99']:.2f} | {b['compute']:.2f} | {b['transfer']:.2f} | {b['aggregation']:.2f} | "
-            f"{b['other']:.2f} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")
+            f"{b['other']:.2f} | {limit} | {over} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")
     if report["ratios"]:
         lines += ["", "CoFormer against each strategy (x times faster, median latency; x times fewer bytes):", ""]
         keys = sorted({k for r in report["ratios"] for k in r if k.startswith(("speedup", "fewer"))})

@@ -14,9 +14,11 @@ import numpy as np
 
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
-from coformer.tools.bench.options import DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name, parse_bandwidths
+from coformer.runtime.manifest import load_manifest
+from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name,
+                                          parse_bandwidths)
 from coformer.tools.bench.plots import plots
-from coformer.tools.bench.report import markdown, ratios
+from coformer.tools.bench.report import markdown, physical_limit, ratios
 from coformer.tools.bench.strategies import bundle_devices, check_bundle_matches, prepare_bundles, strategies_for
 from coformer.tools.progress import Progress
 
@@ -106,7 +108,7 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                 # falls on all of them alike and the ratios hold. Alone: in the testbed each
                 # device's memory limit, its peak and its OOM kills are one bundle's.
                 runs = {f"{strategy}-{source}": (strategy, bundle, source) for strategy, bundle in bundles.items()
-                        for source in (sources if strategy in ("coformer", "uniform") else ["central"])}
+                        for source in (sources if strategy in ("coformer", "uniform") else ["central"])}  # one device: no link
 
                 def turn(name: str, p: int, n: int) -> None:
                     if say:
@@ -125,6 +127,8 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                         row = {"status": "ok", **{key: v for key, v in summary.items()
                                                   if key not in ("indices", "predictions", "embeddings")},
                                "predictions": dict(zip(summary["indices"].tolist(), summary["predictions"].tolist()))}
+                        if strategy in DECOMPOSED:
+                            row.update(physical_limit(row, load_manifest(m.bundle), mbit if bed else None))
                     else:  # a device ran out of memory, a process died, a timeout
                         row = {"status": m.status, "error": m.error[-1000:], "out_of_memory_on": m.out_of_memory_on,
                                "predictions": {}}
@@ -214,7 +218,6 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
         setups.append((devices[:k], bundles))
     memory_check = None
     if use_testbed and "teacher" in strategies and "coformer" in strategies:
-        from coformer.runtime.manifest import load_manifest
 
         weakest = devices[-1].name
         teacher_bundle = setups[-1][1]["teacher"]
@@ -241,7 +244,6 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     import torch
 
     from coformer.compiler.pipeline import run_batched
-    from coformer.runtime.manifest import load_manifest
 
     progress = Progress.of(progress) or False  # one clock for the whole bench
     manifest = load_manifest(bundle)

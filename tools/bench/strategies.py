@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from coformer.runtime.files import atomic_write_bytes
 from coformer.runtime.errors import CoFormerError
-from coformer.tools.bench.options import STRATEGIES
+from coformer.tools.bench.options import STRATEGIES, STUDENTS
 from coformer.tools.progress import Progress
 
 BUNDLES_VERSION = 2  # bump when the baselines are built differently: cached ones are rebuilt (2: explicit attention)
@@ -43,7 +44,20 @@ def strategies_for(teacher) -> tuple[str, ...]:
     from coformer.compiler.families import adapter_for
 
     family = adapter_for(teacher).name
-    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform") or family in baseline_families(s))
+    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS) or family in baseline_families(s))
+
+
+def matched_student_flops(manifest) -> int:
+    """The FLOPs of a student on the central device that computes as long as the slowest
+    device of the CoFormer bundle ``manifest``: ``share_central * max_n(flops_n / share_n)``.
+
+    Choice written down: the match is made on the cost model, not on a measurement, so the
+    student can be built before anything is served; a device's time is taken as its
+    sub-model's FLOPs over its CPU share (how the emulated devices differ). The bench then
+    measures both side by side, so how close the match came is in its rows.
+    """
+    central = manifest.central
+    return int(central.cpu_share * max(d.flops / d.cpu_share for d in manifest.devices))
 
 
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
@@ -57,6 +71,15 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     ``predictors`` (one per device), then calibration, as ``coformer compile`` does;
     ``uniform`` is compiled the same way with the uniform policy. Both go through
     :func:`coformer.compiler.job.run_job`, on ``compute``.
+
+    The students are the obvious alternative to collaborating: one sub-model on the
+    central (strongest) device alone, calibrated by the same distillation as CoFormer's.
+    ``student`` is the largest within that device's FLOPs budget; ``student_matched`` the
+    largest within the compute time of CoFormer's slowest device
+    (:func:`matched_student_flops`). Choice written down: each is the search's decoding of
+    the full point (every layer, every channel, head and neuron) under its budget, which
+    drops the least important layers, then narrows, until it fits; it is not searched by
+    DeBo, so that it does not depend on the profiles.
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
@@ -69,13 +92,21 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     say = Progress.of(progress)
     digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed, data, compute.batch_size)
     out: dict[str, Path] = {}
-    for s in strategies:
+    if "student_matched" in strategies and "coformer" not in strategies:
+        raise CoFormerError("student_matched is matched to the coformer bundle: bench the coformer strategy too")
+    order = sorted(strategies, key=lambda s: s == "student_matched")  # after the coformer bundle it matches
+    for s in order:
         if s == "coformer" and coformer_bundle is not None:
             out[s] = Path(coformer_bundle)
             continue
         path = Path(out_dir) / s
         stamp = path / "built-from.txt"
-        if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        built_from = digest
+        if s == "student_matched":  # and the CoFormer bundle it is matched to
+            from coformer.runtime.manifest import manifest_digest
+
+            built_from = f"{digest} {manifest_digest(out['coformer'])[:16]}"
+        if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == built_from:
             load_manifest(path)  # verifies checksums
             out[s] = path
             continue
@@ -86,6 +117,17 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
         if s in BASELINES:
             build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
                            model_name=f"{s}")
+        elif s in STUDENTS:
+            import torch
+
+            central = devices[0]
+            budget = central.flops_budget if s == "student" else matched_student_flops(load_manifest(out["coformer"]))
+            torch.manual_seed(seed)
+            run_job(CompileJob(teacher, [replace(central, flops_budget=min(budget, central.flops_budget))], data, path,
+                               search="uniform", seed=seed,
+                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
+                               aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
+                               model_info=source_of(teacher), progress=bool(progress)))
         else:  # coformer (searched over the predictors) or uniform, calibrated alike
             if s == "coformer" and predictors is None:
                 raise CoFormerError("compiling a CoFormer bundle for the bench needs each device's predictor")
@@ -97,9 +139,9 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
                                boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
                                aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
                                model_info=source_of(teacher), progress=bool(progress)))
-        atomic_write_bytes(stamp, (digest + "\n").encode())
+        atomic_write_bytes(stamp, (built_from + "\n").encode())
         out[s] = path
-    return out
+    return {s: out[s] for s in strategies}
 
 
 def bundle_devices(manifest, devices):
