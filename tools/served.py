@@ -244,7 +244,8 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
     passes = (1 if alone else passes_for(len(order))) if passes is None else passes
     if passes < 1:
         raise CoFormerError(f"passes {passes} must be >= 1")
-    chunks = [order[p::passes] for p in range(passes)]
+    chunks = [c for c in (order[p::passes] for p in range(passes)) if c]  # more passes than samples: fewer
+    passes = len(chunks)
     turn_s = None if max_seconds is None else max_seconds / passes
     turn_min = -(-min_samples // passes)
     local_inputs = dict(local_inputs or {})
@@ -263,8 +264,6 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
             for n in names:
                 served[n].warm_up(order, warmup, None)
         for p, chunk in enumerate(chunks):
-            if not chunk:
-                continue
             for n in names:
                 m = out[n]
                 if not m.ok:

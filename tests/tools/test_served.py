@@ -87,6 +87,14 @@ def test_a_time_budget_stops_each_turn_after_its_share_of_the_minimum(compiled):
     assert out["b"].summary()["samples"] == 4  # 2 a turn: the budget is spent, the minimum is kept
 
 
+def test_more_passes_than_samples_runs_one_pass_a_sample_and_still_calls_the_hook(compiled):
+    result, x, _, expected = compiled
+    out = measure_bundles({"b": result.bundle_dir}, x[:2], passes=5, alone=True, warmup=0, throttle="none",
+                          after=lambda name, client: name)
+    assert out["b"].passes == 2 and out["b"].after == "b"
+    assert out["b"].summary()["predictions"].tolist() == expected[:2].tolist()
+
+
 def test_a_broken_bundle_is_recorded_and_the_others_go_on_or_it_raises(compiled, tmp_path):
     result, x, _, expected = compiled
     broken = tmp_path / "broken"
