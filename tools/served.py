@@ -235,6 +235,8 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
         after: called with ``(name, client)`` once a bundle's last request is answered, before
             it stops (e.g. a few example requests to show); its value is kept in ``after``.
     """
+    from coformer.tools import testbed as tb
+
     if alone is False and bed is not None:
         raise CoFormerError("in a testbed the bundles share each device's memory: measure them alone=True")
     names = list(bundles)
@@ -270,7 +272,7 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     continue
                 if on_turn is not None:
                     on_turn(n, p, passes)
-                kills = {d.name: _oom_kills(d.name) for d in bed.devices} if bed is not None else {}
+                kills = {d.name: tb.oom_kills(d.name) for d in bed.devices} if bed is not None else {}
                 try:
                     if alone:
                         _turn_alone(serve(n), m, chunk, bed, warmup, turn_min, turn_s,
@@ -284,7 +286,7 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     if not keep_going:
                         raise
                     m.error = str(e) if isinstance(e, CoFormerError) else f"{type(e).__name__}: {e}"
-                    m.out_of_memory_on = [d for d, k in kills.items() if _oom_kills(d) > k]
+                    m.out_of_memory_on = [d for d, k in kills.items() if tb.oom_kills(d) > k]
         if not alone and after is not None:
             for n in names:
                 if out[n].ok:
@@ -294,9 +296,9 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
 
 def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: int, turn_s: Optional[float],
                 after) -> None:
-    if bed is not None:
-        from coformer.tools import testbed as tb
+    from coformer.tools import testbed as tb
 
+    if bed is not None:
         for d in bed.devices:
             tb.reset_peak_memory(d.name)
     with s:
@@ -307,8 +309,6 @@ def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: i
             m.after = after(m.name, s.client)
         used = [d.device for d in s.cluster.manifest.devices]  # the teacher alone leaves the others idle
     if bed is not None:
-        from coformer.tools import testbed as tb
-
         for d in bed.devices:
             if d.name in used:
                 v = tb.peak_memory(d.name)
@@ -319,8 +319,3 @@ def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: i
 def _placements(s: _Served) -> dict[str, Any]:
     return {k: {"cores": list(v.cores or []), "cpu_share": v.cpu_share} for k, v in s.cluster.placements.items()}
 
-
-def _oom_kills(device: str) -> int:
-    from coformer.tools import testbed as tb
-
-    return tb.oom_kills(device)
