@@ -110,7 +110,7 @@ def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib) -> dict
         story = memory_story(bed, "edge-mem", out_dir / "teacher.onnx", out_dir / "largest.onnx",
                              out_dir / "inputs.npy", timeout_s=300)
     finally:
-        tb.down()
+        bed.down()
     story["onnx_bytes"] = {"teacher": (out_dir / "teacher.onnx").stat().st_size, "largest_submodel": sub_file}
     story["parity"] = parity
     return story

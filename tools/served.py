@@ -235,8 +235,6 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
         after: called with ``(name, client)`` once a bundle's last request is answered, before
             it stops (e.g. a few example requests to show); its value is kept in ``after``.
     """
-    from coformer.tools import testbed as tb
-
     if alone is False and bed is not None:
         raise CoFormerError("in a testbed the bundles share each device's memory: measure them alone=True")
     names = list(bundles)
@@ -272,7 +270,7 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     continue
                 if on_turn is not None:
                     on_turn(n, p, passes)
-                kills = {d.name: tb.oom_kills(d.name) for d in bed.devices} if bed is not None else {}
+                kills = {d.name: bed.oom_kills(d.name) for d in bed.devices} if bed is not None else {}
                 try:
                     if alone:
                         _turn_alone(serve(n), m, chunk, bed, warmup, turn_min, turn_s,
@@ -286,7 +284,7 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     if not keep_going:
                         raise
                     m.error = str(e) if isinstance(e, CoFormerError) else f"{type(e).__name__}: {e}"
-                    m.out_of_memory_on = [d for d, k in kills.items() if tb.oom_kills(d) > k]
+                    m.out_of_memory_on = [d for d, k in kills.items() if bed.oom_kills(d) > k]
         if not alone and after is not None:
             for n in names:
                 if out[n].ok:
@@ -296,11 +294,9 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
 
 def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: int, turn_s: Optional[float],
                 after) -> None:
-    from coformer.tools import testbed as tb
-
     if bed is not None:
         for d in bed.devices:
-            tb.reset_peak_memory(d.name)
+            bed.reset_peak_memory(d.name)
     with s:
         m.placements = _placements(s)
         s.warm_up(chunk, warmup, None if turn_s is None else 0.1 * turn_s)
@@ -311,7 +307,7 @@ def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: i
     if bed is not None:
         for d in bed.devices:
             if d.name in used:
-                v = tb.peak_memory(d.name)
+                v = bed.peak_memory(d.name)
                 old = m.peak_memory_bytes.get(d.name)
                 m.peak_memory_bytes[d.name] = v if old is None else max(old, v or 0)
 

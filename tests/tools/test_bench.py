@@ -161,10 +161,17 @@ def test_bench_on_the_testbed_then_killed_mid_run_leaves_nothing(quickstart_dir,
 
     qs, env = quickstart_dir
     report_path = tmp_path / "r.json"
+    # a second bench at the same time, on its own testbed: neither tears the other's down
+    other = subprocess.Popen([_coformer(), "bench", "--quickstart", str(qs), "--strategies", "teacher", "--samples",
+                              "10", "--out", str(tmp_path / "other"), "--no-progress"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = _bench(["--quickstart", str(qs), "--bandwidth", "2mbit", "--samples", "12", "--max-seconds", "20",
                    "--strategies", "coformer,teacher,pipeline,tensor_parallel", "--out", str(tmp_path / "out"),
                    "--report-json", str(report_path)], env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert other.wait(timeout=300) == 0, other.stderr.read()[-3000:]
+    (alone,) = json.loads((tmp_path / "other" / "bench.json").read_text())["results"]
+    assert alone["status"] == "ok", alone
     r = json.loads(report_path.read_text())
     rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
     assert all(x["bandwidth"] == "2mbit" for x in r["results"])

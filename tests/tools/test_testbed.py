@@ -1,6 +1,6 @@
 """The emulated cluster on this host: real namespaces, tc token buckets and cgroups.
 
-These tests take down any testbed already up on the host (its names are fixed).
+Each test's testbed has its own slot and state folder: a bench running on the host is left alone.
 """
 
 import os
@@ -63,10 +63,10 @@ BURN = "import time; c = time.process_time(); t = time.perf_counter()\n" \
 
 @pytest.fixture
 def bed(tmp_path, monkeypatch):
-    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "testbeds")
     b = testbed.up(DEVICES)
     yield b
-    testbed.down()
+    b.down()
 
 
 def _transfer_s(bed, device, nbytes, port):
@@ -105,19 +105,56 @@ def test_cpu_share_and_memory_limit_are_enforced(bed):
 
 
 def test_down_leaves_nothing_even_with_processes_running_and_is_idempotent(tmp_path, monkeypatch):
-    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "testbeds")
     bed = testbed.up(DEVICES)
-    assert len(testbed.leftovers()["namespaces"]) == 3 and testbed.status()["up"]
+    assert len(testbed.leftovers(bed.slot)["namespaces"]) == 3 and testbed.status()["up"]
     orphan = bed.popen("slow", ["sleep", "300"])  # as if a bench was killed mid-run
     time.sleep(0.2)
-    removed = testbed.down()
+    removed = bed.down()
     assert len(removed["namespaces"]) == 3
-    assert testbed.leftovers() == {"namespaces": [], "links": [], "cgroups": []}
+    assert testbed.leftovers(bed.slot) == {"namespaces": [], "links": [], "cgroups": []}
     assert orphan.wait(timeout=10) != 0  # killed by the teardown
     assert not testbed.status()["up"]
-    testbed.down()  # again: nothing to do, no error
+    bed.down()  # again: nothing to do, no error
     with pytest.raises(CoFormerError, match="no testbed is up"):
         testbed.load()
+
+
+def test_two_testbeds_at_once_do_not_touch_each_other(tmp_path, monkeypatch):
+    """Two benches (or a bench and this suite) each take a slot; taking one down leaves the
+    other carrying data, and `coformer testbed down` leaves a live owner's testbed alone but
+    clears one whose owner died."""
+    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "testbeds")
+    first = testbed.up(DEVICES)
+    second = testbed.up(DEVICES)
+    try:
+        assert first.slot != second.slot
+        assert not set(d.namespace for d in first.devices) & set(d.namespace for d in second.devices)
+        assert first.client_address != second.client_address
+        assert testbed.load(second.slot).slot == second.slot
+        with pytest.raises(CoFormerError, match="2 testbeds are up"):
+            testbed.load()
+        first.down()
+        assert testbed.leftovers(first.slot) == {"namespaces": [], "links": [], "cgroups": []}
+        assert _transfer_s(second, "slow", 100_000, 9150) == pytest.approx(0.2, rel=0.25)  # still there
+        # this process owns `second` and is alive: a plain `down` leaves it
+        testbed.down()
+        assert len(testbed.leftovers(second.slot)["namespaces"]) == 3
+        # a testbed whose owner died without taking it down: `down` removes it, and so would `up`
+        env = {**os.environ, "COFORMER_TESTBED_STATE": str(tmp_path / "testbeds")}
+        code = ("import os; from coformer.compiler.specs import DeviceSpec as D; from coformer.tools import testbed as t;"
+                " b = t.up([D('hub', 1 << 30, 10**9, 100.0, 1.0), D('w', 1 << 30, 10**9, 10.0, 0.5)]);"
+                " print(b.slot, flush=True); os._exit(0)")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        orphan = int(done.stdout)
+        assert len(testbed.leftovers(orphan)["namespaces"]) == 2
+        removed = testbed.down()
+        assert sorted(removed["namespaces"]) == [f"cf-tb{orphan}-0", f"cf-tb{orphan}-1"]
+        assert len(testbed.leftovers(second.slot)["namespaces"]) == 3
+    finally:
+        first.down()
+        second.down()
 
 
 def test_bad_device_names_are_refused_before_touching_the_host():
@@ -135,7 +172,7 @@ def test_a_bundle_served_inside_the_testbed_answers_like_the_ensemble(tmp_path, 
     from coformer.tools.cluster import LocalCluster
     from tests.conftest import tiny_vit
 
-    monkeypatch.setattr(testbed, "STATE_PATH", tmp_path / "testbed.json")
+    monkeypatch.setattr(testbed, "STATE_DIR", tmp_path / "testbeds")
     data = load_digits_dataset(size=16)
     result = compile_bundle(tiny_vit(num_heads=6), DEVICES, data, tmp_path / "bundle", boost=BoostConfig(epochs=0),
                             aggregator_epochs=1, progress=False)
@@ -152,4 +189,4 @@ def test_a_bundle_served_inside_the_testbed_answers_like_the_ensemble(tmp_path, 
                 for i in range(len(x)):
                     np.testing.assert_allclose(client.infer(x[i: i + 1].numpy()).logits[0], expected[i], atol=1e-4)
     finally:
-        testbed.down()
+        bed.down()

@@ -32,15 +32,13 @@ def memory_story(bed, device: str, teacher_onnx: Path, submodel_onnx: Path, inpu
     import sys
     import tempfile
 
-    from coformer.tools import testbed as tb
-
     out: dict[str, Any] = {"device": device, "memory_limit_bytes": bed.device(device).memory_bytes}
     few = Path(tempfile.mkdtemp(prefix="coformer-mem-")) / "x.npy"
     np.save(few, np.load(inputs_path)[:5])
     try:
         for what, model in (("teacher", teacher_onnx), ("submodel", submodel_onnx)):
-            tb.reset_peak_memory(device)
-            kills_before = tb.oom_kills(device)
+            bed.reset_peak_memory(device)
+            kills_before = bed.oom_kills(device)
             cmd = [sys.executable, "-m", "coformer.runtime.cli", "time", str(model), "--inputs", str(few),
                    "--out", str(few.parent / f"{what}.npz"), "--warmup", "1", "--throttle", "none"]
             try:
@@ -48,10 +46,10 @@ def memory_story(bed, device: str, teacher_onnx: Path, submodel_onnx: Path, inpu
                 code, err = done.returncode, done.stderr
             except subprocess.TimeoutExpired:
                 code, err = None, "timed out"
-            killed = tb.oom_kills(device) > kills_before or code == -9
+            killed = bed.oom_kills(device) > kills_before or code == -9
             out[what] = {"model": Path(model).name,
                          "status": "ok" if code == 0 else "out_of_memory" if killed else "failed",
-                         "exit_code": code, "peak_memory_bytes": tb.peak_memory(device)}
+                         "exit_code": code, "peak_memory_bytes": bed.peak_memory(device)}
             if out[what]["status"] == "failed":
                 out[what]["error"] = err.strip()[-500:]
     finally:
@@ -97,10 +95,13 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
         raise CoFormerError("a bandwidth sweep needs the testbed (root); without it links are loopback")
     results, memory = [], None
     t0 = time.perf_counter()
+    bed = None  # this run's own testbed (its own slot: another bench's is never touched)
     try:
         for devices, bundles in setups:
             k = len(devices)
             for mbit in bandwidths:
+                if bed is not None:
+                    bed.down()
                 bed = tb.up([replace(d, link_mbit_s=mbit) for d in devices]) if use_testbed else None
                 bw = bandwidth_name(mbit) if bed else "loopback"
                 # Interleaved passes: every strategy runs a slice of the samples, then the next
@@ -140,8 +141,8 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                         [d.name for d in devices]:
                     memory = memory_story(bed, inputs_path=inputs_path, **memory_check)
     finally:
-        if use_testbed:
-            tb.down()
+        if bed is not None:
+            bed.down()
     teacher_preds = {(r["bandwidth"], r["devices_count"]): r["predictions"] for r in results
                      if r["strategy"] == "teacher" and r["status"] == "ok"}
     for r in results:
