@@ -158,3 +158,46 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
     if measure is not None:
         report.update(measure(job, out))
     return out
+
+
+def matched_student_flops(manifest) -> int:
+    """The FLOPs of a student on the central device that computes as long as the slowest
+    device of the CoFormer bundle ``manifest``: ``share_central * max_n(flops_n / share_n)``.
+
+    Choice written down: the match is made on the cost model, not on a measurement, so the
+    student can be built before anything is served; a device's time is taken as its
+    sub-model's FLOPs over its CPU share (how the emulated devices differ). ``coformer
+    bench`` then measures both side by side, so how close the match came is in its rows.
+    """
+    central = manifest.central
+    return int(central.cpu_share * max(d.flops / d.cpu_share for d in manifest.devices))
+
+
+def student_job(job: CompileJob, flops_budget: int, out_dir: Path, name: str = "student") -> CompileJob:
+    """The obvious alternative to ``job``'s collaboration: one sub-model on its central
+    (first, strongest) device alone, within ``flops_budget`` (capped at that device's own),
+    searched and calibrated as ``job``'s sub-models are.
+
+    With a predictor for the central device it is searched by DeBo over that one device,
+    with the same objective (eq. 8: validation loss plus delta times predicted latency),
+    so it may be smaller than its budget where that pays; without one it is the decoding
+    of the full point under the budget (the least important layers dropped, then
+    narrowed, until it fits): the largest that fits.
+    """
+    central = job.devices[0]
+    predictors = None if job.predictors is None else [job.predictors[0]]
+    return dataclasses.replace(
+        job, devices=[dataclasses.replace(central, flops_budget=int(min(flops_budget, central.flops_budget)))],
+        out_dir=Path(out_dir), policy=None, search="bo" if predictors else "uniform", predictors=predictors,
+        compare=False, search_log=None, checkpoint_dir=None, model_name=name)
+
+
+def student_summary(out: JobResult, flops_budget: int) -> dict[str, Any]:
+    """What a compile report says of a student (:func:`student_job`) built beside a bundle."""
+    d = out.result.manifest.central
+    acc = out.result.accuracy
+    return {"bundle": str(out.result.bundle_dir), "device": d.device, "flops_budget": int(flops_budget),
+            "flops": d.flops, "params": d.params, "policy_source": out.result.policy.source,
+            "accuracy": acc.get("ensemble_accuracy"), "teacher_accuracy": acc.get("teacher_accuracy"),
+            "predicted_latency_ms": out.report.get("predicted_latency_ms"),
+            "submodel": out.result.policy.submodels[0].summary(), "wall_time_s": out.report["wall_time_s"]}

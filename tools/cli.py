@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true",
                    help="serve the bundle on this machine (devices emulated) and measure its latency")
     p.add_argument("--measure-samples", type=int, default=500, help="with --measure: test samples to send")
+    p.add_argument("--student", action="store_true",
+                   help="also build the single-student baselines on the central device alone, searched and "
+                   "calibrated alike: OUT.student (its whole budget) and OUT.student_matched (the compute time of "
+                   "CoFormer's slowest device); the report compares them")
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--epochs", type=int, default=5, help="calibration epochs per sub-model")
@@ -244,6 +248,24 @@ def _compute(args: argparse.Namespace):
     return Compute.resolve(args.device, args.amp, args.batch_size, args.workers)
 
 
+def build_students(job, manifest, progress: bool) -> dict:
+    """``compile --student``: the two single-student baselines of ``job`` (see
+    :func:`coformer.compiler.job.student_job`), in ``OUT.student`` and ``OUT.student_matched``."""
+    import torch
+
+    from coformer.compiler.job import matched_student_flops, run_job, student_job, student_summary
+
+    out = {}
+    for name, budget in (("student", job.devices[0].flops_budget), ("student_matched", matched_student_flops(manifest))):
+        if progress:
+            print(f"compile: the {name} baseline ({job.devices[0].name} alone, {budget / 1e6:.1f} MFLOPs)",
+                  file=sys.stderr)
+        torch.manual_seed(job.seed)
+        done = run_job(student_job(job, budget, Path(f"{job.out_dir}.{name}"), name))
+        out[name] = student_summary(done, min(budget, job.devices[0].flops_budget))
+    return out
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.devices import load_devices
@@ -280,6 +302,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.compiler.tasks import resolve_task
 
     task = resolve_task(teacher, data.train.y is not None, args.task)
+    if args.student and task != "classification":
+        raise CoFormerError(f"--student compares accuracy, so it takes a classification task; this one is {task!r}")
     job = CompileJob(
         teacher, devices, data, args.out, policy=policy, search=method, task=task, normalize=args.normalize,
         predictors=predictors, compare=args.compare, delta=args.delta, initial=args.initial,
@@ -301,6 +325,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result, report = out.result, {**({"task_head": head} if head else {}), **out.report}
     if fits:
         report["predictor"] = fits
+    if args.student:
+        report["students"] = build_students(job, result.manifest, not args.no_progress)
     acc = result.accuracy
     print(f"bundle: {args.out} (policy: {result.policy.source})")
     if report["resumed_submodels"]:
@@ -334,6 +360,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print("search: " + ", ".join(f"{m} best objective {s[m]['best_objective']:.4f}"
                                      for m in ("bo", "random", "uniform") if m in s)
               + f"; predicted latency {report['predicted_latency_ms']:.2f} ms")
+    for name, st in report.get("students", {}).items():
+        predicted = "" if st["predicted_latency_ms"] is None else f", predicted {st['predicted_latency_ms']:.2f} ms"
+        print(f"{name}: {st['device']} alone, {st['flops'] / 1e6:.1f} of {st['flops_budget'] / 1e6:.1f} MFLOPs "
+              f"({st['policy_source']}), accuracy {st['accuracy'] * 100:.1f}%{predicted}; bundle {st['bundle']} "
+              "(`coformer bench` measures it beside CoFormer)")
     if "measured_latency_ms" in report:
         line = f"measured latency (served here, devices emulated): {report['measured_latency_ms']:.2f} ms"
         if "predicted_latency_local_ms" in report:

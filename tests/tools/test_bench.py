@@ -58,18 +58,21 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     ratio = next(x for x in r["ratios"] if x["input_source"] == "device")
     assert ratio["speedup_vs_pipeline"] == pytest.approx(
         rows["pipeline", "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])
-    # the students: one sub-model on edge-a alone, the largest within its budget, and the one
-    # that computes as long as CoFormer's slowest device
+    # the students: one sub-model on edge-a alone, searched by DeBo over edge-a's predictor as
+    # CoFormer's are, within its budget and within the compute time of CoFormer's slowest device
     from coformer.runtime.manifest import load_manifest
-    from coformer.tools.bench.strategies import matched_student_flops
+    from coformer.compiler.job import matched_student_flops
 
     coformer = load_manifest(qs / "bundle")
     student, matched = (load_manifest(qs / "baselines" / s) for s in ("student", "student_matched"))
     assert [d.device for d in student.devices] == [d.device for d in matched.devices] == ["edge-a"]
     budget = next(d["flops_budget"] for d in json.loads((qs / "report.json").read_text())["devices"]
                   if d["name"] == "edge-a")
-    assert matched.central.flops <= matched_student_flops(coformer) < student.central.flops <= budget
+    assert matched_student_flops(coformer) < budget
+    assert matched.central.flops <= matched_student_flops(coformer) and student.central.flops <= budget
     for name in ("student", "student_matched"):
+        assert rows[name, "central"]["policy_source"] == "bo" and rows[name, "central"]["devices_used"] == 1
+        assert rows[name, "central"]["flops_budget"] == (budget if name == "student" else matched_student_flops(coformer))
         assert rows[name, "central"]["bytes_per_inference"] == 0  # nothing crosses a link
         assert ratio[f"speedup_vs_{name}"] == pytest.approx(
             rows[name, "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])

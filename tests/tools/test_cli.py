@@ -187,9 +187,24 @@ def test_compile_searches_with_device_profiles_and_reports_every_method(compiled
             "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices-profiled.yaml",
             "--out", tmp / "searched", "--epochs", "1", "--no-progress", "--compare", "--initial", "3",
             "--iterations", "2", "--report-json", tmp / "report.json"]
-    done = coformer(*args)
+    done = coformer(*args, "--student")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp / "report.json").read_text())
+    # the single-student baselines: "big" (the central device) alone, searched by DeBo over its
+    # predictor within its whole budget, and within the compute time of CoFormer's slowest device
+    from coformer.compiler.job import matched_student_flops
+
+    students = report["students"]
+    assert set(students) == {"student", "student_matched"}
+    coformer_manifest = load_manifest(tmp / "searched")
+    assert students["student_matched"]["flops_budget"] == matched_student_flops(coformer_manifest)
+    for name, st in students.items():
+        m = load_manifest(tmp / f"searched.{name}")
+        assert [d.device for d in m.devices] == ["big"] and st["device"] == "big"
+        assert m.policy["source"] == st["policy_source"] == "bo"
+        assert st["flops"] == m.central.flops <= st["flops_budget"]
+        assert 0 <= st["accuracy"] <= 1 and st["predicted_latency_ms"] > 0
+        assert f"{name}: big alone" in done.stdout
     search = report["search"]
     assert search["evaluations"] == 5 and search["uniform"]["evaluations"] == 1
     assert {m: search[m]["best_objective"] > 0 for m in ("bo", "random", "uniform")} == dict.fromkeys(

@@ -4,6 +4,7 @@ link rates and device counts; and the memory story on the weakest device."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -15,11 +16,12 @@ import numpy as np
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import load_manifest
-from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name,
-                                          parse_bandwidths)
+from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, STUDENTS,
+                                          bandwidth_name, parse_bandwidths)
 from coformer.tools.bench.plots import plots
 from coformer.tools.bench.report import markdown, physical_limit, ratios
-from coformer.tools.bench.strategies import bundle_devices, check_bundle_matches, prepare_bundles, strategies_for
+from coformer.tools.bench.strategies import (STUDENT_FILE, bundle_devices, check_bundle_matches, prepare_bundles,
+                                             strategies_for)
 from coformer.tools.progress import Progress
 
 
@@ -128,8 +130,15 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                         row = {"status": "ok", **{key: v for key, v in summary.items()
                                                   if key not in ("indices", "predictions", "embeddings")},
                                "predictions": dict(zip(summary["indices"].tolist(), summary["predictions"].tolist()))}
+                        manifest = load_manifest(m.bundle)
+                        row["devices_used"] = len(manifest.devices)  # devices_count is the setup's (a student: 1 of them)
                         if strategy in DECOMPOSED:
-                            row.update(physical_limit(row, load_manifest(m.bundle), mbit if bed else None))
+                            row.update(physical_limit(row, manifest, mbit if bed else None))
+                            row["policy_source"] = manifest.policy.get("source")  # bo, uniform, heuristic
+                            row["submodels"] = [{"device": d.device, "flops": d.flops, "feature_dim": d.feature_dim}
+                                                for d in manifest.devices]
+                            if (Path(m.bundle) / STUDENT_FILE).is_file():
+                                row["flops_budget"] = json.loads((Path(m.bundle) / STUDENT_FILE).read_text())["flops_budget"]
                     else:  # a device ran out of memory, a process died, a timeout
                         row = {"status": m.status, "error": m.error[-1000:], "out_of_memory_on": m.out_of_memory_on,
                                "predictions": {}}
@@ -209,8 +218,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
     setups = []
     for k in counts:
         full = k == len(devices)
-        predictors = None
-        if not full and "coformer" in strategies:
+        predictors = None  # CoFormer's search when it is compiled here, and the students'
+        if (not full and "coformer" in strategies) or set(STUDENTS) & set(strategies):
             predictors = [LatencyPredictor.load(Path(qs_dir) / "profiles" / f"{d.name}.predictor.json") for d in devices[:k]]
         bundles = prepare_bundles(strategies, bundle if full else None, teacher, devices[:k], data,
                                   Path(qs_dir) / "baselines" / ("" if full else f"{k}-devices"),
@@ -260,8 +269,13 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     if refused:
         raise CoFormerError(f"--strategies {refused} cannot be built for this teacher; it has {list(available)}")
     out = Path(out_dir or Path(bundle).resolve().parent / "bench")
+    predictors = None  # the students are searched over the central device's predictor, where it has a profile
+    if set(STUDENTS) & set(strategies) and devices[0].profile:
+        from coformer.compiler.predictor import predictor_for
+
+        predictors = [predictor_for(Path(devices[0].profile))[0]]
     bundles = prepare_bundles(strategies, bundle, teacher, devices, data, out / "bundles", boost_epochs=boost_epochs,
-                              progress=progress, compute=compute)
+                              progress=progress, compute=compute, predictors=predictors)
     x = data.test.head(samples)
     if data.test.y is not None:
         y, reference = data.test.y[: len(x)].numpy(), "labels"

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from coformer.runtime.files import atomic_write_bytes
+from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.tools.bench.options import STRATEGIES, STUDENTS
 from coformer.tools.progress import Progress
 
+STUDENT_FILE = "student.json"  # in a student's bundle: the device and the FLOPs budget it was searched within
 BUNDLES_VERSION = 2  # bump when the baselines are built differently: cached ones are rebuilt (2: explicit attention)
 
 
@@ -47,19 +47,6 @@ def strategies_for(teacher) -> tuple[str, ...]:
     return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS) or family in baseline_families(s))
 
 
-def matched_student_flops(manifest) -> int:
-    """The FLOPs of a student on the central device that computes as long as the slowest
-    device of the CoFormer bundle ``manifest``: ``share_central * max_n(flops_n / share_n)``.
-
-    Choice written down: the match is made on the cost model, not on a measurement, so the
-    student can be built before anything is served; a device's time is taken as its
-    sub-model's FLOPs over its CPU share (how the emulated devices differ). The bench then
-    measures both side by side, so how close the match came is in its rows.
-    """
-    central = manifest.central
-    return int(central.cpu_share * max(d.flops / d.cpu_share for d in manifest.devices))
-
-
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
                     boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
                     progress: Union[bool, Progress] = True, predictors: Optional[Sequence[Any]] = None,
@@ -73,18 +60,20 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     :func:`coformer.compiler.job.run_job`, on ``compute``.
 
     The students are the obvious alternative to collaborating: one sub-model on the
-    central (strongest) device alone, calibrated by the same distillation as CoFormer's.
-    ``student`` is the largest within that device's FLOPs budget; ``student_matched`` the
-    largest within the compute time of CoFormer's slowest device
-    (:func:`matched_student_flops`). Choice written down: each is the search's decoding of
-    the full point (every layer, every channel, head and neuron) under its budget, which
-    drops the least important layers, then narrows, until it fits; it is not searched by
-    DeBo, so that it does not depend on the profiles.
+    central (strongest) device alone, searched and calibrated as CoFormer's are.
+    ``student`` gets that device's FLOPs budget; ``student_matched`` the compute time of
+    CoFormer's slowest device (:func:`matched_student_flops`). With ``predictors`` (the
+    first is the central device's) each is searched by DeBo over the one device, with
+    CoFormer's objective (eq. 8: validation loss plus delta times predicted latency), so
+    it may choose to be smaller than its budget where that pays. Without them (a user's
+    bundle whose devices name no profile) each is the decoding of the full point under
+    its budget, which drops the least important layers, then narrows, until it fits: the
+    largest that fits. The row's ``policy_source`` says which (``bo`` or ``uniform``).
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
     from coformer.compiler.baselines import BASELINES, build_baseline
-    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.job import CompileJob, matched_student_flops, run_job, student_job
     from coformer.compiler.sources import source_of
     from coformer.runtime.manifest import load_manifest
 
@@ -102,10 +91,15 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
         path = Path(out_dir) / s
         stamp = path / "built-from.txt"
         built_from = digest
+        if s in STUDENTS and predictors is not None:  # and the central device's predictor it was searched over
+            import hashlib
+
+            built_from += " " + hashlib.sha256(json.dumps(predictors[0].to_dict(), sort_keys=True,
+                                                          default=str).encode()).hexdigest()[:16]
         if s == "student_matched":  # and the CoFormer bundle it is matched to
             from coformer.runtime.manifest import manifest_digest
 
-            built_from = f"{digest} {manifest_digest(out['coformer'])[:16]}"
+            built_from += f" {manifest_digest(out['coformer'])[:16]}"
         if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == built_from:
             load_manifest(path)  # verifies checksums
             out[s] = path
@@ -122,12 +116,14 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
 
             central = devices[0]
             budget = central.flops_budget if s == "student" else matched_student_flops(load_manifest(out["coformer"]))
+            budget = min(budget, central.flops_budget)
             torch.manual_seed(seed)
-            run_job(CompileJob(teacher, [replace(central, flops_budget=min(budget, central.flops_budget))], data, path,
-                               search="uniform", seed=seed,
-                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
-                               aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
-                               model_info=source_of(teacher), progress=bool(progress)))
+            base = CompileJob(teacher, devices, data, path, predictors=predictors, seed=seed,
+                              boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
+                              aggregator_epochs=aggregator_epochs, compute=compute, model_info=source_of(teacher),
+                              progress=bool(progress))
+            run_job(student_job(base, budget, path, s))
+            atomic_write_json(path / STUDENT_FILE, {"device": central.name, "flops_budget": budget})
         else:  # coformer (searched over the predictors) or uniform, calibrated alike
             if s == "coformer" and predictors is None:
                 raise CoFormerError("compiling a CoFormer bundle for the bench needs each device's predictor")
