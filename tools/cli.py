@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
     p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
                    "samples, so the machine's drift falls on all of them alike")
+    p.add_argument("--throughput", default="1,8", metavar="N[,N..]|none",
+                   help="after its last pass, each run's answers per second with N concurrent clients")
+    p.add_argument("--throughput-seconds", type=float, default=5.0, help="how long each --throughput load runs")
     p.add_argument("--no-testbed", action="store_true", help="loopback instead of the testbed: no link shaping")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json, bench.md and the plots "
                    "(default: BUNDLE/../bench, or the quickstart folder's bench/)")
@@ -526,6 +529,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sources = bench.parse_choice(args.input_source, bench.INPUT_SOURCES, "--input-source:")
     bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
+    load = {"throughput": bench.parse_clients(args.throughput), "throughput_s": args.throughput_seconds}
+    if args.throughput_seconds <= 0:
+        raise CoFormerError(f"--throughput-seconds {args.throughput_seconds} must be > 0")
     progress = not args.no_progress
     if not args.no_testbed:  # before any expensive preparation
         bench.check_testbed()
@@ -535,7 +541,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
                                             sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,
-                                            devices_counts, args.passes)
+                                            devices_counts, args.passes, **load)
     else:
         if args.bundle is None or args.model is None or args.devices is None:
             raise CoFormerError("bench needs a BUNDLE with --model and --devices (or --quickstart)")
@@ -551,7 +557,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data, _ = data_from_args(args, teacher)
         report = bench.run_model_bench(args.bundle, teacher, devices, data, args.out, strategies, sources,
                                        args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
-                                       progress, args.passes, args.epochs, compute)
+                                       progress, args.passes, args.epochs, compute, **load)
     if args.report_json:
         from coformer.runtime.files import atomic_write_json
 

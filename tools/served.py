@@ -5,7 +5,9 @@ shape (:meth:`Measurement.summary`).
 
 Every bundle is served by real processes (:class:`~coformer.tools.cluster.LocalCluster`,
 inside a testbed when given) and every sample goes through a real client socket, one
-request at a time.
+request at a time. ``throughput`` adds, after a bundle's last pass, a few seconds of N
+concurrent clients (threads, each with its own socket and one request in flight): answers
+per second, which the central node's micro-batching raises above 1 / latency.
 
 Interleaved passes. This machine's speed drifts by tens of percent from one minute to the
 next, so bundles that are compared are measured in the same minutes: the samples are split
@@ -66,6 +68,7 @@ class Measurement:
     error: Optional[str] = None  # why the bundle stopped being measured (with keep_going)
     out_of_memory_on: list[str] = field(default_factory=list)  # devices whose OOM killer fired in the failed turn
     after: Any = None  # what the ``after`` hook returned
+    throughput: dict[int, dict[str, Any]] = field(default_factory=dict)  # concurrent clients -> answers per second
 
     @property
     def ok(self) -> bool:
@@ -90,7 +93,10 @@ class Measurement:
           each worker's compute, service and queueing;
         * ``runtime_ms_median``: the round trip less the critical path's compute;
         * ``bytes_to_devices``, ``bytes_from_devices`` and their sum ``bytes_per_inference``
-          (medians); ``peak_memory_bytes``, ``placements``, ``samples``, ``passes``.
+          (medians); ``peak_memory_bytes``, ``placements``, ``samples``, ``passes``;
+        * ``throughput`` (when measured): per number of concurrent clients, ``answers_per_s``,
+          the round trips' ``p50_ms`` and ``p99_ms`` under that load, ``answers``, ``errors``
+          and ``mismatched`` (answers whose class differs from the one-at-a-time answer).
         """
         if not self.samples:
             raise CoFormerError(f"{self.name}: no request was measured" + (f" ({self.error})" if self.error else ""))
@@ -125,6 +131,8 @@ class Measurement:
             "peak_memory_bytes": dict(self.peak_memory_bytes),
             "placements": dict(self.placements),
         }
+        if self.throughput:
+            out["throughput"] = {str(k): v for k, v in sorted(self.throughput.items())}
         if s[0].embedding is not None:
             out["embeddings"] = np.stack([r.embedding for r in s])
         if y is not None:
@@ -172,11 +180,12 @@ class _Served:
         finally:
             self.cluster.__exit__(*exc)
 
-    def send(self, i: int) -> Sample:
+    def send(self, i: int, client=None) -> Sample:
+        client = client or self.client
         if self.encoder is not None:
-            r = self.client.infer(self.encoder.encode([self.inputs[i]]))
+            r = client.infer(self.encoder.encode([self.inputs[i]]))
         else:
-            r = self.client.infer(self.inputs[i:i + 1], input_index=[i] if self.local is not None else None)
+            r = client.infer(self.inputs[i:i + 1], input_index=[i] if self.local is not None else None)
         return Sample(index=int(i), round_trip_ms=r.round_trip_ms,
                       prediction=r.label_index[0] if r.label_index else -1,
                       bytes_to_workers=r.wire_bytes_to_workers, bytes_from_workers=r.wire_bytes_from_workers,
@@ -189,6 +198,69 @@ class _Served:
             self.send(order[k % len(order)])
             if max_s is not None and time.monotonic() - start > max_s:
                 break
+
+    def throughput(self, clients: int, seconds: float, order: Sequence[int],
+                   expected: Optional[Mapping[int, int]] = None) -> dict[str, Any]:
+        """``clients`` concurrent clients for ``seconds``, each with its own socket and one request
+        in flight, cycling through ``order``: answers per second over the window, and the round
+        trips under that load. A request that fails (a timeout, an error reply) is counted in
+        ``errors`` and its client goes on; an answer whose class differs from ``expected``
+        (sample index -> the class it got one request at a time) in ``mismatched``."""
+        import threading
+
+        rtts: list[float] = []
+        errors: list[str] = []
+        mismatched = [0]
+        expected = dict(expected or {})
+        lock = threading.Lock()
+        ready, go = threading.Semaphore(0), threading.Event()
+        deadline = [0.0]
+
+        def loop(k: int) -> None:
+            released = False
+            try:
+                with self.cluster.client(**self.waits) as c:
+                    try:
+                        self.send(order[k % len(order)], c)  # connected and warm before the window opens
+                    finally:
+                        ready.release()
+                        released = True
+                    go.wait()
+                    j = k
+                    while time.monotonic() < deadline[0]:
+                        j += clients
+                        i = order[j % len(order)]
+                        try:
+                            r = self.send(i, c)
+                        except CoFormerError as e:
+                            with lock:
+                                errors.append(str(e))
+                            continue
+                        with lock:
+                            rtts.append(r.round_trip_ms)
+                            mismatched[0] += int(i in expected and expected[i] != r.prediction)
+            except Exception as e:  # noqa: BLE001 - a client that cannot start is an error of the run
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+            finally:
+                if not released:
+                    ready.release()
+
+        threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(clients)]
+        for t in threads:
+            t.start()
+        for _ in threads:
+            ready.acquire(timeout=120.0)
+        t0 = time.monotonic()
+        deadline[0] = t0 + seconds
+        go.set()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        lat = summarise(rtts) if rtts else {"median": None, "p99": None}
+        return {"clients": clients, "seconds": wall, "answers": len(rtts),
+                "answers_per_s": len(rtts) / wall, "p50_ms": lat["median"], "p99_ms": lat["p99"],
+                "errors": len(errors), "mismatched": mismatched[0], **({"first_error": errors[0]} if errors else {})}
 
     def run(self, chunk: Sequence[int], into: Measurement, min_samples: int, max_s: Optional[float]) -> None:
         """Every sample of ``chunk``, or at least ``min_samples`` of them and then until ``max_s``."""
@@ -205,7 +277,8 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     bed=None, local_inputs: Optional[Mapping[str, Path]] = None, timeout_s: Optional[float] = None,
                     log_dir: Optional[Path] = None, keep_going: bool = False,
                     on_turn: Optional[Callable[[str, int, int], None]] = None,
-                    after: Optional[Callable[[str, Any], Any]] = None) -> dict[str, Measurement]:
+                    after: Optional[Callable[[str, Any], Any]] = None, throughput: Sequence[int] = (),
+                    throughput_s: float = 5.0) -> dict[str, Measurement]:
     """Serve every bundle of ``bundles`` (name -> directory) and send it the samples ``indices``
     of ``inputs`` (default: all, in order) in interleaved passes (module doc); one
     :class:`Measurement` per name.
@@ -234,7 +307,12 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
         on_turn: called with ``(name, pass, passes)`` before each turn (progress lines).
         after: called with ``(name, client)`` once a bundle's last request is answered, before
             it stops (e.g. a few example requests to show); its value is kept in ``after``.
+        throughput: numbers of concurrent clients (e.g. ``(1, 8)``): after a bundle's last
+            pass, ``throughput_s`` seconds at each, kept in ``throughput``
+            (:meth:`_Served.throughput`).
     """
+    if any(int(c) < 1 for c in throughput) or throughput_s <= 0:
+        raise CoFormerError(f"throughput clients {list(throughput)} must be >= 1, for more than 0 s ({throughput_s})")
     if alone is False and bed is not None:
         raise CoFormerError("in a testbed the bundles share each device's memory: measure them alone=True")
     names = list(bundles)
@@ -250,6 +328,13 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
     turn_min = -(-min_samples // passes)
     local_inputs = dict(local_inputs or {})
     out = {n: Measurement(n, Path(bundles[n])) for n in names}
+
+    def finish(served: _Served, m: Measurement) -> None:  # once a bundle's last pass is answered
+        if after is not None:
+            m.after = after(m.name, served.client)
+        for c in throughput:
+            m.throughput[int(c)] = served.throughput(int(c), throughput_s, order,
+                                                     {r.index: r.prediction for r in m.samples})
 
     def serve(name: str) -> _Served:
         return _Served(name, Path(bundles[name]), inputs, bed=bed, throttle=throttle, local_inputs=local_inputs.get(name),
@@ -274,7 +359,7 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                 try:
                     if alone:
                         _turn_alone(serve(n), m, chunk, bed, warmup, turn_min, turn_s,
-                                    after if p == len(chunks) - 1 else None)
+                                    finish if p == len(chunks) - 1 else None)
                     else:
                         served[n].run(chunk, m, turn_min, turn_s)
                     m.passes += 1
@@ -285,15 +370,15 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                         raise
                     m.error = str(e) if isinstance(e, CoFormerError) else f"{type(e).__name__}: {e}"
                     m.out_of_memory_on = [d for d, k in kills.items() if bed.oom_kills(d) > k]
-        if not alone and after is not None:
+        if not alone:
             for n in names:
                 if out[n].ok:
-                    out[n].after = after(n, served[n].client)
+                    finish(served[n], out[n])
     return out
 
 
 def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: int, turn_s: Optional[float],
-                after) -> None:
+                finish: Optional[Callable[[_Served, Measurement], None]]) -> None:
     if bed is not None:
         for d in bed.devices:
             bed.reset_peak_memory(d.name)
@@ -301,8 +386,8 @@ def _turn_alone(s: _Served, m: Measurement, chunk, bed, warmup: int, turn_min: i
         m.placements = _placements(s)
         s.warm_up(chunk, warmup, None if turn_s is None else 0.1 * turn_s)
         s.run(chunk, m, turn_min, turn_s)
-        if after is not None:
-            m.after = after(m.name, s.client)
+        if finish is not None:
+            finish(s, m)
         used = [d.device for d in s.cluster.manifest.devices]  # the teacher alone leaves the others idle
     if bed is not None:
         for d in bed.devices:

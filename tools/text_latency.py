@@ -66,7 +66,8 @@ def run(bundle: Path, teacher, devices, lengths: Sequence[int], out_dir: Path, u
         x = tokens(manifest, T, samples, seed=T)
         report = run_bench([(devices, {"coformer": Path(bundle), "teacher": teacher_dir})], x,
                            np.zeros(len(x), dtype=np.int64), out_dir / f"T{T}", parse_bandwidths(bandwidth),
-                           ["device", "central"], use_testbed, samples, 120.0, progress=progress, passes=passes)
+                           ["device", "central"], use_testbed, samples, 120.0, progress=progress, passes=passes,
+                           throughput=())
         for r in report["results"]:
             if r["status"] == "ok":
                 rows.append({"tokens": T, "strategy": r["strategy"], "input_source": r["input_source"],

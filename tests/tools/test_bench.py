@@ -23,15 +23,16 @@ def quickstart_dir(quickstart_fast):
 
 
 def _bench(args, env, timeout=900):
-    return subprocess.run([_coformer(), "bench", *args, "--no-progress"], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    load = [] if "--throughput" in args else ["--throughput", "none"]  # the loopback test measures it
+    return subprocess.run([_coformer(), "bench", *args, *load, "--no-progress"], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart_dir, tmp_path):
     qs, env = quickstart_dir
     report_path = tmp_path / "r.json"
     done = _bench(["--quickstart", str(qs), "--no-testbed", "--samples", "15", "--out", str(tmp_path / "out"),
-                   "--report-json", str(report_path)], env)
+                   "--report-json", str(report_path), "--throughput", "1,8", "--throughput-seconds", "1"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(report_path.read_text())
     rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
@@ -43,6 +44,10 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
         assert {"median", "p90", "p99"} <= set(x["latency_ms"])
         assert set(x["breakdown_ms"]) == {"compute", "transfer", "aggregation", "other"}
         assert "bytes_per_inference" in x and "peak_memory_bytes" in x
+        # answers per second with 1 and 8 concurrent clients, every answer the one-at-a-time one
+        assert set(x["throughput"]) == {"1", "8"}, x["strategy"]
+        for t in x["throughput"].values():
+            assert t["answers"] > 0 and t["errors"] == 0 and t["mismatched"] == 0, (x["strategy"], t)
     # pipeline and tensor parallelism compute the teacher's function exactly
     assert rows["pipeline", "central"]["agreement_with_teacher"] == 1.0
     assert rows["tensor_parallel", "central"]["agreement_with_teacher"] == 1.0
@@ -58,6 +63,8 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     ratio = next(x for x in r["ratios"] if x["input_source"] == "device")
     assert ratio["speedup_vs_pipeline"] == pytest.approx(
         rows["pipeline", "central"]["latency_ms"]["median"] / dev["latency_ms"]["median"])
+    assert ratio["throughput_8x_vs_teacher"] == pytest.approx(
+        dev["throughput"]["8"]["answers_per_s"] / rows["teacher", "central"]["throughput"]["8"]["answers_per_s"])
     # the students: one sub-model on edge-a alone, searched by DeBo over edge-a's predictor as
     # CoFormer's are, within its budget and within the compute time of CoFormer's slowest device
     from coformer.runtime.manifest import load_manifest
@@ -135,6 +142,8 @@ def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, tmp_pa
     (["--input-source", "cloud"], "'cloud' is not one of"),
     (["--samples", "0"], "--samples 0"),
     (["--passes", "0"], "--passes 0"),
+    (["--throughput", "1,x"], "--throughput 'x'"),
+    (["--throughput-seconds", "0"], "--throughput-seconds 0"),
     (["--no-testbed", "--bandwidth", "2mbit,1gbit"], "needs the testbed"),
 ])
 def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
@@ -166,7 +175,7 @@ def test_bench_on_the_testbed_then_killed_mid_run_leaves_nothing(quickstart_dir,
     report_path = tmp_path / "r.json"
     # a second bench at the same time, on its own testbed: neither tears the other's down
     other = subprocess.Popen([_coformer(), "bench", "--quickstart", str(qs), "--strategies", "teacher", "--samples",
-                              "10", "--out", str(tmp_path / "other"), "--no-progress"], env=env,
+                              "10", "--out", str(tmp_path / "other"), "--throughput", "none", "--no-progress"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = _bench(["--quickstart", str(qs), "--bandwidth", "2mbit", "--samples", "12", "--max-seconds", "20",
                    "--strategies", "coformer,teacher,pipeline,tensor_parallel", "--out", str(tmp_path / "out"),
@@ -198,7 +207,8 @@ def test_bench_on_the_testbed_then_killed_mid_run_leaves_nothing(quickstart_dir,
 
     # killed mid-run: `testbed down` still removes everything, processes included
     proc = subprocess.Popen([_coformer(), "bench", "--quickstart", str(qs), "--samples", "200",
-                             "--strategies", "tensor_parallel", "--out", str(tmp_path / "killed"), "--no-progress"],
+                             "--strategies", "tensor_parallel", "--out", str(tmp_path / "killed"), "--throughput",
+                             "none", "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(

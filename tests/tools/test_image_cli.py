@@ -234,7 +234,7 @@ def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
     done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
                tmp / "devices.yaml", "--no-testbed", "--samples", "6", "--passes", "1", "--epochs", "0",
                "--input-source", "device", "--out", tmp / "bench", "--report-json", tmp / "bench.json",
-               "--no-progress")
+               "--throughput", "none", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["strategy"]: r for r in json.loads((tmp / "bench.json").read_text())["results"]}
     assert set(rows) == {"coformer", "uniform", "student", "student_matched", "teacher"}  # no pipeline, tensor parallel

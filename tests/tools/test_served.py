@@ -80,6 +80,24 @@ def test_alone_in_passes_with_local_inputs_and_a_hook_before_it_stops(compiled, 
     assert local["bytes_to_devices"] < 300 < 4 * 16 * 16 < sent["bytes_to_devices"]  # an index, not the image
 
 
+def test_throughput_under_concurrent_clients_counts_every_answer_and_checks_it(compiled, tmp_path):
+    result, x, _, expected = compiled
+    np.save(tmp_path / "x.npy", x)
+    out = measure_bundles({"local": result.bundle_dir, "sent": result.bundle_dir}, x, passes=2, alone=True,
+                          warmup=1, throttle="none", local_inputs={"local": tmp_path / "x.npy"},
+                          throughput=(1, 4), throughput_s=1.0)
+    for m in out.values():
+        t = m.summary()["throughput"]
+        assert set(t) == {"1", "4"}
+        for k, v in t.items():
+            assert v["clients"] == int(k) and v["errors"] == 0 and v["mismatched"] == 0
+            assert v["answers"] >= int(k)  # every client answered inside the window
+            assert 1.0 <= v["seconds"] < 5.0 and v["answers_per_s"] == pytest.approx(v["answers"] / v["seconds"])
+            assert 0 < v["p50_ms"] <= v["p99_ms"]
+    with pytest.raises(CoFormerError, match="throughput clients"):
+        measure_bundles({"b": result.bundle_dir}, x, throughput=(0,))
+
+
 def test_a_time_budget_stops_each_turn_after_its_share_of_the_minimum(compiled):
     result, x, _, _ = compiled
     out = measure_bundles({"b": result.bundle_dir}, x, passes=2, alone=True, warmup=0, throttle="none",

@@ -6,8 +6,8 @@ Strategies (all from the same teacher's real weights, all served by the same
 runtime, see :mod:`coformer.compiler.baselines`): ``coformer`` (the bundle),
 ``uniform`` (DeViT-style: the same sub-model size on every device, calibrated
 like CoFormer's), ``student`` and ``student_matched`` (one sub-model alone on the
-central device, calibrated like CoFormer's: the largest within its budget, and the one
-with the compute time of CoFormer's slowest device; see
+central device, searched and calibrated like CoFormer's: within its whole budget, and
+within the compute time of CoFormer's slowest device; see
 :func:`.strategies.prepare_bundles`), ``teacher`` (alone on the central, strongest device),
 ``pipeline`` (EdgeShard-style) and ``tensor_parallel`` (Galaxy-style).
 
@@ -30,6 +30,10 @@ from the central node's clock (see ``coformer.runtime.central``): ``compute``
 finished last), ``transfer`` (the last worker's dispatch-to-answer time less
 its service time: the links both ways), ``aggregation``, ``other`` (the rest of
 the round trip: message handling, the client link, waiting).
+
+Throughput: after its last pass each run also serves ``--throughput`` concurrent
+clients (default 1 and 8) for ``--throughput-seconds`` each and reports answers per
+second (``throughput`` in its row; ``throughput_Nx_vs_S`` in ``ratios``).
 The package, along the lines of its work: :mod:`.options` (what the command line
 names), :mod:`.strategies` (building and checking each strategy's bundle),
 :mod:`.runner` (serving them, through :func:`coformer.tools.served.measure_bundles`),
@@ -37,7 +41,7 @@ names), :mod:`.strategies` (building and checking each strategy's bundle),
 """
 
 from coformer.tools.bench.options import (DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name,
-                                          parse_bandwidths, parse_choice, parse_counts)
+                                          parse_bandwidths, parse_choice, parse_clients, parse_counts)
 from coformer.tools.bench.report import format_summary, markdown, ratios
 from coformer.tools.bench.runner import (BENCH_MEMORY, check_testbed, memory_story, quickstart_inputs, run_bench,
                                          run_model_bench, run_quickstart_bench)
@@ -46,5 +50,5 @@ from coformer.tools.bench.strategies import (BUNDLES_VERSION, bundle_devices, bu
 
 __all__ = ["BENCH_MEMORY", "BUNDLES_VERSION", "DEFAULT_BANDWIDTHS", "INPUT_SOURCES", "STRATEGIES", "bandwidth_name",
            "bundle_devices", "bundles_digest", "check_bundle_matches", "check_testbed", "format_summary", "markdown",
-           "memory_story", "parse_bandwidths", "parse_choice", "parse_counts", "prepare_bundles", "quickstart_inputs",
+           "memory_story", "parse_bandwidths", "parse_choice", "parse_clients", "parse_counts", "prepare_bundles", "quickstart_inputs",
            "ratios", "run_bench", "run_model_bench", "run_quickstart_bench", "strategies_for"]

@@ -14,6 +14,7 @@ STUDENTS = ("student", "student_matched")  # one sub-model on the central device
 DECOMPOSED = ("coformer", "uniform", *STUDENTS)
 INPUT_SOURCES = ("device", "central")
 DEFAULT_BANDWIDTHS = "2mbit"
+DEFAULT_THROUGHPUT = "1,8"  # concurrent clients whose answers per second every run reports
 _UNITS = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}
 
 
@@ -38,6 +39,20 @@ def parse_counts(text: str) -> list[int]:
         out += list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     if not out:
         raise CoFormerError(f"--devices-count {text!r}: name at least one count")
+    return sorted(set(out))
+
+
+def parse_clients(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]`` concurrent clients; ``"none"`` -> ``[]``; names the bad entry."""
+    if str(text).strip().lower() == "none":
+        return []
+    out = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        if not part.isdigit() or not 1 <= int(part) <= 256:
+            raise CoFormerError(f"--throughput {part!r}: expected client counts such as 1,8 (1-256), or none")
+        out.append(int(part))
+    if not out:
+        raise CoFormerError(f"--throughput {text!r}: name at least one client count, or none")
     return sorted(set(out))
 
 

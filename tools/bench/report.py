@@ -46,6 +46,10 @@ def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
             if o["strategy"] == "uniform" and o["input_source"] != c["input_source"]:
                 continue
             row[f"speedup_vs_{o['strategy']}"] = o["latency_ms"]["median"] / c["latency_ms"]["median"]
+            for n, t in (c.get("throughput") or {}).items():  # answers per second, N concurrent clients
+                theirs = (o.get("throughput") or {}).get(n)
+                if theirs and theirs["answers_per_s"]:
+                    row[f"throughput_{n}x_vs_{o['strategy']}"] = t["answers_per_s"] / theirs["answers_per_s"]
             if c["bytes_per_inference"] and o["bytes_per_inference"]:  # the teacher alone sends nothing
                 row[f"fewer_bytes_vs_{o['strategy']}"] = o["bytes_per_inference"] / c["bytes_per_inference"]
         for name in ("teacher", "student", "student_matched"):
@@ -62,24 +66,25 @@ def _mib(n: Optional[int]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = ["| strategy | devices | bandwidth | input from | accuracy | agrees with teacher | median ms | p90 ms | p99 ms "
-             "| compute | transfer | aggregation | other | limit ms | x limit | bytes/inference | peak MiB per device "
-             "| samples |",
-             "|" + "---|" * 18]
+             "| compute | transfer | aggregation | other | limit ms | x limit | answers/s (clients) | bytes/inference "
+             "| peak MiB per device | samples |",
+             "|" + "---|" * 19]
     for r in report["results"]:
         if r["status"] != "ok":
             lines.append(f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | "
-                         f"{r['status']} {', '.join(r.get('out_of_memory_on', []))} |" + " |" * 13)
+                         f"{r['status']} {', '.join(r.get('out_of_memory_on', []))} |" + " |" * 14)
             continue
         b, lat = r["breakdown_ms"], r["latency_ms"]
         peak = " / ".join(_mib(v) for v in r["peak_memory_bytes"].values()) or "–"
         agree = r.get("agreement_with_teacher")
         limit = f"{r['limit_ms']:.2f}" if "limit_ms" in r else "–"
         over = f"{r['measured_over_limit']:.1f}x" if "limit_ms" in r else "–"
+        load = " / ".join(f"{t['answers_per_s']:.0f} ({n})" for n, t in (r.get("throughput") or {}).items()) or "–"
         lines.append(
             f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | {100 * r['accuracy']:.1f}% | "
             f"{'–' if agree is None else f'{100 * agree:.1f}%'} | {lat['median']:.2f} | {lat['p90']:.2f} | "
             f"{lat['p99']:.2f} | {b['compute']:.2f} | {b['transfer']:.2f} | {b['aggregation']:.2f} | "
-            f"{b['other']:.2f} | {limit} | {over} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")
+            f"{b['other']:.2f} | {limit} | {over} | {load} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")
     if report["ratios"]:
         lines += ["", "CoFormer against each strategy (x times faster, median latency; x times fewer bytes):", ""]
         keys = sorted({k for r in report["ratios"] for k in r if k.startswith(("speedup", "fewer"))})

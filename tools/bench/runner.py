@@ -74,12 +74,14 @@ def check_testbed() -> None:
 def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.ndarray, y: np.ndarray,
               out_dir: Path, bandwidths: Sequence[float], sources: Sequence[str], use_testbed: bool = True,
               samples: int = 200, max_seconds: float = 60.0, warmup: int = 5,
-              progress: Union[bool, Progress] = True, memory_check: Optional[dict[str, Any]] = None, passes: int = 3) -> dict[str, Any]:
+              progress: Union[bool, Progress] = True, memory_check: Optional[dict[str, Any]] = None, passes: int = 3,
+              throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
     """Every strategy x bandwidth x input source, for each ``(devices, {strategy: bundle})`` setup
     (one per device count); writes ``bench.json``, ``bench.md`` and plots to ``out_dir``.
 
     Each strategy gets ``samples`` test samples (at least 10; fewer when
-    ``max_seconds`` runs out first), spread over ``passes`` interleaved passes.
+    ``max_seconds`` runs out first), spread over ``passes`` interleaved passes; then
+    ``throughput_s`` seconds at each count of concurrent clients in ``throughput``.
     """
     if passes < 1:
         raise CoFormerError(f"--passes {passes} must be >= 1")
@@ -122,7 +124,8 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                     {n: r[1] for n, r in runs.items()}, x, indices=range(min(samples, len(x))), passes=passes,
                     alone=True, warmup=warmup, max_seconds=max_seconds, min_samples=10, bed=bed,
                     local_inputs={n: inputs_path for n, r in runs.items() if r[2] == "device"}, timeout_s=120.0,
-                    log_dir=out_dir / "logs" / f"{bw}-{k}", keep_going=True, on_turn=turn)
+                    log_dir=out_dir / "logs" / f"{bw}-{k}", keep_going=True, on_turn=turn, throughput=throughput,
+                    throughput_s=throughput_s)
                 for name, (strategy, _, source) in runs.items():
                     m = measured[name]
                     if m.ok:
@@ -197,7 +200,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                          bandwidths: str = DEFAULT_BANDWIDTHS, strategies: Sequence[str] = STRATEGIES,
                          sources: Sequence[str] = INPUT_SOURCES, samples: int = 200, max_seconds: float = 60.0,
                          use_testbed: bool = True, progress: bool = True,
-                         devices_counts: Optional[Sequence[int]] = None, passes: int = 3) -> dict[str, Any]:
+                         devices_counts: Optional[Sequence[int]] = None, passes: int = 3,
+                         throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
     """``coformer bench --quickstart``: every strategy on the quickstart's three devices, 2 Mbit/s links.
 
     On the testbed the devices get 1 GiB / 512 MiB / 192 MiB of memory: the
@@ -236,14 +240,15 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                         "submodel_onnx": bundle / load_manifest(bundle).device(weakest).artifact}
     x, y = data.test.head(len(data.test)).numpy(), data.test.y.numpy()
     return run_bench(setups, x, y, out_dir, parse_bandwidths(bandwidths), sources, use_testbed,
-                     samples, max_seconds, progress=progress, memory_check=memory_check, passes=passes)
+                     samples, max_seconds, progress=progress, memory_check=memory_check, passes=passes,
+                     throughput=throughput, throughput_s=throughput_s)
 
 
 def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path] = None,
                     strategies: Optional[Sequence[str]] = None, sources: Sequence[str] = INPUT_SOURCES,
                     bandwidths: str = DEFAULT_BANDWIDTHS, use_testbed: bool = True, samples: int = 200,
                     max_seconds: float = 60.0, progress: bool = True, passes: int = 3, boost_epochs: int = 5,
-                    compute=None) -> dict[str, Any]:
+                    compute=None, throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
     """``coformer bench BUNDLE --model ... --devices ... --data ...``: the user's bundle against
     every strategy the teacher's family has (:func:`strategies_for`), built from the same
     teacher, on the first ``samples`` of the data's test split.
@@ -285,7 +290,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     with torch.no_grad():
         x = x.numpy()
     report = run_bench([(devices, bundles)], x, y, out, parse_bandwidths(bandwidths), sources, use_testbed,
-                       samples, max_seconds, progress=progress, passes=passes)
+                       samples, max_seconds, progress=progress, passes=passes, throughput=throughput,
+                       throughput_s=throughput_s)
     report["accuracy_reference"] = reference
     atomic_write_json(out / "bench.json", report)
     return report
