@@ -51,6 +51,8 @@ class CompileJob:
         model_name, model_info: for the manifest.
         task, normalize: ``classification`` or ``embedding`` (:mod:`coformer.compiler.tasks`),
             and whether embeddings are L2-normalised (None: as the teacher's pipeline does).
+        feature_dtype: what workers send their features as, ``float32`` or ``float16`` (half
+            the bytes; the search charges the links that, and the scores are taken on rounded features).
     """
 
     teacher: nn.Module
@@ -76,6 +78,7 @@ class CompileJob:
     progress: bool = True
     task: str = "classification"
     normalize: Optional[bool] = None
+    feature_dtype: str = "float32"
 
 
 @dataclass
@@ -119,7 +122,7 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
                           importance_of(job.teacher, job.data, job.compute), job.devices)
         return dataclasses.replace(decoder.decode(decoder.uniform_point()), source="uniform"), None
     methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if job.compare else [])
-    space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute)
+    space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute, job.feature_dtype)
     policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods=methods,
                                   delta=job.delta, initial=job.initial, iterations=job.iterations, seed=job.seed,
                                   log_path=job.search_log, use_labels=job.use_labels, progress=job.progress,
@@ -141,7 +144,7 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
                             aggregator_epochs=job.aggregator_epochs, use_labels=job.use_labels,
                             model_name=job.model_name, progress=job.progress, compute=job.compute,
                             checkpoint_dir=job.checkpoint_dir, model_info=job.model_info, task=job.task,
-                            normalize=job.normalize)
+                            normalize=job.normalize, feature_dtype=job.feature_dtype)
     acc = result.accuracy
     report.update(task=job.task, distill=acc["distill"], accuracy_reference=acc["reference"],
                   policy_source=result.policy.source, memory=memory_report(result, job.devices),
@@ -153,6 +156,9 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
     else:
         report.update(teacher_accuracy=acc["teacher_accuracy"], ensemble_accuracy=acc["ensemble_accuracy"],
                       submodel_accuracies=acc["submodel_accuracies"])
+        if "ensemble_accuracy_float32_features" in acc:
+            report.update(feature_dtype=job.feature_dtype,
+                          ensemble_accuracy_float32_features=acc["ensemble_accuracy_float32_features"])
     report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
     out = JobResult(result, report, method, space)
     if measure is not None:

@@ -174,6 +174,7 @@ def compile_bundle(
     task: str = "classification",
     normalize: Optional[bool] = None,
     fallback_aggregators: bool = True,
+    feature_dtype: str = "float32",
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
@@ -197,7 +198,17 @@ def compile_bundle(
     may be missing (:func:`~coformer.calibration.aggregator.missing_sets`), with its
     test-split score in the manifest, so the central node answers, flagged degraded,
     when a device drops.
+
+    ``feature_dtype="float16"``: workers send their features at half the bytes. The
+    aggregator is trained on float32 features, as calibrated; every test score (the
+    ensemble, the degraded answers) is then taken on workers' features rounded to float16,
+    as the central node will receive them, and ``ensemble_accuracy_float32_features`` keeps
+    the score without the rounding, so the report shows what the halving costs.
     """
+    from coformer.runtime.manifest import FEATURE_DTYPES
+
+    if feature_dtype not in FEATURE_DTYPES:
+        raise CoFormerError(f"--feature-dtype {feature_dtype!r} is not one of {list(FEATURE_DTYPES)}")
     check_target(out_dir)
     teacher = teacher.eval()
     adapter = adapter_for(teacher)
@@ -211,6 +222,9 @@ def compile_bundle(
     specs = list(policy.submodels)
     subs = [adapter.slice(teacher, s) for s in specs]
     embedding = task == "embedding"
+    if embedding and feature_dtype != "float32":
+        raise CoFormerError(f"--feature-dtype {feature_dtype} is scored on classification bundles only; an "
+                            "embedding bundle sends float32 features")
     norm = tasks.normalizes(teacher, normalize)
     dim = _teacher_feature_dim(adapter, teacher, data)
     if embedding:
@@ -281,7 +295,7 @@ def compile_bundle(
         acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress, fallbacks)
         acc["ridge_probe"], acc["calibration"] = baseline.scores, kept
     else:
-        acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks)
+        acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks, feature_dtype)
     acc["distill"] = boost.distill
     costs = [submodel_cost(s, shape) for s in specs]
     t_cost = teacher_cost(shape)
@@ -336,6 +350,7 @@ def compile_bundle(
             parity=parity,
             expected=acc,
             policy=policy.to_dict(),
+            feature_dtype=feature_dtype,
         )
 
     manifest = write_bundle(Path(out_dir), build)
@@ -463,21 +478,31 @@ def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
 
 def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
              agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
-             fallbacks: Sequence = ()) -> dict[str, Any]:
+             fallbacks: Sequence = (), feature_dtype: str = "float32") -> dict[str, Any]:
     """Test-split accuracy in PyTorch: teacher, each sub-model with its head, the ensemble, and
     the ensemble answering without each set of devices in ``fallbacks`` (``degraded``, keyed by
     the missing devices joined with ``+``: what a degraded answer is worth).
 
     Without labels (label-free distillation) the reference is the teacher's own
     decisions: ``reference`` says which, and the teacher scores 1.0 against itself.
+
+    With ``feature_dtype="float16"`` the ensemble and degraded scores take the workers'
+    features (all but the first, the central node's own) rounded to float16, as they arrive
+    over the wire; ``ensemble_accuracy_float32_features`` is the score without rounding.
     """
     y = data.test.y
     t_logits, *feats = run_many([teacher, *subs], data.test, compute, progress, "evaluate on the test split")
     reference = "labels"
     if y is None:
         y, reference = t_logits.argmax(-1), "teacher"
+    exact = list(feats)
+    if feature_dtype != "float32":
+        feats = [feats[0], *[f.to(getattr(torch, feature_dtype)).float() for f in feats[1:]]]
     with torch.no_grad():
+        extra = {} if feature_dtype == "float32" else {
+            "ensemble_accuracy_float32_features": accuracy(agg.eval()(*exact), y), "feature_dtype": feature_dtype}
         return {
+            **extra,
             "teacher_accuracy": accuracy(t_logits, y),
             "ensemble_accuracy": accuracy(agg.eval()(*feats), y),
             "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
@@ -540,8 +565,10 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     return l_val
 
 
-def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any]):
-    """The search's latency model (eq. 3-6 from the devices' predictors).
+def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
+                  feature_dtype: str = "float32"):
+    """The search's latency model (eq. 3-6 from the devices' predictors), charging each link
+    its features at ``feature_dtype``'s width.
 
     The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
     central device's predicted latency for the teacher.
@@ -553,18 +580,22 @@ def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors:
     shape = adapter.read_shape(teacher)
     full = teacher_cost(shape)
     g = full.flops / predictors[0].predict_one(spec_features(SubModelSpec.full(shape)), full.flops, full.params)
-    return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)))
+    import numpy as np
+
+    return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)),
+                        feature_bytes=np.dtype(feature_dtype).itemsize)
 
 
 def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset,
-                 compute: Compute = CPU):
+                 compute: Compute = CPU, feature_dtype: str = "float32"):
     """The search's decoder (points to feasible policies, ranked by importance on training
     data) and latency model (:func:`latency_model`), as :func:`search_policy` uses them."""
     from coformer.compiler.search import Decoder
 
     adapter = adapter_for(teacher)
     imp = importance_of(teacher, data, compute)
-    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(teacher, devices, predictors)
+    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(teacher, devices, predictors,
+                                                                            feature_dtype)
 
 
 def search_policy(

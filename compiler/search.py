@@ -167,9 +167,11 @@ class LatencyModel:
 
     def __init__(self, shape: TransformerShape, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
                  central_flops_per_ms: float, feature_dim: Callable[[SubModelSpec], int],
-                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost) -> None:
+                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost,
+                 feature_bytes: int = 4) -> None:
         self.shape, self.devices, self.predictors = shape, list(devices), list(predictors)
         self.g, self.feature_dim, self.cost = central_flops_per_ms, feature_dim, cost
+        self.feature_bytes = feature_bytes  # a channel on the wire: 4 (float32) or 2 (float16 features)
 
     def terms(self, policy: Policy) -> tuple[list[float], list[float], float, float]:
         t1, t2 = [], []
@@ -177,7 +179,7 @@ class LatencyModel:
             c = self.cost(spec, self.shape)
             t1.append(pred.predict_served(spec_features(spec), c.flops, c.params))
             d = self.feature_dim(spec)
-            nbytes = 0 if n == 0 else 4 * d + features_header_bytes(dev.name, d)
+            nbytes = 0 if n == 0 else self.feature_bytes * d + features_header_bytes(dev.name, d)
             t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
         d_agg = sum(self.feature_dim(s) for s in policy.submodels)
         d_i = self.feature_dim(SubModelSpec.full(self.shape))

@@ -92,6 +92,9 @@ class CentralNode:
         self.threads = threads
         self.timeout_s = timeout_s
         self.in_limits = input_limits(self.manifest)
+        # what workers send: a CoFormer bundle's pooled features as its manifest says (float16
+        # halves the bytes), a baseline's intermediate tensors always float32
+        self.wire_dtype = np.dtype(self.manifest.feature_dtype if self.manifest.strategy == "coformer" else "float32")
         if batch_requests < 1 or queue_limit < 1:
             raise CoFormerError(f"batch_requests {batch_requests} and queue_limit {queue_limit} must be >= 1")
         self.batch_requests, self.queue_limit = batch_requests, queue_limit
@@ -578,16 +581,17 @@ class CentralNode:
         if want is None:
             return  # not asked in this round
         t = msg.tensor
-        if msg.op != "features" or t is None or t.dtype != np.float32 or t.shape != tuple(want):
+        dtype = self.wire_dtype
+        if msg.op != "features" or t is None or t.dtype != dtype or t.shape != tuple(want):
             got = None if t is None else (str(t.dtype), list(t.shape))
-            pending["error"] = f"worker {name} sent {msg.op} {got}, expected float32 {list(want)}"
+            pending["error"] = f"worker {name} sent {msg.op} {got}, expected {dtype} {list(want)}"
             return
         try:
             timings = {k: protocol.number(msg.header, k) for k in ("compute_ms", "service_ms", "queued_ms")}
         except protocol.ProtocolError as e:
             pending["error"] = f"worker {name}: {e}"
             return
-        pending["features"][name] = t
+        pending["features"][name] = t if t.dtype == np.float32 else t.astype(np.float32)  # the aggregator's input
         pending["arrival"][name] = time.perf_counter()
         for k, v in timings.items():
             pending[k][name] = v

@@ -18,7 +18,13 @@ SCHEMA_VERSION = 1  # CoFormer bundles
 BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes must refuse them
 TEXT_SCHEMA_VERSION = 3  # bundles that take text (variable-length token tensors): older runtimes must refuse them
 EMBEDDING_SCHEMA_VERSION = 4  # bundles that answer with an embedding, not logits: older runtimes must refuse them
-READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, EMBEDDING_SCHEMA_VERSION)
+FLOAT16_FEATURES_SCHEMA_VERSION = 5  # workers send float16 features: older runtimes must refuse them
+READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, EMBEDDING_SCHEMA_VERSION,
+                 FLOAT16_FEATURES_SCHEMA_VERSION)
+# What workers put on the wire for their pooled features: float32, or float16 at half the
+# bytes (``coformer compile --feature-dtype float16``); the central node widens them to
+# float32 before the aggregator, which was scored on features rounded the same way.
+FEATURE_DTYPES = ("float32", "float16")
 TASKS = ("classification", "embedding")
 MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
@@ -176,11 +182,14 @@ class Manifest:
     expected: Mapping[str, Any] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=dict)
     strategy: str = "coformer"
+    feature_dtype: str = "float32"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise CoFormerError(f"manifest feature_dtype {self.feature_dtype!r} is not one of {FEATURE_DTYPES}")
         kind = self.task.get("kind", "classification")
         if kind not in TASKS:
             raise CoFormerError(f"manifest task kind {kind!r} is not one of {TASKS}")
@@ -196,6 +205,8 @@ class Manifest:
                 raise CoFormerError("a text bundle must carry its tokenizer with a checksum in 'files'")
         if kind == "embedding":
             object.__setattr__(self, "schema_version", EMBEDDING_SCHEMA_VERSION)
+        if self.feature_dtype != "float32":
+            object.__setattr__(self, "schema_version", FLOAT16_FEATURES_SCHEMA_VERSION)
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")
@@ -281,6 +292,7 @@ class Manifest:
             expected=d.get("expected", {}),
             policy=d.get("policy", {}),
             strategy=d.get("strategy", "coformer"),
+            feature_dtype=d.get("feature_dtype", "float32"),
             schema_version=version,
         )
 

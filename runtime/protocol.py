@@ -32,7 +32,7 @@ MAX_HEADER_DEPTH = 8  # headers are shallow: an object of scalars, short lists a
 MAX_DIMS = 8  # a tensor's rank on the wire
 MAX_DIM = 1 << 31  # one axis's length; the product is then checked against the payload in Python ints
 OPS = ("infer", "features", "result", "status", "status_reply", "hello", "welcome", "error")
-_DTYPES = {"float32": np.float32, "int64": np.int64, "int32": np.int32}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
 class ProtocolError(CoFormerError):

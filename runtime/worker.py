@@ -149,6 +149,8 @@ def run_worker(
     limits_in = header_limits(limits_by_model)
     local = load_local_inputs(local_inputs, manifest)
     text = manifest.input.is_text and not art.models
+    wire_dtype = None if manifest.strategy != "coformer" or manifest.feature_dtype == "float32" \
+        else np.dtype(manifest.feature_dtype)
     throttle = apply_limits(limits, f"worker-{device}")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -223,6 +225,8 @@ def run_worker(
                     sock.send_multipart(protocol.error_frames(msg.id, "engine", f"{type(e).__name__}: {e}"[:500]))
                     continue
                 features = next(iter(out.values()))
+                if wire_dtype is not None:  # float16 features: half the bytes on the link
+                    features = features.astype(wire_dtype)
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
                 sock.send_multipart(
                     protocol.encode(

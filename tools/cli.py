@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true",
                    help="serve the bundle on this machine (devices emulated) and measure its latency")
     p.add_argument("--measure-samples", type=int, default=500, help="with --measure: test samples to send")
+    p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
+                   help="what workers send their pooled features as: float16 halves the bytes on each link (the "
+                   "search charges that; the report gives the accuracy both ways)")
     p.add_argument("--student", action="store_true",
                    help="also build the single-student baselines on the central device alone, searched and "
                    "calibrated alike: OUT.student (its whole budget) and OUT.student_matched (the compute time of "
@@ -315,7 +318,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           distill=args.distill, temperature=args.temperature, joint_epochs=args.joint_epochs),
         use_labels=not args.unlabeled, compute=compute,
         checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
-        model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress)
+        model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress,
+        feature_dtype=args.feature_dtype)
     measure = None
     if args.measure:
         from coformer.tools.measure import served_measurement
@@ -351,6 +355,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
               f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against} "
               f"({acc['samples']} test samples)")
+    if "ensemble_accuracy_float32_features" in report:
+        print(f"features on the wire: {report['feature_dtype']} (half the bytes); the ensemble scores "
+              f"{report['ensemble_accuracy'] * 100:.1f}% on them, {report['ensemble_accuracy_float32_features'] * 100:.1f}% "
+              "on float32 features")
     for d in result.manifest.devices:
         print(f"  {d.device:<12} {d.role:<8} {d.flops / 1e6:9.1f} MFLOPs  {d.params / 1e6:7.2f} M params  "
               f"feature {d.feature_dim}")

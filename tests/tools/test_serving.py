@@ -259,3 +259,31 @@ def test_a_worker_replaced_while_its_predecessor_hangs_serves_within_5_s(compile
             new.terminate()
             new.wait(timeout=10)
             log.close()
+
+
+def test_float16_features_halve_the_bytes_and_answer_as_the_rounded_ensemble(compiled, tmp_path):
+    from coformer.runtime.manifest import FLOAT16_FEATURES_SCHEMA_VERSION, load_manifest
+
+    result32, data = compiled
+    teacher = tiny_vit(num_heads=6)
+    devices = [DeviceSpec(name=n, memory_bytes=1 << 30, flops_budget=10**10, cpu_share=s)
+               for n, s in (("edge-a", 1.0), ("edge-b", 0.6), ("edge-c", 0.4))]
+    result = compile_bundle(teacher, devices, data, tmp_path / "half", boost=BoostConfig(epochs=0),
+                            aggregator_epochs=3, progress=False, feature_dtype="float16")
+    m = load_manifest(tmp_path / "half")
+    assert m.feature_dtype == "float16" and m.schema_version == FLOAT16_FEATURES_SCHEMA_VERSION
+    # the scores are taken on rounded features, the float32 one kept beside: rounding costs almost nothing
+    acc = m.expected
+    assert abs(acc["ensemble_accuracy"] - acc["ensemble_accuracy_float32_features"]) <= 0.01
+    x = data.test.x[:6]
+    with torch.no_grad():
+        feats = [s(x) for s in result.submodels]
+        rounded = result.aggregator(feats[0], *[f.half().float() for f in feats[1:]]).numpy()
+    with LocalCluster(result.bundle_dir, throttle="none", timeout_s=5.0) as cluster, cluster.client() as client:
+        for i in range(len(x)):
+            r = client.infer(x[i: i + 1].numpy())
+            np.testing.assert_allclose(r.logits[0], rounded[i], atol=1e-4)  # what the central node aggregates
+    payload = sum(2 * d.feature_dim for d in m.workers)  # 2 bytes a channel
+    assert payload < r.wire_bytes_from_workers <= payload + 2 * 200
+    with pytest.raises(CoFormerError, match="--feature-dtype 'int8'"):
+        compile_bundle(teacher, devices, data, tmp_path / "bad", feature_dtype="int8", progress=False)

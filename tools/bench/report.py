@@ -13,7 +13,7 @@ def physical_limit(row: dict[str, Any], manifest, mbit_s: Optional[float]) -> di
     ``limit = max(c_central, max_n(c_n + 8 * bytes_n / rate)) + aggregation``.
 
     ``c`` are the run's medians (``breakdown_ms_median``). ``bytes_n`` is the worker's
-    features (4 bytes a channel of its ``feature_dim``) plus its even share of what the
+    features (4 bytes a channel of its ``feature_dim``, 2 with float16 features) plus its even share of what the
     run measured beyond them (headers both ways, and the input or its index sent to the
     worker). On loopback (no rate) the wire costs nothing. Everything else (message
     handling, queueing, the client's link) is what ``measured_over_limit`` charges the
@@ -21,15 +21,25 @@ def physical_limit(row: dict[str, Any], manifest, mbit_s: Optional[float]) -> di
     """
     phases = row["breakdown_ms_median"]
     workers = list(manifest.workers)
-    features = [4 * w.feature_dim for w in workers]
+    import numpy as np
+
+    features = [np.dtype(manifest.feature_dtype).itemsize * w.feature_dim for w in workers]
     rest = max(0, row["bytes_to_devices"] + row["bytes_from_devices"] - sum(features))
     per_device = {manifest.central.device: phases["central_compute"]}
     for w, f in zip(workers, features):
         wire = 0.0 if not mbit_s else 8 * (f + rest / len(workers)) / (mbit_s * 1e3)
         per_device[w.device] = phases.get(f"worker_compute.{w.device}", 0.0) + wire
     limit = max(per_device.values()) + phases["aggregate"]
-    return {"limit_ms": limit, "measured_over_limit": row["latency_ms"]["median"] / limit,
-            "limit_terms_ms": {"devices": per_device, "aggregation": phases["aggregate"]}}
+    slowest = max(per_device, key=per_device.get)
+    wire = per_device[slowest] - phases.get(f"worker_compute.{slowest}", 0.0)
+    out = {"limit_ms": limit, "measured_over_limit": row["latency_ms"]["median"] / limit,
+           "limit_terms_ms": {"devices": per_device, "aggregation": phases["aggregate"]},
+           "feature_dtype": manifest.feature_dtype}
+    if slowest != manifest.central.device and wire > 0.5 * per_device[slowest] and manifest.feature_dtype == "float32":
+        # the wire is most of the slowest device's term: half the bytes would show
+        out["hint"] = ("the link carries most of the limit: compile with --feature-dtype float16 to halve "
+                       "the features' bytes")
+    return out
 
 
 def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
@@ -93,6 +103,9 @@ def markdown(report: dict[str, Any]) -> str:
         for r in report["ratios"]:
             lines.append(f"| {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | "
                          + " | ".join("–" if k not in r else f"{r[k]:.1f}x" for k in keys) + " |")
+    hints = sorted({f"{r['strategy']} at {r['bandwidth']}: {r['hint']}" for r in report["results"] if r.get("hint")})
+    if hints:
+        lines += [""] + hints
     m = report.get("memory")
     if m:
         lines += ["", f"Memory: on {m['device']} (limit {_mib(m['memory_limit_bytes'])} MiB) the teacher "
