@@ -65,6 +65,9 @@ class BoostConfig:
     joint_epochs: after the aggregator, epochs of fine-tuning every sub-model and the
         aggregator together on the fused answer
         (:func:`coformer.calibration.aggregator.train_jointly`); 0 keeps the paper's stages.
+    boosting: update the sample weights after each sub-model (eq. 13). False distils every
+        sub-model independently with uniform weights: the ablation ``coformer bench
+        --ablations`` holds progressive boosting against.
     """
 
     epochs: int = 4
@@ -76,6 +79,7 @@ class BoostConfig:
     distill: str = "hard"
     temperature: float = 4.0
     joint_epochs: int = 0
+    boosting: bool = True
 
 
 @dataclass
@@ -316,7 +320,7 @@ def calibrate(
             report.residual.append(float(residual.mean()))
             w = update_weights(w, residual, config.max_weight_ratio)
             extra = {"features": report.features[-1], "residual": report.residual[-1]}
-        else:
+        elif config.boosting:
             w = update_weights(w, _per_sample_loss(model, data, objective, compute), config.max_weight_ratio)
         model.to("cpu")
         if checkpoints:

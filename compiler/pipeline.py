@@ -55,6 +55,7 @@ class CompileResult:
     teacher_cost: Cost
     accuracy: dict[str, Any] = field(default_factory=dict)
     boost: Optional[BoostReport] = None
+    heads: list[nn.Module] = field(default_factory=list)  # each sub-model's own head, as calibrated with it
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -356,7 +357,7 @@ def compile_bundle(
     manifest = write_bundle(Path(out_dir), build)
     if ckpt is not None:
         ckpt.remove()
-    return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report)
+    return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report, list(heads))
 
 
 def memory_report(result, devices) -> dict:

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
     p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
                    "samples, so the machine's drift falls on all of them alike")
+    p.add_argument("--ablations", action="store_true",
+                   help="with --quickstart: the paper's ablations instead (boosting against independent "
+                   "distillation, the learned aggregator against averaging and voting, DeBo against the heuristic "
+                   "at equal predicted latency); accuracy in PyTorch, no testbed needed")
+    p.add_argument("--ablation-seeds", default="0", metavar="S[,S..]", help="with --ablations: calibration seeds")
     p.add_argument("--throughput", default="1,8", metavar="N[,N..]|none",
                    help="after its last pass, each run's answers per second with N concurrent clients")
     p.add_argument("--throughput-seconds", type=float, default=5.0, help="how long each --throughput load runs")
@@ -541,6 +546,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.throughput_seconds <= 0:
         raise CoFormerError(f"--throughput-seconds {args.throughput_seconds} must be > 0")
     progress = not args.no_progress
+    if args.ablations:
+        if args.quickstart is None or args.bundle is not None:
+            raise CoFormerError("--ablations runs on a quickstart: give --quickstart [DIR], not a BUNDLE")
+        from coformer.tools.bench.ablations import ablations_markdown, run_ablations
+
+        seeds = [int(x) for x in args.ablation_seeds.split(",") if x.strip().isdigit()]
+        if not seeds or len(seeds) != len([x for x in args.ablation_seeds.split(",") if x.strip()]):
+            raise CoFormerError(f"--ablation-seeds {args.ablation_seeds!r}: expected seeds such as 0 or 0,1,2")
+        from coformer.tools.bench.runner import quickstart_inputs
+        from coformer.tools.progress import Progress
+
+        clock = Progress.of(progress) or False  # one clock for the whole command
+        quickstart_inputs(args.quickstart, clock)  # runs the quickstart first when DIR holds none
+        report = run_ablations(args.quickstart, args.out, seeds, clock)
+        if args.report_json:
+            from coformer.runtime.files import atomic_write_json
+
+            atomic_write_json(args.report_json, report)
+        print(ablations_markdown(report))
+        return 0
     if not args.no_testbed:  # before any expensive preparation
         bench.check_testbed()
     if args.quickstart is not None:

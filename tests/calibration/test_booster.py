@@ -50,6 +50,19 @@ def test_calibration_lowers_the_loss_and_is_reproducible_under_a_seed():
     assert not torch.allclose(r1.weights[1], r1.weights[0])  # eq. 13 moved the weights
 
 
+def test_without_boosting_every_sub_model_is_distilled_with_uniform_weights():
+    """The ablation of eq. 13: the same calibration with the sample weights never updated."""
+    subs, heads, x, y, t = _setup()
+    boosted = calibrate(copy.deepcopy(subs), copy.deepcopy(heads), x, t, y, BoostConfig(epochs=1), progress=False)
+    alone = calibrate(copy.deepcopy(subs), copy.deepcopy(heads), x, t, y, BoostConfig(epochs=1, boosting=False),
+                      progress=False)
+    uniform = torch.full((48,), 1.0 / 48)
+    assert all(torch.allclose(w, uniform) for w in alone.weights)
+    assert torch.allclose(boosted.weights[0], uniform) and not torch.allclose(boosted.weights[1], uniform)
+    # the first sub-model sees the same weights either way, so it is calibrated the same
+    assert alone.losses[0] == pytest.approx(boosted.losses[0])
+
+
 def test_calibration_works_without_labels():
     subs, heads, x, _, t_logits = _setup()
     report = calibrate(subs, heads, x, t_logits, None, BoostConfig(epochs=2, batch_size=16, lr=1e-3), progress=False)

@@ -136,6 +136,32 @@ def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, tmp_pa
     assert done.returncode != 0 and "jetson" in done.stderr
 
 
+def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_dir, tmp_path):
+    qs, env = quickstart_dir
+    done = _bench(["--quickstart", str(qs), "--ablations", "--out", str(tmp_path / "abl"), "--report-json",
+                   str(tmp_path / "abl.json")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "abl.json").read_text())
+    tables = r["tables"]
+    assert [x["key"] for x in tables["calibration"]] == ["boosting", "independent", "uncalibrated"]
+    assert [x["key"] for x in tables["aggregation"]] == ["learned", "average", "majority_voting"]
+    assert [x["key"] for x in tables["policy"]] == ["heuristic", "debo"]
+    for rows in tables.values():
+        for x in rows:
+            assert 0.0 <= x["accuracy"]["mean"] <= 1.0 and len(x["accuracy"]["per_seed"]) == 1
+    # the learned aggregator's row is the boosted calibration's: the same sub-models, the same bundle
+    assert tables["aggregation"][0]["accuracy"] == tables["calibration"][0]["accuracy"]
+    heuristic, debo = tables["policy"]
+    if debo["within_cap"][0]:  # DeBo's choice is held to the heuristic's predicted latency
+        assert debo["predicted_latency_ms"]["mean"] <= heuristic["predicted_latency_ms"]["mean"]
+    assert set(r["verdicts"]) == {"calibration", "aggregation", "policy"}
+    md = (tmp_path / "abl" / "ablations.md").read_text()
+    assert md.count("| method |") == 3 and "majority voting" in done.stdout
+    assert not list((tmp_path / "abl").glob("coformer-ablations-*"))  # its compiles are cleaned up
+    refused = _bench(["--quickstart", str(qs), "--ablations", "--ablation-seeds", "0,x"], env, timeout=120)
+    assert refused.returncode != 0 and "--ablation-seeds '0,x'" in refused.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bandwidth", "2mbps"], "--bandwidth '2mbps'"),
     (["--strategies", "coformer,ring"], "'ring' is not one of"),
