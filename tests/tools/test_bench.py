@@ -302,7 +302,8 @@ def test_the_physical_limit_charges_each_worker_its_features_on_the_wire():
 
     from coformer.tools.bench.report import physical_limit
 
-    manifest = NS(central=NS(device="a"), workers=[NS(device="b", feature_dim=250), NS(device="c", feature_dim=100)])
+    workers = [NS(device="b", feature_dim=250), NS(device="c", feature_dim=100)]
+    manifest = NS(central=NS(device="a"), workers=workers, feature_dtype="float32")
     row = {"breakdown_ms_median": {"central_compute": 3.0, "worker_compute.b": 1.0, "worker_compute.c": 2.5,
                                    "aggregate": 0.5},
            "bytes_to_devices": 200, "bytes_from_devices": 1400 + 200, "latency_ms": {"median": 12.0}}
@@ -313,3 +314,9 @@ def test_the_physical_limit_charges_each_worker_its_features_on_the_wire():
     assert at_1mbit["limit_ms"] == pytest.approx(10.6 + 0.5)
     assert at_1mbit["measured_over_limit"] == pytest.approx(12.0 / 11.1)
     assert physical_limit(row, manifest, None)["limit_ms"] == pytest.approx(3.0 + 0.5)  # loopback: compute bound
+    # b's term is mostly wire: the row suggests float16 features, which charge 2 bytes a channel
+    assert "--feature-dtype float16" in at_1mbit["hint"]
+    half = physical_limit(row, NS(central=NS(device="a"), workers=workers, feature_dtype="float16"), 1.0)
+    # b: (500 feature bytes + 550, its half of the 1,100 beyond the 700 of features) * 8 = 8.4 ms
+    assert half["limit_terms_ms"]["devices"]["b"] == pytest.approx(1.0 + (500 + 550) * 8 / 1000)
+    assert "hint" not in half and half["feature_dtype"] == "float16"
