@@ -272,8 +272,8 @@ def build_students(job, manifest, progress: bool) -> dict:
             print(f"compile: the {name} baseline ({job.devices[0].name} alone, {budget / 1e6:.1f} MFLOPs)",
                   file=sys.stderr)
         torch.manual_seed(job.seed)
-        done = run_job(student_job(job, budget, Path(f"{job.out_dir}.{name}"), name))
-        out[name] = student_summary(done, min(budget, job.devices[0].flops_budget))
+        sj = student_job(job, budget, Path(f"{job.out_dir}.{name}"), name)
+        out[name] = student_summary(run_job(sj), sj.devices[0].flops_budget)
     return out
 
 

@@ -305,12 +305,6 @@ class Testbed:
         """``device``'s cgroup folders (one per controller in v1)."""
         return _cgroup_dirs(self.slot, self.device(device).name)
 
-    def join_cgroups(self, device: str, pid: int = 0) -> None:
-        """Move process ``pid`` (0: this one) into ``device``'s cgroups."""
-        pid = pid or os.getpid()
-        for d in self.cgroup_dirs(device):
-            _write(d / "cgroup.procs", str(pid))
-
     def popen(self, device: str, cmd: Sequence[str], **kw: Any) -> subprocess.Popen:
         """Start ``cmd`` inside ``device`` (cgroups joined before it runs)."""
         dirs = self.cgroup_dirs(device)

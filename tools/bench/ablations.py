@@ -80,7 +80,7 @@ def run_ablations(qs_dir: Path, out_dir: Optional[Path] = None, seeds: Sequence[
 
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.cost import submodel_cost
-    from coformer.compiler.pipeline import importance_of, search_space, validation_loss
+    from coformer.compiler.pipeline import search_space, validation_loss
     from coformer.compiler.policy import heuristic_policy
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.search import run_search
@@ -103,6 +103,11 @@ def run_ablations(qs_dir: Path, out_dir: Optional[Path] = None, seeds: Sequence[
     work = Path(tempfile.mkdtemp(prefix="coformer-ablations-", dir=out_dir))
     say = say or (lambda *_: None)
     teacher_acc = None
+    # the same for every seed: the heuristic (on the search's own importance scores), its
+    # predicted latency (the cap) and the search's validation loss
+    heuristic = heuristic_policy(shape, decoder.imp, devices)
+    cap = _predicted(latency, heuristic)
+    l_val = validation_loss(qs.teacher, data)
     for seed in seeds:
         scores: dict[str, float] = {}
         boost = BoostConfig(epochs=cfg.boost_epochs, seed=seed)
@@ -123,9 +128,6 @@ def run_ablations(qs_dir: Path, out_dir: Optional[Path] = None, seeds: Sequence[
         scores["learned"] = scores["boosting"]
         scores.update(_voting(boosted, data))
         say(f"ablations (seed {seed}): DeBo against the heuristic policy at the heuristic's predicted latency")
-        heuristic = heuristic_policy(shape, importance_of(qs.teacher, data), devices)
-        cap = _predicted(latency, heuristic)
-        l_val = validation_loss(qs.teacher, data)
         res = run_search("bo", decoder, latency, l_val, cfg.delta, cfg.search_initial, cfg.search_iterations, seed)
         within = [e for e in res.evaluations if e.latency_ms <= cap]
         # at equal latency the accuracy term decides: the lowest validation loss within the cap

@@ -116,14 +116,14 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
 
             central = devices[0]
             budget = central.flops_budget if s == "student" else matched_student_flops(load_manifest(out["coformer"]))
-            budget = min(budget, central.flops_budget)
             torch.manual_seed(seed)
             base = CompileJob(teacher, devices, data, path, predictors=predictors, seed=seed,
                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
                               aggregator_epochs=aggregator_epochs, compute=compute, model_info=source_of(teacher),
                               progress=bool(progress))
-            run_job(student_job(base, budget, path, s))
-            atomic_write_json(path / STUDENT_FILE, {"device": central.name, "flops_budget": budget})
+            sj = student_job(base, budget, path, s)  # capped at the device's own budget
+            run_job(sj)
+            atomic_write_json(path / STUDENT_FILE, {"device": central.name, "flops_budget": sj.devices[0].flops_budget})
         else:  # coformer (searched over the predictors) or uniform, calibrated alike
             if s == "coformer" and predictors is None:
                 raise CoFormerError("compiling a CoFormer bundle for the bench needs each device's predictor")
