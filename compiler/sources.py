@@ -4,6 +4,7 @@ checkpoints and folders users have, loaded offline, never downloaded.
 Teachers (:func:`load_teacher`):
 
 * ``quickstart``: the built-in ViT trained on digits (:mod:`coformer.compiler.builtin`);
+  ``quickstart:mnist``: the same ViT trained on the built-in MNIST subset;
 * ``timm:NAME`` with ``--checkpoint FILE``: timm builds the architecture from its
   config (``timm.create_model(NAME, pretrained=False)``, with ``--model-kwargs``)
   and the weights come from the file: ``.pth``/``.pt``/``.bin`` (``torch.load``
@@ -20,7 +21,7 @@ Every teacher carries ``coformer_source`` (the spec, the checkpoint file and its
 SHA-256), which the bundle's manifest records.
 
 Data (:func:`load_data`): image folders (:mod:`coformer.calibration.images`) and
-the built-in digits for vision teachers; text files and the built-in
+the built-in digits and MNIST subset for vision teachers; text files and the built-in
 sentiment task for language teachers (:mod:`coformer.calibration.text`).
 """
 
@@ -35,7 +36,7 @@ from torch import nn
 from coformer.runtime.files import sha256_file
 from coformer.runtime.errors import CoFormerError
 
-MODEL_FORMS = "'quickstart', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"
+MODEL_FORMS = "'quickstart', 'quickstart:mnist', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"
 
 
 def _kwargs(model_kwargs: Union[str, Mapping[str, Any], None]) -> dict[str, Any]:
@@ -56,10 +57,14 @@ def load_teacher(model: str, checkpoint: Optional[Path] = None,
                  model_kwargs: Union[str, Mapping[str, Any], None] = None, max_length: int = 128,
                  progress: bool = True) -> nn.Module:
     """The teacher named by ``model`` (see the module doc), in eval mode, on the CPU."""
-    if model == "quickstart":
-        from coformer.compiler.builtin import quickstart_teacher
+    if model == "quickstart" or model.startswith("quickstart:"):
+        from coformer.compiler.builtin import BUILTIN_TEACHERS, quickstart_teacher
 
-        teacher, path = quickstart_teacher(progress=progress)
+        name = model.partition(":")[2] or "digits"
+        if name not in BUILTIN_TEACHERS:
+            raise CoFormerError(f"--model {model!r}: the built-in teacher is trained on one of "
+                                f"{', '.join(BUILTIN_TEACHERS)} (quickstart:NAME)")
+        teacher, path = quickstart_teacher(BUILTIN_TEACHERS[name], progress=progress)
         return _mark(teacher, model, path)
     if model.startswith("timm:"):
         return _mark(_timm_from_checkpoint(model[5:], checkpoint, _kwargs(model_kwargs)), model, checkpoint)
@@ -162,8 +167,8 @@ def load_data(teacher: nn.Module, data: Optional[str] = None, *, unlabeled: bool
     ``task`` (see :func:`coformer.compiler.tasks.resolve_task`) decides whether a head is fitted.
 
     Vision: a folder of images (see :mod:`coformer.calibration.images`; preprocessed by the
-    teacher's own timm data config, with ``preprocessing`` overrides) or ``digits``, the
-    built-in data (the default for a one-channel square teacher). A labelled folder must
+    teacher's own timm data config, with ``preprocessing`` overrides), or ``digits`` or
+    ``mnist``, the built-in data (digits: the default for a one-channel square teacher). A labelled folder must
     have as many classes as the teacher, in the order of its sorted folder names; with
     ``unlabeled`` a folder of other classes is used without its labels.
     """
@@ -176,25 +181,28 @@ def load_data(teacher: nn.Module, data: Optional[str] = None, *, unlabeled: bool
 
 def _vision_data(teacher: nn.Module, data: Optional[str], unlabeled: bool, preprocessing, val_fraction: float,
                  test_fraction: float, seed: int):
-    from coformer.calibration.data import load_digits_dataset
+    from coformer.calibration.data import BUILTIN_IMAGE_DATA, load_builtin_images
 
     in_chans, h, w = teacher.patch_embed.proj.in_channels, *teacher.patch_embed.img_size
-    if data in (None, "digits"):
+    spec = str((getattr(teacher, "coformer_source", None) or {}).get("source", ""))
+    if data is None and spec.startswith("quickstart:"):  # the built-in teacher's own data by default
+        data = spec.partition(":")[2]
+    if data is None or data in BUILTIN_IMAGE_DATA:
         if in_chans != 1 or h != w:
             hint = "" if data else "--data DIR is needed (a folder of images: one sub-folder per class, or flat " \
                                    "for label-free calibration); "
-            raise CoFormerError(f"{hint}the built-in digits data is 1-channel square; the model takes "
-                                f"{in_chans}x{h}x{w}")
+            raise CoFormerError(f"{hint}the built-in {data or 'digits'} data is 1-channel square; the model "
+                                f"takes {in_chans}x{h}x{w}")
         if preprocessing and any(v is not None for v in preprocessing.values()):
             raise CoFormerError("preprocessing flags (--crop-pct, --mean, ...) apply to image folders, not to the "
-                                "built-in digits")
-        return load_digits_dataset(h, seed=seed)
+                                f"built-in {data or 'digits'}")
+        return load_builtin_images(data or "digits", h, seed=seed)
     if data == "sentiment":
-        raise CoFormerError("--data sentiment holds text; an image model takes an image folder or 'digits'")
+        raise CoFormerError("--data sentiment holds text; an image model takes an image folder, 'digits' or 'mnist'")
     root = Path(data)
     if not root.is_dir():
         raise CoFormerError(f"--data {data!r}: an image model takes a folder of images (one sub-folder per class, "
-                            "or flat for label-free calibration) or 'digits'")
+                            "or flat for label-free calibration), 'digits' or 'mnist'")
     from coformer.calibration.images import image_folder_dataset, scan_image_folder, timm_preprocessing
 
     record = timm_preprocessing(teacher, preprocessing)
@@ -222,8 +230,8 @@ def _text_data(teacher: nn.Module, data: Optional[str], truncation: bool, task: 
     from coformer.calibration.text import read_records, sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head
 
-    if data == "digits":
-        raise CoFormerError("--data digits holds images; a language model needs 'sentiment' or a text file")
+    if data in ("digits", "mnist"):
+        raise CoFormerError(f"--data {data} holds images; a language model needs 'sentiment' or a text file")
     if data is not None and Path(data).is_dir():
         raise CoFormerError(f"--data {data} is a folder; a language model takes a .tsv, .jsonl or .txt file")
     records = sentiment_records() if data in (None, "sentiment") else read_records(Path(data))

