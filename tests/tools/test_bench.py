@@ -162,6 +162,39 @@ def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_
     assert refused.returncode != 0 and "--ablation-seeds '0,x'" in refused.stderr
 
 
+def test_fronts_plot_accuracy_against_latency_and_name_the_winner_at_the_target(quickstart_dir, tmp_path):
+    from coformer.tools.bench.fronts import verdict
+
+    qs, env = quickstart_dir
+    out = tmp_path / "fronts"
+    done = _bench(["--quickstart", str(qs), "--fronts", "--no-testbed", "--fronts-fractions", "0.25,0.5",
+                   "--devices-count", "2", "--samples", "15", "--passes", "1", "--target-ms", "1000",
+                   "--out", str(out)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((out / "fronts.json").read_text())
+    curves = {}
+    for p in r["points"]:
+        assert p["status"] == "ok", p
+        curves.setdefault(p["curve"], []).append(p)
+    assert set(curves) == {"student (1 device)", "CoFormer, 2 devices", "uniform, 2 devices"}
+    t_flops, shares = r["teacher"]["flops"], [1.0, 0.6]  # the quickstart's devices' shares
+    for name, pts in curves.items():
+        assert sorted(p["fraction"] for p in pts) == [0.25, 0.5]
+        for p in pts:  # each size within its devices' budgets: fraction x share x the teacher's FLOPs
+            assert 0 < p["flops"] <= p["fraction"] * sum(shares[:p["devices"]]) * t_flops
+            assert 0.0 <= p["accuracy"] <= 1.0 and p["median_ms"] > 0 and p["samples"] == 15
+    # a 1000 ms target admits every point: the winner is the most accurate curve, and says so
+    best = max(r["points"], key=lambda p: (p["accuracy"], -p["median_ms"]))
+    assert r["winner"] == best["curve"] and r["sentence"].startswith(f"At 1000.00 ms (given), {best['curve']} wins")
+    assert r["sentence"] in done.stdout and r["sentence"] in (out / "fronts.md").read_text()
+    assert (out / "fronts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and r["plot"] == "fronts.png"
+    assert len(r["teacher"]["teacher_ms_per_run"]) == 2  # one bench run per fraction, each timing the teacher
+    # a target below every point: nothing wins, and the sentence names the fastest instead
+    none = verdict({**r, "target_ms": 1e-3, "target_source": "given"})
+    fastest = min(r["points"], key=lambda p: p["median_ms"])
+    assert none["winner"] is None and f"the fastest is {fastest['curve']}" in none["sentence"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bandwidth", "2mbps"], "--bandwidth '2mbps'"),
     (["--strategies", "coformer,ring"], "'ring' is not one of"),
@@ -171,6 +204,8 @@ def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_
     (["--throughput", "1,x"], "--throughput 'x'"),
     (["--throughput-seconds", "0"], "--throughput-seconds 0"),
     (["--no-testbed", "--bandwidth", "2mbit,1gbit"], "needs the testbed"),
+    (["--fronts", "--no-testbed", "--fronts-fractions", "0.25,1.5"], "--fronts-fractions '1.5'"),
+    (["--fronts", "--no-testbed", "--devices-count", "1"], "--devices-count [1]"),
 ])
 def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
     qs, env = quickstart_dir
