@@ -117,3 +117,34 @@ def test_quickstart_refuses_to_overwrite_a_folder_that_is_not_a_bundle(tmp_path)
     assert done.returncode == 2
     assert "is not a CoFormer bundle" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "qs" / "bundle" / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_search_bench_compares_debo_and_random_over_fresh_profile_sets(quickstart_fast, tmp_path):
+    """The second profile set is the devices profiled afresh: new predictors, so the uniform
+    decomposition (one policy) is predicted at another latency, and its objective differs."""
+    qs, env, _, _ = quickstart_fast
+    out = tmp_path / "search.json"
+    done = subprocess.run([sys.executable, "-m", "coformer.tools.search_bench", "--quickstart-dir", str(qs),
+                           "--seeds", "2", "--profile-sets", "2", "--initial", "2", "--iterations", "2",
+                           "--throttle", "duty-cycle", "--report-json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["pairs"] == 4 and r["profile_sets"] == 2 and len(r["uniform"]) == 2
+    assert [(x["profile_set"], x["seed"]) for x in r["rows"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert r["uniform"][0] != r["uniform"][1]
+    assert r["bo_better"] == sum(x["bo"] < x["random"] for x in r["rows"]) and sum(r["per_set_bo_better"]) == r["bo_better"]
+    assert f"BO better than random on {r['bo_better']} of 4 (profile set, seed) pairs" in done.stdout
+    import tempfile
+
+    assert not list(Path(tempfile.gettempdir()).glob("coformer-search-bench-*"))  # the fresh kits are removed
+
+
+def test_quickstart_refuses_an_image_data_set_for_the_text_task(tmp_path):
+    done = subprocess.run([_coformer(), "quickstart", "--task", "text", "--data", "mnist", "--out",
+                           str(tmp_path / "qs"), "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--data mnist is an image data set" in done.stderr
+    assert not (tmp_path / "qs").exists()
