@@ -60,9 +60,11 @@ class QuickstartTeacher:
 # The built-in teacher of each built-in data set (``--model quickstart:NAME``; the
 # quickstart's ``--data NAME``). MNIST's is narrower and deeper with finer patches (7x7
 # tokens of 4x4 pixels, 277 MFLOPs) and trained 20 epochs on images shifted by up to 3
-# pixels: 93.8% on the test split, where a student at a tenth of its FLOPs reaches 87.1%
-# (docs/benchmarks.md, "A built-in task where capacity matters"). The digits teacher,
-# trained so on MNIST, reached 90.2% against its tenth's 89.3%: it overfits 3,500 images.
+# pixels: 93.8% on the test split, where the largest student within a tenth of its FLOPs
+# reaches 87.1%. The digits teacher's shape, trained on MNIST without shifts, reached 90.2%
+# against its tenth's 89.3%: it overfits 3,500 images. ``python -m
+# coformer.tools.capacity_check`` (docs/benchmarks.md, "Accuracy against latency, and a task
+# where capacity matters").
 BUILTIN_TEACHERS = {
     "digits": QuickstartTeacher(),
     "mnist": QuickstartTeacher(embed_dim=192, depth=6, num_heads=6, img_size=28, patch_size=4, epochs=20,
