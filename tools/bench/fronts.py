@@ -20,7 +20,9 @@ Choices written down. Each fraction is one bench run (:func:`coformer.tools.benc
 one link rate, the given input sources), its strategies interleaved in passes so the
 machine's drift falls on them alike; across fractions the runs follow each other, so
 each run's teacher is measured again (``teacher_ms_per_run``) to show the drift between
-them. Accuracy is the served bundle's on the same test samples. The target is
+them. Accuracy is given twice: served, on the first ``samples`` test images, and the
+compile's own score of the same bundle on the whole test split, which the verdict and the
+plot rank on (:func:`scored_on`). The bundles are cached in ``DIR/fronts-bundles``. The target is
 ``target_ms`` or, without one, the teacher's own median latency (the mean over the runs):
 "as fast as the teacher, at most". At the target a curve's score is its most accurate
 point whose median latency is within it; the winner is the most accurate curve, the
