@@ -560,6 +560,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.throughput_seconds <= 0:
         raise CoFormerError(f"--throughput-seconds {args.throughput_seconds} must be > 0")
     progress = not args.no_progress
+    if args.ablations and args.fronts:
+        raise CoFormerError("--ablations and --fronts are separate runs: give one of them")
     if args.ablations:
         if args.quickstart is None or args.bundle is not None:
             raise CoFormerError("--ablations runs on a quickstart: give --quickstart [DIR], not a BUNDLE")

@@ -209,6 +209,7 @@ def test_fronts_plot_accuracy_against_latency_and_name_the_winner_at_the_target(
     (["--no-testbed", "--bandwidth", "2mbit,1gbit"], "needs the testbed"),
     (["--fronts", "--no-testbed", "--fronts-fractions", "0.25,1.5"], "--fronts-fractions '1.5'"),
     (["--fronts", "--no-testbed", "--devices-count", "1"], "--devices-count [1]"),
+    (["--fronts", "--ablations"], "--ablations and --fronts are separate runs"),
 ])
 def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
     qs, env = quickstart_dir
