@@ -105,6 +105,22 @@ def preset(data: str = "digits", fast: bool = False) -> QuickstartConfig:
     return QuickstartConfig() if data == "digits" else _from_teacher(BUILTIN_TEACHERS[data])
 
 
+def profile_and_fit(cfg: QuickstartConfig, teacher, devices, placements, out_dir: Path, throttle: str = "auto",
+                    kit_seed: Optional[int] = None, progress: bool = True):
+    """The quickstart's profiling step: a kit of ``cfg.kit_count`` sub-models (drawn with
+    ``kit_seed``, default ``cfg.seed``) timed on every emulated device as ``cfg`` says
+    (:func:`coformer.tools.emulated.profile_devices`, writing ``out_dir/profiles``), and a
+    latency predictor fitted to each. Returns ``(profiles, {name: (predictor, fit report)})``."""
+    from coformer.compiler.predictor import fit_predictor
+    from coformer.tools.emulated import profile_devices
+
+    profiles = profile_devices(teacher, devices, placements, out_dir, kit_count=cfg.kit_count,
+                               seed=cfg.seed if kit_seed is None else kit_seed, throttle=throttle,
+                               alone=cfg.profile_alone, rounds=cfg.profile_rounds, duration_s=cfg.profile_duration_s,
+                               extra_rounds=cfg.profile_extra_rounds, progress=progress)
+    return profiles, {d.name: fit_predictor(profiles[d.name], seed=cfg.seed, all_entries=True) for d in devices}
+
+
 def make_devices(cfg: QuickstartConfig, teacher_flops: int):
     """Three emulated devices; Omega_n = flops_fraction * share * teacher FLOPs.
 
@@ -187,9 +203,8 @@ def run_quickstart(
     from coformer.compiler.families import adapter_for
     from coformer.compiler.pipeline import lower_submodel
     from coformer.compiler.job import CompileJob, run_job
-    from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.emulated import profile_devices, time_teacher
+    from coformer.tools.emulated import time_teacher
     from coformer.tools.measure import (build_probe_bundles, measure_with_probes, predict_served_here,
                                         probe_measurements)
 
@@ -215,13 +230,10 @@ def run_quickstart(
     placements = place_devices([(d.name, d.cpu_share) for d in devices])
 
     say(f"profiling the {len(devices)} emulated devices on a kit of {cfg.kit_count} sub-models")
-    profiles = profile_devices(teacher, devices, placements, out_dir, kit_count=cfg.kit_count, seed=cfg.seed,
-                               throttle=throttle, alone=cfg.profile_alone, rounds=cfg.profile_rounds,
-                               duration_s=cfg.profile_duration_s, extra_rounds=cfg.profile_extra_rounds,
-                               progress=progress)
+    profiles, fitted = profile_and_fit(cfg, teacher, devices, placements, out_dir, throttle, progress=progress)
     predictors, fits = [], {}
     for d in devices:
-        pred, fits[d.name] = fit_predictor(profiles[d.name], seed=cfg.seed, all_entries=True)
+        pred, fits[d.name] = fitted[d.name]
         pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
         predictors.append(pred)
 

@@ -33,19 +33,15 @@ from coformer.runtime.errors import CoFormerError
 def fresh_predictors(qs, index: int, throttle: str = "auto") -> list:
     """The quickstart's devices profiled afresh (a kit drawn with seed ``1000 + index``) and a
     predictor fitted to each, as :func:`coformer.tools.quickstart.run_quickstart` does."""
-    from coformer.compiler.predictor import fit_predictor
     from coformer.tools.cluster import place_devices
-    from coformer.tools.emulated import profile_devices
+    from coformer.tools.quickstart import profile_and_fit
 
-    cfg = qs.config
     work = Path(tempfile.mkdtemp(prefix="coformer-search-bench-"))
     try:
         placements = place_devices([(d.name, d.cpu_share) for d in qs.devices])
-        profiles = profile_devices(qs.teacher, qs.devices, placements, work, kit_count=cfg.kit_count,
-                                   seed=1000 + index, throttle=throttle, alone=cfg.profile_alone,
-                                   rounds=cfg.profile_rounds, duration_s=cfg.profile_duration_s,
-                                   extra_rounds=cfg.profile_extra_rounds, progress=False)
-        return [fit_predictor(profiles[d.name], seed=cfg.seed, all_entries=True)[0] for d in qs.devices]
+        _, fitted = profile_and_fit(qs.config, qs.teacher, qs.devices, placements, work, throttle,
+                                    kit_seed=1000 + index, progress=False)
+        return [fitted[d.name][0] for d in qs.devices]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -249,8 +249,6 @@ def plot_fronts(report: dict[str, Any], path: Path) -> Optional[str]:
     ax.set_ylabel("accuracy, % (" + ("whole test split" if key == "test_split_accuracy" else "served") + ")")
     ax.set_title(f"Accuracy against latency: {report['task']} (labels: FLOPs fraction)", fontsize=10)
     ax.legend(fontsize=8)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return Path(path).name
+    from coformer.tools.bench.plots import save_png
+
+    return save_png(fig, path)

@@ -8,6 +8,19 @@ from typing import Any
 
 import numpy as np
 
+def save_png(fig, path: Path) -> str:
+    """Write ``fig`` to ``path`` through a temporary file (never a half-written PNG), close
+    it, and return the file's name."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
 def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     """Latency breakdown bars, accuracy vs latency, and the bandwidth sweep, as PNGs (needs matplotlib)."""
     try:
@@ -28,12 +41,7 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     rows = [r for r in res if r["bandwidth"] == first_bw and r["devices_count"] == most]
 
     def save(fig, name: str) -> None:
-        path = Path(out_dir) / name
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(path)
-        written.append(name)
+        written.append(save_png(fig, Path(out_dir) / name))
 
     # shares of each strategy's median (stacked bars on a log axis would distort them), total written at the end
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
