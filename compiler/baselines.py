@@ -39,12 +39,13 @@ from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest, Model
 
 BASELINES = ("teacher", "pipeline", "tensor_parallel")
 PARITY_TOLERANCE = 1e-3  # logits; float32 sums in another order
-_FAMILIES = {"teacher": ("vit", "swin"), "pipeline": ("vit",), "tensor_parallel": ("vit",)}
+_FAMILIES = {"teacher": ("vit", "swin", "bert", "gpt2", "t5"), "pipeline": ("vit",), "tensor_parallel": ("vit",)}
 
 
 def baseline_families(strategy: str) -> tuple[str, ...]:
-    """The model families a baseline can be built for: the teacher alone for every vision
-    family; pipeline and tensor parallelism slice ViT/DeiT blocks and token tensors."""
+    """The model families a baseline can be built for: the teacher alone for every family
+    (a language teacher's bundle takes tokens, :func:`build_text_teacher`); pipeline and
+    tensor parallelism slice ViT/DeiT blocks and token tensors."""
     return _FAMILIES[strategy]
 
 
@@ -177,7 +178,7 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
     """Write the bundle of ``strategy`` (one of :data:`BASELINES`) for ``devices`` to ``out_dir``.
 
     The first device is the central node; ``teacher`` uses it alone. The teacher
-    alone is built for every vision family, the others for timm ViT/DeiT
+    alone is built for every family, the others for timm ViT/DeiT
     (:func:`baseline_families`).
     """
     if strategy not in BASELINES:

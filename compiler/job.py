@@ -53,6 +53,8 @@ class CompileJob:
             and whether embeddings are L2-normalised (None: as the teacher's pipeline does).
         feature_dtype: what workers send their features as, ``float32`` or ``float16`` (half
             the bytes; the search charges the links that, and the scores are taken on rounded features).
+        latency_tokens: the length a language teacher's latency is searched at (None: the
+            calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
     """
 
     teacher: nn.Module
@@ -79,6 +81,7 @@ class CompileJob:
     task: str = "classification"
     normalize: Optional[bool] = None
     feature_dtype: str = "float32"
+    latency_tokens: Optional[int] = None
 
 
 @dataclass
@@ -122,13 +125,17 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
                           importance_of(job.teacher, job.data, job.compute), job.devices)
         return dataclasses.replace(decoder.decode(decoder.uniform_point()), source="uniform"), None
     methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if job.compare else [])
-    space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute, job.feature_dtype)
+    space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute, job.feature_dtype,
+                         job.latency_tokens)
     policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods=methods,
                                   delta=job.delta, initial=job.initial, iterations=job.iterations, seed=job.seed,
                                   log_path=job.search_log, use_labels=job.use_labels, progress=job.progress,
                                   space=space, compute=job.compute, task=job.task, normalize=job.normalize)
     report["search"] = found
     report["predicted_latency_ms"] = found[method]["predicted_latency_ms"]
+    if space[1].tokens is not None:  # a language teacher: the length that latency is predicted at
+        report["latency_tokens"] = space[1].tokens
+        report["length_aware_predictors"] = [bool(getattr(p, "length_aware", False)) for p in job.predictors]
     return policy, space
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -566,37 +567,65 @@ def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, 
     return l_val
 
 
+def latency_tokens(teacher: nn.Module, data: Optional[Dataset] = None, tokens: Optional[int] = None) -> Optional[int]:
+    """The sequence length a language teacher's latency is predicted at; None for an image teacher.
+
+    Choice written down: ``tokens`` where given (``--latency-tokens``), else the median
+    length (tokens, padding excluded) of the calibration data's training texts, the
+    length of a typical request, else the bundle's maximum length. The FLOPs budgets
+    are still checked at the maximum length: a device must hold the longest request.
+    """
+    from coformer.compiler.profile_kit import is_language
+
+    shape = adapter_for(teacher).read_shape(teacher)
+    if not is_language(shape):
+        if tokens is not None:
+            raise CoFormerError(f"--latency-tokens {tokens}: this teacher takes images, not tokens")
+        return None
+    if tokens is not None:
+        if not 1 <= int(tokens) <= shape.num_tokens:
+            raise CoFormerError(f"--latency-tokens {tokens} must be within 1..{shape.num_tokens} (--max-length)")
+        return int(tokens)
+    if data is None or data.train.streamed or data.train.x is None or data.train.x.ndim != 3:
+        return shape.num_tokens
+    lengths = data.train.x[:, 1].sum(-1)  # row 1 of a packed text is its attention mask
+    return int(min(shape.num_tokens, max(1, int(np.ceil(float(np.median(lengths.numpy())))))))
+
+
 def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
-                  feature_dtype: str = "float32"):
+                  feature_dtype: str = "float32", tokens: Optional[int] = None):
     """The search's latency model (eq. 3-6 from the devices' predictors), charging each link
-    its features at ``feature_dtype``'s width.
+    its features at ``feature_dtype``'s width; a language teacher's latency at ``tokens``
+    (:func:`latency_tokens`; None: the maximum length) where a predictor has a length axis.
 
     The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
-    central device's predicted latency for the teacher.
+    central device's predicted latency for the teacher (both at that length).
     """
-    from coformer.compiler.profile_kit import spec_features
-    from coformer.compiler.search import LatencyModel
+    from coformer.compiler.profile_kit import is_language
+    from coformer.compiler.search import LatencyModel, predictor_inputs
 
     adapter = adapter_for(teacher)
     shape = adapter.read_shape(teacher)
-    full = teacher_cost(shape)
-    g = full.flops / predictors[0].predict_one(spec_features(SubModelSpec.full(shape)), full.flops, full.params)
-    import numpy as np
+    if tokens is None and is_language(shape):
+        tokens = shape.num_tokens
+    features, flops, params = predictor_inputs(SubModelSpec.full(shape), shape, predictors[0], tokens)
+    g = flops / predictors[0].predict_one(features, flops, params)
 
     return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)),
-                        feature_bytes=np.dtype(feature_dtype).itemsize)
+                        feature_bytes=np.dtype(feature_dtype).itemsize, tokens=tokens)
 
 
 def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset,
-                 compute: Compute = CPU, feature_dtype: str = "float32"):
+                 compute: Compute = CPU, feature_dtype: str = "float32", tokens: Optional[int] = None):
     """The search's decoder (points to feasible policies, ranked by importance on training
-    data) and latency model (:func:`latency_model`), as :func:`search_policy` uses them."""
+    data) and latency model (:func:`latency_model`, a language teacher's at
+    :func:`latency_tokens`), as :func:`search_policy` uses them."""
     from coformer.compiler.search import Decoder
 
     adapter = adapter_for(teacher)
     imp = importance_of(teacher, data, compute)
-    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(teacher, devices, predictors,
-                                                                            feature_dtype)
+    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(
+        teacher, devices, predictors, feature_dtype, latency_tokens(teacher, data, tokens))
 
 
 def search_policy(

@@ -28,6 +28,12 @@ one factor for every size: a single factor under-predicted the served compute
 of the quickstart's small chosen sub-models (docs/benchmarks.md, "Design
 measurements quoted by the code").
 
+A language model's kit adds the sequence length T as a fifth feature
+(``coformer.compiler.profile_kit``): the MLP takes it as one more input, and the
+analytic model sees it through the FLOPs, which the kit counts at each entry's T.
+Such a predictor is ``length_aware``; the search then asks it at the length
+requests typically have.
+
 A fitted predictor is plain JSON (the MLP's weights as lists) and predicts with
 numpy alone.
 """
@@ -76,7 +82,13 @@ class LatencyPredictor:
         if self.kind == "analytic":
             return _analytic_features(rows, self.params["cache_mparams"]) @ np.asarray(self.params["coef"])
         if self.kind == "mlp":
-            x = (_paper_features(rows) - self.params["x_mean"]) / self.params["x_std"]
+            X = _paper_features(rows)
+            if X.shape[1] != len(self.params["x_mean"]):
+                raise CoFormerError(f"the latency predictor of {self.device or 'this device'} takes "
+                                    f"{len(self.params['x_mean'])} features (fitted on a "
+                                    f"{'language kit: l, d, h, D, tokens' if self.length_aware else 'kit: l, d, h, D'}), "
+                                    f"asked with {X.shape[1]}")
+            x = (X - self.params["x_mean"]) / self.params["x_std"]
             for i, (W, b) in enumerate(zip(self.params["coefs"], self.params["intercepts"])):
                 x = x @ np.asarray(W) + np.asarray(b)
                 if i < len(self.params["coefs"]) - 1:
@@ -86,6 +98,11 @@ class LatencyPredictor:
 
     def predict_one(self, config: Sequence[float], flops: int, params: int) -> float:
         return float(self.predict([{"config": list(config), "flops": flops, "params": params}])[0])
+
+    @property
+    def length_aware(self) -> bool:
+        """Fitted on a language kit whose entries are timed at several sequence lengths."""
+        return bool(self.params.get("length_axis"))
 
     @property
     def served_factor(self) -> float:
@@ -240,6 +257,10 @@ def fit_predictor(profile: Mapping[str, Any], test_fraction: float = 0.2, seed: 
     predictor = _fit(chosen, train, seed)
     predictor.device = str(profile.get("device", ""))
     predictor.params["served_factor"] = float(profile.get("served_factor", 1.0))
+    predictor.params["length_axis"] = all("tokens" in e for e in profile["entries"])
+    if predictor.params["length_axis"]:
+        predictor.params["tokens_range"] = [min(e["tokens"] for e in profile["entries"]),
+                                            max(e["tokens"] for e in profile["entries"])]
     predictor.params["served_points"] = [[entry_latency_ms(e), float(e["gap_ratio"])]
                                          for e in profile["entries"] if "gap_ratio" in e]
     actual = np.asarray([r["latency_ms"] for r in test])

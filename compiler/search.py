@@ -168,16 +168,21 @@ class LatencyModel:
     def __init__(self, shape: TransformerShape, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
                  central_flops_per_ms: float, feature_dim: Callable[[SubModelSpec], int],
                  cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost,
-                 feature_bytes: int = 4) -> None:
+                 feature_bytes: int = 4, tokens: Optional[int] = None) -> None:
         self.shape, self.devices, self.predictors = shape, list(devices), list(predictors)
         self.g, self.feature_dim, self.cost = central_flops_per_ms, feature_dim, cost
         self.feature_bytes = feature_bytes  # a channel on the wire: 4 (float32) or 2 (float16 features)
+        self.tokens = tokens  # a language model's latency is predicted at this length (None: full length)
+
+    def predict_served(self, spec: SubModelSpec, pred: Any) -> float:
+        """t1 of one sub-model: at ``tokens`` where the predictor has a length axis (its
+        features and FLOPs at that length), else as its kit was timed (full length)."""
+        return pred.predict_served(*predictor_inputs(spec, self.shape, pred, self.tokens, self.cost))
 
     def terms(self, policy: Policy) -> tuple[list[float], list[float], float, float]:
         t1, t2 = [], []
         for n, (spec, dev, pred) in enumerate(zip(policy.submodels, self.devices, self.predictors)):
-            c = self.cost(spec, self.shape)
-            t1.append(pred.predict_served(spec_features(spec), c.flops, c.params))
+            t1.append(self.predict_served(spec, pred))
             d = self.feature_dim(spec)
             nbytes = 0 if n == 0 else self.feature_bytes * d + features_header_bytes(dev.name, d)
             t2.append(nbytes * 8 / (dev.link_mbit_s * 1e3))  # bits / (bits per ms)
@@ -186,6 +191,23 @@ class LatencyModel:
         t3 = (2 * d_agg * d_i + 2 * d_i * self.shape.num_classes) / self.g
         total = max(a + b for a, b in zip(t1, t2)) + t3
         return t1, t2, t3, total
+
+
+def predictor_inputs(spec: SubModelSpec, shape: TransformerShape, pred: Any, tokens: Optional[int],
+                     cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost) -> tuple[list, int, int]:
+    """What a device's predictor is asked about ``spec``: its features, FLOPs and parameters.
+
+    A length-aware predictor (fitted on a language kit) is asked at ``tokens`` (its FLOPs
+    counted at that length too); any other at the shape's own length, as its kit was timed.
+    """
+    if getattr(pred, "length_aware", False):
+        if tokens is None:
+            raise CoFormerError(f"the latency predictor of {pred.device or 'a device'} was fitted on a language "
+                                "kit (with a length axis); this teacher takes no tokens: profile an image kit")
+        c = cost(spec, dataclasses.replace(shape, num_tokens=int(tokens)))
+        return spec_features(spec, int(tokens)), c.flops, c.params
+    c = cost(spec, shape)
+    return spec_features(spec), c.flops, c.params
 
 
 def _log_key(config: dict[str, Any]) -> str:

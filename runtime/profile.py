@@ -103,9 +103,10 @@ def load_kit(kit_dir: Path) -> dict:
     return kit
 
 
-def kit_feeds(kit: Mapping[str, Any], seed: int = 0) -> Optional[dict[str, np.ndarray]]:
+def kit_feeds(kit: Mapping[str, Any], seed: int = 0, tokens: Optional[int] = None) -> Optional[dict[str, np.ndarray]]:
     """The inputs a kit asks for (a language model's token ids, mask and types, at full
-    length), or None for random float inputs (an image model's)."""
+    length, or at ``tokens``: an entry's own length), or None for random float inputs (an
+    image model's)."""
     feeds = kit.get("input", {}).get("feeds")
     if not feeds:
         return None
@@ -113,6 +114,10 @@ def kit_feeds(kit: Mapping[str, Any], seed: int = 0) -> Optional[dict[str, np.nd
     out = {}
     for name, f in feeds.items():
         shape = [int(v) for v in f["shape"]]
+        if tokens is not None:
+            if not 1 <= int(tokens) <= shape[-1]:
+                raise CoFormerError(f"kit entry of {tokens} tokens: the kit's inputs take 1 to {shape[-1]}")
+            shape[-1] = int(tokens)
         if f["fill"] == "ids":
             out[name] = rng.integers(4, max(5, int(f["high"])), size=shape).astype(f["dtype"])
         elif f["fill"] in ("ones", "zeros"):
@@ -165,7 +170,7 @@ def profile_kit(
     medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     gapped_medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
-    feeds = kit_feeds(kit)
+    entry_feeds = {e["id"]: kit_feeds(kit, tokens=e.get("tokens")) for e in timed}  # each at its own length
     bar = tqdm(total=len(timed) * rounds, desc=f"profile {device}", disable=not progress)
     order = np.random.default_rng(0)
     for r in range(rounds):
@@ -173,14 +178,14 @@ def profile_kit(
         # same point of it does not land on the same entries every time
         for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, inputs=feeds, limits=limits, idle_ms=idle_ms,
-                                      keep_samples=True, duty_pauses=False)
+                                      duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
+                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])
             env = dict(timing.environment)
             if gap_iterations > 0 and r == 0:  # one gapped run per entry: the factor is a median over entries
                 gapped = benchmark_engine(Path(kit_dir) / e["file"], backend, min(warmup_ms, 20.0), gap_iterations,
-                                          0.0, threads, inputs=feeds, limits=limits, idle_ms=gap_ms)
+                                          0.0, threads, inputs=entry_feeds[e["id"]], limits=limits, idle_ms=gap_ms)
                 gapped_medians[e["id"]].append(gapped.compute_ms["median"])
             bar.update()
     bar.close()
@@ -206,8 +211,8 @@ def profile_kit(
         for e in tqdm(again, desc=f"profile {device}: again, {len(again)} unsteady", disable=not progress,
                       leave=False):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, inputs=feeds, limits=limits, idle_ms=idle_ms,
-                                      keep_samples=True, duty_pauses=False)
+                                      duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
+                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])
             retimed.add(e["id"])
@@ -224,6 +229,8 @@ def profile_kit(
                         "source": source})
         if "sample" in e:  # the kit's sampling configuration, where it differs from the features
             entries[-1]["sample"] = e["sample"]
+        if "tokens" in e:  # a language entry's length, which its config ends with
+            entries[-1]["tokens"] = e["tokens"]
         if gapped_medians[e["id"]]:
             entries[-1]["gap_ratio"] = float(np.median(gapped_medians[e["id"]])) / estimate
     ratios = [x["gap_ratio"] for x in entries if "gap_ratio" in x]

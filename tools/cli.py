@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
                    help="what workers send their pooled features as: float16 halves the bytes on each link (the "
                    "search charges that; the report gives the accuracy both ways)")
+    p.add_argument("--latency-tokens", type=int, default=None,
+                   help="text: the request length (tokens) the search predicts latency at, with profiles from a "
+                   "language kit (default: the median length of the calibration texts)")
     p.add_argument("--student", action="store_true",
                    help="also build the single-student baselines on the central device alone, searched and "
                    "calibrated alike: OUT.student (its whole budget) and OUT.student_matched (the compute time of "
@@ -130,9 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quickstart", nargs="?", type=Path, const=Path("coformer-quickstart"), default=None,
                    metavar="DIR", help="bench the quickstart's bundle (run in DIR, default ./coformer-quickstart; "
                    "runs the quickstart first when DIR holds none)")
-    p.add_argument("--model", default=None, help="the bundle's teacher: 'quickstart' or 'timm:NAME' with --checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=None)
-    p.add_argument("--model-kwargs", default="{}")
+    add_model_args(p, required=False)  # the bundle's teacher
+    p.set_defaults(max_length=None)  # a text bundle's own, from its manifest
     p.add_argument("--devices", type=Path, default=None, help="the devices file the bundle was compiled for")
     add_data_args(p, bench=True)
     _add_compute(p)
@@ -337,7 +339,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         use_labels=not args.unlabeled, compute=compute,
         checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
         model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress,
-        feature_dtype=args.feature_dtype)
+        feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens)
+    if args.latency_tokens is not None:  # a bad length fails before the search's passes over data
+        from coformer.compiler.pipeline import latency_tokens
+
+        latency_tokens(teacher, data, args.latency_tokens)
     measure = None
     if args.measure:
         from coformer.tools.measure import served_measurement
@@ -388,7 +394,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         s = report["search"]
         print("search: " + ", ".join(f"{m} best objective {s[m]['best_objective']:.4f}"
                                      for m in ("bo", "random", "uniform") if m in s)
-              + f"; predicted latency {report['predicted_latency_ms']:.2f} ms")
+              + f"; predicted latency {report['predicted_latency_ms']:.2f} ms"
+              + (f" at {report['latency_tokens']} tokens" if "latency_tokens" in report else ""))
     for name, st in report.get("students", {}).items():
         predicted = "" if st["predicted_latency_ms"] is None else f", predicted {st['predicted_latency_ms']:.2f} ms"
         print(f"{name}: {st['device']} alone, {st['flops'] / 1e6:.1f} of {st['flops_budget'] / 1e6:.1f} MFLOPs "
@@ -615,7 +622,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from coformer.compiler.devices import load_devices
         from coformer.runtime.manifest import load_manifest
 
-        devices = bench.bundle_devices(load_manifest(args.bundle), load_devices(args.devices))  # before the teacher
+        manifest = load_manifest(args.bundle)
+        devices = bench.bundle_devices(manifest, load_devices(args.devices))  # before the teacher
+        if args.max_length is None:  # a text bundle's teacher takes the length it was compiled for
+            args.max_length = int(manifest.input.preprocessing.get("max_length", 128))
         compute = _compute(args)
         teacher = teacher_from_args(args)
         data, _ = data_from_args(args, teacher)

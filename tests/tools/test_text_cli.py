@@ -162,40 +162,74 @@ def test_label_free_distillation_from_a_plain_text_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
-    """The kit is sampled from the BERT's own space and exported with token inputs at its full
-    length; the profiler fills them (ids within the vocabulary, a full mask); DeBo searches over
-    the predictors fitted on it."""
+    """The kit is sampled from the BERT's own space with the sequence length as a fifth axis;
+    the profiler fills each entry's token inputs at its own length (ids within the vocabulary,
+    a full mask); DeBo searches over
+    the length-aware predictors fitted on it, at the calibration texts' median length."""
+    import numpy as np
+
     from coformer.runtime.manifest import load_manifest
     from coformer.runtime.profile import profile_kit
 
     ckpt = _checkpoint("bert", tmp_path / "bert")
     data = _jsonl(tmp_path / "reviews.jsonl", 120)
-    done = _run("profile-kit", "--model", f"hf:{ckpt}", "--max-length", 24, "--out", tmp_path / "kit", "--count", 8,
+    done = _run("profile-kit", "--model", f"hf:{ckpt}", "--max-length", 24, "--out", tmp_path / "kit", "--count", 10,
                 "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     kit = json.loads((tmp_path / "kit" / "kit.json").read_text())
-    assert kit["family"] == "bert" and len(kit["entries"]) == 8
+    assert kit["family"] == "bert" and len(kit["entries"]) == 10
     assert set(kit["input"]["feeds"]) == {"input_ids", "attention_mask", "token_type_ids"}
+    tokens = [e["tokens"] for e in kit["entries"]]
+    assert all(len(e["config"]) == 5 and e["config"][4] == e["tokens"] for e in kit["entries"])
+    assert min(tokens) == 8 and max(tokens) == 24 and len(set(tokens)) >= 5  # the corners, and spread between
+    # FLOPs are counted at each entry's own length: the smallest corner at 8 tokens, the teacher at 24
+    from coformer.compiler.cost import submodel_cost
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.profile_kit import uniform_spec
+    from coformer.compiler.sources import load_teacher
+    import dataclasses
+
+    teacher = load_teacher(f"hf:{ckpt}", max_length=24, progress=False)
+    shape = adapter_for(teacher).read_shape(teacher)
+    e = kit["entries"][0]
+    assert e["flops"] == submodel_cost(uniform_spec(shape, e["config"]), dataclasses.replace(shape, num_tokens=8)).flops
     lines = ["devices:"]
     for name, share in (("a", 1.0), ("b", 0.5)):
         prof = profile_kit(tmp_path / "kit", name, warmup_ms=2, iterations=3, duration_s=0.01, rounds=1,
                            gap_iterations=2, progress=False, out=tmp_path / f"{name}.json")
-        assert all(e["latency_estimate_ms"] > 0 for e in prof["entries"])
+        assert all(e["latency_estimate_ms"] > 0 and "tokens" in e for e in prof["entries"])
         lines.append(f"  - {{name: {name}, memory_bytes: 1000000000, flops_budget: 1000000000, cpu_share: {share}, "
                      f"profile: {tmp_path / (name + '.json')}}}")
     (tmp_path / "devices.yaml").write_text("\n".join(lines) + "\n")
     from coformer.runtime.profile import kit_feeds
 
-    feeds = kit_feeds(kit)  # what the profiler ran: full-length, valid tokens
-    assert {k: v.shape for k, v in feeds.items()} == dict.fromkeys(feeds, (1, 24))
+    feeds = kit_feeds(kit, tokens=13)  # what the profiler ran for an entry of 13 tokens: valid tokens
+    assert {k: v.shape for k, v in feeds.items()} == dict.fromkeys(feeds, (1, 13))
     assert feeds["input_ids"].max() < 100 and feeds["attention_mask"].min() == 1 and feeds["token_type_ids"].max() == 0
+    with pytest.raises(CoFormerError, match="30 tokens"):
+        kit_feeds(kit, tokens=30)
+    from coformer.compiler.predictor import fit_predictor
+
+    pred, _ = fit_predictor(json.loads((tmp_path / "a.json").read_text()))
+    assert pred.length_aware and pred.params["tokens_range"] == [8, 24]
     done = _run("compile", "--model", f"hf:{ckpt}", "--max-length", 24, "--devices", tmp_path / "devices.yaml",
                 "--data", data, "--out", tmp_path / "bundle", "--search", "bo", "--initial", 2, "--iterations", 1,
                 "--epochs", 0, "--no-progress", "--report-json", tmp_path / "r.json")
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["search"]["bo"]["evaluations"] == 3 and r["predicted_latency_ms"] > 0
+    assert r["length_aware_predictors"] == [True, True]
+    # the reviews' median length in tokens (padding excluded), as the data holds them
+    from coformer.compiler.sources import load_data
+
+    ds, _ = load_data(teacher, str(data))
+    median = int(np.ceil(np.median(ds.train.x[:, 1].sum(-1).numpy())))
+    assert r["latency_tokens"] == median < 24 and f"at {median} tokens" in done.stdout
     assert load_manifest(tmp_path / "bundle").policy["source"] == "bo"
+    done = _run("compile", "--model", f"hf:{ckpt}", "--max-length", 24, "--devices", tmp_path / "devices.yaml",
+                "--data", data, "--out", tmp_path / "bundle2", "--search", "bo", "--latency-tokens", 40,
+                "--no-progress")
+    assert done.returncode != 0 and "--latency-tokens 40 must be within 1..24" in done.stderr
 
 
 @pytest.mark.slow

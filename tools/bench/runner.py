@@ -82,6 +82,10 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     Each strategy gets ``samples`` test samples (at least 10; fewer when
     ``max_seconds`` runs out first), spread over ``passes`` interleaved passes; then
     ``throughput_s`` seconds at each count of concurrent clients in ``throughput``.
+
+    ``x`` is an array of model inputs, or raw texts (a language model's bundles: each text
+    is tokenised by the client with the bundle's own tokenizer and sent with the request,
+    so ``sources`` must be ``["central"]``).
     """
     if passes < 1:
         raise CoFormerError(f"--passes {passes} must be >= 1")
@@ -91,8 +95,12 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     say = Progress.of(progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    text = not isinstance(x, np.ndarray)
+    if text and list(sources) != ["central"]:
+        raise CoFormerError(f"input sources {list(sources)}: raw text is sent with the request (input from central)")
     inputs_path = out_dir / "inputs.npy"
-    np.save(inputs_path, np.ascontiguousarray(x))
+    if not text:  # the workers with local inputs read them from here
+        np.save(inputs_path, np.ascontiguousarray(x))
     if use_testbed:
         check_testbed()
     elif len(bandwidths) > 1:
@@ -262,10 +270,18 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
 
     progress = Progress.of(progress) or False  # one clock for the whole bench
     manifest = load_manifest(bundle)
-    if manifest.input.is_text or manifest.task_kind == "embedding":
-        what = "language-model" if manifest.input.is_text else "embedding"
-        raise CoFormerError(f"coformer bench does not take {what} bundles yet (its baselines and accuracy are built "
-                            "for image classifiers); measure this bundle with coformer compile --measure")
+    if manifest.task_kind == "embedding":
+        raise CoFormerError("coformer bench does not take embedding bundles yet (it scores classes); measure this "
+                            "bundle with coformer compile --measure")
+    text = manifest.input.is_text
+    if text:
+        # Choice written down: a text reaches the system at one place, with the request; its
+        # tokens are a few hundred bytes, which the central node forwards to the workers (the
+        # rows' bytes count them). Inputs already at every device are an image deployment's case.
+        if "central" not in sources:
+            raise CoFormerError(f"--input-source {','.join(sources)}: a text bundle's tokens come with the request "
+                                "to the central node; bench it with --input-source central")
+        sources = ["central"]
     devices = bundle_devices(manifest, devices)
     check_bundle_matches(manifest, teacher, data)
     available = strategies_for(teacher)
@@ -288,7 +304,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
         # the reference in float32 on the CPU, as the served teacher's ONNX computes it
         y, reference = run_batched(teacher, x).argmax(-1).numpy(), "teacher"
     with torch.no_grad():
-        x = x.numpy()
+        # raw texts, each tokenised by the client as a user's would be; or the image inputs
+        x = [data.test.raw[i] for i in range(len(x))] if text else x.numpy()
     report = run_bench([(devices, bundles)], x, y, out, parse_bandwidths(bandwidths), sources, use_testbed,
                        samples, max_seconds, progress=progress, passes=passes, throughput=throughput,
                        throughput_s=throughput_s)

@@ -157,6 +157,9 @@ def check_bundle_matches(manifest, teacher, data) -> None:
     shape = adapter.read_shape(teacher).to_dict()
     recorded = dict(manifest.model.get("shape") or {})
     diff = sorted(k for k in set(shape) | set(recorded) if k != "extras" and shape.get(k) != recorded.get(k))
+    if recorded and diff == ["num_tokens"] and manifest.input.is_text:
+        raise CoFormerError(f"the bundle was compiled with --max-length {recorded['num_tokens']}, the teacher is loaded "
+                            f"at {shape['num_tokens']}: give --max-length {recorded['num_tokens']}, or leave it out")
     if recorded and diff:
         raise CoFormerError(f"the bundle was compiled from another teacher: {', '.join(diff)} differ "
                             f"(bundle {[recorded.get(k) for k in diff]}, --model {[shape.get(k) for k in diff]})")
@@ -172,7 +175,9 @@ def check_bundle_matches(manifest, teacher, data) -> None:
         raise CoFormerError(f"the bundle takes inputs {list(manifest.input.shape)}, the teacher "
                             f"{list(adapter.input_shape(teacher))}")
     keys = ("kind", "source", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "scale",
-            "resize", "raw_shape")
+            "resize", "raw_shape",
+            # a language model's: what its tokens are and how they are packed
+            "fields", "max_length", "pair", "pad_id", "vocab_size", "type_vocab_size")
     pre, want = dict(manifest.input.preprocessing), dict(data.preprocessing)
     bad = [k for k in keys if pre.get(k) != want.get(k)]
     if bad:
