@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, nargs="?", default=None, help="the CoFormer bundle to measure")
     p.add_argument("--quickstart", nargs="?", type=Path, const=Path("coformer-quickstart"), default=None,
                    metavar="DIR", help="bench the quickstart's bundle (run in DIR, default ./coformer-quickstart; "
-                   "runs the quickstart first when DIR holds none)")
+                   "runs the vision quickstart first when DIR holds none; a `quickstart --task text` folder is "
+                   "benched against the teacher, uniform and the students)")
     add_model_args(p, required=False)  # the bundle's teacher
     p.set_defaults(max_length=None)  # a text bundle's own, from its manifest
     p.add_argument("--devices", type=Path, default=None, help="the devices file the bundle was compiled for")
@@ -569,6 +570,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.ablations and args.fronts:
         raise CoFormerError("--ablations and --fronts are separate runs: give one of them")
+    text_qs = args.quickstart is not None and bench.is_text_quickstart(args.quickstart)
+    if text_qs:
+        wanted = [f for f, on in (("--ablations", args.ablations), ("--fronts", args.fronts),
+                                  ("--devices-count", devices_counts)) if on]
+        if wanted:
+            raise CoFormerError(f"{' and '.join(wanted)} run on the vision quickstart; {args.quickstart} holds a text "
+                                "quickstart (bench it without them)")
+        if "central" not in sources:
+            raise CoFormerError(f"--input-source {','.join(sources)}: a text's tokens come with the request to the "
+                                "central node; bench it with --input-source central")
     if args.ablations:
         if args.quickstart is None or args.bundle is not None:
             raise CoFormerError("--ablations runs on a quickstart: give --quickstart [DIR], not a BUNDLE")
@@ -606,9 +617,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             atomic_write_json(args.report_json, report)
         print(fronts_markdown(report))
         return 0
-    if args.quickstart is not None:
-        if args.bundle is not None:
-            raise CoFormerError("give either a BUNDLE or --quickstart, not both")
+    if args.quickstart is not None and args.bundle is not None:
+        raise CoFormerError("give either a BUNDLE or --quickstart, not both")
+    if text_qs:
+        report = bench.run_text_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, args.samples,
+                                                 args.max_seconds, not args.no_testbed, progress, args.passes, **load)
+    elif args.quickstart is not None:
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
                                             sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,

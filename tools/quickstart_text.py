@@ -9,9 +9,12 @@ by real processes over ZeroMQ; every test sentence goes through the client as
 raw text (tokenised by the bundle's ``tokenizer.json``) and comes back as a
 label.
 
-Choice written down: the policy is the heuristic one (share-proportional
-widths, layers trimmed to each device's FLOPs budget); the profile kit and
-the latency predictors the DeBo search needs are built for ViT so far.
+As the vision quickstart does, the three emulated devices are first profiled on a
+language kit (:mod:`coformer.compiler.profile_kit`: sub-models timed at several
+sequence lengths, each device in its own process under its own limits), a
+length-aware latency predictor is fitted to each, and DeBo searches the policy at
+the calibration reviews' median length. ``coformer bench --quickstart DIR`` then
+benches the bundle against the teacher alone, uniform and the students.
 """
 
 from __future__ import annotations
@@ -48,10 +51,21 @@ class TextQuickstartConfig:
     flops_fraction: float = 0.5
     seed: int = 0
     warmup_requests: int = 5
+    # the devices' profiling and the search, as the vision quickstart's (coformer.tools.quickstart)
+    kit_count: int = 24
+    profile_alone: bool = True
+    profile_rounds: Optional[int] = 3
+    profile_duration_s: Optional[float] = None
+    profile_extra_rounds: Optional[int] = None
+    search_initial: int = 8
+    search_iterations: int = 24
+    delta: float = 0.05
 
 
 FAST_TEXT = TextQuickstartConfig(hidden=64, layers=2, heads=4, intermediate=256, examples=800, teacher_epochs=20,
-                                 teacher_lr=2e-3, boost_epochs=2, aggregator_epochs=20, warmup_requests=2)
+                                 teacher_lr=2e-3, boost_epochs=2, aggregator_epochs=20, warmup_requests=2,
+                                 kit_count=10, profile_rounds=2, profile_duration_s=0.1, profile_extra_rounds=1,
+                                 search_initial=4, search_iterations=8)
 
 
 def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool = True):
@@ -117,7 +131,11 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
     from coformer.compiler.hf import encoder_for, fit_head, load_hf
-    from coformer.compiler.pipeline import compile_bundle, memory_report, run_batched
+    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.pipeline import memory_report, run_batched
+    from coformer.compiler.sources import source_of
+    from coformer.tools.cluster import place_devices
+    from coformer.tools.quickstart import profile_and_fit
     from coformer.runtime.text import TextEncoder
     from coformer.compiler.families.textnet import PartsModule
     from coformer.compiler.pipeline import lower_submodel
@@ -141,10 +159,23 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     task_head = fit_head(teacher, data)
     t_cost = teacher_cost(adapter_for(teacher).read_shape(teacher))
     devices = make_devices(cfg, t_cost.flops)
-    say("compile: decompose -> calibrate -> ONNX -> bundle (heuristic policy)")
-    result = compile_bundle(teacher, devices, data, out_dir / "bundle",
-                            boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
-                            aggregator_epochs=cfg.aggregator_epochs, model_name=f"hf:{ckpt}", progress=progress)
+    placements = place_devices([(d.name, d.cpu_share) for d in devices])
+    say(f"profiling the {len(devices)} emulated devices on a language kit of {cfg.kit_count} sub-models "
+        f"(up to {cfg.max_length} tokens)")
+    _, fitted = profile_and_fit(cfg, teacher, devices, placements, out_dir, throttle, progress=progress)
+    predictors = []
+    for d in devices:
+        pred, _ = fitted[d.name]
+        pred.save(out_dir / "profiles" / f"{d.name}.predictor.json")
+        predictors.append(pred)
+    say("search (DeBo, at the reviews' median length), then compile: decompose -> calibrate -> ONNX -> bundle")
+    torch.manual_seed(cfg.seed)
+    job = run_job(CompileJob(
+        teacher, devices, data, out_dir / "bundle", search="bo", predictors=predictors, delta=cfg.delta,
+        initial=cfg.search_initial, iterations=cfg.search_iterations, seed=cfg.seed,
+        boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed), aggregator_epochs=cfg.aggregator_epochs,
+        model_name=f"hf:{ckpt}", model_info=source_of(teacher), progress=progress))
+    result = job.result
     texts = list(data.test.raw)
     y = data.test.y.numpy()
     with torch.no_grad():
@@ -185,6 +216,10 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
         "collaborative_latency_ms": {"median": lat["median"], "p90": lat["p90"]},
         "bytes_per_inference": served["bytes_from_devices"],
         "memory": memory_report(result, devices),
+        "search": job.report["search"],
+        "latency_tokens": job.report.get("latency_tokens"),
+        "predicted_latency_ms": job.report["predicted_latency_ms"],
+        "policy_source": result.policy.source,
         "devices": [{"name": d.device, "role": d.role, "cpu_share": d.cpu_share, "flops": d.flops,
                      "params": d.params, "feature_dim": d.feature_dim} for d in result.manifest.devices],
         "teacher": {"flops": t_cost.flops, "params": t_cost.params, "checkpoint": str(ckpt),
@@ -225,6 +260,9 @@ def format_text_report(r: dict[str, Any]) -> str:
         f"CoFormer served {r['collaborative_latency_ms']['median']:.2f} ms (round trip): {r['speedup']:.2f}x; "
         f"{r['bytes_per_inference']:,} bytes from the workers per sentence; served = PyTorch ensemble on "
         f"{r['served_equals_pytorch'] * 100:.1f}% of sentences",
+        f"policy: {r.get('policy_source', 'heuristic')}"
+        + (f", latency predicted at {r['latency_tokens']} tokens (the reviews' median): "
+           f"{r['predicted_latency_ms']:.2f} ms" if r.get("latency_tokens") else ""),
         "examples: " + "; ".join(f"{t!r} -> {lab}" for t, lab in r["examples"].items()),
         f"bundle: {r['bundle']}",
     ]

@@ -135,6 +135,30 @@ def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path):
     assert "CoFormer quickstart (text)" in done.stdout
     assert (tmp_path / "q" / "teacher-hf" / "config.json").is_file()
     assert (tmp_path / "q" / "bundle" / "tokenizer.json").is_file()
+    # the devices were profiled on a language kit and DeBo searched at the reviews' median length
+    from coformer.compiler.predictor import LatencyPredictor
+
+    preds = [LatencyPredictor.load(tmp_path / "q" / "profiles" / f"edge-{c}.predictor.json") for c in "abc"]
+    assert all(p.length_aware for p in preds)
+    assert r["policy_source"] == "bo" and 1 <= r["latency_tokens"] < 32 and r["search"]["bo"]["evaluations"] == 12
+    assert f"latency predicted at {r['latency_tokens']} tokens" in done.stdout
+
+    # `coformer bench --quickstart DIR` on a text quickstart: the teacher alone and the student beside it
+    from tests.tools.test_bench import _testbed_reason
+
+    bed = [] if not _testbed_reason() else ["--no-testbed"]
+    done = subprocess.run([_coformer(), "bench", "--quickstart", str(tmp_path / "q"), "--strategies",
+                           "coformer,student,teacher", "--samples", "20", "--passes", "1", "--throughput", "none",
+                           *bed, "--report-json", str(tmp_path / "b.json"), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {x["strategy"]: x for x in json.loads((tmp_path / "b.json").read_text())["results"]}
+    assert set(rows) == {"coformer", "student", "teacher"} and all(x["status"] == "ok" for x in rows.values())
+    assert rows["student"]["policy_source"] == "bo" and rows["coformer"]["policy_source"] == "bo"
+    assert (tmp_path / "q" / "bench" / "bench.md").is_file()
+    done = subprocess.run([_coformer(), "bench", "--quickstart", str(tmp_path / "q"), "--fronts", "--no-testbed"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--fronts run on the vision quickstart" in done.stderr
 
 
 def test_label_free_distillation_from_a_plain_text_file(tmp_path):

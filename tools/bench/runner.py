@@ -312,3 +312,48 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     report["accuracy_reference"] = reference
     atomic_write_json(out / "bench.json", report)
     return report
+
+
+def is_text_quickstart(qs_dir: Path) -> bool:
+    """Whether ``qs_dir`` holds a ``coformer quickstart --task text`` run."""
+    report = Path(qs_dir) / "report.json"
+    return report.is_file() and json.loads(report.read_text()).get("task") == "text"
+
+
+def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, bandwidths: str = DEFAULT_BANDWIDTHS,
+                              strategies: Optional[Sequence[str]] = None, samples: int = 200,
+                              max_seconds: float = 60.0, use_testbed: bool = True, progress: bool = True,
+                              passes: int = 3, throughput: Sequence[int] = (1, 8),
+                              throughput_s: float = 5.0) -> dict[str, Any]:
+    """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
+    alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
+    the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
+    three emulated devices, on the testbed with the vision bench's memory limits
+    (``BENCH_MEMORY``). The students are searched by DeBo over the central device's
+    predictor the quickstart fitted (``DIR/profiles``); a run from before the text
+    quickstart profiled its devices has none, and its students are the largest sub-model
+    that fits (``policy_source: uniform``)."""
+    import dataclasses
+
+    from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
+    from coformer.compiler.cost import teacher_cost
+    from coformer.compiler.families import adapter_for
+    from coformer.compiler.hf import encoder_for, fit_head, load_hf
+    from coformer.tools.quickstart import make_devices
+    from coformer.tools.quickstart_text import TextQuickstartConfig
+
+    report = json.loads((Path(qs_dir) / "report.json").read_text())
+    known = {f.name for f in dataclasses.fields(TextQuickstartConfig)}
+    cfg = TextQuickstartConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in report["quickstart_config"].items() if k in known})
+    teacher = load_hf(Path(report["teacher"]["checkpoint"]), max_length=cfg.max_length)
+    data = text_dataset(sentiment_records(cfg.examples, cfg.seed), encoder_for(teacher, pair=False),
+                        labels=SENTIMENT_LABELS)
+    fit_head(teacher, data)  # as the quickstart did: a T5 encoder's head, the same every run
+    devices = make_devices(cfg, teacher_cost(adapter_for(teacher).read_shape(teacher)).flops)
+    fitted = {d.name: Path(qs_dir) / "profiles" / f"{d.name}.predictor.json" for d in devices}
+    devices = [replace(d, memory_bytes=m, profile=str(fitted[d.name]) if fitted[d.name].is_file() else d.profile)
+               for d, m in zip(devices, BENCH_MEMORY)]
+    return run_model_bench(Path(qs_dir) / "bundle", teacher, devices, data, out_dir or Path(qs_dir) / "bench",
+                           strategies, ["central"], bandwidths, use_testbed, samples, max_seconds, progress, passes,
+                           cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s)
