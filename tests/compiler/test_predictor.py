@@ -136,3 +136,56 @@ def test_every_entry_is_predicted_without_it_and_a_planted_miss_is_named():
     assert len(errors) == 40 and errors[7] == planted["error"]
     # the MLP is refitted ten times, not forty (seconds a fit)
     assert all_entries_report(_profile(20, seed=7), "mlp")["folds"] == 10
+
+
+def _language_profile(n=60, seed=0):
+    """A planted law in which latency grows with the sequence length T (per token, and
+    attention's T^2), FLOPs counted at each entry's T, as a language kit's are."""
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(n):
+        l, d, h, D, T = (int(rng.integers(1, 7)), int(rng.integers(8, 257)), int(rng.integers(1, 9)),
+                         int(rng.integers(8, 1025)), int(rng.integers(8, 129)))
+        flops = l * (2 * T * d * 3 * h * 32 + 4 * T * T * h * 32 + 2 * T * h * 32 * d + 4 * T * d * D)
+        params = l * (4 * h * 32 * d + 2 * d * D)
+        ms = 0.05 + 0.01 * l + 20.0 * flops / 1e9
+        entries.append({"id": i, "config": [l, d, h, D, T], "tokens": T, "flops": flops, "params": params,
+                        "latency_ms": {"median": ms}})
+    return {"device": "planted", "entries": entries}
+
+
+def test_a_language_profile_gives_a_length_aware_predictor_that_follows_the_length():
+    from coformer.compiler.search import predictor_inputs
+    from coformer.compiler.specs import SubModelSpec, TransformerShape
+
+    pred, report = fit_predictor(_language_profile())
+    assert pred.length_aware and pred.params["tokens_range"][0] >= 8 and report["mape"] < 0.1
+    shape = TransformerShape(family="bert", embed_dim=256, heads=(8,) * 6, head_dim=32, mlp_dims=(1024,) * 6,
+                             num_tokens=128, num_prefix_tokens=0, patch_in_features=0, num_classes=2)
+    spec = SubModelSpec.full(shape)
+    short = pred.predict_one(*predictor_inputs(spec, shape, pred, 16))
+    full = pred.predict_one(*predictor_inputs(spec, shape, pred, 128))
+    assert full > 4 * short  # the planted law: 8x the tokens, more than 8x attention
+    features, flops, _ = predictor_inputs(spec, shape, pred, 16)
+    assert features[-1] == 16 and len(features) == 5
+    with pytest.raises(CoFormerError, match="language kit"):
+        predictor_inputs(spec, shape, pred, None)  # an image teacher has no length to ask at
+    if pred.kind == "mlp":
+        with pytest.raises(CoFormerError, match="takes 5 features"):
+            pred.predict_one([1, 8, 1, 8], 1000, 100)
+
+
+def test_a_language_kit_samples_the_length_as_a_fifth_axis():
+    from coformer.compiler.profile_kit import refine_configs, sample_configs
+    from coformer.compiler.specs import TransformerShape
+
+    text = TransformerShape(family="bert", embed_dim=64, heads=(4,) * 3, head_dim=16, mlp_dims=(256,) * 3,
+                            num_tokens=48, num_prefix_tokens=0, patch_in_features=0, num_classes=2)
+    configs = sample_configs(text, 20, seed=1)
+    assert all(len(c) == 5 and 8 <= c[4] <= 48 for c in configs)
+    assert configs[0] == (1, 8, 1, 8, 8) and configs[1] == (3, 64, 4, 256, 48)  # the corners
+    assert len({c[4] for c in configs}) >= 10  # spread over the lengths, not piled at the ends
+    assert all(len(c) == 5 and 8 <= c[4] <= 48 for c in refine_configs(text, configs[:3]))
+    image = TransformerShape(family="vit", embed_dim=64, heads=(4,) * 3, head_dim=16, mlp_dims=(256,) * 3,
+                             num_tokens=17, num_prefix_tokens=1, patch_in_features=48, num_classes=10)
+    assert all(len(c) == 4 for c in sample_configs(image, 10))
