@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--export-times", type=Path, default=None,
+                   help="write every run's times here in trtexec's --exportTimes JSON")
     _add_limits(p)
 
     p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
@@ -277,15 +279,19 @@ def run(args: argparse.Namespace) -> int:
         from coformer.runtime.files import atomic_write_json
         from coformer.runtime.timing import benchmark_engine
 
+        from coformer.runtime.trtexec import format_summary, write_export_times
+
         t = benchmark_engine(args.model, "onnxruntime", args.warmup, args.iterations, args.duration,
-                             args.threads or 1, args.batch, limits=_limits(args), idle_ms=args.idle_time)
-        lat = t.latency_ms
-        print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s, throughput {t.throughput_qps:.1f} qps")
-        print(f"latency ms: median {lat['median']:.3f}, mean {lat['mean']:.3f}, p90 {lat['p90']:.3f}, "
-              f"p99 {lat['p99']:.3f}, min {lat['min']:.3f}, max {lat['max']:.3f}")
-        print(f"compute ms: median {t.compute_ms['median']:.3f}; host ms: median {t.host_ms['median']:.3f}")
+                             args.threads or 1, args.batch, limits=_limits(args), idle_ms=args.idle_time,
+                             keep_trace=True)
+        print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s (backend onnxruntime, CPU)")
+        print(format_summary(t.trtexec))
+        if t.compute_ms["median"] > t.trtexec["GPU Compute Time"]["median"] * 1.05:
+            print(f"emulated device time (compute + duty-cycle idle): median {t.compute_ms['median']:.3f} ms")
+        if args.export_times:
+            write_export_times(t.trace, args.export_times)
         if args.json:
-            atomic_write_json(args.json, t.to_dict())
+            atomic_write_json(args.json, {**t.to_dict(), "trtexec": t.trtexec})
     elif args.command == "verify":
         from coformer.runtime.manifest import load_manifest
 

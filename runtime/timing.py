@@ -63,9 +63,21 @@ class Timing:
     peak_rss_bytes: int
     environment: Mapping[str, Any] = field(default_factory=dict)
     compute_samples_ms: tuple[float, ...] = ()  # every iteration's compute time, if asked for
+    # every measured iteration as trtexec's --exportTimes record (ms since the first), if asked for
+    trace: tuple[Mapping[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def trtexec(self) -> dict[str, Any]:
+        """The run's trtexec "Performance summary" (:func:`coformer.runtime.trtexec.trace_summary`),
+        from ``trace``; benchmark with ``keep_trace=True``."""
+        from coformer.runtime.trtexec import trace_summary
+
+        if not self.trace:
+            raise CoFormerError("this timing kept no trace: benchmark with keep_trace=True")
+        return trace_summary(self.trace, self.batch)
 
 
 def cpu_model() -> str:
@@ -125,6 +137,7 @@ def benchmark_engine(
     idle_ms: float = 0.0,
     keep_samples: bool = False,
     duty_pauses: bool = True,
+    keep_trace: bool = False,
 ) -> Timing:
     """Benchmark one model file (see the module doc); the process is held to ``limits``.
 
@@ -136,6 +149,12 @@ def benchmark_engine(
     (CPU time / share) without pausing: the emulation's pauses between runs
     make the next run start cold, which is serving's condition, not a
     benchmark's (see ``coformer.runtime.profile``).
+
+    ``keep_trace`` records every measured iteration in trtexec's ``--exportTimes`` fields
+    (``Timing.trace``, summarised by ``Timing.trtexec``). Choice written down: on the CPU
+    backend an inference is synchronous and moves no data between host and device, so
+    H2D and D2H are empty and the enqueue spans the run; "GPU Compute Time" is the engine's
+    own run, without the emulated device's duty-cycle idle (which ``compute_ms`` adds).
     """
     if iterations < 1 or duration_s < 0 or warmup_ms < 0:
         raise CoFormerError(f"iterations {iterations} must be >= 1, duration {duration_s} and warm-up "
@@ -150,16 +169,21 @@ def benchmark_engine(
                 throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
                 if time.perf_counter() >= end_warmup:
                     break
-            lat, comp = [], []
+            lat, comp, trace = [], [], []
             start = time.perf_counter()
             while len(lat) < iterations or time.perf_counter() - start < duration_s:
                 if idle_ms:
                     time.sleep(idle_ms / 1e3)
                 t0 = time.perf_counter()
                 engine.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+                t1 = time.perf_counter()
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
                 lat.append((time.perf_counter() - t0) * 1e3)
                 comp.append(engine.last_compute_ms + idle * 1e3)
+                if keep_trace:
+                    a, b = (t0 - start) * 1e3, (t1 - start) * 1e3
+                    trace.append({"startEnqMs": a, "endEnqMs": b, "startH2dMs": a, "endH2dMs": a,
+                                  "startComputeMs": a, "endComputeMs": b, "startD2hMs": b, "endD2hMs": b})
             total = time.perf_counter() - start
     finally:
         throttle.release()
@@ -176,6 +200,7 @@ def benchmark_engine(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         environment=environment(backend, threads, throttle.describe()),
         compute_samples_ms=tuple(comp) if keep_samples else (),
+        trace=tuple(trace),
     )
 
 

@@ -4,16 +4,110 @@ Recent trtexec writes ``startEnqMs``/``endEnqMs``, ``startH2dMs``/``endH2dMs``,
 ``startComputeMs``/``endComputeMs``, ``startD2hMs``/``endD2hMs`` with the
 intervals ``h2dMs``, ``computeMs``, ``d2hMs``, ``latencyMs``, ``endToEndMs``;
 older releases say ``In``/``Out`` for H2D/D2H. Both are read.
+
+The other way round, :func:`trace_summary` reports a trace of records in
+trtexec's vocabulary and statistics, and :func:`write_export_times` writes one in
+the ``--exportTimes`` layout. Both follow trtexec's own definitions
+(``samples/common/sampleReporting.cpp`` in NVIDIA/TensorRT): a percentile is
+the nearest rank, ``sorted[max(n - 1 - int((1 - p / 100) * n), 0)]`` with the
+arithmetic in float32 as trtexec does it (so p99 of 100 samples is the largest,
+where numpy's interpolation gives between the two largest); the median of an
+even count is the mean of the middle two; Latency is H2D + compute + D2H;
+End-to-End Host Latency is the end of D2H minus the start of H2D; Throughput
+is queries over the host walltime from the first H2D start to the last D2H end.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from coformer.runtime.errors import CoFormerError
+from coformer.runtime.files import atomic_write_bytes
 from coformer.runtime.timing import summarise
+
+TRTEXEC_PERCENTILES = (90.0, 95.0, 99.0)  # trtexec's --percentile default
+EXPORT_FIELDS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",
+                 "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs", "endToEndMs")
+_STARTS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs", "startD2hMs",
+           "endD2hMs")
+
+
+def trtexec_percentile(values: Sequence[float], percentile: float) -> float:
+    """trtexec's ``findPercentile``: the nearest rank, with its float32 arithmetic (module doc)."""
+    if not 0.0 <= float(percentile) <= 100.0:
+        raise CoFormerError(f"percentile {percentile} is not in [0, 100]")
+    a = np.sort(np.asarray(values, dtype=np.float64))
+    if a.size == 0:
+        return float("inf")
+    n = np.float32(a.size)
+    exclude = int((np.float32(1) - np.float32(percentile) / np.float32(100)) * n)
+    return float(a[max(a.size - 1 - exclude, 0)])
+
+
+def trtexec_median(values: Sequence[float]) -> float:
+    """trtexec's ``findMedian``: the middle value, or the mean of the middle two."""
+    a = np.sort(np.asarray(values, dtype=np.float64))
+    if a.size == 0:
+        return float("inf")
+    m = a.size // 2
+    return float(a[m]) if a.size % 2 else float((a[m - 1] + a[m]) / 2)
+
+
+def performance_result(values: Sequence[float], percentiles: Sequence[float] = TRTEXEC_PERCENTILES) -> dict[str, Any]:
+    """min, max, mean, median and each percentile of ``values`` (ms), as trtexec prints them."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        raise CoFormerError("no timings to summarise")
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()), "median": trtexec_median(a),
+            "percentiles": {f"{p:g}": trtexec_percentile(a, p) for p in percentiles}}
+
+
+def _intervals(rec: Mapping[str, Any]) -> dict[str, float]:
+    missing = [k for k in _STARTS if k not in rec]
+    if missing:
+        raise CoFormerError(f"a trace record needs {list(_STARTS)}; this one lacks {missing}")
+    r = {k: float(rec[k]) for k in _STARTS}
+    h2d, compute, d2h = r["endH2dMs"] - r["startH2dMs"], r["endComputeMs"] - r["startComputeMs"], \
+        r["endD2hMs"] - r["startD2hMs"]
+    return {**r, "h2dMs": h2d, "computeMs": compute, "d2hMs": d2h, "latencyMs": h2d + compute + d2h,
+            "endToEndMs": r["endD2hMs"] - r["startH2dMs"], "enqMs": r["endEnqMs"] - r["startEnqMs"]}
+
+
+def trace_summary(records: Sequence[Mapping[str, Any]], batch: int = 1,
+                  percentiles: Sequence[float] = TRTEXEC_PERCENTILES) -> dict[str, Any]:
+    """trtexec's "Performance summary" of a trace (records with the ``--exportTimes`` start and
+    end fields, in ms), in its words: Throughput (qps), Latency, End-to-End Host Latency,
+    Enqueue Time, H2D Latency, GPU Compute Time, D2H Latency, Total Host Walltime and Total
+    GPU Compute Time (s). Warm-up records are the caller's to leave out."""
+    if not records:
+        raise CoFormerError("no trace records to summarise")
+    rows = [_intervals(r) for r in records]
+    walltime_ms = max(r["endD2hMs"] for r in rows) - min(r["startH2dMs"] for r in rows)
+    compute = performance_result([r["computeMs"] for r in rows], percentiles)
+    return {
+        "Throughput": max(1, int(batch)) * len(rows) / walltime_ms * 1000 if walltime_ms > 0 else float("inf"),
+        "Latency": performance_result([r["latencyMs"] for r in rows], percentiles),
+        "End-to-End Host Latency": performance_result([r["endToEndMs"] for r in rows], percentiles),
+        "Enqueue Time": performance_result([r["enqMs"] for r in rows], percentiles),
+        "H2D Latency": performance_result([r["h2dMs"] for r in rows], percentiles),
+        "GPU Compute Time": compute,
+        "D2H Latency": performance_result([r["d2hMs"] for r in rows], percentiles),
+        "Total Host Walltime": walltime_ms / 1000,
+        "Total GPU Compute Time": compute["mean"] * len(rows) / 1000,
+        "queries": len(rows),
+    }
+
+
+def write_export_times(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Write ``records`` as trtexec's ``--exportTimes`` JSON (a list with one object per
+    inference, its 13 fields in its order), atomically; :func:`load_trtexec_times` reads it back."""
+    out = [{k: _intervals(r)[k] for k in EXPORT_FIELDS} for r in records]
+    atomic_write_bytes(Path(path), (json.dumps(out, indent=1) + "\n").encode())
+    return Path(path)
 
 
 def _interval(rec: Mapping[str, Any], name: str, start: str, end: str) -> float:
@@ -52,3 +146,17 @@ def load_trtexec_times(path: Path) -> dict[str, Any]:
         "iterations": len(records),
         "source": f"trtexec --exportTimes {path.name}",
     }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """:func:`trace_summary` as trtexec prints its "Performance summary"."""
+    def perf(r: Mapping[str, Any]) -> str:
+        pct = ", ".join(f"percentile({p}%) = {v:g} ms" for p, v in r["percentiles"].items())
+        return f"min = {r['min']:g} ms, max = {r['max']:g} ms, mean = {r['mean']:g} ms, median = {r['median']:g} ms, {pct}"
+
+    lines = ["=== Performance summary ===", f"Throughput: {summary['Throughput']:g} qps"]
+    for name in ("Latency", "End-to-End Host Latency", "Enqueue Time", "H2D Latency", "GPU Compute Time", "D2H Latency"):
+        lines.append(f"{name}: {perf(summary[name])}")
+    lines += [f"Total Host Walltime: {summary['Total Host Walltime']:g} s",
+              f"Total GPU Compute Time: {summary['Total GPU Compute Time']:g} s"]
+    return "\n".join(lines)

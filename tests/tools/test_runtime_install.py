@@ -89,7 +89,7 @@ def test_the_cpu_install_runs_every_runtime_command(compiled, tmp_path):  # noqa
     assert done.returncode == 0 and "median" in done.stdout, done.stderr
     done = _rt(python, "benchmark", bundle / result.manifest.central.artifact, "--duration", "0.2", "--warmup", "10",
                "--throttle", "none")
-    assert done.returncode == 0 and "throughput" in done.stdout, done.stderr
+    assert done.returncode == 0 and "Throughput:" in done.stdout and "GPU Compute Time:" in done.stdout, done.stderr
     write_kit(tiny_vit(), [(1, 16, 1, 16), (2, 32, 2, 64)], tmp_path / "kit", progress=False)
     done = _rt(python, "profile", tmp_path / "kit", "--out", tmp_path / "dev.json", "--rounds", "1", "--duration",
                "0.05", "--iterations", "3", "--warmup", "5", "--gap", "0", "--extra-rounds", "0", "--no-progress",
