@@ -81,7 +81,13 @@ class CentralNode:
         insecure: bool = False,
         batch_requests: int = 8,
         queue_limit: int = 256,
+        backend: Optional[str] = None,
     ) -> None:
+        if backend is not None:  # refused before anything binds (coformer.runtime.engines)
+            from coformer.runtime.engines import check_backend
+
+            check_backend(backend)
+        self.backend = backend
         self.bundle_dir = Path(bundle_dir)
         self.secure = require_security(keys, insecure, (front, back), "central node")
         self.keys = keys
@@ -156,7 +162,7 @@ class CentralNode:
         throttle = apply_limits(self.limits, f"central-{m.central.device}")
         try:
             c = m.central
-            self._own = {name: open_engine(self.bundle_dir / f, c.backend, self.threads or c.threads)
+            self._own = {name: open_engine(self.bundle_dir / f, self.backend or c.backend, self.threads or c.threads)
                          for name, f in c.model_files().items()}
             self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
             self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)

@@ -40,6 +40,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                    help="how --cpu-share is enforced (auto = duty-cycle; cgroup: a CFS quota, needs root)")
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    from coformer.runtime.engines import BACKENDS
+
+    p.add_argument("--backend", default=None, choices=list(BACKENDS),
+                   help="engine backend (default: the bundle's, onnxruntime on the CPU); onnxruntime-cuda and "
+                        "onnxruntime-tensorrt need onnxruntime-gpu and a GPU")
+
+
 def _add_security(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument("--keys", type=Path, default=None,
                    help=f"this {role}'s key folder from `coformer-runtime keys` (CURVE on every link, and the "
@@ -71,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-requests", type=int, default=8,
                    help="serve up to this many queued requests in one round, stacked on the batch axis (1: off)")
     p.add_argument("--queue-limit", type=int, default=256, help="requests waiting past this are answered busy")
+    _add_backend(p)
     _add_security(p, "central node")
     _add_limits(p)
 
@@ -78,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--device", required=True, help="this device's name in the bundle")
     p.add_argument("--central", required=True, help="the central node's back endpoint")
+    _add_backend(p)
     p.add_argument("--local-inputs", type=Path, default=None,
                    help=".npy of model inputs this device captures itself: requests may name a row instead of "
                         "sending the tensor")
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kit", type=Path)
     p.add_argument("--out", type=Path, required=True, help="DEVICE.json to write")
     p.add_argument("--device", default="this-device", help="the device's name in devices.yaml")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda",
+                                                                 "onnxruntime-tensorrt", "tensorrt"])
     p.add_argument("--warmup", type=float, default=100.0, help="warm-up per model, ms (trtexec --warmUp)")
     p.add_argument("--iterations", type=int, default=10, help="at least this many runs (trtexec --iterations)")
     p.add_argument("--duration", type=float, default=0.3, help="and at least this many seconds (trtexec --duration)")
@@ -141,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--idle-time", type=float, default=0.0, help="ms idle before each run (trtexec --idleTime)")
     p.add_argument("--json", type=Path, default=None, help="write the full result here")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-cuda",
+                                                                 "onnxruntime-tensorrt", "tensorrt"])
     p.add_argument("--export-times", type=Path, default=None,
                    help="write every run's times here in trtexec's --exportTimes JSON")
     _add_limits(p)
@@ -173,12 +186,13 @@ def run(args: argparse.Namespace) -> int:
 
         run_central(args.bundle, args.front, args.back, limits=_limits(args), threads=args.threads,
                     timeout_s=args.timeout, keys=_role_keys(args, "central"), insecure=args.insecure,
-                    batch_requests=args.batch_requests, queue_limit=args.queue_limit)
+                    batch_requests=args.batch_requests, queue_limit=args.queue_limit, backend=args.backend)
     elif args.command == "worker":
         from coformer.runtime.worker import run_worker
 
         run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads,
-                   local_inputs=args.local_inputs, keys=_role_keys(args, "worker"), insecure=args.insecure)
+                   local_inputs=args.local_inputs, keys=_role_keys(args, "worker"), insecure=args.insecure,
+                   backend=args.backend)
     elif args.command == "infer":
         from coformer.runtime.client import Client
         from coformer.runtime.manifest import load_manifest
@@ -281,10 +295,10 @@ def run(args: argparse.Namespace) -> int:
 
         from coformer.runtime.trtexec import format_summary, write_export_times
 
-        t = benchmark_engine(args.model, "onnxruntime", args.warmup, args.iterations, args.duration,
+        t = benchmark_engine(args.model, args.backend, args.warmup, args.iterations, args.duration,
                              args.threads or 1, args.batch, limits=_limits(args), idle_ms=args.idle_time,
                              keep_trace=True)
-        print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s (backend onnxruntime, CPU)")
+        print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s (backend {args.backend})")
         print(format_summary(t.trtexec))
         if t.compute_ms["median"] > t.trtexec["GPU Compute Time"]["median"] * 1.05:
             print(f"emulated device time (compute + duty-cycle idle): median {t.compute_ms['median']:.3f} ms")

@@ -92,7 +92,7 @@ def cpu_model() -> str:
 
 def environment(backend: str, threads: int, throttle_desc: str) -> dict[str, Any]:
     version = "unknown"
-    if backend == "onnxruntime":
+    if backend.startswith("onnxruntime"):
         import onnxruntime
 
         version = onnxruntime.__version__

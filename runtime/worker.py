@@ -120,6 +120,7 @@ def run_worker(
     local_inputs: Optional[Path] = None,
     keys: Optional[RoleKeys] = None,
     insecure: bool = False,
+    backend: Optional[str] = None,
 ) -> None:
     """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
 
@@ -137,7 +138,14 @@ def run_worker(
     CURVE, pinned to the central node's key, and the bundle's signature is checked
     against the operator key in the folder. A non-loopback ``central`` without keys
     needs ``insecure``.
+
+    ``backend`` (:data:`coformer.runtime.engines.BACKENDS`) overrides the bundle's; one this
+    device cannot run is refused before anything connects.
     """
+    if backend is not None:
+        from coformer.runtime.engines import check_backend
+
+        check_backend(backend)
     stop = stop or threading.Event()
     install_stop_signals(stop)
     secure = require_security(keys, insecure, (central,), f"worker {device}")
@@ -155,7 +163,7 @@ def run_worker(
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        engines = {name: open_engine(Path(bundle_dir) / f, art.backend, threads or art.threads)
+        engines = {name: open_engine(Path(bundle_dir) / f, backend or art.backend, threads or art.threads)
                    for name, f in art.model_files().items()}
         sock.setsockopt(zmq.IDENTITY, device.encode())
         sock.setsockopt(zmq.LINGER, 0)
