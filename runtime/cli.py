@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every run's times here in trtexec's --exportTimes JSON")
     _add_limits(p)
 
+    p = sub.add_parser("build-engines", help="build (or reuse) this device's TensorRT engines beside the bundle's "
+                       "ONNX, in BUNDLE/engines/, with a timing cache and a sidecar record")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--device", required=True, help="this device's name in the bundle")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+
     p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
     p.add_argument("bundle", type=Path)
     p.add_argument("--keys", type=Path, default=None,
@@ -306,6 +312,12 @@ def run(args: argparse.Namespace) -> int:
             write_export_times(t.trace, args.export_times)
         if args.json:
             atomic_write_json(args.json, {**t.to_dict(), "trtexec": t.trtexec})
+    elif args.command == "build-engines":
+        from coformer.runtime.tensorrt_engines import build_engines
+
+        for e in build_engines(args.bundle, args.device, args.precision):
+            print(f"{e['model']}: {'built' if e['built'] else 'reused'} {e['engine']}"
+                  + (f" ({e['reason']}; {e['build_s']:.1f} s)" if e["built"] else ""))
     elif args.command == "verify":
         from coformer.runtime.manifest import load_manifest
 

@@ -57,6 +57,10 @@ def test_tensorrt_is_refused_in_one_line_naming_how_to_get_it(compiled):  # noqa
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1, done.stderr
         assert "python3-libnvinfer" in lines[0] and "pip install tensorrt" in lines[0]
+    done = _rt("build-engines", result.bundle_dir, "--device", worker)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "python3-libnvinfer" in lines[0], done.stderr
+    assert not (result.bundle_dir / "engines").exists()
 
 
 @pytest.mark.gpu

@@ -1,0 +1,73 @@
+"""The TensorRT engine cache's rules, which need no GPU: where engines go, when they are rebuilt,
+which precision each TensorRT version builds, the optimisation profiles. These check CoFormer's
+own decisions, not TensorRT: nothing here builds or runs an engine."""
+
+import json
+
+import pytest
+
+from coformer.runtime.errors import CoFormerError
+from coformer.runtime.manifest import InputSpec
+from coformer.runtime.tensorrt_engines import (build_settings, choose_precision, engine_paths, gpu_tag,
+                                               optimization_profile, rebuild_reason, write_sidecar)
+
+
+def test_engine_names_carry_the_device_the_tensorrt_version_and_the_gpu(tmp_path):
+    gpu = gpu_tag("NVIDIA Jetson Orin Nano (8GB)", (8, 7))
+    assert gpu == "nvidia-jetson-orin-nano-8gb-sm87"
+    p = engine_paths(tmp_path, "edge-b", "", "10.3.0", gpu)
+    assert p["plan"] == tmp_path / "engines" / "edge-b.10.3.0.nvidia-jetson-orin-nano-8gb-sm87.plan"
+    assert p["sidecar"].name == "edge-b.10.3.0.nvidia-jetson-orin-nano-8gb-sm87.json"
+    assert p["timing_cache"].name == "10.3.0.nvidia-jetson-orin-nano-8gb-sm87.timing-cache"
+    # another TensorRT or another GPU is another engine; a baseline's models each get one
+    assert engine_paths(tmp_path, "edge-b", "", "10.4.0", gpu)["plan"] != p["plan"]
+    assert engine_paths(tmp_path, "edge-b", "", "10.3.0", gpu_tag("Orin", (8, 7)))["plan"] != p["plan"]
+    assert engine_paths(tmp_path, "edge-b", "stage1", "10.3.0", gpu)["plan"].name.startswith("edge-b.stage1.")
+    with pytest.raises(CoFormerError, match="'10.x'"):
+        engine_paths(tmp_path, "edge-b", "", "10.x", gpu)
+
+
+def test_each_tensorrt_version_gets_the_precision_it_can_build():
+    assert choose_precision("10.3.0", "fp16", fp16_onnx=False) == {"strongly_typed": False, "fp16_flag": True,
+                                                                   "onnx": "fp32"}
+    assert choose_precision("10.3.0", "fp32", fp16_onnx=True)["fp16_flag"] is False
+    # TensorRT 11 builds strongly typed networks only: fp16 comes from an fp16 ONNX, never a flag
+    assert choose_precision("11.4.0", "fp16", fp16_onnx=True) == {"strongly_typed": True, "fp16_flag": False,
+                                                                  "onnx": "fp16"}
+    assert choose_precision("11.4.0", "fp32", fp16_onnx=False)["onnx"] == "fp32"
+    with pytest.raises(CoFormerError, match="strongly typed.*no fp16 ONNX"):
+        choose_precision("11.4.0", "fp16", fp16_onnx=False)
+    with pytest.raises(CoFormerError, match="TensorRT 8.6.1.*10 or later"):
+        choose_precision("8.6.1", "fp32", fp16_onnx=False)
+    with pytest.raises(CoFormerError, match="'int8'"):
+        choose_precision("10.3.0", "int8", fp16_onnx=False)
+
+
+def test_profiles_span_the_batch_and_a_text_bundles_lengths():
+    image = type("M", (), {"input": InputSpec("pixels", "float32", (1, 16, 16), max_batch=8)})()
+    assert optimization_profile(image) == {"pixels": [[1, 1, 16, 16], [1, 1, 16, 16], [8, 1, 16, 16]]}
+    text = type("M", (), {"input": InputSpec("tokens", "int64", (2, 32), max_batch=4, dynamic_axes=(1,),
+                                             preprocessing={"kind": "text",
+                                                            "fields": ["input_ids", "attention_mask"]})})()
+    assert optimization_profile(text) == {n: [[1, 1], [1, 32], [4, 32]] for n in ("input_ids", "attention_mask")}
+
+
+def test_an_engine_is_rebuilt_exactly_when_something_it_was_built_from_changed(tmp_path):
+    paths = engine_paths(tmp_path, "edge-a", "", "10.3.0", "orin-sm87")
+    settings = build_settings("10.3.0", "orin-sm87", "fp16", choose_precision("10.3.0", "fp16", False),
+                              {"pixels": [[1, 3], [1, 3], [8, 3]]})
+    assert rebuild_reason(paths, "a" * 64, settings) == "no engine built yet"
+    paths["plan"].parent.mkdir(parents=True)
+    paths["plan"].write_bytes(b"engine bytes")
+    assert "no sidecar" in rebuild_reason(paths, "a" * 64, settings)
+    record = write_sidecar(paths, "edge-a.onnx", "a" * 64, settings, None, 1.5)
+    assert json.loads(paths["sidecar"].read_text())["engine_sha256"] == record["engine_sha256"]
+    assert rebuild_reason(paths, "a" * 64, settings) is None  # reused
+    assert rebuild_reason(paths, "b" * 64, settings) == "the ONNX changed since the engine was built"
+    fp32 = build_settings("10.3.0", "orin-sm87", "fp32", choose_precision("10.3.0", "fp32", False),
+                          settings["profile"])
+    assert rebuild_reason(paths, "a" * 64, fp32) == "built with other settings (fp16_flag, precision)"
+    paths["plan"].write_bytes(b"engine bytes, truncat")
+    assert "does not match its sidecar" in rebuild_reason(paths, "a" * 64, settings)
+    paths["sidecar"].write_text("{not json")
+    assert "cannot be read" in rebuild_reason(paths, "a" * 64, settings)
