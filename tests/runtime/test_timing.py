@@ -118,3 +118,19 @@ def test_the_benchmark_keeps_a_trtexec_trace_on_onnx_runtime_cpu(tmp_path):
                                                                     for r in t.trace]))
     with pytest.raises(CoFormerError, match="keep_trace"):
         benchmark_engine(path, warmup_ms=0, iterations=2, duration_s=0.0).trtexec
+
+
+def test_the_python_api_benchmarks_an_onnx_file_in_trtexec_words(tmp_path):
+    torch = pytest.importorskip("torch")
+    import coformer.runtime
+    from coformer.compiler.lower import export_onnx
+
+    path = export_onnx(torch.nn.Linear(32, 8), [torch.zeros(1, 32)], tmp_path / "m.onnx", ["x"], ["y"])
+    s = coformer.runtime.benchmark_engine(path, backend="onnxruntime", warmup_ms=5, duration_s=0.05, iterations=20,
+                                          export_times=tmp_path / "times.json")
+    assert s["iterations"] >= 20 and s["backend"] == "onnxruntime" and s["Throughput"] > 0
+    assert {"Latency", "Enqueue Time", "H2D Latency", "GPU Compute Time", "D2H Latency"} <= set(s)
+    assert set(s["GPU Compute Time"]["percentiles"]) == {"90", "95", "99"}
+    assert len(json.loads((tmp_path / "times.json").read_text())) == s["iterations"]
+    with pytest.raises(CoFormerError, match="'cuda'"):
+        coformer.runtime.benchmark_engine(path, backend="cuda")
