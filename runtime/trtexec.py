@@ -105,7 +105,7 @@ def trace_summary(records: Sequence[Mapping[str, Any]], batch: int = 1,
 def write_export_times(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Write ``records`` as trtexec's ``--exportTimes`` JSON (a list with one object per
     inference, its 13 fields in its order), atomically; :func:`load_trtexec_times` reads it back."""
-    out = [{k: _intervals(r)[k] for k in EXPORT_FIELDS} for r in records]
+    out = [{k: full[k] for k in EXPORT_FIELDS} for full in map(_intervals, records)]
     atomic_write_bytes(Path(path), (json.dumps(out, indent=1) + "\n").encode())
     return Path(path)
 

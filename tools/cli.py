@@ -577,9 +577,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if wanted:
             raise CoFormerError(f"{' and '.join(wanted)} run on the vision quickstart; {args.quickstart} holds a text "
                                 "quickstart (bench it without them)")
-        if "central" not in sources:
-            raise CoFormerError(f"--input-source {','.join(sources)}: a text's tokens come with the request to the "
-                                "central node; bench it with --input-source central")
     if args.ablations:
         if args.quickstart is None or args.bundle is not None:
             raise CoFormerError("--ablations runs on a quickstart: give --quickstart [DIR], not a BUNDLE")
@@ -621,7 +618,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CoFormerError("give either a BUNDLE or --quickstart, not both")
     if text_qs:
         report = bench.run_text_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, args.samples,
-                                                 args.max_seconds, not args.no_testbed, progress, args.passes, **load)
+                                                 args.max_seconds, not args.no_testbed, progress, args.passes, **load,
+                                                 sources=sources)  # run_model_bench refuses one without central
     elif args.quickstart is not None:
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
                                             sources,

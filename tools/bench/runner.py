@@ -324,7 +324,7 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
                               strategies: Optional[Sequence[str]] = None, samples: int = 200,
                               max_seconds: float = 60.0, use_testbed: bool = True, progress: bool = True,
                               passes: int = 3, throughput: Sequence[int] = (1, 8),
-                              throughput_s: float = 5.0) -> dict[str, Any]:
+                              throughput_s: float = 5.0, sources: Sequence[str] = ("central",)) -> dict[str, Any]:
     """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
     alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
     the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
@@ -355,5 +355,5 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
     devices = [replace(d, memory_bytes=m, profile=str(fitted[d.name]) if fitted[d.name].is_file() else d.profile)
                for d, m in zip(devices, BENCH_MEMORY)]
     return run_model_bench(Path(qs_dir) / "bundle", teacher, devices, data, out_dir or Path(qs_dir) / "bench",
-                           strategies, ["central"], bandwidths, use_testbed, samples, max_seconds, progress, passes,
+                           strategies, sources, bandwidths, use_testbed, samples, max_seconds, progress, passes,
                            cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s)
