@@ -53,6 +53,7 @@ class CompileJob:
             and whether embeddings are L2-normalised (None: as the teacher's pipeline does).
         feature_dtype: what workers send their features as, ``float32`` or ``float16`` (half
             the bytes; the search charges the links that, and the scores are taken on rounded features).
+        onnx_precision: ``fp16`` also writes every sub-model as an fp16 ONNX (for TensorRT 11).
         latency_tokens: the length a language teacher's latency is searched at (None: the
             calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
     """
@@ -82,6 +83,7 @@ class CompileJob:
     normalize: Optional[bool] = None
     feature_dtype: str = "float32"
     latency_tokens: Optional[int] = None
+    onnx_precision: str = "fp32"
 
 
 @dataclass
@@ -151,7 +153,8 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
                             aggregator_epochs=job.aggregator_epochs, use_labels=job.use_labels,
                             model_name=job.model_name, progress=job.progress, compute=job.compute,
                             checkpoint_dir=job.checkpoint_dir, model_info=job.model_info, task=job.task,
-                            normalize=job.normalize, feature_dtype=job.feature_dtype)
+                            normalize=job.normalize, feature_dtype=job.feature_dtype,
+                            onnx_precision=job.onnx_precision)
     acc = result.accuracy
     report.update(task=job.task, distill=acc["distill"], accuracy_reference=acc["reference"],
                   policy_source=result.policy.source, memory=memory_report(result, job.devices),

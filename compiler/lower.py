@@ -93,3 +93,37 @@ def check_parity(
     if not diff <= tolerance:
         raise CoFormerError(f"{onnx_path.name}: ONNX Runtime differs from PyTorch by {diff:.3g} > {tolerance:g}")
     return diff
+
+
+FP16_TOLERANCE = 5e-2  # fp16 keeps ~3 significant digits; a sub-model's pooled feature is O(1)
+
+
+def write_fp16_onnx(fp32_path: Path, fp16_path: Path, feeds: dict[str, np.ndarray]) -> float:
+    """Write an fp16 copy of an exported model, for TensorRT 11 (strongly typed only: the ONNX's
+    types are the engine's), and return its largest difference from the float32 model on
+    ``feeds`` under ONNX Runtime on the CPU; raise above ``FP16_TOLERANCE``.
+
+    The conversion is ONNX Runtime's own (``onnxruntime.transformers.float16``), with the
+    inputs and outputs kept float32 (``keep_io_types``), so the runtime feeds and reads an fp16
+    model exactly as the float32 one and the wire format does not change."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    tmp = Path(f"{fp16_path}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        public_mode(tmp)
+        with OnnxRuntimeEngine(fp32_path) as ref, OnnxRuntimeEngine(tmp) as half:
+            want, got = ref.infer(feeds), half.infer(feeds)
+        diff = max(float(np.max(np.abs(got[k].astype(np.float64) - v))) for k, v in want.items())
+        if not diff <= FP16_TOLERANCE:
+            raise CoFormerError(f"{fp16_path.name}: the fp16 model differs from the float32 one by {diff:.3g} > "
+                                f"{FP16_TOLERANCE:g}; compile at --precision fp32")
+        os.replace(tmp, fp16_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return diff

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -34,7 +35,7 @@ from coformer.compiler import tasks
 from coformer.compiler.bundle import check_target, write_bundle
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.families import adapter_for
-from coformer.compiler.lower import check_parity, export_onnx
+from coformer.compiler.lower import check_parity, export_onnx, write_fp16_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
 from coformer.runtime.files import public_mode
@@ -177,6 +178,7 @@ def compile_bundle(
     normalize: Optional[bool] = None,
     fallback_aggregators: bool = True,
     feature_dtype: str = "float32",
+    onnx_precision: str = "fp32",
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
@@ -206,8 +208,18 @@ def compile_bundle(
     ensemble, the degraded answers) is then taken on workers' features rounded to float16,
     as the central node will receive them, and ``ensemble_accuracy_float32_features`` keeps
     the score without the rounding, so the report shows what the halving costs.
+
+    Every bundle carries a few validation inputs (``checks/inputs.npz``, by input name), on
+    which a device checks the TensorRT engine it builds against ONNX Runtime
+    (:mod:`coformer.runtime.tensorrt_engines`). ``onnx_precision="fp16"`` also writes each
+    sub-model as an fp16 ONNX beside its float32 one (``*.fp16.onnx``,
+    :func:`~coformer.compiler.lower.write_fp16_onnx`), which TensorRT 11 needs to build fp16
+    engines; its difference from the float32 model goes into ``parity``.
     """
     from coformer.runtime.manifest import FEATURE_DTYPES
+
+    if onnx_precision not in ("fp32", "fp16"):
+        raise CoFormerError(f"--precision {onnx_precision!r} is not one of ['fp32', 'fp16']")
 
     if feature_dtype not in FEATURE_DTYPES:
         raise CoFormerError(f"--feature-dtype {feature_dtype!r} is not one of {list(FEATURE_DTYPES)}")
@@ -307,9 +319,20 @@ def compile_bundle(
         arts, parity = [], {}
         names_in = adapter.input_names(teacher)
         text = data.preprocessing.get("kind") == "text"
+        # by input name: a text sample is packed [k, T], one row per field
+        checks = ({n: x_example[:, i].numpy() for i, n in enumerate(names_in)} if text
+                  else {names_in[0]: x_example.numpy()})
+        (staging / "checks").mkdir()
+        buf = io.BytesIO()
+        np.savez(buf, **checks)
+        (staging / "checks" / "inputs.npz").write_bytes(buf.getvalue())
+        public_mode(staging / "checks" / "inputs.npz")
         for i, (name, sub, c) in enumerate(zip(policy.devices, subs, costs)):
             rel = f"submodels/{i}-{name}.onnx"
             parity[rel] = lower_submodel(adapter.export_module(sub), x_example, staging / rel, names_in, text=text)
+            if onnx_precision == "fp16":
+                half = rel[:-len(".onnx")] + ".fp16.onnx"
+                parity[half] = write_fp16_onnx(staging / rel, staging / half, checks)
             dev = by_name[name]
             arts.append(DeviceArtifact(
                 device=name, role="central" if i == 0 else "worker", artifact=rel,

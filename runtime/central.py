@@ -35,7 +35,7 @@ import numpy as np
 import zmq
 
 from coformer.runtime import protocol
-from coformer.runtime.engines import open_engine
+from coformer.runtime.engines import open_device_engines, open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
@@ -67,6 +67,9 @@ class CentralNode:
         batch_requests: at most this many queued requests are served in one round, their
             inputs stacked on the batch axis (1: one request at a time).
         queue_limit: requests waiting beyond this are answered ``busy``.
+        backend: overrides the bundle's engine backend for the central node's own models
+            (the aggregators stay on ONNX Runtime's CPU: they are one small layer).
+        precision: on ``tensorrt``, the precision its engines are built at on first start.
     """
 
     def __init__(
@@ -82,12 +85,13 @@ class CentralNode:
         batch_requests: int = 8,
         queue_limit: int = 256,
         backend: Optional[str] = None,
+        precision: str = "fp16",
     ) -> None:
         if backend is not None:  # refused before anything binds (coformer.runtime.engines)
             from coformer.runtime.engines import check_backend
 
             check_backend(backend)
-        self.backend = backend
+        self.backend, self.precision = backend, precision
         self.bundle_dir = Path(bundle_dir)
         self.secure = require_security(keys, insecure, (front, back), "central node")
         self.keys = keys
@@ -162,8 +166,8 @@ class CentralNode:
         throttle = apply_limits(self.limits, f"central-{m.central.device}")
         try:
             c = m.central
-            self._own = {name: open_engine(self.bundle_dir / f, self.backend or c.backend, self.threads or c.threads)
-                         for name, f in c.model_files().items()}
+            self._own = open_device_engines(self.bundle_dir, c.device, c.model_files(), self.backend or c.backend,
+                                            self.threads or c.threads, self.precision)
             self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
             self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)
                                for fb in m.fallbacks}

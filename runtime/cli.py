@@ -45,7 +45,10 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--backend", default=None, choices=list(BACKENDS),
                    help="engine backend (default: the bundle's, onnxruntime on the CPU); onnxruntime-cuda and "
-                        "onnxruntime-tensorrt need onnxruntime-gpu and a GPU")
+                        "onnxruntime-tensorrt need onnxruntime-gpu and a GPU; tensorrt needs TensorRT and "
+                        "cuda-python, and builds the device's engines on first start")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="with --backend tensorrt: the precision engines are built at (default fp16)")
 
 
 def _add_security(p: argparse.ArgumentParser, role: str) -> None:
@@ -141,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round medians further apart than this fraction count as disagreeing")
     p.add_argument("--trtexec", action="append", default=[], metavar="ID=TIMES.json",
                    help="use trtexec --exportTimes output for kit entry ID instead of timing it here")
+    p.add_argument("--run-trtexec", action="store_true",
+                   help="time every other entry with NVIDIA's trtexec (on the PATH) and import its times; "
+                        "its --exportTimes files are kept in OUT.trtexec/")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="with --backend tensorrt or --run-trtexec: the precision engines are built at")
     p.add_argument("--no-progress", action="store_true")
     _add_limits(p)
 
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "onnxruntime-tensorrt", "tensorrt"])
     p.add_argument("--export-times", type=Path, default=None,
                    help="write every run's times here in trtexec's --exportTimes JSON")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="with --backend tensorrt: the precision an ONNX file's engine is built at")
     _add_limits(p)
 
     p = sub.add_parser("build-engines", help="build (or reuse) this device's TensorRT engines beside the bundle's "
@@ -192,13 +202,14 @@ def run(args: argparse.Namespace) -> int:
 
         run_central(args.bundle, args.front, args.back, limits=_limits(args), threads=args.threads,
                     timeout_s=args.timeout, keys=_role_keys(args, "central"), insecure=args.insecure,
-                    batch_requests=args.batch_requests, queue_limit=args.queue_limit, backend=args.backend)
+                    batch_requests=args.batch_requests, queue_limit=args.queue_limit, backend=args.backend,
+                    precision=args.precision)
     elif args.command == "worker":
         from coformer.runtime.worker import run_worker
 
         run_worker(args.bundle, args.device, args.central, limits=_limits(args), threads=args.threads,
                    local_inputs=args.local_inputs, keys=_role_keys(args, "worker"), insecure=args.insecure,
-                   backend=args.backend)
+                   backend=args.backend, precision=args.precision)
     elif args.command == "infer":
         from coformer.runtime.client import Client
         from coformer.runtime.manifest import load_manifest
@@ -287,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
                            args.iterations, args.duration, args.idle_time, trt,
                            DEFAULT_ROUNDS if args.rounds is None else args.rounds, args.gap,
                            10 if args.gap > 0 else 0, progress=not args.no_progress, out=args.out,
-                           extra_rounds=args.extra_rounds, tolerance=args.tolerance)
+                           extra_rounds=args.extra_rounds, tolerance=args.tolerance,
+                           run_trtexec=args.run_trtexec, precision=args.precision)
         st = prof["stability"]
         print(f"{args.out}: {len(prof['entries'])} kit entries timed on {args.device}; a majority of rounds "
               f"within {st['tolerance']:.0%} of each entry's median: {st['within_tolerance_before']:.0%} of "
@@ -303,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
 
         t = benchmark_engine(args.model, args.backend, args.warmup, args.iterations, args.duration,
                              args.threads or 1, args.batch, limits=_limits(args), idle_ms=args.idle_time,
-                             keep_trace=True)
+                             keep_trace=True, precision=args.precision)
         print(f"{args.model.name}: {t.iterations} runs in {t.total_s:.2f} s (backend {args.backend})")
         print(format_summary(t.trtexec))
         if t.compute_ms["median"] > t.trtexec["GPU Compute Time"]["median"] * 1.05:

@@ -5,15 +5,19 @@
   ``pip install 'coformer[gpu]'``); ``onnxruntime-tensorrt``: its TensorRT provider, with
   CUDA after it for what TensorRT does not take. Either refuses in one line where this
   onnxruntime does not offer the provider, and where a session falls back to the CPU.
-  Choice written down: on these backends ``last_compute_ms`` is the whole ``session.run``,
-  host-device copies included (trtexec's Latency, not its GPU Compute Time).
-* ``tensorrt``: a TensorRT engine built on the device. Not in this release: it refuses in
-  one line, naming what is missing (TensorRT's Python bindings) where they are missing.
+  These run through an IOBinding, so host-to-device copies, compute and device-to-host
+  copies are timed apart (``last_h2d_ms``, ``last_compute_ms``, ``last_d2h_ms``).
+* ``tensorrt``: a TensorRT engine built on the device (``coformer.runtime.tensorrt_engines``)
+  and run by ``coformer.runtime.tensorrt_backend``. Given an ``.onnx`` file, the engine is
+  built beside it on first use and reused while it matches (:func:`open_engine`); given a
+  bundle's device, every model of the device is (:func:`open_device_engines`). A device
+  without TensorRT's Python bindings or cuda-python is refused in one line naming them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from coformer.runtime.errors import CoFormerError
 
@@ -32,13 +36,13 @@ def check_backend(backend: str) -> None:
     if backend == "tensorrt":
         import importlib
 
+        from coformer.runtime.tensorrt_backend import TENSORRT_MISSING, cudart
+
         try:
             importlib.import_module("tensorrt")  # only whether it imports
         except ImportError:
-            raise CoFormerError("backend tensorrt needs TensorRT's Python bindings, which are not installed: on a "
-                                "Jetson, JetPack's python3-libnvinfer; on x86, pip install tensorrt") from None
-        raise CoFormerError("backend tensorrt: TensorRT engines are not part of this release yet; use "
-                            "--backend onnxruntime-tensorrt (ONNX Runtime's TensorRT provider) meanwhile")
+            raise CoFormerError(f"backend tensorrt needs {TENSORRT_MISSING}") from None
+        cudart()  # cuda-python, or one line naming it
     if backend in ("onnxruntime-cuda", "onnxruntime-tensorrt"):
         try:
             import onnxruntime as ort
@@ -53,11 +57,56 @@ def check_backend(backend: str) -> None:
                                 "(pip install 'coformer[gpu]', never beside onnxruntime) with CUDA on a GPU")
 
 
-def open_engine(path: Path, backend: str = "onnxruntime", threads: int = 1):
-    """Return a loaded engine for ``path`` on ``backend`` (module doc)."""
+def open_engine(path: Path, backend: str = "onnxruntime", threads: int = 1, precision: str = "fp16",
+                shapes: Optional[Mapping[str, Sequence[int]]] = None, batch: int = 1):
+    """Return a loaded engine for ``path`` on ``backend`` (module doc).
+
+    On ``tensorrt``, ``path`` is an engine (``.plan``/``.engine``) or an ONNX file whose engine
+    is built at ``precision`` beside it when none matches; ``shapes`` (input name -> shape) fix
+    the ONNX's dynamic axes for that build, and any left over are built at ``batch`` (a first
+    axis) or 1.
+    """
     check_backend(backend)
+    if backend == "tensorrt":
+        from coformer.runtime.tensorrt_backend import TensorRTEngine
+
+        path = Path(path)
+        if path.suffix in (".plan", ".engine"):
+            return TensorRTEngine(path).load()
+        from coformer.runtime.tensorrt_engines import engine_for_onnx
+
+        record = engine_for_onnx(path, precision, shapes, batch)
+        engine = TensorRTEngine(Path(record["engine"]))
+        engine.precision = precision
+        return engine.load()
     from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(path, threads=threads, providers=ORT_PROVIDERS[backend])
+    engine = OnnxRuntimeEngine(path, threads=threads, providers=ORT_PROVIDERS[backend],
+                               bind_device=None if backend == "onnxruntime" else "cuda")
     engine.backend = backend
     return engine.load()
+
+
+def open_device_engines(bundle_dir: Path, device: str, files: Mapping[str, str], backend: str, threads: int,
+                        precision: str = "fp16") -> dict[str, Any]:
+    """The loaded engines of a bundle device's models (``files``: model name -> the ONNX's path
+    in the bundle). On ``tensorrt``, the device's engines are first built where none matches
+    (``coformer-runtime build-engines``, with its parity check) and then loaded."""
+    if backend != "tensorrt":
+        return {name: open_engine(Path(bundle_dir) / rel, backend, threads) for name, rel in files.items()}
+    check_backend(backend)
+    from coformer.runtime.tensorrt_backend import TensorRTEngine
+    from coformer.runtime.tensorrt_engines import build_engines
+
+    records = {r["model"]: r for r in build_engines(bundle_dir, device, precision)}
+    engines = {}
+    try:
+        for name, rel in files.items():
+            engines[name] = TensorRTEngine(Path(records[rel]["engine"]))
+            engines[name].precision = precision
+            engines[name].load()
+    except BaseException:
+        for e in engines.values():
+            e.close()
+        raise
+    return engines

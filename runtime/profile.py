@@ -145,6 +145,8 @@ def profile_kit(
     out: Optional[Path] = None,
     extra_rounds: int = 3,
     tolerance: float = 0.10,
+    run_trtexec: bool = False,
+    precision: str = "fp16",
 ) -> dict[str, Any]:
     """Measure every kit entry; ``trtexec`` maps entry ids to ``--exportTimes`` files used instead.
 
@@ -157,6 +159,12 @@ def profile_kit(
     idle give the ``served_factor`` (0 iterations: factor 1). Entries whose
     round medians spread by more than ``tolerance`` get up to ``extra_rounds``
     more rounds while no majority of them agrees (see the module doc).
+
+    ``run_trtexec`` times every entry not given in ``trtexec`` with NVIDIA's trtexec instead
+    (:func:`coformer.runtime.trtexec.run_trtexec`, at ``precision``, each at its own
+    inputs' shapes), keeping its ``--exportTimes`` files in ``OUT.trtexec/`` beside ``out``
+    (or a temporary folder). On ``backend="tensorrt"``, ``precision`` is the precision the
+    entries' engines are built at.
     """
     if rounds < 1:
         raise CoFormerError(f"rounds {rounds} must be >= 1")
@@ -169,6 +177,20 @@ def profile_kit(
     samples: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     gapped_medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
+    if run_trtexec:
+        import tempfile
+
+        from coformer.runtime.trtexec import run_trtexec as trtexec_run
+
+        folder = Path(str(out) + ".trtexec") if out is not None else Path(tempfile.mkdtemp(prefix="coformer-trtexec-"))
+        for e in tqdm([e for e in kit["entries"] if e["id"] not in trtexec], desc=f"trtexec {device}",
+                      disable=not progress):
+            feeds = kit_feeds(kit, tokens=e.get("tokens"))
+            path = folder / f"entry-{e['id']}.json"
+            trtexec_run(Path(kit_dir) / e["file"], path, warmup_ms=warmup_ms, iterations=iterations,
+                        duration_s=duration_s, idle_ms=idle_ms, precision=precision,
+                        shapes={k: v.shape for k, v in feeds.items()} if feeds else None)
+            trtexec[e["id"]] = path
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
     entry_feeds = {e["id"]: kit_feeds(kit, tokens=e.get("tokens")) for e in timed}  # each at its own length
     bar = tqdm(total=len(timed) * rounds, desc=f"profile {device}", disable=not progress)
@@ -179,13 +201,15 @@ def profile_kit(
         for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
                                       duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
-                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False)
+                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False,
+                                      precision=precision)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])
             env = dict(timing.environment)
             if gap_iterations > 0 and r == 0:  # one gapped run per entry: the factor is a median over entries
                 gapped = benchmark_engine(Path(kit_dir) / e["file"], backend, min(warmup_ms, 20.0), gap_iterations,
-                                          0.0, threads, inputs=entry_feeds[e["id"]], limits=limits, idle_ms=gap_ms)
+                                          0.0, threads, inputs=entry_feeds[e["id"]], limits=limits, idle_ms=gap_ms,
+                                          precision=precision)
                 gapped_medians[e["id"]].append(gapped.compute_ms["median"])
             bar.update()
     bar.close()
@@ -212,7 +236,8 @@ def profile_kit(
                       leave=False):
             timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
                                       duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
-                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False)
+                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False,
+                                      precision=precision)
             samples[e["id"]].extend(timing.compute_samples_ms)
             medians[e["id"]].append(timing.compute_ms["median"])
             retimed.add(e["id"])
@@ -238,6 +263,7 @@ def profile_kit(
         "version": 1,
         "device": device,
         "backend": backend,
+        "precision": precision if backend == "tensorrt" or run_trtexec else "fp32",
         "threads": threads,
         "cpu_share": limits.cpu_share,
         "rounds": rounds,

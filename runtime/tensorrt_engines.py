@@ -20,6 +20,11 @@ is plain Python, so the cache's rules are tested without a GPU:
   a text input's sequence axis 1 / its maximum / its maximum (choice written down: the
   optimum at the longest request, so no request runs off the tuned shape's end).
 
+* **Parity** (:func:`measure_parity`): a new engine is run on the bundle's check inputs
+  (:func:`check_inputs`) beside ONNX Runtime on the CPU, and the largest absolute
+  difference goes into the sidecar, as ``coformer compile`` records the ONNX's against
+  PyTorch in the manifest.
+
 The build itself goes through NVIDIA's Polygraphy (``NetworkFromOnnxPath``,
 ``CreateConfig``, ``EngineBytesFromNetwork`` with the timing cache), imported only there.
 Not yet run on a GPU: CI and the development machines have neither a GPU nor TensorRT.
@@ -35,6 +40,7 @@ from coformer.runtime.errors import CoFormerError
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 ENGINE_DIR = "engines"
+CHECK_INPUTS = "checks/inputs.npz"  # a few validation inputs, written by coformer compile
 PRECISIONS = ("fp32", "fp16")
 SIDECAR_VERSION = 1
 
@@ -139,9 +145,16 @@ def write_sidecar(paths: Mapping[str, Path], onnx_file: str, onnx_sha256: str, s
 
 
 def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str, Any],
-                 profile: Mapping[str, Any]) -> float:
+                 profile: Optional[Mapping[str, Any]] = None,
+                 shapes: Optional[Mapping[str, Any]] = None, batch: int = 1) -> tuple[float, dict[str, list[list[int]]]]:
     """Build one engine with Polygraphy and write it to ``paths['plan']`` atomically, with the
-    timing cache loaded and saved; returns the build seconds. Needs TensorRT and Polygraphy."""
+    timing cache loaded and saved; returns the build seconds and the profile built with.
+
+    ``profile`` (input name -> min/opt/max) is a bundle's (:func:`optimization_profile`);
+    without it, every input's profile is its shape in ``shapes``, or the ONNX's own shape
+    with a dynamic first axis at ``batch`` and any other at 1 (a lone ONNX: a profile kit's
+    entry, a benchmark).
+    Needs TensorRT and Polygraphy."""
     import time
 
     try:
@@ -149,6 +162,17 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
     except ImportError:
         raise CoFormerError("building TensorRT engines needs Polygraphy: pip install 'coformer[tensorrt]' "
                             "(and TensorRT: JetPack's python3-libnvinfer, or pip install tensorrt)") from None
+    start = time.perf_counter()
+    # parsed once here, so a lone ONNX's profile can be read off the network's inputs
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=bool(choice["strongly_typed"]) or None)()
+    if profile is None:
+        net = network[1]
+        profile = {}
+        for i in range(net.num_inputs):
+            tensor = net.get_input(i)
+            own = [int(batch) if i == 0 and int(d) < 0 else max(1, int(d)) for i, d in enumerate(tensor.shape)]
+            shape = [int(d) for d in (shapes or {}).get(tensor.name, own)]
+            profile[tensor.name] = [shape, shape, shape]
     prof = Profile()
     for name, (lo, opt, hi) in profile.items():
         prof.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
@@ -156,45 +180,90 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
     cache.parent.mkdir(parents=True, exist_ok=True)
     config = CreateConfig(fp16=bool(choice["fp16_flag"]) or None, profiles=[prof],
                           load_timing_cache=str(cache) if cache.is_file() else None)
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=bool(choice["strongly_typed"]) or None)
-    start = time.perf_counter()
     engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
+    if engine_bytes is None:
+        raise CoFormerError(f"TensorRT could not build an engine from {onnx_path} (see TensorRT's log above)")
     atomic_write_bytes(Path(paths["plan"]), bytes(engine_bytes))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, {k: [list(s) for s in v] for k, v in profile.items()}
 
 
 def cuda_device(index: int = 0) -> tuple[str, tuple[int, int]]:
     """The GPU's name and compute capability, from cuda-python (as TensorRT's samples use it)."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python 12.8 and later
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise CoFormerError("reading the GPU needs cuda-python: pip install 'coformer[tensorrt]'") from None
-    err, prop = cudart.cudaGetDeviceProperties(index)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise CoFormerError(f"CUDA cannot read GPU {index}: {err}")
+    from coformer.runtime.tensorrt_backend import cuda_call, cudart
+
+    rt = cudart()
+    prop = cuda_call(rt, rt.cudaGetDeviceProperties(index))
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00"), (int(prop.major), int(prop.minor))
 
 
+def fp16_name(rel: str) -> str:
+    """Where a bundle keeps a model's fp16 ONNX (``coformer compile --precision fp16``):
+    ``submodels/0-edge-a.onnx`` -> ``submodels/0-edge-a.fp16.onnx``."""
+    if not rel.endswith(".onnx"):
+        raise CoFormerError(f"model file {rel!r} is not an .onnx file")
+    return rel[:-len(".onnx")] + ".fp16.onnx"
+
+
+def check_inputs(bundle_dir: Path, manifest, count: int = 3) -> tuple[dict[str, Any], str]:
+    """Inputs to check an engine against ONNX Runtime with, and where they came from: the
+    bundle's own (``CHECK_INPUTS``, which ``coformer compile`` writes from the validation
+    split) or, in a bundle without them, ``count`` seeded ones made from the manifest's
+    input (normal pixels; token ids across the vocabulary, a full mask, zero types)."""
+    import numpy as np
+
+    if CHECK_INPUTS in manifest.files:
+        with np.load(Path(bundle_dir) / CHECK_INPUTS) as z:
+            return {k: z[k] for k in z.files}, CHECK_INPUTS
+    inp, rng = manifest.input, np.random.default_rng(0)
+    if not inp.is_text:
+        return {inp.name: rng.standard_normal((count, *inp.shape)).astype(np.float32)}, "seeded"
+    T, pre = int(inp.shape[-1]), inp.preprocessing
+    feeds = {}
+    for field in pre["fields"]:
+        if field == "input_ids":
+            feeds[field] = rng.integers(4, max(5, int(pre.get("vocab_size", 100))), size=(count, T)).astype(np.int64)
+        else:
+            feeds[field] = (np.ones if field == "attention_mask" else np.zeros)((count, T), dtype=np.int64)
+    return feeds, "seeded"
+
+
+def measure_parity(plan: Path, onnx_path: Path, feeds: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The engine's largest absolute difference from ONNX Runtime on the CPU over ``feeds``
+    (one sample at a time, as served), or why it could not be measured."""
+    import importlib.util
+
+    import numpy as np
+
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+    from coformer.runtime.tensorrt_backend import TensorRTEngine
+
+    if importlib.util.find_spec("onnxruntime") is None:  # onnxruntime-gpu carries the CPU provider too
+        return {"max_abs_diff": None, "skipped": "onnxruntime is not installed", "inputs": source}
+    n = min(len(v) for v in feeds.values())
+    worst = 0.0
+    with OnnxRuntimeEngine(onnx_path) as ref, TensorRTEngine(plan) as trt:
+        for i in range(n):
+            one = {k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()}
+            want, got = ref.infer(one), trt.infer(one)
+            for name, value in want.items():
+                worst = max(worst, float(np.max(np.abs(got[name].astype(np.float64) - value))))
+    return {"max_abs_diff": worst, "inputs": source, "samples": n, "reference": "onnxruntime-cpu"}
+
+
 def build_engines(bundle_dir: Path, device: str, precision: str = "fp16") -> list[dict[str, Any]]:
     """``coformer-runtime build-engines``: build (or reuse, :func:`rebuild_reason`) the engine of
-    every model ``device`` runs in the bundle, on this machine's TensorRT and first GPU.
+    every model ``device`` runs in the bundle, on this machine's TensorRT and first GPU, and
+    record each new engine's parity against ONNX Runtime on the CPU on the bundle's check
+    inputs (:func:`check_inputs`, :func:`measure_parity`) in its sidecar.
 
-    Not yet recorded: parity of the engine against ONNX Runtime (``parity: null`` in the
-    sidecar), which needs the TensorRT runtime backend, not in this release.
+    At ``fp16``, TensorRT 11 parses the model's fp16 ONNX (:func:`fp16_name`) where the
+    bundle has one, and TensorRT 10 sets the fp16 builder flag on the float32 ONNX.
     """
-    import importlib
-
     from coformer.runtime.manifest import load_manifest
+    from coformer.runtime.tensorrt_backend import import_tensorrt
 
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError:
-        raise CoFormerError("building TensorRT engines needs TensorRT's Python bindings, which are not installed: "
-                            "on a Jetson, JetPack's python3-libnvinfer; on x86, pip install tensorrt") from None
+    trt = import_tensorrt()
     version = str(trt.__version__)
     manifest = load_manifest(bundle_dir)  # checksums verified: the engine is built from the signed ONNX
     art = manifest.device(device)
@@ -205,15 +274,47 @@ def build_engines(bundle_dir: Path, device: str, precision: str = "fp16") -> lis
     profile = optimization_profile(manifest)
     out = []
     for model, rel in art.model_files().items():
-        choice = choose_precision(version, precision, fp16_onnx=False)  # bundles carry float32 ONNX so far
+        has_fp16 = fp16_name(rel) in manifest.files
+        choice = choose_precision(version, precision, fp16_onnx=has_fp16)
         settings = build_settings(version, gpu, precision, choice, profile)
         paths = engine_paths(bundle_dir, device, model, version, gpu)
         reason = rebuild_reason(paths, manifest.files[rel], settings)
         if reason is None:
-            out.append({"model": rel, "engine": str(paths["plan"]), "built": False})
+            out.append({"model": rel, "engine": str(paths["plan"]), "built": False,
+                        "parity": read_json(paths["sidecar"], "")["parity"]})
             continue
-        seconds = build_engine(Path(bundle_dir) / rel, paths, choice, profile)
-        write_sidecar(paths, rel, manifest.files[rel], settings, None, seconds)
+        source = fp16_name(rel) if choice["onnx"] == "fp16" else rel
+        seconds, _ = build_engine(Path(bundle_dir) / source, paths, choice, profile)
+        feeds, where = check_inputs(bundle_dir, manifest)
+        parity = measure_parity(paths["plan"], Path(bundle_dir) / rel, feeds, where)
+        write_sidecar(paths, rel, manifest.files[rel], settings, parity, seconds)
         out.append({"model": rel, "engine": str(paths["plan"]), "built": True, "reason": reason,
-                    "build_s": seconds})
+                    "build_s": seconds, "parity": parity})
     return out
+
+
+def engine_for_onnx(onnx_path: Path, precision: str = "fp16", shapes: Optional[Mapping[str, Any]] = None,
+                    batch: int = 1) -> dict[str, Any]:
+    """The engine of a lone ONNX file (a profile kit's entry, a file given to ``benchmark``),
+    built beside it in ``engines/`` at ``precision`` when none matches, as a bundle's are;
+    ``shapes`` and ``batch`` fix its dynamic axes (:func:`build_engine`). No parity here: a lone file
+    has no reference inputs but the caller's."""
+    from coformer.runtime.tensorrt_backend import import_tensorrt
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise CoFormerError(f"ONNX model {onnx_path} does not exist")
+    version = str(import_tensorrt().__version__)
+    gpu = gpu_tag(*cuda_device())
+    # a lone file is parsed as it is: on TensorRT 11 its own types are the engine's
+    choice = choose_precision(version, precision, fp16_onnx=onnx_path.name.endswith(".fp16.onnx"))
+    requested = {k: [[int(d) for d in v]] * 3 for k, v in (shapes or {}).items()}
+    requested["*batch"] = [[int(batch)]] * 3
+    settings = build_settings(version, gpu, precision, choice, requested)
+    paths = engine_paths(onnx_path.parent, onnx_path.stem, "", version, gpu)
+    digest = sha256_file(onnx_path)
+    reason = rebuild_reason(paths, digest, settings)
+    if reason is not None:
+        seconds, _ = build_engine(onnx_path, paths, choice, None, shapes, batch)
+        write_sidecar(paths, onnx_path.name, digest, settings, None, seconds)
+    return {"engine": str(paths["plan"]), "built": reason is not None, "reason": reason}

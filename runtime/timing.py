@@ -29,8 +29,6 @@ from coformer.runtime.engines import open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
 
 def summarise(latencies_ms: Sequence[float]) -> dict[str, float]:
     """median, mean, p90, p99, min, max (ms) and the count."""
@@ -90,12 +88,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(backend: str, threads: int, throttle_desc: str) -> dict[str, Any]:
+def environment(backend: str, threads: int, throttle_desc: str, precision: str = "fp32") -> dict[str, Any]:
     version = "unknown"
     if backend.startswith("onnxruntime"):
         import onnxruntime
 
         version = onnxruntime.__version__
+    elif backend == "tensorrt":
+        from coformer.runtime.tensorrt_backend import import_tensorrt
+
+        version = str(import_tensorrt().__version__)
     return {
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
@@ -103,7 +105,7 @@ def environment(backend: str, threads: int, throttle_desc: str) -> dict[str, Any
         "threads": threads,
         "backend": backend,
         "backend_version": version,
-        "precision": "fp32",
+        "precision": precision,
         "limits": throttle_desc,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -114,14 +116,31 @@ def random_inputs(engine, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray
     """Inputs matching the model's declared inputs; symbolic axes become ``batch``."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in engine.session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else batch for d in spec.shape]
-        dtype = _ORT_DTYPES.get(spec.type)
-        if dtype is None:
-            raise CoFormerError(f"input {spec.name} has type {spec.type}, which the benchmark cannot generate")
-        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype == np.float32
-                            else rng.integers(0, 2, size=shape).astype(dtype))
+    for name, dims, dtype in engine.input_specs():
+        shape = [batch if d is None else d for d in dims]
+        feeds[name] = (rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
+                       else rng.integers(0, 2, size=shape).astype(dtype))
     return feeds
+
+
+def trace_record(engine, start_ms: float, end_ms: float) -> dict[str, float]:
+    """One iteration in trtexec's ``--exportTimes`` fields, ms since the run's start.
+
+    On the CPU backend an inference is synchronous and moves nothing between host and
+    device: H2D and D2H are empty and compute spans the run. A GPU backend reports the
+    phases (``last_h2d_ms``, ``last_compute_ms``, ``last_d2h_ms``, ``last_enqueue_ms``):
+    they are laid end to end from the iteration's start, which is where trtexec's CUDA
+    events put them on one stream (choice written down: the host's start stands for the
+    first event, a few microseconds early)."""
+    h2d, d2h = float(getattr(engine, "last_h2d_ms", 0.0)), float(getattr(engine, "last_d2h_ms", 0.0))
+    if not h2d and not d2h:
+        return {"startEnqMs": start_ms, "endEnqMs": end_ms, "startH2dMs": start_ms, "endH2dMs": start_ms,
+                "startComputeMs": start_ms, "endComputeMs": end_ms, "startD2hMs": end_ms, "endD2hMs": end_ms}
+    compute = float(engine.last_compute_ms)
+    enqueue = float(getattr(engine, "last_enqueue_ms", compute))
+    a, b = start_ms + h2d, start_ms + h2d + compute
+    return {"startEnqMs": a, "endEnqMs": a + enqueue, "startH2dMs": start_ms, "endH2dMs": a,
+            "startComputeMs": a, "endComputeMs": b, "startD2hMs": b, "endD2hMs": b + d2h}
 
 
 def benchmark_engine(
@@ -138,6 +157,7 @@ def benchmark_engine(
     keep_samples: bool = False,
     duty_pauses: bool = True,
     keep_trace: bool = False,
+    precision: str = "fp16",
 ) -> Timing:
     """Benchmark one model file (see the module doc); the process is held to ``limits``.
 
@@ -151,18 +171,22 @@ def benchmark_engine(
     benchmark's (see ``coformer.runtime.profile``).
 
     ``keep_trace`` records every measured iteration in trtexec's ``--exportTimes`` fields
-    (``Timing.trace``, summarised by ``Timing.trtexec``). Choice written down: on the CPU
-    backend an inference is synchronous and moves no data between host and device, so
-    H2D and D2H are empty and the enqueue spans the run; "GPU Compute Time" is the engine's
-    own run, without the emulated device's duty-cycle idle (which ``compute_ms`` adds).
+    (``Timing.trace``, summarised by ``Timing.trtexec``; :func:`trace_record`). "GPU Compute
+    Time" is the engine's own run, without the emulated device's duty-cycle idle (which
+    ``compute_ms`` adds).
+
+    On ``tensorrt`` an ONNX ``path`` is built into an engine first (beside it, reused while it
+    matches) at ``precision``, with its dynamic axes at the shapes of ``inputs`` or at ``batch``.
     """
     if iterations < 1 or duration_s < 0 or warmup_ms < 0:
         raise CoFormerError(f"iterations {iterations} must be >= 1, duration {duration_s} and warm-up "
                             f"{warmup_ms} must be >= 0")
     throttle = apply_limits(limits, "benchmark")
     try:
-        with open_engine(Path(path), backend, threads) as engine:
+        shapes = {k: np.shape(v) for k, v in inputs.items()} if inputs is not None else None
+        with open_engine(Path(path), backend, threads, precision=precision, shapes=shapes, batch=batch) as engine:
             feeds = dict(inputs) if inputs is not None else random_inputs(engine, batch)
+            precision = getattr(engine, "precision", "fp32")
             end_warmup = time.perf_counter() + warmup_ms / 1e3
             while True:
                 engine.infer(feeds)
@@ -181,9 +205,7 @@ def benchmark_engine(
                 lat.append((time.perf_counter() - t0) * 1e3)
                 comp.append(engine.last_compute_ms + idle * 1e3)
                 if keep_trace:
-                    a, b = (t0 - start) * 1e3, (t1 - start) * 1e3
-                    trace.append({"startEnqMs": a, "endEnqMs": b, "startH2dMs": a, "endH2dMs": a,
-                                  "startComputeMs": a, "endComputeMs": b, "startD2hMs": b, "endD2hMs": b})
+                    trace.append(trace_record(engine, (t0 - start) * 1e3, (t1 - start) * 1e3))
             total = time.perf_counter() - start
     finally:
         throttle.release()
@@ -198,7 +220,7 @@ def benchmark_engine(
         warmup_ms=warmup_ms,
         batch=batch,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        environment=environment(backend, threads, throttle.describe()),
+        environment=environment(backend, threads, throttle.describe(), precision),
         compute_samples_ms=tuple(comp) if keep_samples else (),
         trace=tuple(trace),
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -160,3 +160,53 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [f"Total Host Walltime: {summary['Total Host Walltime']:g} s",
               f"Total GPU Compute Time: {summary['Total GPU Compute Time']:g} s"]
     return "\n".join(lines)
+
+
+def trtexec_command(onnx: Path, export_times: Path, warmup_ms: float = 200.0, iterations: int = 10,
+                    duration_s: float = 3.0, idle_ms: float = 0.0, precision: str = "fp16",
+                    shapes: Optional[Mapping[str, Sequence[int]]] = None, executable: str = "trtexec") -> list[str]:
+    """The trtexec command that times ``onnx`` as :func:`coformer.runtime.timing.benchmark_engine`
+    would, writing its ``--exportTimes`` JSON to ``export_times``.
+
+    trtexec takes whole milliseconds for ``--warmUp`` and ``--idleTime`` and whole seconds for
+    ``--duration`` (its option parser's types), so each is rounded up: a run is never shorter
+    than asked. ``--fp16`` is TensorRT 10's builder flag; TensorRT 11's trtexec builds
+    strongly typed, so time an fp16 ONNX there at ``precision="fp32"`` (no flag)."""
+    import math
+
+    if precision not in ("fp16", "fp32"):
+        raise CoFormerError(f"precision {precision!r} is not one of ['fp16', 'fp32']")
+    cmd = [executable, f"--onnx={onnx}", f"--warmUp={math.ceil(warmup_ms)}", f"--iterations={int(iterations)}",
+           f"--duration={max(1, math.ceil(duration_s))}", f"--idleTime={math.ceil(idle_ms)}",
+           f"--exportTimes={export_times}"]
+    if precision == "fp16":
+        cmd.append("--fp16")
+    if shapes:
+        cmd.append("--shapes=" + ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}"
+                                          for name, shape in shapes.items()))
+    return cmd
+
+
+def run_trtexec(onnx: Path, export_times: Path, executable: str = "trtexec", timeout_s: float = 600.0,
+                **options: Any) -> dict[str, Any]:
+    """Run trtexec on ``onnx`` (:func:`trtexec_command`) and import its times
+    (:func:`load_trtexec_times`); refuse in one line where trtexec is not on the PATH or fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which(executable)
+    if exe is None:
+        raise CoFormerError(f"{executable} is not on the PATH: it comes with TensorRT (on a Jetson, "
+                            "/usr/src/tensorrt/bin/trtexec; add that folder to PATH)")
+    Path(export_times).parent.mkdir(parents=True, exist_ok=True)
+    cmd = trtexec_command(onnx, export_times, executable=exe, **options)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise CoFormerError(f"trtexec on {onnx} ran past {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        last = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        raise CoFormerError(f"trtexec failed on {onnx} (exit {done.returncode}): {' | '.join(last)}")
+    times = load_trtexec_times(export_times)
+    times["command"] = cmd
+    return times

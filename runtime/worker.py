@@ -14,7 +14,7 @@ import numpy as np
 import zmq
 
 from coformer.runtime import protocol
-from coformer.runtime.engines import open_engine
+from coformer.runtime.engines import open_device_engines
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
@@ -121,6 +121,7 @@ def run_worker(
     keys: Optional[RoleKeys] = None,
     insecure: bool = False,
     backend: Optional[str] = None,
+    precision: str = "fp16",
 ) -> None:
     """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
 
@@ -140,7 +141,8 @@ def run_worker(
     needs ``insecure``.
 
     ``backend`` (:data:`coformer.runtime.engines.BACKENDS`) overrides the bundle's; one this
-    device cannot run is refused before anything connects.
+    device cannot run is refused before anything connects. On ``tensorrt`` the device's
+    engines are built at ``precision`` on first start (or whenever none matches), then loaded.
     """
     if backend is not None:
         from coformer.runtime.engines import check_backend
@@ -163,8 +165,8 @@ def run_worker(
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     try:
-        engines = {name: open_engine(Path(bundle_dir) / f, backend or art.backend, threads or art.threads)
-                   for name, f in art.model_files().items()}
+        engines = open_device_engines(bundle_dir, device, art.model_files(), backend or art.backend,
+                                      threads or art.threads, precision)
         sock.setsockopt(zmq.IDENTITY, device.encode())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))

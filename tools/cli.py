@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
                    help="what workers send their pooled features as: float16 halves the bytes on each link (the "
                    "search charges that; the report gives the accuracy both ways)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: also write every sub-model as an fp16 ONNX (float32 inputs and outputs) beside the "
+                   "float32 one, for TensorRT 11, which builds fp16 engines from fp16 ONNX only")
     p.add_argument("--latency-tokens", type=int, default=None,
                    help="text: the request length (tokens) the search predicts latency at, with profiles from a "
                    "language kit (default: the median length of the calibration texts)")
@@ -340,7 +343,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         use_labels=not args.unlabeled, compute=compute,
         checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
         model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress,
-        feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens)
+        feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens, onnx_precision=args.precision)
     if args.latency_tokens is not None:  # a bad length fails before the search's passes over data
         from coformer.compiler.pipeline import latency_tokens
 

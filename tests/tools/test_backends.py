@@ -76,3 +76,82 @@ def test_a_bundle_served_on_onnxruntime_cuda_answers_as_on_the_cpu(compiled):  #
     gpu = open_engine(path, "onnxruntime-cuda").infer({name: x})
     for k in cpu:
         np.testing.assert_allclose(gpu[k], cpu[k], atol=1e-3)
+
+
+def test_a_bundle_carries_check_inputs_that_its_models_take(compiled):  # noqa: F811
+    from coformer.runtime.engines import open_engine
+    from coformer.runtime.tensorrt_engines import CHECK_INPUTS, check_inputs
+
+    result, data = compiled
+    feeds, source = check_inputs(result.bundle_dir, result.manifest)
+    assert source == CHECK_INPUTS and CHECK_INPUTS in result.manifest.files  # checksummed with the rest
+    name = result.manifest.input.name
+    np.testing.assert_array_equal(feeds[name], data.val.head(3).numpy())  # the validation split's first three
+    with open_engine(result.bundle_dir / result.manifest.central.artifact) as engine:
+        assert next(iter(engine.infer(feeds).values())).shape[0] == 3
+
+
+def test_an_iobinding_splits_copies_from_compute_and_answers_as_a_plain_run(compiled):  # noqa: F811
+    # the onnxruntime-cuda path binds on "cuda"; the same calls on "cpu" run here, for real
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    result, data = compiled
+    path = result.bundle_dir / result.manifest.central.artifact
+    feeds = {result.manifest.input.name: data.test.head(4).numpy()}
+    with OnnxRuntimeEngine(path) as plain, OnnxRuntimeEngine(path, bind_device="cpu") as bound:
+        want, got = plain.infer(feeds), bound.infer(feeds)
+        assert plain.last_h2d_ms == plain.last_d2h_ms == 0.0
+        assert bound.last_compute_ms > 0 and bound.last_h2d_ms > 0 and bound.last_d2h_ms > 0
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_an_fp16_onnx_keeps_float32_inputs_and_outputs_and_stays_close(compiled, tmp_path):  # noqa: F811
+    import onnx
+
+    from coformer.compiler.lower import write_fp16_onnx
+    from coformer.runtime.engines import open_engine
+    from coformer.runtime.tensorrt_engines import check_inputs, fp16_name
+
+    result, _ = compiled
+    rel = result.manifest.central.artifact
+    feeds, _ = check_inputs(result.bundle_dir, result.manifest)
+    half = tmp_path / fp16_name(rel).split("/")[-1]
+    diff = write_fp16_onnx(result.bundle_dir / rel, half, feeds)
+    assert 0 < diff < 5e-2  # rounded, not identical, and close
+    model = onnx.load(str(half))
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} == {onnx.TensorProto.FLOAT}
+    weights = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in weights) > len(weights) / 2
+    with open_engine(half) as engine:  # the runtime feeds it as it feeds the float32 model
+        assert next(iter(engine.infer(feeds).values())).dtype == np.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _tensorrt_imports(), reason="needs TensorRT's Python bindings, cuda-python and a GPU")
+def test_engines_built_on_the_device_match_onnx_runtime_and_are_reused(compiled, tmp_path):  # noqa: F811
+    import shutil
+
+    from coformer.runtime.engines import open_device_engines
+    from coformer.runtime.tensorrt_engines import build_engines, check_inputs
+
+    result, _ = compiled
+    bundle = tmp_path / "bundle"
+    shutil.copytree(result.bundle_dir, bundle)
+    worker = next(d for d in result.manifest.devices if d.role == "worker")
+    first = build_engines(bundle, worker.device, "fp32")
+    assert [e["built"] for e in first] == [True]
+    assert first[0]["parity"]["inputs"] == "checks/inputs.npz" and first[0]["parity"]["max_abs_diff"] < 1e-3
+    assert [e["built"] for e in build_engines(bundle, worker.device, "fp32")] == [False]  # reused
+    assert [e["built"] for e in build_engines(bundle, worker.device, "fp16")] == [True]  # other settings
+    feeds, _ = check_inputs(bundle, result.manifest)
+    engines = open_device_engines(bundle, worker.device, worker.model_files(), "tensorrt", 1, "fp16")
+    try:
+        (engine,) = engines.values()
+        out = engine.infer({k: v[:1] for k, v in feeds.items()})
+        assert engine.last_compute_ms > 0 and engine.last_h2d_ms > 0 and engine.last_d2h_ms > 0
+        assert next(iter(out.values())).shape[0] == 1
+    finally:
+        for e in engines.values():
+            e.close()

@@ -46,7 +46,8 @@ def test_bundle_manifest_describes_the_compiled_policy(compiled):
     assert m.central.device == "edge-a" and len(m.workers) == 2
     assert all(v < 1e-4 for v in m.parity.values())
     assert m.input.shape == (1, 16, 16) and m.labels == [str(i) for i in range(10)]
-    assert set(m.files) == {d.artifact for d in m.devices} | {m.aggregator} | {f["aggregator"] for f in m.fallbacks}
+    assert set(m.files) == ({d.artifact for d in m.devices} | {m.aggregator} | {f["aggregator"] for f in m.fallbacks}
+                            | {"checks/inputs.npz"})
     # a fallback aggregator for every non-empty set of the two workers, each with its test score
     assert sorted(tuple(f["missing"]) for f in m.fallbacks) == [("edge-b",), ("edge-b", "edge-c"), ("edge-c",)]
     assert all(0.0 <= f["score"] <= 1.0 for f in m.fallbacks)
