@@ -170,7 +170,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
         profile = {}
         for i in range(net.num_inputs):
             tensor = net.get_input(i)
-            own = [int(batch) if i == 0 and int(d) < 0 else max(1, int(d)) for i, d in enumerate(tensor.shape)]
+            own = [int(batch) if axis == 0 and int(d) < 0 else max(1, int(d)) for axis, d in enumerate(tensor.shape)]
             shape = [int(d) for d in (shapes or {}).get(tensor.name, own)]
             profile[tensor.name] = [shape, shape, shape]
     prof = Profile()
