@@ -1,5 +1,5 @@
 """PRISM: position-wise partitioning with Segment Means (issue 23, in part: the strategy's
-arithmetic, for timm ViT/DeiT; BERT, GPT-2, compile, serve and bench are still to come).
+arithmetic, for timm ViT/DeiT, HF BERT and HF GPT-2; compile, serve and bench are still to come).
 
 Qazi, Iosifidis and Zhang, "PRISM: Distributed Inference for Foundation Models at Edge"
 (arXiv 2507.12145; the abstract is ``../shared/paper/prism-abstract.txt``). Every device
@@ -43,7 +43,7 @@ max abs diff <= 1e-5); CR > 1 is the approximation whose accuracy the bench will
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +82,23 @@ def segment_means(x: torch.Tensor, cr: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def segment_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cr: int,
-                      scale: float, causal: bool = False) -> list[torch.Tensor]:
+                      scale: float, causal: bool = False,
+                      key_masks: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
     """PRISM attention of every device's queries (module doc); each list holds one tensor per
-    device, ``[B, heads, n_p, head_dim]``. Returns each device's attention output."""
-    summaries = [segment_means(torch.cat([kp, vp], dim=-1), cr) for kp, vp in zip(k, v)]
+    device, ``[B, heads, n_p, head_dim]``. Returns each device's attention output.
+
+    ``key_masks`` (one ``[B, n_p]`` bool per device, True where a position is a real token)
+    leave padding out: out of a device's own keys, and out of its segment means, whose
+    sizes count real tokens only (a segment of padding alone weighs ``log 0``: nothing)."""
+    B = q[0].shape[0]
+    masks = list(key_masks) if key_masks is not None else [torch.ones(B, kp.shape[-2], dtype=torch.bool) for kp in k]
+    summaries = []
+    for kp, vp, m in zip(k, v, masks):
+        kv = torch.cat([kp, vp], dim=-1) * m[:, None, :, None]
+        sums, counts = segment_means(kv, cr)  # means of the masked values, and the segment lengths
+        real, _ = segment_means(m[:, None, :, None].to(kv.dtype), cr)  # share of real tokens per segment
+        n_real = real[..., 0] * counts  # [B, 1, segments]
+        summaries.append((sums * counts[:, None] / n_real.clamp(min=1)[..., None], torch.log(n_real)))
     out = []
     for p, qp in enumerate(q):
         keys, values, bias = [], [], []
@@ -93,17 +106,18 @@ def segment_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: S
             if j == p:
                 keys.append(kj)
                 values.append(vj)
-                bias.append(torch.zeros(kj.shape[-2], dtype=qp.dtype))
+                bias.append(torch.zeros(B, 1, kj.shape[-2], dtype=qp.dtype).masked_fill(~masks[j][:, None, :],
+                                                                                         float("-inf")))
             elif causal and j > p:
                 continue  # every position of a later device is later than all of p's
             else:
-                (kv, sizes), d = summaries[j], kj.shape[-1]
+                (kv, log_n), d = summaries[j], kj.shape[-1]
                 keys.append(kv[..., :d])
                 values.append(kv[..., d:])
-                bias.append(torch.log(sizes))
-        logits = (qp * scale) @ torch.cat(keys, dim=-2).transpose(-2, -1) + torch.cat(bias)
+                bias.append(log_n)
+        logits = (qp * scale) @ torch.cat(keys, dim=-2).transpose(-2, -1) + torch.cat(bias, dim=-1)[:, :, None, :]
         if causal:  # within its own share, a position sees itself and what precedes it
-            n_p, before = qp.shape[-2], sum(b.shape[0] for b in bias[:p])
+            n_p, before = qp.shape[-2], sum(b.shape[-1] for b in bias[:p])
             own = torch.ones(n_p, n_p, dtype=torch.bool).tril()
             allowed = torch.cat([torch.ones(n_p, before, dtype=torch.bool), own], dim=1)
             logits = logits.masked_fill(~allowed, float("-inf"))
@@ -160,6 +174,77 @@ def prism_vit_forward(model, x: torch.Tensor, shares: Sequence[int], cr: int) ->
         skip = model.num_prefix_tokens
         pooled = (sum(p.sum(dim=1) for p in parts) - torch.cat(parts, 1)[:, :skip].sum(dim=1)) / (h.shape[1] - skip)
     return model.head(model.head_drop(model.fc_norm(pooled)))
+
+
+@torch.no_grad()
+def prism_gpt2_forward(model, input_ids: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
+    """A HF GPT-2's last hidden states (after ``ln_f``, ``[B, T, d]``) with its positions
+    partitioned into ``shares`` at compression rate ``cr``, under the partition-aware causal
+    mask (module doc). ``model`` is a ``GPT2Model`` or any GPT-2 with a ``transformer``."""
+    tr = getattr(model, "transformer", model)
+    if not hasattr(tr, "wte") or not hasattr(tr, "h"):
+        raise CoFormerError(f"PRISM's GPT-2 forward takes a HF GPT-2; got {type(model).__name__}")
+    T = input_ids.shape[1]
+    if sum(shares) != T or any(s < 1 for s in shares):
+        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {T} positions")
+    h = tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(T).unsqueeze(0)))
+    parts = list(torch.split(h, list(shares), dim=1))
+    for i, block in enumerate(tr.h):
+        attn = block.attn
+        scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
+        if attn.scale_attn_by_inverse_layer_idx:
+            scale /= float(i + 1)
+        qs, ks, vs = [], [], []
+        for x in parts:
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
+            B, n, _ = q.shape
+            qs.append(q.view(B, n, -1, attn.head_dim).transpose(1, 2))
+            ks.append(k.view(B, n, -1, attn.head_dim).transpose(1, 2))
+            vs.append(v.view(B, n, -1, attn.head_dim).transpose(1, 2))
+        outs = segment_attention(qs, ks, vs, cr, scale, causal=True)
+        new = []
+        for x, o in zip(parts, outs):
+            B, _, n, _ = o.shape
+            x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, n, -1)))
+            new.append(x + block.mlp(block.ln_2(x)))
+        parts = new
+    return tr.ln_f(torch.cat(parts, dim=1))
+
+
+@torch.no_grad()
+def prism_bert_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shares: Sequence[int], cr: int,
+                       token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A HF BERT's last hidden states and pooler output with its positions partitioned into
+    ``shares`` at compression rate ``cr`` (module doc). Padding (``attention_mask == 0``) is
+    left out of every device's keys and segment means. The pooler reads the class token, on
+    the first device."""
+    bert = getattr(model, "bert", model)
+    if not hasattr(bert, "embeddings") or not hasattr(bert, "encoder"):
+        raise CoFormerError(f"PRISM's BERT forward takes a HF BERT; got {type(model).__name__}")
+    T = input_ids.shape[1]
+    if sum(shares) != T or any(s < 1 for s in shares):
+        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {T} positions")
+    h = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    parts = list(torch.split(h, list(shares), dim=1))
+    masks = list(torch.split(attention_mask.bool(), list(shares), dim=1))
+    for layer in bert.encoder.layer:
+        sa, so = layer.attention.self, layer.attention.output
+        qs, ks, vs = [], [], []
+        for x in parts:
+            B, n, _ = x.shape
+            shape = (B, n, -1, sa.attention_head_size)
+            qs.append(sa.query(x).view(shape).transpose(1, 2))
+            ks.append(sa.key(x).view(shape).transpose(1, 2))
+            vs.append(sa.value(x).view(shape).transpose(1, 2))
+        outs = segment_attention(qs, ks, vs, cr, sa.scaling, key_masks=masks)
+        new = []
+        for x, o in zip(parts, outs):
+            B, _, n, _ = o.shape
+            a = so.LayerNorm(so.dense(o.transpose(1, 2).reshape(B, n, -1)) + x)
+            new.append(layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a))
+        parts = new
+    hidden = torch.cat(parts, dim=1)
+    return hidden, (bert.pooler(hidden) if bert.pooler is not None else None)
 
 
 def communication(shares: Sequence[int], cr: int, embed_dim: int, depth: int, via: str = "central",

@@ -87,3 +87,55 @@ def test_communication_counts_the_segment_means_and_falls_as_the_paper_says():
     assert one["reduction"] == 0 and one["bytes_per_inference"] == one["uncompressed_bytes"]
     # through the central node: workers' means go up once, and everyone's come down to each worker
     assert one["bytes_per_inference"] == 3 * 2 * 48 * 4 * ((5 + 3) + (9 + 3) + (9 + 5))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+def test_cr_1_reproduces_gpt2_and_a_later_token_never_moves_an_earlier_output():
+    from coformer.compiler.prism import prism_gpt2_forward
+
+    model = _gpt2()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    for shares in ([12], [5, 4, 3]):
+        assert (prism_gpt2_forward(model, ids, shares, 1) - want).abs().max().item() <= 1e-5, shares
+    for cr in (1, 2, 4):
+        base = prism_gpt2_forward(model, ids, [5, 4, 3], cr)
+        for later in (6, 11):
+            changed = ids.clone()
+            changed[:, later] = (changed[:, later] + 7) % 50
+            moved = prism_gpt2_forward(model, changed, [5, 4, 3], cr)
+            assert torch.equal(moved[:, :later], base[:, :later]), (cr, later)
+            assert not torch.equal(moved[:, later], base[:, later])
+
+
+def test_cr_1_reproduces_bert_with_padding_left_out():
+    from transformers import BertConfig, BertModel
+
+    from coformer.compiler.prism import prism_bert_forward
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()
+    ids = torch.randint(5, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # the second text is 7 tokens long: its padding spans two devices' shares
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask)
+    for shares in ([12], [5, 4, 3]):
+        hidden, pooled = prism_bert_forward(model, ids, mask, shares, 1)
+        real = mask.bool()
+        assert (hidden[real] - want.last_hidden_state[real]).abs().max().item() <= 1e-5, shares
+        assert (pooled - want.pooler_output).abs().max().item() <= 1e-5, shares
+    # at CR > 1 what the padding holds still changes nothing
+    other = ids.clone()
+    other[1, 7:] = 9
+    a, _ = prism_bert_forward(model, ids, mask, [5, 4, 3], 4)
+    b, _ = prism_bert_forward(model, other, mask, [5, 4, 3], 4)
+    assert (a[1, :7] - b[1, :7]).abs().max().item() <= 1e-6
