@@ -70,6 +70,19 @@ def share_positions(n: int, speeds: Sequence[float]) -> list[int]:
     return counts
 
 
+def split_shares(h: torch.Tensor, shares: Sequence[int]) -> list[torch.Tensor]:
+    """``h`` (``[B, T, d]``) cut into the devices' contiguous shares of its positions."""
+    if sum(shares) != h.shape[1] or any(s < 1 for s in shares):
+        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {h.shape[1]} positions")
+    return list(torch.split(h, list(shares), dim=1))
+
+
+def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, n, heads * head_dim]`` -> ``[B, heads, n, head_dim]``."""
+    B, n, _ = t.shape
+    return t.view(B, n, -1, head_dim).transpose(1, 2)
+
+
 def segment_means(x: torch.Tensor, cr: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Means of ``x`` (``[..., n, d]``) over segments of ``cr`` consecutive positions, and each
     segment's size (the last may be shorter): ``[..., ceil(n / cr), d]``, ``[ceil(n / cr)]``."""
@@ -162,9 +175,7 @@ def prism_vit_forward(model, x: torch.Tensor, shares: Sequence[int], cr: int) ->
         raise CoFormerError(f"PRISM pools by the class token or the average; this model pools by "
                             f"{model.global_pool!r}")
     h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-    if sum(shares) != h.shape[1] or any(s < 1 for s in shares):
-        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {h.shape[1]} positions")
-    parts = list(torch.split(h, list(shares), dim=1))
+    parts = split_shares(h, shares)
     for block in model.blocks:
         parts = _vit_block(block, parts, cr)
     parts = [model.norm(p) for p in parts]
@@ -184,11 +195,8 @@ def prism_gpt2_forward(model, input_ids: torch.Tensor, shares: Sequence[int], cr
     tr = getattr(model, "transformer", model)
     if not hasattr(tr, "wte") or not hasattr(tr, "h"):
         raise CoFormerError(f"PRISM's GPT-2 forward takes a HF GPT-2; got {type(model).__name__}")
-    T = input_ids.shape[1]
-    if sum(shares) != T or any(s < 1 for s in shares):
-        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {T} positions")
-    h = tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(T).unsqueeze(0)))
-    parts = list(torch.split(h, list(shares), dim=1))
+    h = tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(input_ids.shape[1]).unsqueeze(0)))
+    parts = split_shares(h, shares)
     for i, block in enumerate(tr.h):
         attn = block.attn
         scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
@@ -197,10 +205,9 @@ def prism_gpt2_forward(model, input_ids: torch.Tensor, shares: Sequence[int], cr
         qs, ks, vs = [], [], []
         for x in parts:
             q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
-            B, n, _ = q.shape
-            qs.append(q.view(B, n, -1, attn.head_dim).transpose(1, 2))
-            ks.append(k.view(B, n, -1, attn.head_dim).transpose(1, 2))
-            vs.append(v.view(B, n, -1, attn.head_dim).transpose(1, 2))
+            qs.append(_heads(q, attn.head_dim))
+            ks.append(_heads(k, attn.head_dim))
+            vs.append(_heads(v, attn.head_dim))
         outs = segment_attention(qs, ks, vs, cr, scale, causal=True)
         new = []
         for x, o in zip(parts, outs):
@@ -221,21 +228,16 @@ def prism_bert_forward(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     bert = getattr(model, "bert", model)
     if not hasattr(bert, "embeddings") or not hasattr(bert, "encoder"):
         raise CoFormerError(f"PRISM's BERT forward takes a HF BERT; got {type(model).__name__}")
-    T = input_ids.shape[1]
-    if sum(shares) != T or any(s < 1 for s in shares):
-        raise CoFormerError(f"shares {list(shares)} must be positive and sum to the {T} positions")
     h = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-    parts = list(torch.split(h, list(shares), dim=1))
+    parts = split_shares(h, shares)
     masks = list(torch.split(attention_mask.bool(), list(shares), dim=1))
     for layer in bert.encoder.layer:
         sa, so = layer.attention.self, layer.attention.output
         qs, ks, vs = [], [], []
         for x in parts:
-            B, n, _ = x.shape
-            shape = (B, n, -1, sa.attention_head_size)
-            qs.append(sa.query(x).view(shape).transpose(1, 2))
-            ks.append(sa.key(x).view(shape).transpose(1, 2))
-            vs.append(sa.value(x).view(shape).transpose(1, 2))
+            qs.append(_heads(sa.query(x), sa.attention_head_size))
+            ks.append(_heads(sa.key(x), sa.attention_head_size))
+            vs.append(_heads(sa.value(x), sa.attention_head_size))
         outs = segment_attention(qs, ks, vs, cr, sa.scaling, key_masks=masks)
         new = []
         for x, o in zip(parts, outs):
@@ -254,16 +256,16 @@ def communication(shares: Sequence[int], cr: int, embed_dim: int, depth: int, vi
     if via not in ("central", "direct"):
         raise CoFormerError(f"via {via!r} is not one of ['central', 'direct']")
     P = len(shares)
-    sent = [2 * embed_dim * math.ceil(n / cr) * bytes_per_value for n in shares]
-    if via == "direct":
-        per_layer = sum(s * (P - 1) for s in sent)
-    else:  # each worker sends its means up once; the central node forwards everyone's to each worker
-        per_layer = sum(sent[1:]) + sum(sum(sent) - sent[w] for w in range(1, P))
-    full = [2 * embed_dim * n * bytes_per_value for n in shares]
-    if via == "direct":
-        uncompressed = sum(s * (P - 1) for s in full)
-    else:
-        uncompressed = sum(full[1:]) + sum(sum(full) - full[w] for w in range(1, P))
+
+    def exchanged(segments: Sequence[int]) -> int:
+        sent = [2 * embed_dim * m * bytes_per_value for m in segments]
+        if via == "direct":
+            return sum(x * (P - 1) for x in sent)
+        # each worker sends its means up once; the central node forwards everyone's to each worker
+        return sum(sent[1:]) + sum(sum(sent) - sent[w] for w in range(1, P))
+
+    per_layer = exchanged([math.ceil(n / cr) for n in shares])
+    uncompressed = exchanged(list(shares))
     return {"bytes_per_inference": float(per_layer * depth), "rounds_per_inference": float(depth),
             "uncompressed_bytes": float(uncompressed * depth),
             "reduction": 1 - per_layer / uncompressed if uncompressed else 0.0}

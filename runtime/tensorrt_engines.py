@@ -146,9 +146,9 @@ def write_sidecar(paths: Mapping[str, Path], onnx_file: str, onnx_sha256: str, s
 
 def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str, Any],
                  profile: Optional[Mapping[str, Any]] = None,
-                 shapes: Optional[Mapping[str, Any]] = None, batch: int = 1) -> tuple[float, dict[str, list[list[int]]]]:
+                 shapes: Optional[Mapping[str, Any]] = None, batch: int = 1) -> float:
     """Build one engine with Polygraphy and write it to ``paths['plan']`` atomically, with the
-    timing cache loaded and saved; returns the build seconds and the profile built with.
+    timing cache loaded and saved; returns the build seconds.
 
     ``profile`` (input name -> min/opt/max) is a bundle's (:func:`optimization_profile`);
     without it, every input's profile is its shape in ``shapes``, or the ONNX's own shape
@@ -184,7 +184,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
     if engine_bytes is None:
         raise CoFormerError(f"TensorRT could not build an engine from {onnx_path} (see TensorRT's log above)")
     atomic_write_bytes(Path(paths["plan"]), bytes(engine_bytes))
-    return time.perf_counter() - start, {k: [list(s) for s in v] for k, v in profile.items()}
+    return time.perf_counter() - start
 
 
 def cuda_device(index: int = 0) -> tuple[str, tuple[int, int]]:
@@ -284,7 +284,7 @@ def build_engines(bundle_dir: Path, device: str, precision: str = "fp16") -> lis
                         "parity": read_json(paths["sidecar"], "")["parity"]})
             continue
         source = fp16_name(rel) if choice["onnx"] == "fp16" else rel
-        seconds, _ = build_engine(Path(bundle_dir) / source, paths, choice, profile)
+        seconds = build_engine(Path(bundle_dir) / source, paths, choice, profile)
         feeds, where = check_inputs(bundle_dir, manifest)
         parity = measure_parity(paths["plan"], Path(bundle_dir) / rel, feeds, where)
         write_sidecar(paths, rel, manifest.files[rel], settings, parity, seconds)
@@ -315,6 +315,6 @@ def engine_for_onnx(onnx_path: Path, precision: str = "fp16", shapes: Optional[M
     digest = sha256_file(onnx_path)
     reason = rebuild_reason(paths, digest, settings)
     if reason is not None:
-        seconds, _ = build_engine(onnx_path, paths, choice, None, shapes, batch)
+        seconds = build_engine(onnx_path, paths, choice, None, shapes, batch)
         write_sidecar(paths, onnx_path.name, digest, settings, None, seconds)
     return {"engine": str(paths["plan"]), "built": reason is not None, "reason": reason}
