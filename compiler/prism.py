@@ -94,73 +94,115 @@ def segment_means(x: torch.Tensor, cr: int) -> tuple[torch.Tensor, torch.Tensor]
     return means, sizes
 
 
+def key_bias(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` bool (True: a real token) -> the logit bias ``[B, 1, n]``: 0, or -inf for padding."""
+    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))[:, None, :]
+
+
+def summarize(k: torch.Tensor, v: torch.Tensor, cr: int,
+              mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one device sends of a layer (module doc): the Segment Means of its keys and values,
+    ``[B, heads, ceil(n / cr), 2 * head_dim]`` (K then V on the last axis), over real tokens
+    only when ``mask`` (``[B, n]`` bool) is given, and each mean's bias ``log(real positions)``,
+    ``[B, 1, segments]`` (``-inf`` for a segment of padding alone: it weighs nothing)."""
+    B = k.shape[0]
+    m = torch.ones(B, k.shape[-2], dtype=torch.bool) if mask is None else mask
+    kv = torch.cat([k, v], dim=-1) * m[:, None, :, None].to(k.dtype)
+    means, sizes = segment_means(kv, cr)  # means of the masked values, and the segment lengths
+    real, _ = segment_means(m[:, None, :, None].to(k.dtype), cr)  # share of real tokens per segment
+    n_real = real[..., 0] * sizes  # [B, 1, segments]
+    return means * sizes[:, None] / n_real.clamp(min=1)[..., None], torch.log(n_real)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own_bias: torch.Tensor, scale: float,
+           others: Optional[torch.Tensor] = None, others_bias: Optional[torch.Tensor] = None,
+           causal: bool = False) -> torch.Tensor:
+    """One device's PRISM attention (module doc): its queries ``q`` over its own keys and values
+    (``[B, heads, n, head_dim]``, ``own_bias`` ``[B, 1, n]`` from :func:`key_bias`) and over
+    ``others``, the other devices' summaries (:func:`summarize`) concatenated on the segment axis,
+    with their ``others_bias``. With ``causal`` a position sees only itself and what precedes it
+    in its own share; ``others`` must then hold only earlier devices' segments."""
+    keys, values, bias = k, v, own_bias
+    if others is not None and others.shape[-2] > 0:
+        d = k.shape[-1]
+        keys = torch.cat([k, others[..., :d]], dim=-2)
+        values = torch.cat([v, others[..., d:]], dim=-2)
+        bias = torch.cat([own_bias, others_bias], dim=-1)
+    logits = (q * scale) @ keys.transpose(-2, -1) + bias[:, :, None, :]
+    if causal:
+        n = q.shape[-2]
+        allowed = torch.cat([torch.ones(n, n, dtype=torch.bool).tril(),
+                             torch.ones(n, keys.shape[-2] - n, dtype=torch.bool)], dim=1)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return F.softmax(logits, dim=-1) @ values
+
+
 def segment_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], cr: int,
                       scale: float, causal: bool = False,
                       key_masks: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
     """PRISM attention of every device's queries (module doc); each list holds one tensor per
-    device, ``[B, heads, n_p, head_dim]``. Returns each device's attention output.
+    device, ``[B, heads, n_p, head_dim]``. Returns each device's attention output: what
+    :func:`attend` gives each device after the exchange of :func:`summarize`'s means.
 
     ``key_masks`` (one ``[B, n_p]`` bool per device, True where a position is a real token)
     leave padding out: out of a device's own keys, and out of its segment means, whose
     sizes count real tokens only (a segment of padding alone weighs ``log 0``: nothing)."""
     B = q[0].shape[0]
     masks = list(key_masks) if key_masks is not None else [torch.ones(B, kp.shape[-2], dtype=torch.bool) for kp in k]
-    summaries = []
-    for kp, vp, m in zip(k, v, masks):
-        kv = torch.cat([kp, vp], dim=-1) * m[:, None, :, None]
-        sums, counts = segment_means(kv, cr)  # means of the masked values, and the segment lengths
-        real, _ = segment_means(m[:, None, :, None].to(kv.dtype), cr)  # share of real tokens per segment
-        n_real = real[..., 0] * counts  # [B, 1, segments]
-        summaries.append((sums * counts[:, None] / n_real.clamp(min=1)[..., None], torch.log(n_real)))
+    summaries = [summarize(kp, vp, cr, m) for kp, vp, m in zip(k, v, masks)]
     out = []
     for p, qp in enumerate(q):
-        keys, values, bias = [], [], []
-        for j, (kj, vj) in enumerate(zip(k, v)):
-            if j == p:
-                keys.append(kj)
-                values.append(vj)
-                bias.append(torch.zeros(B, 1, kj.shape[-2], dtype=qp.dtype).masked_fill(~masks[j][:, None, :],
-                                                                                         float("-inf")))
-            elif causal and j > p:
-                continue  # every position of a later device is later than all of p's
-            else:
-                (kv, log_n), d = summaries[j], kj.shape[-1]
-                keys.append(kv[..., :d])
-                values.append(kv[..., d:])
-                bias.append(log_n)
-        logits = (qp * scale) @ torch.cat(keys, dim=-2).transpose(-2, -1) + torch.cat(bias, dim=-1)[:, :, None, :]
-        if causal:  # within its own share, a position sees itself and what precedes it
-            n_p, before = qp.shape[-2], sum(b.shape[-1] for b in bias[:p])
-            own = torch.ones(n_p, n_p, dtype=torch.bool).tril()
-            allowed = torch.cat([torch.ones(n_p, before, dtype=torch.bool), own], dim=1)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        out.append(F.softmax(logits, dim=-1) @ torch.cat(values, dim=-2))
+        seen = [j for j in range(len(q)) if j != p and not (causal and j > p)]  # a later device: all later
+        others = torch.cat([summaries[j][0] for j in seen], dim=-2) if seen else None
+        others_bias = torch.cat([summaries[j][1] for j in seen], dim=-1) if seen else None
+        out.append(attend(qp, k[p], v[p], key_bias(masks[p]), scale, others, others_bias, causal))
     return out
+
+
+def vit_qkv(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm ViT block's queries, keys and values of the positions ``x`` (``[B, heads, n, hd]``)."""
+    attn = block.attn
+    B, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def vit_finish(block, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a timm ViT block, from its attention's output ``o`` (``[B, heads, n, hd]``)."""
+    attn = block.attn
+    B, _, n, _ = o.shape
+    o = attn.norm(o.transpose(1, 2).reshape(B, n, -1))
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(block.norm1(x)).sigmoid()
+    x = x + block.ls1(attn.proj(o))
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
+def bert_qkv(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A HF BERT layer's queries, keys and values of the positions ``x``."""
+    sa = layer.attention.self
+    return tuple(_heads(f(x), sa.attention_head_size) for f in (sa.query, sa.key, sa.value))
+
+
+def bert_finish(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a HF BERT layer, from its attention's output ``o``."""
+    so = layer.attention.output
+    B, _, n, _ = o.shape
+    a = so.LayerNorm(so.dense(o.transpose(1, 2).reshape(B, n, -1)) + x)
+    return layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a)
+
+
+def bert_scale(layer) -> float:
+    sa = layer.attention.self
+    return float(getattr(sa, "scaling", sa.attention_head_size ** -0.5))
 
 
 def _vit_block(block, parts: list[torch.Tensor], cr: int, causal: bool = False) -> list[torch.Tensor]:
     """One timm ViT block over the devices' shares, its attention as :func:`segment_attention`."""
-    attn = block.attn
-    qs, ks, vs, gates = [], [], [], []
-    for x in parts:
-        h = block.norm1(x)
-        B, n, _ = h.shape
-        qkv = attn.qkv(h).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        qs.append(attn.q_norm(q))
-        ks.append(attn.k_norm(k))
-        vs.append(v)
-        gates.append(attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None)
-    outs = segment_attention(qs, ks, vs, cr, attn.scale, causal)
-    new = []
-    for x, o, gate in zip(parts, outs, gates):
-        B, _, n, _ = o.shape
-        o = attn.norm(o.transpose(1, 2).reshape(B, n, -1))
-        if gate is not None:
-            o = o * gate
-        x = x + block.ls1(attn.proj(o))
-        new.append(x + block.ls2(block.mlp(block.norm2(x))))
-    return new
+    qs, ks, vs = zip(*[vit_qkv(block, x) for x in parts])
+    outs = segment_attention(qs, ks, vs, cr, block.attn.scale, causal)
+    return [vit_finish(block, x, o) for x, o in zip(parts, outs)]
 
 
 @torch.no_grad()
@@ -232,40 +274,41 @@ def prism_bert_forward(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     parts = split_shares(h, shares)
     masks = list(torch.split(attention_mask.bool(), list(shares), dim=1))
     for layer in bert.encoder.layer:
-        sa, so = layer.attention.self, layer.attention.output
-        qs, ks, vs = [], [], []
-        for x in parts:
-            qs.append(_heads(sa.query(x), sa.attention_head_size))
-            ks.append(_heads(sa.key(x), sa.attention_head_size))
-            vs.append(_heads(sa.value(x), sa.attention_head_size))
-        outs = segment_attention(qs, ks, vs, cr, sa.scaling, key_masks=masks)
-        new = []
-        for x, o in zip(parts, outs):
-            B, _, n, _ = o.shape
-            a = so.LayerNorm(so.dense(o.transpose(1, 2).reshape(B, n, -1)) + x)
-            new.append(layer.output.LayerNorm(layer.output.dense(layer.intermediate(a)) + a))
-        parts = new
+        qs, ks, vs = zip(*[bert_qkv(layer, x) for x in parts])
+        outs = segment_attention(qs, ks, vs, cr, bert_scale(layer), key_masks=masks)
+        parts = [bert_finish(layer, x, o) for x, o in zip(parts, outs)]
     hidden = torch.cat(parts, dim=1)
     return hidden, (bert.pooler(hidden) if bert.pooler is not None else None)
 
 
 def communication(shares: Sequence[int], cr: int, embed_dim: int, depth: int, via: str = "central",
-                  bytes_per_value: int = 4) -> dict[str, float]:
+                  bytes_per_value: int = 4, workers_skip_last: bool = False, sums: int = 0) -> dict[str, float]:
     """Bytes and rounds one inference exchanges (module doc): per layer, each device's K and V
-    segment means (``2 * embed_dim`` values per segment) reach every other device."""
+    segment means (``2 * embed_dim`` values per segment) reach every other device.
+
+    As served (:mod:`coformer.compiler.prism_bundle`): with ``workers_skip_last`` (a class-token
+    model, whose answer is on the central node) the last layer's means only reach the central
+    node; with ``sums`` (mean pooling) every worker then sends that many values of its share's
+    pooled sum, in one more round."""
     if via not in ("central", "direct"):
         raise CoFormerError(f"via {via!r} is not one of ['central', 'direct']")
     P = len(shares)
 
-    def exchanged(segments: Sequence[int]) -> int:
+    def exchanged(segments: Sequence[int], to_workers: bool = True) -> int:
         sent = [2 * embed_dim * m * bytes_per_value for m in segments]
+        if not to_workers:  # every worker's means reach the central node only
+            return sum(sent[1:])
         if via == "direct":
             return sum(x * (P - 1) for x in sent)
         # each worker sends its means up once; the central node forwards everyone's to each worker
         return sum(sent[1:]) + sum(sum(sent) - sent[w] for w in range(1, P))
 
-    per_layer = exchanged([math.ceil(n / cr) for n in shares])
-    uncompressed = exchanged(list(shares))
-    return {"bytes_per_inference": float(per_layer * depth), "rounds_per_inference": float(depth),
-            "uncompressed_bytes": float(uncompressed * depth),
-            "reduction": 1 - per_layer / uncompressed if uncompressed else 0.0}
+    def total(segments: Sequence[int]) -> int:
+        return (exchanged(segments) * (depth - 1) + exchanged(segments, not workers_skip_last)
+                + (P - 1) * sums * bytes_per_value)
+
+    compressed = total([math.ceil(n / cr) for n in shares])
+    uncompressed = total(list(shares))
+    return {"bytes_per_inference": float(compressed), "rounds_per_inference": float(depth + (1 if sums else 0)),
+            "uncompressed_bytes": float(uncompressed),
+            "reduction": 1 - compressed / uncompressed if uncompressed else 0.0}

@@ -2,9 +2,11 @@
 worker's pooled features X_n, applies the aggregator and the teacher's head
 (paper eq. 2) and answers the client.
 
-The same node drives the baselines ``coformer bench`` compares against (the
-manifest's ``strategy``): the teacher alone, a layer pipeline and tensor
-parallelism, so every strategy is measured through one runtime.
+The same node drives PRISM (every device on its share of the positions, one round of
+K/V Segment Means per layer: :mod:`coformer.runtime.prism`) and the baselines
+``coformer bench`` compares against (the manifest's ``strategy``): the teacher alone,
+a layer pipeline and tensor parallelism, so every strategy is measured through one
+runtime.
 
 Sockets: a ROUTER ``front`` for clients and a ROUTER ``back`` that workers
 connect to. Requests wait in a bounded queue (``busy`` past it); the oldest is
@@ -257,7 +259,7 @@ class CentralNode:
         t = head[1].tensor
         rows = t.shape[0]
         indexed = head[1].header.get("input_index") is not None
-        while (self._queue and len(group) < self.batch_requests and self.manifest.strategy == "coformer"):
+        while (self._queue and len(group) < self.batch_requests and self.manifest.strategy in ("coformer", "prism")):
             nxt = self._queue[0][1]
             nt = nxt.tensor
             if (nt.dtype != t.dtype or nt.shape[1:] != t.shape[1:] or rows + nt.shape[0] > self.in_limits.max_batch
@@ -337,9 +339,9 @@ class CentralNode:
         if msg.tensor is None:
             raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
         index = msg.header.get("input_index")
-        if index is not None and self.manifest.strategy != "coformer":
-            raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer bundles, this one is "
-                                                       f"{self.manifest.strategy!r}")
+        if index is not None and self.manifest.strategy not in ("coformer", "prism"):
+            raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer and PRISM bundles, this "
+                                                       f"one is {self.manifest.strategy!r}")
         if index is not None and (not isinstance(index, list) or len(index) != msg.tensor.shape[0]):
             raise protocol.ProtocolError("bad_index", f"input_index {index!r} must list one row per sample of the "
                                                       f"batch of {msg.tensor.shape[0]}")
@@ -356,7 +358,7 @@ class CentralNode:
         acct = _Account()
         acct.deadline = deadline
         run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
-               "tensor_parallel": self._run_tensor_parallel}[self.manifest.strategy]
+               "tensor_parallel": self._run_tensor_parallel, "prism": self._run_prism}[self.manifest.strategy]
         out = run(x, index, acct)
         t_end = time.perf_counter()
         return out, dict(
@@ -383,11 +385,15 @@ class CentralNode:
         )
 
     # -- strategies ------------------------------------------------------
-    def _run_own(self, name: str, x: np.ndarray, acct: "_Account") -> np.ndarray:
-        """One of the central node's models on ``x``, held to its device's share."""
+    def _run_own(self, name: str, x: np.ndarray, acct: "_Account", run=None):
+        """One of the central node's models on ``x`` (or ``run(engine)``'s result), held to its
+        device's share."""
         engine = self._own[name]
         queued = self._throttle.queued_s()
-        out = next(iter(engine.infer(model_feeds(engine, x, self.manifest.input.preprocessing)).values()))
+        if run is not None:
+            out = run(engine)
+        else:
+            out = next(iter(engine.infer(model_feeds(engine, x, self.manifest.input.preprocessing)).values()))
         idle = self._throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
         self._throttle.waiting()  # a baseline's next model on this device starts its own clock
         acct.central_ms += queued * 1e3 + engine.last_compute_ms + idle * 1e3  # device time, as workers report it
@@ -419,6 +425,48 @@ class CentralNode:
         logits = next(iter(agg.infer(feeds).values()))
         acct.aggregate_ms += (time.perf_counter() - t) * 1e3
         return logits
+
+    def _run_prism(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
+        """PRISM (:mod:`coformer.runtime.prism`): every device runs the whole model on its share of
+        the positions; each round sends each worker the other devices' K/V Segment Means of a
+        layer (the first round: the input, or its ``input_index``) while this node runs its own
+        share, and gathers what each sends. One request is one session on every worker."""
+        from coformer.runtime.prism import drive, pad_tokens, step
+
+        m = self.manifest
+        if m.input.is_text:  # the bundle's positions are fixed (coformer.compiler.prism_bundle)
+            x = pad_tokens(x, int(m.model["tokens"]), int(m.input.preprocessing["pad_id"]))
+        devices = list(m.devices)
+        if devices[0].role != "central":
+            raise CoFormerError("a PRISM bundle lists its central node first")
+        session = self._next_id
+        extra = {"session": session}
+        state: dict = {}
+
+        def run_round(name: str, inputs: dict) -> dict:
+            requests = {}
+            for p, t in inputs.items():
+                if p == 0:
+                    continue
+                first = name == "embed"
+                fields = {**extra, "input_index": index} if first and index is not None else extra
+                requests[devices[p].device] = (name, None if first and index is not None else t, fields)
+
+            def own():
+                if 0 not in inputs:
+                    return None
+                send, new = self._run_own(name, inputs[0], acct, run=lambda e: step(
+                    e, None if name == "embed" else state, inputs[0], m.input.preprocessing))
+                state.clear()
+                state.update(new)
+                return send
+
+            mine, gathered = self._round(requests, x.shape[0], acct, own=own)
+            out = {p: gathered[devices[p].device] for p in inputs if p != 0}
+            out[0] = mine
+            return out
+
+        return drive([list(d.models) for d in devices], x, run_round)
 
     def _run_teacher(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
         """The teacher alone on the central device (the strongest one)."""

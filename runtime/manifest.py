@@ -19,8 +19,9 @@ BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes m
 TEXT_SCHEMA_VERSION = 3  # bundles that take text (variable-length token tensors): older runtimes must refuse them
 EMBEDDING_SCHEMA_VERSION = 4  # bundles that answer with an embedding, not logits: older runtimes must refuse them
 FLOAT16_FEATURES_SCHEMA_VERSION = 5  # workers send float16 features: older runtimes must refuse them
+PRISM_SCHEMA_VERSION = 6  # PRISM bundles (stateful rounds of K/V Segment Means): older runtimes must refuse them
 READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, EMBEDDING_SCHEMA_VERSION,
-                 FLOAT16_FEATURES_SCHEMA_VERSION)
+                 FLOAT16_FEATURES_SCHEMA_VERSION, PRISM_SCHEMA_VERSION)
 # What workers put on the wire for their pooled features: float32, or float16 at half the
 # bytes (``coformer compile --feature-dtype float16``); the central node widens them to
 # float32 before the aggregator, which was scored on features rounded the same way.
@@ -29,8 +30,9 @@ TASKS = ("classification", "embedding")
 MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
 # How the central node drives the devices (see coformer.runtime.central): CoFormer's
-# decomposition, and the baselines of ``coformer bench`` served by the same runtime.
-STRATEGIES = ("coformer", "teacher", "pipeline", "tensor_parallel")
+# decomposition, PRISM's position-wise partitioning (coformer.runtime.prism), and the
+# baselines of ``coformer bench``, all served by the same runtime.
+STRATEGIES = ("coformer", "prism", "teacher", "pipeline", "tensor_parallel")
 DTYPES = ("float32", "int64", "int32")
 
 
@@ -207,6 +209,8 @@ class Manifest:
             object.__setattr__(self, "schema_version", EMBEDDING_SCHEMA_VERSION)
         if self.feature_dtype != "float32":
             object.__setattr__(self, "schema_version", FLOAT16_FEATURES_SCHEMA_VERSION)
+        if self.strategy == "prism":
+            object.__setattr__(self, "schema_version", PRISM_SCHEMA_VERSION)
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")

@@ -18,6 +18,7 @@ from coformer.runtime.engines import open_device_engines
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
+from coformer.runtime.prism import Sessions
 from coformer.runtime.security import RoleKeys, curve_client, require_security
 from coformer.runtime.text import check_tokens, model_feeds
 
@@ -132,7 +133,9 @@ def run_worker(
     worker keeps serving. Returns when ``stop`` is set or on SIGTERM/SIGINT.
 
     A baseline bundle's device may hold several models: each ``infer`` names
-    one in ``model``. With ``local_inputs`` (a .npy of model inputs), an
+    one in ``model``. A PRISM bundle's device runs its models in turn, one per round of a
+    request, keeping the request's state under the ``session`` the header names
+    (:class:`coformer.runtime.prism.Sessions`; a round out of order gets ``bad_session``). With ``local_inputs`` (a .npy of model inputs), an
     ``infer`` may carry ``input_index`` instead of a tensor.
 
     With ``keys`` (this device's folder from ``coformer-runtime keys``) the link runs
@@ -158,7 +161,9 @@ def run_worker(
     limits_by_model = model_limits(manifest, art)
     limits_in = header_limits(limits_by_model)
     local = load_local_inputs(local_inputs, manifest)
-    text = manifest.input.is_text and not art.models
+    prism = manifest.strategy == "prism"
+    text = manifest.input.is_text and (not art.models or prism)
+    sessions = Sessions(list(art.models), manifest.input.preprocessing) if prism else None
     wire_dtype = None if manifest.strategy != "coformer" or manifest.feature_dtype == "float32" \
         else np.dtype(manifest.feature_dtype)
     throttle = apply_limits(limits, f"worker-{device}")
@@ -222,19 +227,25 @@ def run_worker(
                                                                   f"{sorted(engines)}")
                     engine = engines[name]
                     x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
-                    if text and msg.tensor is not None:
+                    if text and msg.tensor is not None and (not prism or name == "embed"):
                         check_tokens(x, manifest.input.preprocessing)
                 except protocol.ProtocolError as e:
                     sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
                     continue
                 queued = throttle.queued_s()
                 try:
-                    out = engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
+                    if prism:  # this round of the request's session: its state stays here
+                        features = sessions.run(engine, name, msg.header, x)
+                    else:
+                        features = next(iter(engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
+                                             .values()))
+                except protocol.ProtocolError as e:
+                    sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
+                    continue
                 except Exception as e:  # this request fails, named; the worker keeps serving
                     log.exception("worker %s: request %d failed in the engine", device, msg.id)
                     sock.send_multipart(protocol.error_frames(msg.id, "engine", f"{type(e).__name__}: {e}"[:500]))
                     continue
-                features = next(iter(out.values()))
                 if wire_dtype is not None:  # float16 features: half the bytes on the link
                     features = features.astype(wire_dtype)
                 idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=Path, required=True, help="devices file (YAML or JSON)")
     add_data_args(p)
     _add_compute(p)
+    p.add_argument("--strategy", default="coformer", choices=["coformer", "prism"],
+                   help="coformer: one smaller sub-model per device (the default); prism: the whole teacher on "
+                   "every device, each running its share of the positions and exchanging K/V Segment Means per "
+                   "layer (no search or calibration; see --compression-rate)")
+    p.add_argument("--compression-rate", type=int, default=4,
+                   help="prism: positions per Segment Mean (CR); 1 exchanges every key and value (the teacher "
+                   "exactly), larger sends fewer bytes and approximates more")
     p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
     p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
                    help="how to choose the policy (auto: bo when every device has a profile, else heuristic)")
@@ -155,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=200, help="test samples per run (at most)")
     p.add_argument("--epochs", type=int, default=5, help="calibration epochs of the uniform baseline's sub-models")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
+    p.add_argument("--prism-cr", default="4,16",
+                   help="the compression rates the prism strategy is benched at, one row each (prism_cr4, ...)")
     p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
                    "samples, so the machine's drift falls on all of them alike")
     p.add_argument("--ablations", action="store_true",
@@ -296,6 +305,45 @@ def build_students(job, manifest, progress: bool) -> dict:
     return out
 
 
+def compile_prism(args: argparse.Namespace, devices) -> int:
+    """``compile --strategy prism``: the PRISM bundle (:mod:`coformer.compiler.prism_bundle`), and
+    its accuracy, agreement with the teacher and bytes per inference on the test split."""
+    from coformer.compiler.prism_bundle import build_prism, prism_scores
+    from coformer.runtime.files import atomic_write_json
+
+    if args.compression_rate < 1:
+        raise CoFormerError(f"--compression-rate {args.compression_rate} must be >= 1")
+    ignored = [flag for flag, on in (("--policy", args.policy), ("--search", args.search != "auto"),
+                                     ("--student", args.student), ("--compare", args.compare),
+                                     ("--feature-dtype", args.feature_dtype != "float32"),
+                                     ("--precision", args.precision != "fp32"), ("--measure", args.measure)) if on]
+    if ignored:
+        raise CoFormerError(f"--strategy prism runs the teacher's own weights (no policy, search, calibration or "
+                            f"features): drop {', '.join(ignored)}")
+    teacher = teacher_from_args(args)
+    data, _ = data_from_args(args, teacher)
+    if data.test.y is None:
+        raise CoFormerError("--strategy prism reports accuracy, so its data needs labels")
+    manifest = build_prism(teacher, devices, data.val.head(3), args.out, data.labels, dict(data.preprocessing),
+                           args.compression_rate, model_name=args.model)
+    plan = manifest.model["plan"]
+    scores = prism_scores(teacher, data, plan["shares"], [args.compression_rate],
+                          min(len(data.test), args.measure_samples))
+    at = scores["by_cr"][args.compression_rate]
+    comm = plan["communication"]
+    print(f"bundle: {args.out} (PRISM, CR = {args.compression_rate}; positions per device "
+          + ", ".join(f"{d} {n}" for d, n in zip(plan["devices"], plan["shares"])) + ")")
+    print(f"teacher accuracy {scores['teacher_accuracy'] * 100:.1f}%, PRISM {at['accuracy'] * 100:.1f}% "
+          f"(agreement with the teacher {at['agreement_with_teacher'] * 100:.1f}%, {scores['samples']} test samples)")
+    print(f"exchange: {comm['bytes_per_inference'] / 1e3:.1f} kB in {comm['rounds_per_inference']:.0f} rounds per "
+          f"inference, {comm['reduction'] * 100:.1f}% less than every key and value "
+          f"({comm['uncompressed_bytes'] / 1e3:.1f} kB); served parity {manifest.parity['served_vs_prism_forward']:.2g}")
+    if args.report_json:
+        atomic_write_json(args.report_json, {"strategy": "prism", "compression_rate": args.compression_rate,
+                                             "plan": plan, "scores": scores, "parity": dict(manifest.parity)})
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.devices import load_devices
@@ -308,6 +356,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.measure_samples < 1:
         raise CoFormerError(f"--measure-samples {args.measure_samples} must be >= 1")
     devices = load_devices(args.devices)
+    if args.strategy == "prism":
+        return compile_prism(args, devices)
     policy = Policy.load(args.policy) if args.policy else None
     compute = _compute(args)  # a bad --device fails before the teacher is loaded
     teacher = teacher_from_args(args)
@@ -567,6 +617,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  bench.INPUT_SOURCES, "--input-source:")
     bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
+    from coformer.tools.bench.options import parse_crs
+
+    crs = parse_crs(args.prism_cr)
     load = {"throughput": bench.parse_clients(args.throughput), "throughput_s": args.throughput_seconds}
     if args.throughput_seconds <= 0:
         raise CoFormerError(f"--throughput-seconds {args.throughput_seconds} must be > 0")
@@ -622,12 +675,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if text_qs:
         report = bench.run_text_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, args.samples,
                                                  args.max_seconds, not args.no_testbed, progress, args.passes, **load,
-                                                 sources=sources)  # run_model_bench refuses one without central
+                                                 sources=sources, prism_crs=crs)  # run_model_bench refuses one without central
     elif args.quickstart is not None:
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
                                             sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,
-                                            devices_counts, args.passes, **load)
+                                            devices_counts, args.passes, **load, prism_crs=crs)
     else:
         if args.bundle is None or args.model is None or args.devices is None:
             raise CoFormerError("bench needs a BUNDLE with --model and --devices (or --quickstart)")
@@ -646,7 +699,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data, _ = data_from_args(args, teacher)
         report = bench.run_model_bench(args.bundle, teacher, devices, data, args.out, strategies, sources,
                                        args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
-                                       progress, args.passes, args.epochs, compute, **load)
+                                       progress, args.passes, args.epochs, compute, **load, prism_crs=crs)
     if args.report_json:
         from coformer.runtime.files import atomic_write_json
 

@@ -53,6 +53,7 @@ class Sample:
     bytes_from_workers: int
     timing_ms: Mapping[str, Any]  # the central node's breakdown (coformer.runtime.central)
     embedding: Optional[np.ndarray] = None
+    rounds: int = 0  # exchanges with the workers (a baseline's and PRISM's: one or more per layer)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Measurement:
           each worker's compute, service and queueing;
         * ``runtime_ms_median``: the round trip less the critical path's compute;
         * ``bytes_to_devices``, ``bytes_from_devices`` and their sum ``bytes_per_inference``
-          (medians); ``peak_memory_bytes``, ``placements``, ``samples``, ``passes``;
+          (medians), and the ``rounds`` of exchange with the workers; ``peak_memory_bytes``, ``placements``, ``samples``, ``passes``;
         * ``throughput`` (when measured): per number of concurrent clients, ``answers_per_s``,
           the round trips' ``p50_ms`` and ``p99_ms`` under that load, ``answers``, ``errors``
           and ``mismatched`` (answers whose class differs from the one-at-a-time answer).
@@ -128,6 +129,7 @@ class Measurement:
             "bytes_per_inference": int(np.median(to + back)),
             "bytes_to_devices": int(np.median(to)),
             "bytes_from_devices": int(np.median(back)),
+            "rounds": int(np.median([r.rounds for r in s])),
             "peak_memory_bytes": dict(self.peak_memory_bytes),
             "placements": dict(self.placements),
         }
@@ -189,7 +191,8 @@ class _Served:
         return Sample(index=int(i), round_trip_ms=r.round_trip_ms,
                       prediction=r.label_index[0] if r.label_index else -1,
                       bytes_to_workers=r.wire_bytes_to_workers, bytes_from_workers=r.wire_bytes_from_workers,
-                      timing_ms=r.timing_ms, embedding=r.embedding[0] if r.task == "embedding" else None)
+                      timing_ms=r.timing_ms, embedding=r.embedding[0] if r.task == "embedding" else None,
+                      rounds=r.rounds)
 
     def warm_up(self, order: Sequence[int], n: int, max_s: Optional[float]) -> None:
         """``n`` untimed requests (sessions, sockets and caches warm), or until ``max_s``."""

@@ -38,7 +38,9 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
     assert set(rows) == {("coformer", "device"), ("coformer", "central"), ("uniform", "device"),
                          ("uniform", "central"), ("student", "central"), ("student_matched", "central"),
-                         ("teacher", "central"), ("pipeline", "central"), ("tensor_parallel", "central")}
+                         ("teacher", "central"), ("pipeline", "central"), ("tensor_parallel", "central"),
+                         ("prism_cr4", "device"), ("prism_cr4", "central"), ("prism_cr16", "device"),
+                         ("prism_cr16", "central")}
     for x in r["results"]:
         assert x["samples"] == 15 and x["passes"] == 3 and x["bandwidth"] == "loopback"
         assert {"median", "p90", "p99"} <= set(x["latency_ms"])
@@ -52,6 +54,15 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     assert rows["pipeline", "central"]["agreement_with_teacher"] == 1.0
     assert rows["tensor_parallel", "central"]["agreement_with_teacher"] == 1.0
     assert rows["teacher", "central"]["bytes_per_inference"] == 0
+    # PRISM: with the input at every device only the K/V Segment Means travel, as many bytes as
+    # its plan says (plus a header per message); a higher CR sends fewer
+    for cr in (4, 16):
+        x = rows[f"prism_cr{cr}", "device"]
+        predicted = x["prism"]["predicted"]
+        assert x["prism"]["compression_rate"] == cr and x["rounds"] == predicted["rounds_per_inference"]
+        assert predicted["bytes_per_inference"] < x["bytes_per_inference"] < (predicted["bytes_per_inference"]
+                                                                               + 4 * 400 * x["rounds"])
+    assert rows["prism_cr16", "device"]["bytes_per_inference"] < rows["prism_cr4", "device"]["bytes_per_inference"]
     # with the input at every device only an index goes out; from the central node, the image does
     dev, cen = rows["coformer", "device"], rows["coformer", "central"]
     image = 16 * 16 * 4

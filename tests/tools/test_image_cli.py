@@ -159,6 +159,41 @@ def test_a_flat_folder_is_label_free_distillation(work):
     assert "agreement with the teacher" in done.stdout and m.expected["samples"] == 6
 
 
+def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work):
+    """``coformer compile --strategy prism`` on a user's checkpoint and photos: the bundle's plan,
+    its report, and served answers equal to PRISM's forward on the same preprocessed files."""
+    from coformer.compiler.prism import prism_vit_forward
+    from coformer.compiler.sources import load_teacher
+    from coformer.runtime.images import preprocess_images
+    from coformer.tools.cluster import LocalCluster
+
+    tmp, _ = work
+    name, kwargs, file = MODELS["deit"]
+    done = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+               json.dumps(kwargs), "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--strategy", "prism",
+               "--compression-rate", "16", "--out", tmp / "prism-bundle", "--no-progress", "--report-json",
+               tmp / "prism.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = load_manifest(tmp / "prism-bundle")
+    plan = m.model["plan"]
+    assert m.strategy == "prism" and m.labels == CLASSES and plan["compression_rate"] == 16
+    assert plan["devices"] == ["hub", "cam-a", "cam-b"] and plan["shares"] == [99, 59, 39]  # 197 by cpu_share
+    report = json.loads((tmp / "prism.json").read_text())
+    assert report["scores"]["samples"] == 15 and "PRISM" in done.stdout and "less than every key" in done.stdout
+    assert plan["communication"]["reduction"] > 0.9
+    files = [tmp / "photos" / "china" / "3.jpg", tmp / "photos" / "digit" / "2.png"]
+    x = preprocess_images(files, m.input.preprocessing)
+    teacher = load_teacher(name, tmp / file, kwargs, progress=False)
+    want = prism_vit_forward(teacher.eval(), torch.from_numpy(x), plan["shares"], 16).numpy()
+    with LocalCluster(tmp / "prism-bundle", throttle="none") as cluster, cluster.client() as client:
+        r = client.infer(x)
+    np.testing.assert_allclose(r.logits, want, atol=1e-4)
+    bad = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
+              "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--strategy", "prism", "--student",
+              "--out", tmp / "never-prism", timeout=300)
+    assert bad.returncode == 2 and "drop --student" in bad.stderr and not (tmp / "never-prism").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "digits"], "the built-in digits data is 1-channel square; the model takes 3x224x224"),
     ([], "--data DIR is needed"),

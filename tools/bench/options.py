@@ -8,7 +8,9 @@ from typing import Sequence
 
 from coformer.runtime.errors import CoFormerError
 
-STRATEGIES = ("coformer", "uniform", "student", "student_matched", "teacher", "pipeline", "tensor_parallel")
+STRATEGIES = ("coformer", "uniform", "student", "student_matched", "teacher", "pipeline", "tensor_parallel", "prism")
+# ``prism`` is benched at each of these compression rates, one row each (``prism_cr4``, ...)
+PRISM_CRS = (4, 16)
 STUDENTS = ("student", "student_matched")  # one sub-model on the central device alone
 # the strategies that are CoFormer bundles (sub-models, features, an aggregator): their rows get a physical limit
 DECOMPOSED = ("coformer", "uniform", *STUDENTS)
@@ -53,6 +55,23 @@ def parse_clients(text: str) -> list[int]:
         out.append(int(part))
     if not out:
         raise CoFormerError(f"--throughput {text!r}: name at least one client count, or none")
+    return sorted(set(out))
+
+
+def prism_label(cr: int) -> str:
+    """The bench's name for PRISM at compression rate ``cr``."""
+    return f"prism_cr{int(cr)}"
+
+
+def parse_crs(text: str) -> list[int]:
+    """``"4,16"`` -> ``[4, 16]`` compression rates; names the bad entry."""
+    out = []
+    for part in [p.strip() for p in str(text).split(",") if p.strip()]:
+        if not part.isdigit() or int(part) < 1:
+            raise CoFormerError(f"--prism-cr {part!r}: expected whole compression rates >= 1, such as 4,16")
+        out.append(int(part))
+    if not out:
+        raise CoFormerError(f"--prism-cr {text!r}: name at least one compression rate")
     return sorted(set(out))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import load_manifest
-from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, STUDENTS,
+from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, PRISM_CRS, STRATEGIES, STUDENTS,
                                           bandwidth_name, parse_bandwidths)
 from coformer.tools.bench.plots import plots
 from coformer.tools.bench.report import markdown, physical_limit, ratios
@@ -120,8 +120,10 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                 # strategy, and round again, so the machine's drift (tens of % over minutes here)
                 # falls on all of them alike and the ratios hold. Alone: in the testbed each
                 # device's memory limit, its peak and its OOM kills are one bundle's.
+                # PRISM runs on every device too: with the input at every device only means travel
                 runs = {f"{strategy}-{source}": (strategy, bundle, source) for strategy, bundle in bundles.items()
-                        for source in (sources if strategy in ("coformer", "uniform") else ["central"])}  # one device: no link
+                        for source in (sources if strategy in ("coformer", "uniform") or strategy.startswith("prism")
+                                       else ["central"])}  # one device: no link
 
                 def turn(name: str, p: int, n: int) -> None:
                     if say:
@@ -143,6 +145,10 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                                "predictions": dict(zip(summary["indices"].tolist(), summary["predictions"].tolist()))}
                         manifest = load_manifest(m.bundle, verify=False)  # verified when it was served
                         row["devices_used"] = len(manifest.devices)  # devices_count is the setup's (a student: 1 of them)
+                        if manifest.strategy == "prism":  # what the exchange should cost, beside what it did
+                            plan = manifest.model["plan"]
+                            row["prism"] = {"compression_rate": plan["compression_rate"], "shares": plan["shares"],
+                                            "predicted": plan["communication"]}
                         if strategy in DECOMPOSED:
                             row.update(physical_limit(row, manifest, mbit if bed else None))
                             row["policy_source"] = manifest.policy.get("source")  # bo, uniform, heuristic
@@ -209,7 +215,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                          sources: Sequence[str] = INPUT_SOURCES, samples: int = 200, max_seconds: float = 60.0,
                          use_testbed: bool = True, progress: bool = True,
                          devices_counts: Optional[Sequence[int]] = None, passes: int = 3,
-                         throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
+                         throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
+                         prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
     """``coformer bench --quickstart``: every strategy on the quickstart's three devices, 2 Mbit/s links.
 
     On the testbed the devices get 1 GiB / 512 MiB / 192 MiB of memory: the
@@ -233,10 +240,11 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
         predictors = None  # CoFormer's search when it is compiled here, and the students'
         if (not full and "coformer" in strategies) or set(STUDENTS) & set(strategies):
             predictors = [LatencyPredictor.load(Path(qs_dir) / "profiles" / f"{d.name}.predictor.json") for d in devices[:k]]
-        bundles = prepare_bundles(strategies, bundle if full else None, teacher, devices[:k], data,
+        here = [s for s in strategies if not (s == "prism" and k < 2)]  # PRISM shares positions among devices
+        bundles = prepare_bundles(here, bundle if full else None, teacher, devices[:k], data,
                                   Path(qs_dir) / "baselines" / ("" if full else f"{k}-devices"),
                                   boost_epochs=cfg.boost_epochs, aggregator_epochs=cfg.aggregator_epochs,
-                                  seed=cfg.seed, progress=progress, predictors=predictors)
+                                  seed=cfg.seed, progress=progress, predictors=predictors, prism_crs=prism_crs)
         setups.append((devices[:k], bundles))
     memory_check = None
     if use_testbed and "teacher" in strategies and "coformer" in strategies:
@@ -256,7 +264,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
                     strategies: Optional[Sequence[str]] = None, sources: Sequence[str] = INPUT_SOURCES,
                     bandwidths: str = DEFAULT_BANDWIDTHS, use_testbed: bool = True, samples: int = 200,
                     max_seconds: float = 60.0, progress: bool = True, passes: int = 3, boost_epochs: int = 5,
-                    compute=None, throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
+                    compute=None, throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
+                    prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
     """``coformer bench BUNDLE --model ... --devices ... --data ...``: the user's bundle against
     every strategy the teacher's family has (:func:`strategies_for`), built from the same
     teacher, on the first ``samples`` of the data's test split.
@@ -296,7 +305,7 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
 
         predictors = [predictor_for(Path(devices[0].profile))[0]]
     bundles = prepare_bundles(strategies, bundle, teacher, devices, data, out / "bundles", boost_epochs=boost_epochs,
-                              progress=progress, compute=compute, predictors=predictors)
+                              progress=progress, compute=compute, predictors=predictors, prism_crs=prism_crs)
     x = data.test.head(samples)
     if data.test.y is not None:
         y, reference = data.test.y[: len(x)].numpy(), "labels"
@@ -320,19 +329,10 @@ def is_text_quickstart(qs_dir: Path) -> bool:
     return report.is_file() and json.loads(report.read_text()).get("task") == "text"
 
 
-def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, bandwidths: str = DEFAULT_BANDWIDTHS,
-                              strategies: Optional[Sequence[str]] = None, samples: int = 200,
-                              max_seconds: float = 60.0, use_testbed: bool = True, progress: bool = True,
-                              passes: int = 3, throughput: Sequence[int] = (1, 8),
-                              throughput_s: float = 5.0, sources: Sequence[str] = ("central",)) -> dict[str, Any]:
-    """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
-    alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
-    the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
-    three emulated devices, on the testbed with the vision bench's memory limits
-    (``BENCH_MEMORY``). The students are searched by DeBo over the central device's
-    predictor the quickstart fitted (``DIR/profiles``); a run from before the text
-    quickstart profiled its devices has none, and its students are the largest sub-model
-    that fits (``policy_source: uniform``)."""
+def text_quickstart_inputs(qs_dir: Path):
+    """A text quickstart run's teacher (rebuilt from its HF checkpoint), its emulated devices
+    (with the bench's memory limits and the predictors it fitted), its data (the built-in reviews
+    it was calibrated on) and its config."""
     import dataclasses
 
     from coformer.calibration.text import SENTIMENT_LABELS, sentiment_records, text_dataset
@@ -354,6 +354,24 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
     fitted = {d.name: Path(qs_dir) / "profiles" / f"{d.name}.predictor.json" for d in devices}
     devices = [replace(d, memory_bytes=m, profile=str(fitted[d.name]) if fitted[d.name].is_file() else d.profile)
                for d, m in zip(devices, BENCH_MEMORY)]
+    return teacher, devices, data, cfg
+
+
+def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, bandwidths: str = DEFAULT_BANDWIDTHS,
+                              strategies: Optional[Sequence[str]] = None, samples: int = 200,
+                              max_seconds: float = 60.0, use_testbed: bool = True, progress: bool = True,
+                              passes: int = 3, throughput: Sequence[int] = (1, 8),
+                              throughput_s: float = 5.0, sources: Sequence[str] = ("central",),
+                              prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
+    """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
+    alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
+    the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
+    three emulated devices, on the testbed with the vision bench's memory limits
+    (``BENCH_MEMORY``). The students are searched by DeBo over the central device's
+    predictor the quickstart fitted (``DIR/profiles``); a run from before the text
+    quickstart profiled its devices has none, and its students are the largest sub-model
+    that fits (``policy_source: uniform``)."""
+    teacher, devices, data, cfg = text_quickstart_inputs(qs_dir)
     return run_model_bench(Path(qs_dir) / "bundle", teacher, devices, data, out_dir or Path(qs_dir) / "bench",
                            strategies, sources, bandwidths, use_testbed, samples, max_seconds, progress, passes,
-                           cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s)
+                           cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s, prism_crs=prism_crs)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
-from coformer.tools.bench.options import STRATEGIES, STUDENTS
+from coformer.tools.bench.options import PRISM_CRS, STRATEGIES, STUDENTS, prism_label
 from coformer.tools.progress import Progress
 
 STUDENT_FILE = "student.json"  # in a student's bundle: the device and the FLOPs budget it was searched within
@@ -39,18 +39,36 @@ def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, 
 def strategies_for(teacher) -> tuple[str, ...]:
     """The strategies the bench can build for ``teacher``'s family: pipeline and tensor
     parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others; the
-    teacher alone is built for image families."""
-    from coformer.compiler.baselines import baseline_families
+    teacher alone is built for image families; PRISM for the families it serves
+    (:func:`prism_serves`)."""
+    from coformer.compiler.baselines import BASELINES, baseline_families
     from coformer.compiler.families import adapter_for
 
     family = adapter_for(teacher).name
-    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS) or family in baseline_families(s))
+    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS)
+                 or (s == "prism" and prism_serves(teacher)) or (s in BASELINES and family in baseline_families(s)))
+
+
+def expand_prism(strategies: Sequence[str], crs: Sequence[int]) -> list[str]:
+    """``strategies`` with ``prism`` as one entry per compression rate (``prism_cr4``, ...)."""
+    return [x for s in strategies for x in ([prism_label(c) for c in crs] if s == "prism" else [s])]
+
+
+def prism_serves(teacher) -> bool:
+    """Whether a PRISM bundle can be built for ``teacher`` (:mod:`coformer.compiler.prism_bundle`)."""
+    from coformer.compiler.prism_bundle import _Family
+
+    try:
+        _Family(teacher)
+        return True
+    except CoFormerError:
+        return False
 
 
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
                     boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
                     progress: Union[bool, Progress] = True, predictors: Optional[Sequence[Any]] = None,
-                    compute=None) -> dict[str, Path]:
+                    compute=None, prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Path]:
     """The bundle of every strategy: CoFormer's as given, the others built in ``out_dir``
     (reused while the teacher, devices and settings they were built from are unchanged).
 
@@ -69,6 +87,9 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     bundle whose devices name no profile) each is the decoding of the full point under
     its budget, which drops the least important layers, then narrows, until it fits: the
     largest that fits. The row's ``policy_source`` says which (``bo`` or ``uniform``).
+
+    ``prism`` is built once per compression rate in ``prism_crs``, as ``prism_cr{CR}``: the
+    teacher's own weights, so nothing is trained.
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
@@ -84,6 +105,7 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     if "student_matched" in strategies and "coformer" not in strategies:
         raise CoFormerError("student_matched is matched to the coformer bundle: bench the coformer strategy too")
     order = sorted(strategies, key=lambda s: s == "student_matched")  # after the coformer bundle it matches
+    order = expand_prism(order, prism_crs)
     for s in order:
         if s == "coformer" and coformer_bundle is not None:
             out[s] = Path(coformer_bundle)
@@ -108,7 +130,12 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
             say(f"bench: building the {s} bundle")
         if path.exists():
             shutil.rmtree(path)
-        if s in BASELINES:
+        if s.startswith("prism_cr"):
+            from coformer.compiler.prism_bundle import build_prism
+
+            build_prism(teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
+                        int(s[len("prism_cr"):]), model_name=s)
+        elif s in BASELINES:
             build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
                            model_name=f"{s}")
         elif s in STUDENTS:
@@ -137,7 +164,7 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
                                model_info=source_of(teacher), progress=bool(progress)))
         atomic_write_bytes(stamp, (built_from + "\n").encode())
         out[s] = path
-    return {s: out[s] for s in strategies}
+    return {s: out[s] for s in expand_prism(strategies, prism_crs)}
 
 
 def bundle_devices(manifest, devices):
