@@ -5,6 +5,7 @@
   coformer fit-predictor DEVICE.json --out PREDICTOR.json --report-json PATH
   coformer profile-stats DEVICE.json [DEVICE2.json ...]   (predictor error vs profile noise, over profiles of one kit)
   coformer compile --model quickstart --devices devices.yaml --out BUNDLE [--search bo] [--policy FILE]
+  coformer compile ... --strategy prism --compression-rate 16   (PRISM: the whole model on every device, K/V means)
   coformer serve BUNDLE [--front tcp://127.0.0.1:5555]
   coformer testbed up|down|status --devices devices.yaml   (root: one namespace, shaped link and cgroups per device)
   coformer bench --quickstart [--report-json PATH]          (every strategy on the testbed, 2 Mbit/s links)
