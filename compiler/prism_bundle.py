@@ -351,7 +351,9 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
         if text:
             shutil.copyfile(teacher.tokenizer_file, staging / pre["tokenizer"])
             public_mode(staging / pre["tokenizer"])
-        shape = teacher_shape(teacher)
+        from coformer.compiler.families import adapter_for
+
+        shape = adapter_for(teacher).read_shape(teacher).to_dict()  # what check_bundle_matches compares
         # lists in device order (a manifest's objects are written with sorted keys)
         plan = {"strategy": "prism", "compression_rate": cr, "devices": [d.name for d in devices], "shares": shares,
                 "pool": fam.pool, "communication": comm}
@@ -365,12 +367,6 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
         )
 
     return write_bundle(Path(out_dir), build)
-
-
-def teacher_shape(teacher: nn.Module) -> dict[str, Any]:
-    from coformer.compiler.families import adapter_for
-
-    return adapter_for(teacher).read_shape(teacher).to_dict()
 
 
 def _others_example(fam: _Family, shares: Sequence[int], p: int, cr: int, name: str, x3: torch.Tensor) -> torch.Tensor:

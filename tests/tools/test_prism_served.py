@@ -18,18 +18,12 @@ from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import PRISM_SCHEMA_VERSION, load_manifest
 from coformer.runtime.prism import Sessions, model_order
 from coformer.tools.cluster import LocalCluster
+from tests.compiler.test_baselines import _noisy
 from tests.conftest import tiny_vit
 
 DEVICES = [DeviceSpec(name=n, memory_bytes=1 << 29, flops_budget=10**9, link_mbit_s=100.0, cpu_share=s)
            for n, s in (("a", 1.0), ("b", 0.6), ("c", 0.4))]
 LABELS = [str(i) for i in range(10)]
-
-
-def _noisy(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("pool,cr", [("token", 4), ("avg", 2)])
