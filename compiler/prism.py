@@ -1,5 +1,6 @@
-"""PRISM: position-wise partitioning with Segment Means (issue 23, in part: the strategy's
-arithmetic, for timm ViT/DeiT, HF BERT and HF GPT-2; compile, serve and bench are still to come).
+"""PRISM: position-wise partitioning with Segment Means (issue 23): the strategy's arithmetic,
+for timm ViT/DeiT, HF BERT and HF GPT-2 (the served bundle is :mod:`coformer.compiler.prism_bundle`,
+its optional fine-tuning :mod:`coformer.compiler.prism_finetune`).
 
 Qazi, Iosifidis and Zhang, "PRISM: Distributed Inference for Foundation Models at Edge"
 (arXiv 2507.12145; the abstract is ``../shared/paper/prism-abstract.txt``). Every device
@@ -89,14 +90,14 @@ def segment_means(x: torch.Tensor, cr: int) -> tuple[torch.Tensor, torch.Tensor]
     if int(cr) < 1:
         raise CoFormerError(f"compression rate {cr} must be >= 1")
     n = x.shape[-2]
-    sizes = torch.tensor([min(cr, n - s) for s in range(0, n, cr)], dtype=x.dtype)
+    sizes = torch.tensor([min(cr, n - s) for s in range(0, n, cr)], dtype=x.dtype, device=x.device)
     means = torch.stack([x[..., s:s + cr, :].mean(dim=-2) for s in range(0, n, cr)], dim=-2)
     return means, sizes
 
 
 def key_bias(mask: torch.Tensor) -> torch.Tensor:
     """``[B, n]`` bool (True: a real token) -> the logit bias ``[B, 1, n]``: 0, or -inf for padding."""
-    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))[:, None, :]
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))[:, None, :]
 
 
 def summarize(k: torch.Tensor, v: torch.Tensor, cr: int,
@@ -106,7 +107,7 @@ def summarize(k: torch.Tensor, v: torch.Tensor, cr: int,
     only when ``mask`` (``[B, n]`` bool) is given, and each mean's bias ``log(real positions)``,
     ``[B, 1, segments]`` (``-inf`` for a segment of padding alone: it weighs nothing)."""
     B = k.shape[0]
-    m = torch.ones(B, k.shape[-2], dtype=torch.bool) if mask is None else mask
+    m = torch.ones(B, k.shape[-2], dtype=torch.bool, device=k.device) if mask is None else mask
     kv = torch.cat([k, v], dim=-1) * m[:, None, :, None].to(k.dtype)
     means, sizes = segment_means(kv, cr)  # means of the masked values, and the segment lengths
     real, _ = segment_means(m[:, None, :, None].to(k.dtype), cr)  # share of real tokens per segment
@@ -131,8 +132,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own_bias: torch.Te
     logits = (q * scale) @ keys.transpose(-2, -1) + bias[:, :, None, :]
     if causal:
         n = q.shape[-2]
-        allowed = torch.cat([torch.ones(n, n, dtype=torch.bool).tril(),
-                             torch.ones(n, keys.shape[-2] - n, dtype=torch.bool)], dim=1)
+        allowed = torch.cat([torch.ones(n, n, dtype=torch.bool, device=q.device).tril(),
+                             torch.ones(n, keys.shape[-2] - n, dtype=torch.bool, device=q.device)], dim=1)
         logits = logits.masked_fill(~allowed, float("-inf"))
     return F.softmax(logits, dim=-1) @ values
 
@@ -148,7 +149,7 @@ def segment_attention(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor], v: S
     leave padding out: out of a device's own keys, and out of its segment means, whose
     sizes count real tokens only (a segment of padding alone weighs ``log 0``: nothing)."""
     B = q[0].shape[0]
-    masks = list(key_masks) if key_masks is not None else [torch.ones(B, kp.shape[-2], dtype=torch.bool) for kp in k]
+    masks = list(key_masks) if key_masks is not None else [torch.ones(B, kp.shape[-2], dtype=torch.bool, device=kp.device) for kp in k]
     summaries = [summarize(kp, vp, cr, m) for kp, vp, m in zip(k, v, masks)]
     out = []
     for p, qp in enumerate(q):
@@ -208,7 +209,13 @@ def _vit_block(block, parts: list[torch.Tensor], cr: int, causal: bool = False) 
 @torch.no_grad()
 def prism_vit_forward(model, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
     """A timm ViT/DeiT's logits with its positions partitioned into ``shares`` (positions per
-    device, in order, summing to the token count) at compression rate ``cr`` (module doc)."""
+    device, in order, summing to the token count) at compression rate ``cr`` (module doc).
+    Without autograd; :func:`vit_logits` is the same forward with it (fine-tuning)."""
+    return vit_logits(model, x, shares, cr)
+
+
+def vit_logits(model, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
+    """:func:`prism_vit_forward`, differentiable: what :mod:`coformer.compiler.prism_finetune` trains."""
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -229,34 +236,53 @@ def prism_vit_forward(model, x: torch.Tensor, shares: Sequence[int], cr: int) ->
     return model.head(model.head_drop(model.fc_norm(pooled)))
 
 
+def gpt2_qkv(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A HF GPT-2 block's queries, keys and values of the positions ``x``."""
+    attn = block.attn
+    q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
+    return _heads(q, attn.head_dim), _heads(k, attn.head_dim), _heads(v, attn.head_dim)
+
+
+def gpt2_finish(block, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a HF GPT-2 block, from its attention's output ``o``."""
+    attn = block.attn
+    B, _, n, _ = o.shape
+    x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, n, -1)))
+    return x + block.mlp(block.ln_2(x))
+
+
+def gpt2_scale(block, index: int) -> float:
+    """Block ``index``'s attention scale (GPT-2's two config switches)."""
+    attn = block.attn
+    scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
+    return scale / float(index + 1) if attn.scale_attn_by_inverse_layer_idx else scale
+
+
+def gpt2_embed(tr, input_ids: torch.Tensor) -> torch.Tensor:
+    """GPT-2's first hidden states; positions count from 0 (texts are right-padded)."""
+    return tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(input_ids.shape[1], device=input_ids.device)[None]))
+
+
 @torch.no_grad()
 def prism_gpt2_forward(model, input_ids: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
     """A HF GPT-2's last hidden states (after ``ln_f``, ``[B, T, d]``) with its positions
     partitioned into ``shares`` at compression rate ``cr``, under the partition-aware causal
-    mask (module doc). ``model`` is a ``GPT2Model`` or any GPT-2 with a ``transformer``."""
+    mask (module doc). ``model`` is a ``GPT2Model`` or any GPT-2 with a ``transformer``.
+    Without autograd; :func:`gpt2_states` is the same forward with it."""
+    return gpt2_states(model, input_ids, shares, cr)
+
+
+def gpt2_states(model, input_ids: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
+    """:func:`prism_gpt2_forward`, differentiable. Right padding needs no mask here: under the
+    causal mask a real token sees only earlier positions, which are all real."""
     tr = getattr(model, "transformer", model)
     if not hasattr(tr, "wte") or not hasattr(tr, "h"):
         raise CoFormerError(f"PRISM's GPT-2 forward takes a HF GPT-2; got {type(model).__name__}")
-    h = tr.drop(tr.wte(input_ids) + tr.wpe(torch.arange(input_ids.shape[1]).unsqueeze(0)))
-    parts = split_shares(h, shares)
+    parts = split_shares(gpt2_embed(tr, input_ids), shares)
     for i, block in enumerate(tr.h):
-        attn = block.attn
-        scale = attn.head_dim ** -0.5 if attn.scale_attn_weights else 1.0
-        if attn.scale_attn_by_inverse_layer_idx:
-            scale /= float(i + 1)
-        qs, ks, vs = [], [], []
-        for x in parts:
-            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
-            qs.append(_heads(q, attn.head_dim))
-            ks.append(_heads(k, attn.head_dim))
-            vs.append(_heads(v, attn.head_dim))
-        outs = segment_attention(qs, ks, vs, cr, scale, causal=True)
-        new = []
-        for x, o in zip(parts, outs):
-            B, _, n, _ = o.shape
-            x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, n, -1)))
-            new.append(x + block.mlp(block.ln_2(x)))
-        parts = new
+        qs, ks, vs = zip(*[gpt2_qkv(block, x) for x in parts])
+        outs = segment_attention(qs, ks, vs, cr, gpt2_scale(block, i), causal=True)
+        parts = [gpt2_finish(block, x, o) for x, o in zip(parts, outs)]
     return tr.ln_f(torch.cat(parts, dim=1))
 
 
@@ -266,7 +292,13 @@ def prism_bert_forward(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     """A HF BERT's last hidden states and pooler output with its positions partitioned into
     ``shares`` at compression rate ``cr`` (module doc). Padding (``attention_mask == 0``) is
     left out of every device's keys and segment means. The pooler reads the class token, on
-    the first device."""
+    the first device. Without autograd; :func:`bert_states` is the same forward with it."""
+    return bert_states(model, input_ids, attention_mask, shares, cr, token_type_ids)
+
+
+def bert_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shares: Sequence[int], cr: int,
+                token_type_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`prism_bert_forward`, differentiable: what :mod:`coformer.compiler.prism_finetune` trains."""
     bert = getattr(model, "bert", model)
     if not hasattr(bert, "embeddings") or not hasattr(bert, "encoder"):
         raise CoFormerError(f"PRISM's BERT forward takes a HF BERT; got {type(model).__name__}")

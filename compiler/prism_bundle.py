@@ -27,12 +27,19 @@ Choices written down:
   node (padding is masked out of keys, means and pooling, so the answer is unchanged), so
   every device's share and every model's shapes are fixed at compile time.
 * **Shares by compute**, the devices' ``cpu_share`` (:func:`coformer.compiler.prism.share_positions`).
-* **Served families**: timm ViT/DeiT (class-token or average pooling, one head) and HF BERT
-  (pooler, CLS or mean pooling). GPT-2's partition-aware causal forward is in
-  :mod:`coformer.compiler.prism`, but its classifier pools the last real token, which moves
-  with each text's length; it is refused here by name, as are Swin and T5.
-* **No calibration.** PRISM runs the teacher's own weights; CR = 1 is the teacher. The
-  fine-tuning at CR > 1 that the paper mentions is not done (see docs/status.md).
+* **Served families**: timm ViT/DeiT (class-token or average pooling, one head), HF BERT
+  (pooler, CLS or mean pooling) and HF GPT-2 (last-token or mean pooling), refusing Swin,
+  T5 and DeiT's distilled form by name.
+* **GPT-2's last token** moves with each text's length, so it is pooled like a mean: every
+  device sends, after its last layer, the state of the last real token where its share
+  holds it (zeros elsewhere), and the central node's ``head`` adds them (a count of 1).
+* **GPT-2's causal exchange** is relayed like the others (every device's means to every
+  other): a device gives a later device's segments the bias ``-inf`` in ``embed``, so they
+  weigh nothing. Routing only earlier devices' means would save about half of those bytes;
+  the plan counts what is sent.
+* **No calibration by default.** PRISM runs the teacher's own weights; CR = 1 is the teacher.
+  At CR > 1 the weights may be fine-tuned first (:mod:`coformer.compiler.prism_finetune`),
+  and the bundle then runs the tuned copy.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class _Family:
         from coformer.compiler.families.text_teacher import TextTeacher
 
         self.teacher = teacher
+        self.causal, self.last_token = False, False  # GPT-2's: the partition-aware causal mask, last-token pooling
         if isinstance(teacher, VisionTransformer):
             if teacher.global_pool not in ("token", "avg"):
                 raise CoFormerError(f"PRISM serves ViTs pooled by the class token or the average; this one pools "
@@ -91,23 +99,41 @@ class _Family:
             sa = self.blocks[0].attention.self
             self.embed_dim = int(self.bert.config.hidden_size)
             self.heads, self.head_dim = int(sa.num_attention_heads), int(sa.attention_head_size)
+        elif isinstance(teacher, TextTeacher) and teacher.family == "gpt2":
+            if teacher.pool_kind not in ("last", "mean"):
+                raise CoFormerError(f"PRISM serves GPT-2 pooled by its last token or the mean; this one pools by "
+                                    f"{teacher.pool_kind!r}")
+            self.gpt2 = getattr(teacher.hf, "transformer", teacher.hf)
+            self.name, self.blocks = "gpt2", list(self.gpt2.h)
+            self.qkv, self.finish = P.gpt2_qkv, P.gpt2_finish
+            self.scales = [P.gpt2_scale(b, i) for i, b in enumerate(self.blocks)]
+            self.pool, self.prefix, self.causal = "sum", 0, True
+            self.last_token = teacher.pool_kind == "last"
+            self.input_names = list(teacher.fields)
+            self.embed_dim = int(self.gpt2.config.n_embd)
+            self.heads, self.head_dim = int(self.blocks[0].attn.num_heads), int(self.blocks[0].attn.head_dim)
         else:
             family = getattr(teacher, "family", type(teacher).__name__)
-            raise CoFormerError(f"PRISM is served for timm ViT/DeiT and HF BERT teachers, not {family!r} "
-                                "(GPT-2's causal forward is coformer.compiler.prism.prism_gpt2_forward)")
+            raise CoFormerError(f"PRISM is served for timm ViT/DeiT, HF BERT and HF GPT-2 teachers, not {family!r}")
+
+    @property
+    def text(self) -> bool:
+        return self.name != "vit"
 
     def embed(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The input -> every position's first hidden state ``[B, T, d]`` and real-token mask ``[B, T]``."""
         t = self.teacher
         if self.name == "vit":
             h = t.norm_pre(t._pos_embed(t.patch_embed(inputs[0])))
-            return h, torch.ones(h.shape[:2], dtype=torch.bool)
+            return h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         ids, mask = inputs[0], inputs[1]
+        if self.name == "gpt2":
+            return P.gpt2_embed(self.gpt2, ids), mask.bool()
         types = inputs[2] if len(inputs) > 2 else None
         return self.bert.embeddings(input_ids=ids, token_type_ids=types), mask.bool()
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
-        return self.teacher.norm(h) if self.name == "vit" else h
+        return self.teacher.norm(h) if self.name == "vit" else self.gpt2.ln_f(h) if self.name == "gpt2" else h
 
     def head_of_token(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from the first device's final hidden states (class-token pooling)."""
@@ -127,24 +153,37 @@ class _Family:
             return int(t.patch_embed.num_patches) + self.prefix
         return int(t.max_length)
 
+    @torch.no_grad()
     def reference(self, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
         """The PyTorch PRISM forward's logits (:mod:`coformer.compiler.prism`)."""
+        return self.logits(x, shares, cr)
+
+    def logits(self, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
+        """:meth:`reference`, differentiable (:mod:`coformer.compiler.prism_finetune` trains it)."""
         if self.name == "vit":
-            return P.prism_vit_forward(self.teacher, x, shares, cr)
+            return P.vit_logits(self.teacher, x, shares, cr)
         from coformer.compiler.families.textnet import pool_features
 
         ids, mask = x[:, 0], x[:, 1]
+        if self.name == "gpt2":
+            return self.teacher.head(pool_features(P.gpt2_states(self.gpt2, ids, shares, cr), mask,
+                                                   self.teacher.pool_kind))
         types = x[:, 2] if x.shape[1] > 2 else None
-        hidden, pooler = P.prism_bert_forward(self.teacher.hf, ids, mask, shares, cr, types)
-        with torch.no_grad():
-            feat = pooler if self.teacher.pool_kind == "pooler" else pool_features(hidden, mask, self.teacher.pool_kind)
-            return self.teacher.head(feat)
+        hidden, pooler = P.bert_states(self.teacher.hf, ids, mask, shares, cr, types)
+        feat = pooler if self.teacher.pool_kind == "pooler" else pool_features(hidden, mask, self.teacher.pool_kind)
+        return self.teacher.head(feat)
 
 
 def _segment_bias(mask: torch.Tensor, cr: int) -> torch.Tensor:
     """``log`` of each segment's real positions, ``[B, 1, segments]`` (see :func:`coformer.compiler.prism.summarize`)."""
     real, sizes = P.segment_means(mask[:, None, :, None].to(torch.float32), cr)
     return torch.log(real[..., 0] * sizes)
+
+
+def _pooled_sum(h: torch.Tensor, poolmask: torch.Tensor) -> torch.Tensor:
+    """The sum of the pooled positions' states. A selection, not a product: a GPT-2 padding
+    position whose every key is masked holds NaN, and ``NaN * 0`` would spread it."""
+    return torch.where(poolmask[..., None] > 0, h, torch.zeros_like(h)).sum(1)
 
 
 class _Device(nn.Module):
@@ -159,8 +198,13 @@ class _Device(nn.Module):
         self.others = [(starts[j], starts[j] + shares[j]) for j in range(len(shares)) if j != p]
 
     def _poolmask(self, mask: torch.Tensor) -> torch.Tensor:
-        """Which of the own positions the mean pools: real tokens, past a ViT's prefix tokens."""
+        """Which of the own positions the mean pools: real tokens, past a ViT's prefix tokens; with
+        last-token pooling, the last real token where this share holds it (else none)."""
         lo, hi = self.own
+        if self.fam.last_token:
+            idx = torch.arange(mask.shape[1])
+            last = (idx[None, :] * mask.to(torch.long)).argmax(-1)  # pool_features' "last"
+            return (idx[None, lo:hi] == last[:, None]).to(torch.float32)
         keep = mask[:, lo:hi].to(torch.float32)
         if self.fam.prefix and lo < self.fam.prefix:
             keep = keep * (torch.arange(lo, hi) >= self.fam.prefix).to(torch.float32)[None, :]
@@ -185,7 +229,11 @@ class DeviceEmbed(_Device):
         own = h[:, lo:hi]
         keymask = P.key_bias(mask[:, lo:hi])
         if self.others:
-            bias = torch.cat([_segment_bias(mask[:, a:b], self.cr) for a, b in self.others], dim=-1)
+            # causal: a later device's segments hold only later positions; they are relayed like
+            # the rest and weigh nothing here
+            bias = torch.cat([_segment_bias(mask[:, a:b], self.cr) if not (self.fam.causal and a >= hi)
+                              else torch.full_like(_segment_bias(mask[:, a:b], self.cr), float("-inf"))
+                              for a, b in self.others], dim=-1)
         else:
             bias = torch.zeros(h.shape[0], 1, 0)
         q, k, v, send = self._next(0, own, keymask)
@@ -194,7 +242,8 @@ class DeviceEmbed(_Device):
             full = mask.to(torch.float32)
             if self.fam.prefix:
                 full = full[:, self.fam.prefix:]
-            out += [self._poolmask(mask), full.sum(1, keepdim=True)]
+            count = torch.ones_like(full[:, :1]) if self.fam.last_token else full.sum(1, keepdim=True)
+            out += [self._poolmask(mask), count]
         return (*out, send)
 
 
@@ -217,7 +266,7 @@ class DeviceLayer(_Device):
 
     def forward(self, hidden, q, k, v, bias, keymask, *rest):
         others = rest[-1]
-        o = P.attend(q, k, v, keymask, self.fam.scales[self.layer], others, bias)
+        o = P.attend(q, k, v, keymask, self.fam.scales[self.layer], others, bias, causal=self.fam.causal)
         h = self.fam.finish(self.fam.blocks[self.layer], hidden, o)
         if not self.last:
             return (h, *self._next(self.layer + 1, h, keymask))
@@ -225,7 +274,7 @@ class DeviceLayer(_Device):
             return self.fam.head_of_token(h)  # (the central node's: workers stop a layer early)
         if self.central:
             return h
-        return (self.fam.final(h) * rest[0][..., None]).sum(1)  # this share's sum of pooled states
+        return _pooled_sum(self.fam.final(h), rest[0])  # this share's sum of pooled states
 
 
 class CentralHead(_Device):
@@ -238,7 +287,7 @@ class CentralHead(_Device):
         return [SEND]
 
     def forward(self, hidden, poolmask, count, others):
-        total = (self.fam.final(hidden) * poolmask[..., None]).sum(1) + others.sum(1)
+        total = _pooled_sum(self.fam.final(hidden), poolmask) + others.sum(1)
         return self.fam.head_of_mean(total / count.clamp(min=1.0))
 
 
@@ -266,10 +315,15 @@ def _names(module: nn.Module, fam: _Family) -> tuple[list[str], list[str]]:
 
 def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Tensor, out_dir: Path,
                 labels: Sequence[str], preprocessing: dict[str, Any], cr: int,
-                model_name: str = "prism") -> Any:
+                model_name: str = "prism", tuned: Optional[nn.Module] = None,
+                finetune: Optional[dict[str, Any]] = None) -> Any:
     """Write the PRISM bundle of ``teacher`` for ``devices`` (the first is the central node) at
     compression rate ``cr`` to ``out_dir`` (module doc), and check that its ONNX models, chained
-    as the runtime chains them, give the PyTorch PRISM forward's logits (``parity``)."""
+    as the runtime chains them, give the PyTorch PRISM forward's logits (``parity``).
+
+    ``tuned``: the weights the devices run instead of the teacher's, fine-tuned at ``cr``
+    (:func:`coformer.compiler.prism_finetune.finetune_prism`, whose report ``finetune`` the
+    plan keeps); ``parity["prism_vs_teacher"]`` then measures how far tuning moved the logits."""
     import shutil
 
     from coformer.compiler.baselines import _onnx_params
@@ -284,8 +338,8 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     if len(devices) < 2:
         raise CoFormerError(f"PRISM shares positions among devices; give at least 2, not {len(devices)}")
     teacher = teacher.eval()
-    fam = _Family(teacher)
-    text = fam.name == "bert"
+    fam = _Family(teacher if tuned is None else tuned.eval())
+    text = fam.text
     N = fam.tokens()
     shares = P.share_positions(N, [d.cpu_share for d in devices])
     if fam.prefix > shares[0]:
@@ -356,7 +410,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
         shape = adapter_for(teacher).read_shape(teacher).to_dict()  # what check_bundle_matches compares
         # lists in device order (a manifest's objects are written with sorted keys)
         plan = {"strategy": "prism", "compression_rate": cr, "devices": [d.name for d in devices], "shares": shares,
-                "pool": fam.pool, "communication": comm}
+                "pool": fam.pool, "communication": comm, "finetune": finetune}
         return dict(
             model={"name": model_name, "family": fam.name, "layers": len(fam.blocks), "embed_dim": fam.embed_dim,
                    "tokens": N, "plan": plan, "shape": shape},
@@ -380,13 +434,14 @@ def _others_example(fam: _Family, shares: Sequence[int], p: int, cr: int, name: 
 
 
 def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[int], samples: Optional[int] = None,
-                 batch: int = 64) -> dict[str, Any]:
+                 batch: int = 64, weights: Optional[dict[int, nn.Module]] = None) -> dict[str, Any]:
     """Accuracy (against the labels) and agreement with the teacher's decisions of PRISM's
     PyTorch forward at each compression rate in ``crs``, on the test split's first ``samples``:
-    the forward the served bundle reproduces within :data:`PARITY_TOLERANCE`."""
+    the forward the served bundle reproduces within :data:`PARITY_TOLERANCE`. ``weights[cr]``:
+    the weights PRISM runs at ``cr`` where they are not the teacher's (fine-tuned)."""
     fam = _Family(teacher.eval())
     x = data.test.head(samples or len(data.test))
-    if fam.name == "bert" and x.shape[-1] != fam.tokens():
+    if fam.text and x.shape[-1] != fam.tokens():
         from coformer.runtime.prism import pad_tokens
 
         x = torch.from_numpy(pad_tokens(x.numpy(), fam.tokens(), int(data.preprocessing["pad_id"])))
@@ -397,7 +452,8 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
                            "teacher_accuracy": None if y is None else float((teacher_pred == y).float().mean()),
                            "by_cr": {}}
     for cr in crs:
-        pred = torch.cat([fam.reference(x[i:i + batch], shares, int(cr)).argmax(-1) for i in range(0, len(x), batch)])
+        run = _Family(weights[int(cr)].eval()) if weights and int(cr) in weights else fam
+        pred = torch.cat([run.reference(x[i:i + batch], shares, int(cr)).argmax(-1) for i in range(0, len(x), batch)])
         out["by_cr"][int(cr)] = {"accuracy": None if y is None else float((pred == y).float().mean()),
                                  "agreement_with_teacher": float((pred == teacher_pred).float().mean())}
     return out

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression-rate", type=int, default=4,
                    help="prism: positions per Segment Mean (CR); 1 exchanges every key and value (the teacher "
                    "exactly), larger sends fewer bytes and approximates more")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="prism at CR > 1: first fine-tune the weights under PRISM's forward for this many epochs "
+                   "(distilled from the teacher), kept only if the validation accuracy rises (default 0: none)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="prism: the fine-tuning's peak learning rate")
     p.add_argument("--policy", type=Path, default=None, help="use this policy (JSON); skips the search")
     p.add_argument("--search", default="auto", choices=["auto", "bo", "random", "uniform", "heuristic"],
                    help="how to choose the policy (auto: bo when every device has a profile, else heuristic)")
@@ -165,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
     p.add_argument("--prism-cr", default="4,16",
                    help="the compression rates the prism strategy is benched at, one row each (prism_cr4, ...)")
+    from coformer.tools.bench.options import PRISM_FINETUNE_EPOCHS  # light: the command line's names
+
+    p.add_argument("--prism-finetune-epochs", type=int, default=PRISM_FINETUNE_EPOCHS,
+                   help="fine-tune each prism bundle at CR > 1 for this many epochs first, kept only where the "
+                   "validation accuracy rises (as coformer compile --finetune-epochs; 0: the teacher's weights)")
     p.add_argument("--passes", type=int, default=3, help="interleave the strategies in this many passes over the "
                    "samples, so the machine's drift falls on all of them alike")
     p.add_argument("--ablations", action="store_true",
@@ -321,15 +330,32 @@ def compile_prism(args: argparse.Namespace, devices) -> int:
     if ignored:
         raise CoFormerError(f"--strategy prism runs the teacher's own weights (no policy, search, calibration or "
                             f"features): drop {', '.join(ignored)}")
+    if args.finetune_epochs < 0:
+        raise CoFormerError(f"--finetune-epochs {args.finetune_epochs} must be >= 0")
+    compute = _compute(args) if args.finetune_epochs else None  # a bad --device fails before the teacher loads
+    if args.finetune_epochs and args.compression_rate == 1:
+        raise CoFormerError("--finetune-epochs needs --compression-rate > 1: at CR = 1 PRISM is the teacher")
     teacher = teacher_from_args(args)
     data, _ = data_from_args(args, teacher)
     if data.test.y is None:
         raise CoFormerError("--strategy prism reports accuracy, so its data needs labels")
+    tuned, finetune = None, None
+    if args.finetune_epochs:
+        from coformer.compiler.prism_finetune import finetune_for_devices
+
+        tuned, finetune = finetune_for_devices(teacher, devices, data, args.compression_rate, args.finetune_epochs,
+                                               args.finetune_lr, compute, args.seed,
+                                               progress=not getattr(args, "no_progress", False))
+        val, key = finetune["validation"], finetune["decided_by"].split()[-1]
+        print(f"fine-tuned {args.finetune_epochs} epochs in {finetune['seconds']:.0f} s: {finetune['decided_by']} "
+              f"{val['before'][key] * 100:.1f}% -> {val['after'][key] * 100:.1f}% "
+              + ("(kept)" if finetune["kept"] else "(not kept: the bundle runs the teacher's weights)"))
     manifest = build_prism(teacher, devices, data.val.head(3), args.out, data.labels, dict(data.preprocessing),
-                           args.compression_rate, model_name=args.model)
+                           args.compression_rate, model_name=args.model, tuned=tuned, finetune=finetune)
     plan = manifest.model["plan"]
     scores = prism_scores(teacher, data, plan["shares"], [args.compression_rate],
-                          min(len(data.test), args.measure_samples))
+                          min(len(data.test), args.measure_samples),
+                          weights={args.compression_rate: tuned} if tuned is not None else None)
     at = scores["by_cr"][args.compression_rate]
     comm = plan["communication"]
     print(f"bundle: {args.out} (PRISM, CR = {args.compression_rate}; positions per device "
@@ -359,6 +385,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     devices = load_devices(args.devices)
     if args.strategy == "prism":
         return compile_prism(args, devices)
+    if args.finetune_epochs:
+        raise CoFormerError("--finetune-epochs fine-tunes --strategy prism; CoFormer's sub-models are calibrated by "
+                            "--epochs")
     policy = Policy.load(args.policy) if args.policy else None
     compute = _compute(args)  # a bad --device fails before the teacher is loaded
     teacher = teacher_from_args(args)
@@ -621,6 +650,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from coformer.tools.bench.options import parse_crs
 
     crs = parse_crs(args.prism_cr)
+    if args.prism_finetune_epochs < 0:
+        raise CoFormerError(f"--prism-finetune-epochs {args.prism_finetune_epochs} must be >= 0")
     load = {"throughput": bench.parse_clients(args.throughput), "throughput_s": args.throughput_seconds}
     if args.throughput_seconds <= 0:
         raise CoFormerError(f"--throughput-seconds {args.throughput_seconds} must be > 0")
@@ -676,12 +707,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if text_qs:
         report = bench.run_text_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies, args.samples,
                                                  args.max_seconds, not args.no_testbed, progress, args.passes, **load,
-                                                 sources=sources, prism_crs=crs)  # run_model_bench refuses one without central
+                                                 sources=sources, prism_crs=crs, prism_finetune=args.prism_finetune_epochs)  # run_model_bench refuses one without central
     elif args.quickstart is not None:
         report = bench.run_quickstart_bench(args.quickstart, args.out, args.bandwidth, strategies or bench.STRATEGIES,
                                             sources,
                                             args.samples, args.max_seconds, not args.no_testbed, progress,
-                                            devices_counts, args.passes, **load, prism_crs=crs)
+                                            devices_counts, args.passes, **load, prism_crs=crs,
+                                            prism_finetune=args.prism_finetune_epochs)
     else:
         if args.bundle is None or args.model is None or args.devices is None:
             raise CoFormerError("bench needs a BUNDLE with --model and --devices (or --quickstart)")
@@ -700,7 +732,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data, _ = data_from_args(args, teacher)
         report = bench.run_model_bench(args.bundle, teacher, devices, data, args.out, strategies, sources,
                                        args.bandwidth, not args.no_testbed, args.samples, args.max_seconds,
-                                       progress, args.passes, args.epochs, compute, **load, prism_crs=crs)
+                                       progress, args.passes, args.epochs, compute, **load, prism_crs=crs,
+                                       prism_finetune=args.prism_finetune_epochs)
     if args.report_json:
         from coformer.runtime.files import atomic_write_json
 

@@ -32,7 +32,8 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     qs, env = quickstart_dir
     report_path = tmp_path / "r.json"
     done = _bench(["--quickstart", str(qs), "--no-testbed", "--samples", "15", "--out", str(tmp_path / "out"),
-                   "--report-json", str(report_path), "--throughput", "1,8", "--throughput-seconds", "1"], env)
+                   "--report-json", str(report_path), "--throughput", "1,8", "--throughput-seconds", "1",
+                   "--prism-finetune-epochs", "1"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(report_path.read_text())
     rows = {(x["strategy"], x["input_source"]): x for x in r["results"]}
@@ -60,6 +61,9 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
         x = rows[f"prism_cr{cr}", "device"]
         predicted = x["prism"]["predicted"]
         assert x["prism"]["compression_rate"] == cr and x["rounds"] == predicted["rounds_per_inference"]
+        tuned = x["prism"]["finetune"]  # tuned first, and kept only where validation accuracy rose
+        val = tuned["validation"]
+        assert tuned["epochs"] == 1 and tuned["kept"] == (val["after"]["accuracy"] > val["before"]["accuracy"])
         assert predicted["bytes_per_inference"] < x["bytes_per_inference"] < (predicted["bytes_per_inference"]
                                                                                + 4 * 400 * x["rounds"])
     assert rows["prism_cr16", "device"]["bytes_per_inference"] < rows["prism_cr4", "device"]["bytes_per_inference"]

@@ -192,6 +192,13 @@ def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work):
               "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--strategy", "prism", "--student",
               "--out", tmp / "never-prism", timeout=300)
     assert bad.returncode == 2 and "drop --student" in bad.stderr and not (tmp / "never-prism").exists()
+    base = ["coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
+            "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--finetune-epochs", "2", "--out",
+            tmp / "never-tuned"]
+    for extra, message in ((["--strategy", "prism", "--compression-rate", "1"], "at CR = 1 PRISM is the teacher"),
+                           ([], "fine-tunes --strategy prism")):
+        bad = run(*base, *extra, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and not (tmp / "never-tuned").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -126,6 +126,36 @@ def test_text_prism_pads_each_request_and_equals_its_forward(tmp_path):
     assert r.rounds == 3 + 1  # three layers, then the workers' sums
 
 
+def test_gpt2_prism_is_causal_and_pools_the_last_token_wherever_it_falls(tmp_path):
+    """GPT-2's last real token moves with the text's length: it lands on a different device for
+    a short and a long text, and the served answer is PRISM's forward (the teacher at CR = 1)."""
+    from coformer.calibration.text import sentiment_records, text_dataset
+    from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
+    from coformer.compiler.prism_bundle import _Family
+    from coformer.runtime.prism import pad_tokens
+    from coformer.runtime.text import TextEncoder
+    from tests.text_models import build, word_tokenizer
+
+    teacher = wrap_hf(build("gpt2"), max_length=16, tokenizer=word_tokenizer(tmp_path / "tokenizer.json"))
+    assert teacher.pool_kind == "last"
+    data = text_dataset(sentiment_records(40), encoder_for(teacher, pair=False))
+    fit_head(teacher, data, epochs=2)
+    pad = int(data.preprocessing["pad_id"])
+    exact = build_prism(teacher, DEVICES, data.val.head(3), tmp_path / "one", data.labels, dict(data.preprocessing), 1)
+    assert exact.parity["prism_vs_teacher"] <= 1e-5 and exact.parity["served_vs_prism_forward"] <= 1e-4
+    m = build_prism(teacher, DEVICES, data.val.head(3), tmp_path / "b", data.labels, dict(data.preprocessing), 2)
+    assert m.model["plan"]["shares"] == [8, 5, 3]
+    encoder = TextEncoder.from_bundle(tmp_path / "b")
+    texts = ["not good", "honestly the food was really great today and the app"]  # last token on a, then b or c
+    with LocalCluster(tmp_path / "b", throttle="none") as cluster, cluster.client() as client:
+        r = client.infer(encoder.encode(texts))
+    tokens = torch.from_numpy(pad_tokens(encoder.encode(texts), 16, pad))
+    assert tokens[0, 1].sum() <= 8 < tokens[1, 1].sum()
+    want = _Family(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
+    np.testing.assert_allclose(r.logits, want, atol=1e-4)
+    assert np.isfinite(r.logits).all()
+
+
 def test_prism_refuses_what_it_does_not_serve(tmp_path):
     from tests.conftest import tiny_deit_distilled
 

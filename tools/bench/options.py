@@ -11,6 +11,8 @@ from coformer.runtime.errors import CoFormerError
 STRATEGIES = ("coformer", "uniform", "student", "student_matched", "teacher", "pipeline", "tensor_parallel", "prism")
 # ``prism`` is benched at each of these compression rates, one row each (``prism_cr4``, ...)
 PRISM_CRS = (4, 16)
+# and first fine-tuned for this many epochs at CR > 1 (kept where validation accuracy rises)
+PRISM_FINETUNE_EPOCHS = 2
 STUDENTS = ("student", "student_matched")  # one sub-model on the central device alone
 # the strategies that are CoFormer bundles (sub-models, features, an aggregator): their rows get a physical limit
 DECOMPOSED = ("coformer", "uniform", *STUDENTS)

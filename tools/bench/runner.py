@@ -16,8 +16,9 @@ import numpy as np
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import load_manifest
-from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, PRISM_CRS, STRATEGIES, STUDENTS,
-                                          bandwidth_name, parse_bandwidths)
+from coformer.tools.bench.options import (DECOMPOSED, DEFAULT_BANDWIDTHS, INPUT_SOURCES, PRISM_CRS,
+                                          PRISM_FINETUNE_EPOCHS, STRATEGIES, STUDENTS, bandwidth_name,
+                                          parse_bandwidths)
 from coformer.tools.bench.plots import plots
 from coformer.tools.bench.report import markdown, physical_limit, ratios
 from coformer.tools.bench.strategies import (STUDENT_FILE, bundle_devices, check_bundle_matches, prepare_bundles,
@@ -147,8 +148,11 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                         row["devices_used"] = len(manifest.devices)  # devices_count is the setup's (a student: 1 of them)
                         if manifest.strategy == "prism":  # what the exchange should cost, beside what it did
                             plan = manifest.model["plan"]
+                            tuned = plan.get("finetune")
                             row["prism"] = {"compression_rate": plan["compression_rate"], "shares": plan["shares"],
-                                            "predicted": plan["communication"]}
+                                            "predicted": plan["communication"],
+                                            "finetune": None if tuned is None else
+                                            {k: tuned[k] for k in ("epochs", "kept", "validation", "seconds")}}
                         if strategy in DECOMPOSED:
                             row.update(physical_limit(row, manifest, mbit if bed else None))
                             row["policy_source"] = manifest.policy.get("source")  # bo, uniform, heuristic
@@ -216,7 +220,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                          use_testbed: bool = True, progress: bool = True,
                          devices_counts: Optional[Sequence[int]] = None, passes: int = 3,
                          throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
-                         prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
+                         prism_crs: Sequence[int] = PRISM_CRS,
+                    prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
     """``coformer bench --quickstart``: every strategy on the quickstart's three devices, 2 Mbit/s links.
 
     On the testbed the devices get 1 GiB / 512 MiB / 192 MiB of memory: the
@@ -244,7 +249,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
         bundles = prepare_bundles(here, bundle if full else None, teacher, devices[:k], data,
                                   Path(qs_dir) / "baselines" / ("" if full else f"{k}-devices"),
                                   boost_epochs=cfg.boost_epochs, aggregator_epochs=cfg.aggregator_epochs,
-                                  seed=cfg.seed, progress=progress, predictors=predictors, prism_crs=prism_crs)
+                                  seed=cfg.seed, progress=progress, predictors=predictors, prism_crs=prism_crs,
+                                  prism_finetune=prism_finetune)
         setups.append((devices[:k], bundles))
     memory_check = None
     if use_testbed and "teacher" in strategies and "coformer" in strategies:
@@ -265,7 +271,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
                     bandwidths: str = DEFAULT_BANDWIDTHS, use_testbed: bool = True, samples: int = 200,
                     max_seconds: float = 60.0, progress: bool = True, passes: int = 3, boost_epochs: int = 5,
                     compute=None, throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
-                    prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
+                    prism_crs: Sequence[int] = PRISM_CRS,
+                    prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
     """``coformer bench BUNDLE --model ... --devices ... --data ...``: the user's bundle against
     every strategy the teacher's family has (:func:`strategies_for`), built from the same
     teacher, on the first ``samples`` of the data's test split.
@@ -305,7 +312,8 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
 
         predictors = [predictor_for(Path(devices[0].profile))[0]]
     bundles = prepare_bundles(strategies, bundle, teacher, devices, data, out / "bundles", boost_epochs=boost_epochs,
-                              progress=progress, compute=compute, predictors=predictors, prism_crs=prism_crs)
+                              progress=progress, compute=compute, predictors=predictors, prism_crs=prism_crs,
+                              prism_finetune=prism_finetune)
     x = data.test.head(samples)
     if data.test.y is not None:
         y, reference = data.test.y[: len(x)].numpy(), "labels"
@@ -362,7 +370,8 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
                               max_seconds: float = 60.0, use_testbed: bool = True, progress: bool = True,
                               passes: int = 3, throughput: Sequence[int] = (1, 8),
                               throughput_s: float = 5.0, sources: Sequence[str] = ("central",),
-                              prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Any]:
+                              prism_crs: Sequence[int] = PRISM_CRS,
+                    prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
     """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
     alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
     the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
@@ -374,4 +383,5 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
     teacher, devices, data, cfg = text_quickstart_inputs(qs_dir)
     return run_model_bench(Path(qs_dir) / "bundle", teacher, devices, data, out_dir or Path(qs_dir) / "bench",
                            strategies, sources, bandwidths, use_testbed, samples, max_seconds, progress, passes,
-                           cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s, prism_crs=prism_crs)
+                           cfg.boost_epochs, throughput=throughput, throughput_s=throughput_s, prism_crs=prism_crs,
+                           prism_finetune=prism_finetune)

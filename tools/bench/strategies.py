@@ -68,7 +68,8 @@ def prism_serves(teacher) -> bool:
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
                     boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
                     progress: Union[bool, Progress] = True, predictors: Optional[Sequence[Any]] = None,
-                    compute=None, prism_crs: Sequence[int] = PRISM_CRS) -> dict[str, Path]:
+                    compute=None, prism_crs: Sequence[int] = PRISM_CRS,
+                    prism_finetune: int = 0) -> dict[str, Path]:
     """The bundle of every strategy: CoFormer's as given, the others built in ``out_dir``
     (reused while the teacher, devices and settings they were built from are unchanged).
 
@@ -89,7 +90,9 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     largest that fits. The row's ``policy_source`` says which (``bo`` or ``uniform``).
 
     ``prism`` is built once per compression rate in ``prism_crs``, as ``prism_cr{CR}``: the
-    teacher's own weights, so nothing is trained.
+    teacher's own weights, or at CR > 1 with ``prism_finetune`` epochs, those weights
+    fine-tuned under PRISM where that raises the validation accuracy
+    (:mod:`coformer.compiler.prism_finetune`).
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
@@ -122,6 +125,8 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
             from coformer.runtime.manifest import manifest_digest
 
             built_from += f" {manifest_digest(out['coformer'])[:16]}"
+        if s.startswith("prism_cr"):
+            built_from += f" finetune {prism_finetune}"
         if (path / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == built_from:
             load_manifest(path)  # verifies checksums
             out[s] = path
@@ -133,8 +138,15 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
         if s.startswith("prism_cr"):
             from coformer.compiler.prism_bundle import build_prism
 
-            build_prism(teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
-                        int(s[len("prism_cr"):]), model_name=s)
+            cr = int(s[len("prism_cr"):])
+            tuned, finetune = None, None
+            if prism_finetune and cr > 1:
+                from coformer.compiler.prism_finetune import finetune_for_devices
+
+                tuned, finetune = finetune_for_devices(teacher, devices, data, cr, prism_finetune, compute=compute,
+                                                       seed=seed, progress=bool(progress))
+            build_prism(teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing), cr,
+                        model_name=s, tuned=tuned, finetune=finetune)
         elif s in BASELINES:
             build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
                            model_name=f"{s}")
