@@ -231,9 +231,9 @@ class DeviceEmbed(_Device):
         if self.others:
             # causal: a later device's segments hold only later positions; they are relayed like
             # the rest and weigh nothing here
-            bias = torch.cat([_segment_bias(mask[:, a:b], self.cr) if not (self.fam.causal and a >= hi)
-                              else torch.full_like(_segment_bias(mask[:, a:b], self.cr), float("-inf"))
-                              for a, b in self.others], dim=-1)
+            segs = [_segment_bias(mask[:, a:b], self.cr) for a, b in self.others]
+            bias = torch.cat([s.masked_fill(torch.tensor(self.fam.causal and a >= hi), float("-inf"))
+                              for s, (a, _) in zip(segs, self.others)], dim=-1)
         else:
             bias = torch.zeros(h.shape[0], 1, 0)
         q, k, v, send = self._next(0, own, keymask)

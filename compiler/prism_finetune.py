@@ -61,11 +61,15 @@ class PrismModel(nn.Module):
         return self.fam.logits(x, self.shares, self.cr)
 
 
-def _scores(teacher: nn.Module, prism: nn.Module, data, compute: Compute) -> dict[str, Any]:
-    """PRISM's accuracy (None without labels) and agreement with the teacher on ``data.val``."""
-    from coformer.compiler.pipeline import run_many
+def _decisions(model: nn.Module, data, compute: Compute) -> torch.Tensor:
+    from coformer.compiler.pipeline import run_batched
 
-    t, p = run_many([teacher, prism], data.val, compute, reduce=lambda y: y.argmax(-1))
+    return run_batched(model, data.val, compute, reduce=lambda y: y.argmax(-1))
+
+
+def _scores(t: torch.Tensor, prism: nn.Module, data, compute: Compute) -> dict[str, Any]:
+    """PRISM's accuracy (None without labels) and agreement with the teacher's decisions ``t`` on ``data.val``."""
+    p = _decisions(prism, data, compute)
     y = data.val.y
     return {"accuracy": None if y is None else float((p == y).float().mean()),
             "agreement_with_teacher": float((p == t).float().mean())}
@@ -93,7 +97,8 @@ def finetune_prism(teacher: nn.Module, data, shares: Sequence[int], cr: int, epo
     start = time.perf_counter()
     teacher = teacher.eval()
     pad_id = (data.preprocessing or {}).get("pad_id")
-    before = _scores(teacher, PrismModel(teacher, shares, cr, pad_id), data, compute)
+    t = _decisions(teacher, data, compute)
+    before = _scores(t, PrismModel(teacher, shares, cr, pad_id), data, compute)
     targets = run_batched(teacher, data.train, compute)  # logits, once
     student = PrismModel(copy.deepcopy(teacher), shares, cr, pad_id)
     report = calibrate([student], [nn.Identity()], data.train, targets, labels=data.train.y,
@@ -101,7 +106,7 @@ def finetune_prism(teacher: nn.Module, data, shares: Sequence[int], cr: int, epo
                                           distill="soft", temperature=TEMPERATURE, boosting=False),
                        progress=progress, compute=compute)
     student.eval()
-    after = _scores(teacher, student, data, compute)
+    after = _scores(t, student, data, compute)
     key = "accuracy" if before["accuracy"] is not None else "agreement_with_teacher"
     kept = after[key] > before[key]
     result = {"epochs": int(epochs), "lr": float(lr), "compression_rate": int(cr), "kept": bool(kept),

@@ -221,7 +221,7 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
                          devices_counts: Optional[Sequence[int]] = None, passes: int = 3,
                          throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
                          prism_crs: Sequence[int] = PRISM_CRS,
-                    prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
+                         prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
     """``coformer bench --quickstart``: every strategy on the quickstart's three devices, 2 Mbit/s links.
 
     On the testbed the devices get 1 GiB / 512 MiB / 192 MiB of memory: the
@@ -371,7 +371,7 @@ def run_text_quickstart_bench(qs_dir: Path, out_dir: Optional[Path] = None, band
                               passes: int = 3, throughput: Sequence[int] = (1, 8),
                               throughput_s: float = 5.0, sources: Sequence[str] = ("central",),
                               prism_crs: Sequence[int] = PRISM_CRS,
-                    prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
+                              prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
     """``coformer bench --quickstart DIR`` on a text quickstart: its bundle against the teacher
     alone, uniform and the students (:func:`run_model_bench`), with the teacher rebuilt from
     the run's HF checkpoint, its data (the built-in reviews it was calibrated on) and its
