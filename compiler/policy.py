@@ -4,8 +4,9 @@ deterministic heuristic policy.
 The heuristic sizes each sub-model to its device's share of compute: the
 teacher's embedding channels, the heads of every layer and the MLP neurons of
 every layer are apportioned between the devices in proportion to
-``cpu_share`` (so C2-C4 hold by construction), each sub-model keeps its most
-important units, and layers are then dropped, least important first, until
+``cpu_share`` (so C2-C4 hold by construction), which units each keeps follows
+the decomposition structure (:mod:`coformer.compiler.decomposition`: the top of
+one ranking for every device, a partition, or a shared core), and layers are then dropped, least important first, until
 the sub-model fits its FLOPs budget Omega_n (C5) and memory Phi_n (C6).
 Bayesian search (DeBo) will replace it; everything downstream takes a
 :class:`Policy` from any source.
@@ -16,7 +17,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from coformer.compiler.cost import Cost, submodel_cost
-from coformer.compiler.importance import Importance, top_k
+from coformer.compiler.decomposition import PARTITIONING, check_decomposition, deal, overlaps
+from coformer.compiler.importance import Importance
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
 
@@ -55,6 +57,8 @@ def policy_violations(
         return out
     subs = policy.submodels
     L = shape.num_layers
+    if policy.decomposition in PARTITIONING:
+        out += partition_overlaps(policy, shape)
     for name, s in zip(policy.devices, subs):
         if s.num_layers > L:
             out.append(f"C1: {name} keeps {s.num_layers} layers, the teacher has L = {L}")
@@ -90,6 +94,23 @@ def policy_violations(
         if c.memory_bytes > dev.memory_bytes:
             out.append(f"C6: {name} needs {_fmt(c.memory_bytes)}B of memory, it has {_fmt(dev.memory_bytes)}B")
     return out
+
+
+def partition_overlaps(policy: Policy, shape: TransformerShape) -> list[str]:
+    """Under a partitioning decomposition, C2-C4 on the union: every unit a device keeps is
+    its own. One line per kind of unit that two devices share, naming the units."""
+    names, subs = policy.devices, policy.submodels
+    out = []
+    for st in range(len(shape.widths)):
+        what = "channels" if st == 0 else f"channels of stage {st}"
+        out += overlaps([s.all_channels[st] for s in subs], names, what)
+    for layer in range(shape.num_layers):
+        held = [(n, s.layers.index(layer)) for n, s in zip(names, subs) if layer in s.layers]
+        out += overlaps([subs[names.index(n)].heads[k] for n, k in held], [n for n, _ in held],
+                        f"heads of layer {layer}:")
+        out += overlaps([subs[names.index(n)].neurons[k] for n, k in held], [n for n, _ in held],
+                        f"MLP neurons of layer {layer}:")
+    return [f"C2-C4 ({policy.decomposition}): " + line for line in out]
 
 
 def check_policy(policy: Policy, shape: TransformerShape, devices: Sequence[DeviceSpec],
@@ -129,37 +150,40 @@ def heuristic_policy(
     importance: Importance,
     devices: Sequence[DeviceSpec],
     cost: CostFn = submodel_cost,
+    decomposition: str = "nested",
 ) -> Policy:
-    """Share-proportional widths, most important units kept, layers trimmed to fit (see module doc)."""
+    """Share-proportional widths, units chosen by ``decomposition``
+    (:mod:`coformer.compiler.decomposition`), layers trimmed to fit (see module doc)."""
     if not devices:
         raise CoFormerError("no devices given")
     importance.check(shape)
+    check_decomposition(decomposition)
     shares = [d.cpu_share for d in devices]
-    d_n = [apportion(w, shares) for w in shape.widths]  # per stage, per device
-    h_n = [apportion(h, shares) for h in shape.heads]  # per layer, per device
-    D_n = [apportion(D, shares) for D in shape.mlp_dims]
+    # per stage / layer, per device: the units each device is dealt
+    chans = [deal(sc, apportion(w, shares), decomposition) for sc, w in zip(importance.all_channels, shape.widths)]
+    heads = [deal(sc, apportion(h, shares), decomposition) for sc, h in zip(importance.heads, shape.heads)]
+    neurons = [deal(sc, apportion(D, shares), decomposition) for sc, D in zip(importance.neurons, shape.mlp_dims)]
     subs = []
     for n, dev in enumerate(devices):
         layers = list(range(shape.num_layers))
         while True:
-            kept = [top_k(scores, d[n]) for scores, d in zip(importance.all_channels, d_n)]
             spec = SubModelSpec(
                 layers=tuple(layers),
-                channels=kept[0],
-                heads=tuple(top_k(importance.heads[l], h_n[l][n]) for l in layers),
-                neurons=tuple(top_k(importance.neurons[l], D_n[l][n]) for l in layers),
-                stage_channels=tuple(kept[1:]),
+                channels=chans[0][n],
+                heads=tuple(heads[l][n] for l in layers),
+                neurons=tuple(neurons[l][n] for l in layers),
+                stage_channels=tuple(c[n] for c in chans[1:]),
             )
             c = cost(spec, shape)
             if c.flops <= dev.flops_budget and c.memory_bytes <= dev.memory_bytes:
                 break
             if len(layers) == 1:
                 raise CoFormerError(
-                    f"device {dev.name!r} cannot hold even one layer at width d={d_n[0][n]}: it needs "
+                    f"device {dev.name!r} cannot hold even one layer at width d={len(chans[0][n])}: it needs "
                     f"{_fmt(c.flops)} FLOPs and {_fmt(c.memory_bytes)}B, its budget is "
                     f"{_fmt(dev.flops_budget)} FLOPs and {_fmt(dev.memory_bytes)}B"
                 )
             layers.remove(min(layers, key=lambda l: (importance.layers[l], l)))
         subs.append(spec)
-    policy = Policy(tuple(subs), tuple(d.name for d in devices), source="heuristic")
+    policy = Policy(tuple(subs), tuple(d.name for d in devices), source="heuristic", decomposition=decomposition)
     return check_policy(policy, shape, devices, cost)

@@ -5,7 +5,9 @@ uniform decomposition as baselines (paper Fig. 11).
 Encoding. A policy is a point of [0.05, 1]^(4N): for each device n, the
 fractions of the teacher's layers, embedding channels, heads per layer and MLP
 neurons per layer it keeps (uniform across its layers). Which units are kept
-follows importance (most important first), as in the heuristic policy.
+follows importance through the decomposition structure, as in the heuristic
+policy (:mod:`coformer.compiler.decomposition`); a sub-model narrowed to fit its
+budget keeps the most important of the units it was dealt.
 
 Constraints. Infeasible points are *repaired*, not rejected: widths whose sum
 over devices exceeds the teacher's (C2-C4) are scaled down in proportion, and
@@ -48,6 +50,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from coformer.compiler.cost import Cost, submodel_cost
+from coformer.compiler.decomposition import check_decomposition, deal, most_important
 from coformer.compiler.importance import Importance, top_k
 from coformer.compiler.policy import apportion, policy_violations
 from coformer.compiler.profile_kit import spec_features
@@ -94,9 +97,11 @@ class Decoder:
     """Turns a point of the search space into a feasible policy (see the module doc)."""
 
     def __init__(self, shape: TransformerShape, importance: Importance, devices: Sequence[DeviceSpec],
-                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost) -> None:
+                 cost: Callable[[SubModelSpec, TransformerShape], Cost] = submodel_cost,
+                 decomposition: str = "nested") -> None:
         self.shape, self.imp, self.devices, self.cost = shape, importance.check(shape), list(devices), cost
         self.n = len(self.devices)
+        self.decomposition = check_decomposition(decomposition)
 
     @property
     def dims(self) -> int:
@@ -120,6 +125,10 @@ class Decoder:
         d_n = [self._counts(w, f[:, 1]) for w in s.widths]  # per stage, per device
         h_n = {H: self._counts(H, f[:, 2]) for H in set(s.heads)}  # per teacher head count, per device
         D_n = {M: self._counts(M, f[:, 3]) for M in set(s.mlp_dims)}
+        # per stage / layer, per device: the units each device is dealt (its width may shrink below)
+        dealt = ([deal(sc, d_n[st], self.decomposition) for st, sc in enumerate(self.imp.all_channels)],
+                 [deal(sc, h_n[s.heads[l]], self.decomposition) for l, sc in enumerate(self.imp.heads)],
+                 [deal(sc, D_n[s.mlp_dims[l]], self.decomposition) for l, sc in enumerate(self.imp.neurons)])
         subs = []
         for n, dev in enumerate(self.devices):
             l = max(1, int(round(f[n, 0] * s.num_layers)))
@@ -128,7 +137,7 @@ class Decoder:
             h = [h_n[s.heads[i]][n] for i in range(s.num_layers)]
             D = [D_n[s.mlp_dims[i]][n] for i in range(s.num_layers)]
             while True:
-                spec = self._spec(layers, d, h, D)
+                spec = self._spec([[u[n] for u in kind] for kind in dealt], layers, d, h, D)
                 c = self.cost(spec, s)
                 if c.flops <= dev.flops_budget and c.memory_bytes <= dev.memory_bytes:
                     break
@@ -140,16 +149,22 @@ class Decoder:
                     raise CoFormerError(f"device {dev.name!r} cannot hold the smallest sub-model "
                                         f"({c.flops} FLOPs, {c.memory_bytes} B)")
             subs.append(spec)
-        policy = Policy(tuple(subs), tuple(d.name for d in self.devices), source="search")
+        policy = Policy(tuple(subs), tuple(d.name for d in self.devices), source="search",
+                        decomposition=self.decomposition)
         bad = policy_violations(policy, s, self.devices, self.cost)
         assert not bad, bad  # the repair above guarantees C1-C6
         return policy
 
-    def _spec(self, layers: Sequence[int], d: Sequence[int], h: Sequence[int], D: Sequence[int]) -> SubModelSpec:
-        """Kept units by importance: ``d`` channels per stage, ``h[l]`` heads and ``D[l]`` neurons of layer l."""
-        kept = [top_k(scores, k) for scores, k in zip(self.imp.all_channels, d)]
-        return SubModelSpec(tuple(layers), kept[0], tuple(top_k(self.imp.heads[l], h[l]) for l in layers),
-                            tuple(top_k(self.imp.neurons[l], D[l]) for l in layers), tuple(kept[1:]))
+    def _spec(self, dealt: Sequence[Sequence[Sequence[int]]], layers: Sequence[int], d: Sequence[int],
+              h: Sequence[int], D: Sequence[int]) -> SubModelSpec:
+        """The most important of the device's ``dealt`` units (channels per stage, heads and neurons
+        per layer): ``d`` channels per stage, ``h[l]`` heads and ``D[l]`` neurons of layer l."""
+        chans, heads, neurons = dealt
+        imp = self.imp
+        kept = [most_important(c, sc, k) for c, sc, k in zip(chans, imp.all_channels, d)]
+        return SubModelSpec(tuple(layers), kept[0],
+                            tuple(most_important(heads[l], imp.heads[l], h[l]) for l in layers),
+                            tuple(most_important(neurons[l], imp.neurons[l], D[l]) for l in layers), tuple(kept[1:]))
 
     def uniform_point(self) -> list[float]:
         """DeViT-style: every device the same 1/N of each width and all layers."""
@@ -240,6 +255,7 @@ def run_search(
     # written under other profiles is not replayed.
     key = _log_key({"method": method, "seed": seed, "delta": delta, "initial": initial,
                     "devices": [d.to_dict() for d in decoder.devices], "shape": decoder.shape.to_dict(),
+                    **({} if decoder.decomposition == "nested" else {"decomposition": decoder.decomposition}),
                     "predictors": [p.to_dict() if hasattr(p, "to_dict") else repr(p) for p in latency.predictors],
                     "central_flops_per_ms": latency.g})
     done: list[dict[str, Any]] = []

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from coformer.compiler.decomposition import check_decomposition
 from coformer.runtime.files import atomic_write_json, read_json
 from coformer.runtime.errors import CoFormerError
 
@@ -291,12 +292,15 @@ class DeviceSpec:
 class Policy:
     """C: one sub-model spec per device; ``devices[i]`` runs ``submodels[i]``.
 
-    The first device is the central node (it also runs the aggregator).
+    The first device is the central node (it also runs the aggregator). ``decomposition``
+    is how the sub-models share the teacher's units (:mod:`coformer.compiler.decomposition`):
+    under ``partition`` no unit may be on two devices.
     """
 
     submodels: tuple[SubModelSpec, ...]
     devices: tuple[str, ...]
     source: str = "manual"
+    decomposition: str = "nested"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "submodels", tuple(self.submodels))
@@ -307,10 +311,12 @@ class Policy:
             )
         if len(set(self.devices)) != len(self.devices):
             raise CoFormerError(f"policy devices {list(self.devices)} repeat a name")
+        check_decomposition(self.decomposition)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "decomposition": self.decomposition,
             "devices": list(self.devices),
             "submodels": [s.to_dict() for s in self.submodels],
         }
@@ -320,7 +326,7 @@ class Policy:
         if "submodels" not in d or "devices" not in d:
             raise CoFormerError("policy needs 'devices' and 'submodels'")
         return cls(tuple(SubModelSpec.from_dict(s) for s in d["submodels"]), tuple(d["devices"]),
-                   d.get("source", "manual"))
+                   d.get("source", "manual"), d.get("decomposition", "nested"))
 
     def save(self, path: Path) -> None:
         atomic_write_json(Path(path), self.to_dict())
