@@ -17,7 +17,7 @@ closed-form ridge map from the concatenated features to the teacher's feature
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -210,8 +210,10 @@ def train_fallbacks(
     seed: int = 0,
     progress: bool = False,
     compute: Compute = CPU,
+    sets: Optional[Sequence[Sequence[str]]] = None,
 ) -> list[tuple[tuple[str, ...], list[int], Aggregator]]:
-    """One aggregator per :func:`missing_sets` entry: ``(missing names, present indices, map)``.
+    """One aggregator per :func:`missing_sets` entry (or per set of missing devices in ``sets``):
+    ``(missing names, present indices, map)``.
 
     Each map starts from the full aggregator's columns of the devices present (their share
     of eq. 2's W, and its bias) and is then trained on the same objective, with the head
@@ -222,7 +224,7 @@ def train_fallbacks(
     starts = [0]
     for f in features:
         starts.append(starts[-1] + f.shape[1])
-    for missing in missing_sets(devices):
+    for missing in (missing_sets(devices) if sets is None else sets):
         present = [i for i, name in enumerate(devices) if name not in missing]
         fb = make([features[i].shape[1] for i in present])
         rows = torch.cat([W_full[starts[i]: starts[i + 1]] for i in present])
@@ -232,3 +234,17 @@ def train_fallbacks(
         fb.eval()
         out.append((tuple(missing), present, fb))
     return out
+
+
+def single_device_sets(devices: Sequence[str]) -> list[tuple[str, ...]]:
+    """For each device, the set of all the others: what is missing when it answers alone."""
+    return [tuple(d for d in devices if d != keep) for keep in devices]
+
+
+def collaboration(ensemble: float, single: dict[str, float]) -> dict[str, Any]:
+    """The collaboration gain (issue 37): the ensemble's score minus the best single device's,
+    each device alone answering through a map fitted on its own features as a fallback is
+    (:func:`train_fallbacks`), so the gain is what the other devices add to the best one."""
+    best = max(single, key=lambda d: (single[d], d))
+    return {"gain": float(ensemble - single[best]), "best_single_device": best,
+            "best_single_score": float(single[best]), "single_device": {d: float(v) for d, v in single.items()}}

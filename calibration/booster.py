@@ -29,6 +29,20 @@ l_i is that map's loss on sample i. So a sample's weight rises where the
 sub-models so far, together, reconstruct its feature worst (the ensemble's
 residual, which is what the next sub-model can make up), not where sub-model n
 alone does.
+
+``residual=True`` is boosting as it is done for a regression (gradient boosting; issue 37):
+the weights say *where* the earlier sub-models fail, the residual says *what* they miss.
+Sub-model n's head output is added to the sum of the heads' outputs of sub-models 1..n-1
+(kept fixed, on the training set) and the loss is taken on that sum: the first sub-model
+learns the whole target, the later ones what is left of it, in logits or in the teacher's
+feature. The sum of the heads is itself a linear map of the concatenated features, so
+eq. 2's aggregator can represent it, and the aggregator is then fitted on the features as
+always. Without it every sub-model learns the whole target and they come out as
+near-copies of each other (on the real MiniLM the two weaker devices added 0.01 cosine).
+A residual ``feature`` head starts as the ridge map from its sub-model's features to the
+residual, so its first steps do not add a second copy of the target to the sum; a logits
+head starts from the teacher's head as always (its copy only sharpens the sum's softmax,
+which the loss then undoes).
 """
 
 from __future__ import annotations
@@ -68,6 +82,10 @@ class BoostConfig:
     boosting: update the sample weights after each sub-model (eq. 13). False distils every
         sub-model independently with uniform weights: the ablation ``coformer bench
         --ablations`` holds progressive boosting against.
+    residual: sub-model n is calibrated to what sub-models 1..n-1 leave (see the module doc):
+        its head's output is added to theirs before the loss, so it learns what they miss.
+        None: the compile's default for the task (on for embeddings, where it was measured;
+        :data:`coformer.compiler.pipeline.RESIDUAL_BY_DEFAULT`); :func:`calibrate` reads it as off.
     """
 
     epochs: int = 4
@@ -80,6 +98,7 @@ class BoostConfig:
     temperature: float = 4.0
     joint_epochs: int = 0
     boosting: bool = True
+    residual: Optional[bool] = None
 
 
 @dataclass
@@ -145,14 +164,50 @@ def as_split(x: Union[torch.Tensor, Split]) -> Split:
 
 
 @torch.no_grad()
-def _per_sample_loss(model: nn.Module, data: Split, objective: Objective, compute: Compute) -> torch.Tensor:
+def _per_sample_loss(model: nn.Module, data: Split, objective: Objective, compute: Compute,
+                     prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each sample's loss under ``model`` (plus the earlier sub-models' summed outputs ``prev``)."""
     model.eval()
     out = torch.empty(len(data))
     for idx, x in data.batches(compute.batch_size, workers=compute.workers):
         with compute.autocast():
             pred = model(x.to(compute.torch_device)).float().cpu()
-        out[idx] = objective.per_sample(pred, idx)
+        out[idx] = objective.per_sample(pred if prev is None else pred + prev[idx], idx)
     return out
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, data: Split, compute: Compute) -> torch.Tensor:
+    """``model``'s outputs on every sample of ``data``, in order, on the CPU."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = None
+    for idx, x in data.batches(compute.batch_size, workers=compute.workers):
+        with compute.autocast():
+            pred = model(x.to(dev)).float().cpu()
+        if out is None:
+            out = torch.empty(len(data), *pred.shape[1:])
+        out[idx] = pred
+    return out
+
+
+def _add(total: Optional[torch.Tensor], more: torch.Tensor) -> torch.Tensor:
+    return more if total is None else total + more
+
+
+@torch.no_grad()
+def _start_residual_head(body: nn.Module, head: nn.Module, data: Split, objective: Objective,
+                         prev: torch.Tensor, compute: Compute) -> None:
+    """A residual ``feature`` sub-model's head before training (module doc): the ridge map from
+    its features to what the earlier sub-models leave of the teacher's feature."""
+    from coformer.calibration.objectives import ridge_fit
+
+    linear = getattr(head, "linear", None)
+    if not isinstance(linear, nn.Linear):
+        raise CoFormerError(f"a residual sub-model needs a linear feature head, got {type(head).__name__}")
+    W, b = ridge_fit(_features(body, data, compute), objective.targets - prev)
+    linear.weight.copy_(W.T.to(linear.weight.device))
+    linear.bias.copy_(b.to(linear.bias.device))
 
 
 @torch.no_grad()
@@ -267,6 +322,7 @@ def calibrate(
     objective = Objective(config.distill, targets, labels if config.distill != "feature" else None,
                           config.temperature)
     w = torch.full((M,), 1.0 / M)
+    prev: Optional[torch.Tensor] = None  # residual: the earlier sub-models' heads' outputs, summed, on the data
     report = BoostReport()
     steps_per_epoch = math.ceil(M / config.batch_size)
     for n, (body, head) in enumerate(zip(submodels, heads)):
@@ -282,6 +338,8 @@ def calibrate(
                 report.features.append(done["features"])
                 report.residual.append(float(done["residual"]))
             w = done["next_weights"]
+            if config.residual:
+                prev = _add(prev, _outputs(model, data, compute))
             continue
         gen = torch.Generator().manual_seed(config.seed * 1000 + n)
         model.to(dev).train()
@@ -292,6 +350,9 @@ def calibrate(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
         )
+        if prev is not None and objective.kind == "feature":
+            _start_residual_head(body, head, data, objective, prev, compute)
+            model.to(dev).train()
         report.weights.append(w.clone())
         epoch_losses = []
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"calibrate sub-model {n + 1}/{len(submodels)}",
@@ -302,7 +363,7 @@ def calibrate(
             for idx, xb in data.batches(config.batch_size, shuffle=True, generator=gen, workers=compute.workers):
                 with compute.autocast():
                     out = model(xb.to(dev)).float()
-                per = objective.per_sample(out, idx)
+                per = objective.per_sample(out if prev is None else out + prev[idx].to(dev), idx)
                 loss = (w[idx].to(dev) * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
                 optimizer_step(opt, loss, scaler)
                 sched.step()
@@ -321,7 +382,9 @@ def calibrate(
             w = update_weights(w, residual, config.max_weight_ratio)
             extra = {"features": report.features[-1], "residual": report.residual[-1]}
         elif config.boosting:
-            w = update_weights(w, _per_sample_loss(model, data, objective, compute), config.max_weight_ratio)
+            w = update_weights(w, _per_sample_loss(model, data, objective, compute, prev), config.max_weight_ratio)
+        if config.residual:
+            prev = _add(prev, _outputs(model, data, compute))
         model.to("cpu")
         if checkpoints:
             checkpoints.save(f"sub-{n}", {"body": body.state_dict(), "head": head.state_dict(),

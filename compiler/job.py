@@ -56,6 +56,8 @@ class CompileJob:
         onnx_precision: ``fp16`` also writes every sub-model as an fp16 ONNX (for TensorRT 11).
         latency_tokens: the length a language teacher's latency is searched at (None: the
             calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
+        decomposition: how the sub-models share the teacher's units
+            (:mod:`coformer.compiler.decomposition`); None: a given policy's own, else the default.
     """
 
     teacher: nn.Module
@@ -84,6 +86,14 @@ class CompileJob:
     feature_dtype: str = "float32"
     latency_tokens: Optional[int] = None
     onnx_precision: str = "fp32"
+    decomposition: Optional[str] = None
+
+    @property
+    def structure(self) -> str:
+        """The decomposition the job deals units by."""
+        from coformer.compiler.decomposition import DEFAULT_DECOMPOSITION
+
+        return self.decomposition or DEFAULT_DECOMPOSITION
 
 
 @dataclass
@@ -115,8 +125,9 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
     """The policy for ``method`` (None: the heuristic, built by compile_bundle) and the search space."""
     from coformer.compiler.pipeline import importance_of, search_policy, search_space
 
-    if method == "policy":
-        return job.policy, None
+    if method == "policy":  # --decomposition, where given, says what the policy must satisfy
+        return (job.policy if job.decomposition is None
+                else dataclasses.replace(job.policy, decomposition=job.decomposition)), None
     if method == "heuristic":
         return None, None
     if method == "uniform" and job.predictors is None:  # DeViT-style: no latency model needed
@@ -124,11 +135,12 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
         from coformer.compiler.search import Decoder
 
         decoder = Decoder(adapter_for(job.teacher).read_shape(job.teacher),
-                          importance_of(job.teacher, job.data, job.compute), job.devices)
+                          importance_of(job.teacher, job.data, job.compute), job.devices,
+                          decomposition=job.structure)
         return dataclasses.replace(decoder.decode(decoder.uniform_point()), source="uniform"), None
     methods = [method] + ([m for m in ("bo", "random", "uniform") if m != method] if job.compare else [])
     space = search_space(job.teacher, job.devices, job.predictors, job.data, job.compute, job.feature_dtype,
-                         job.latency_tokens)
+                         job.latency_tokens, job.structure)
     policy, found = search_policy(job.teacher, job.devices, job.predictors, job.data, methods=methods,
                                   delta=job.delta, initial=job.initial, iterations=job.iterations, seed=job.seed,
                                   log_path=job.search_log, use_labels=job.use_labels, progress=job.progress,
@@ -154,11 +166,14 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
                             model_name=job.model_name, progress=job.progress, compute=job.compute,
                             checkpoint_dir=job.checkpoint_dir, model_info=job.model_info, task=job.task,
                             normalize=job.normalize, feature_dtype=job.feature_dtype,
-                            onnx_precision=job.onnx_precision)
+                            onnx_precision=job.onnx_precision, decomposition=job.structure)
     acc = result.accuracy
     report.update(task=job.task, distill=acc["distill"], accuracy_reference=acc["reference"],
                   policy_source=result.policy.source, memory=memory_report(result, job.devices),
-                  resumed_submodels=list(result.boost.resumed) if result.boost else [])
+                  resumed_submodels=list(result.boost.resumed) if result.boost else [],
+                  decomposition=result.policy.decomposition, residual=acc["residual"])
+    if "collaboration" in acc:  # what the other devices add to the best one alone (issue 37)
+        report["collaboration"] = acc["collaboration"]
     if job.task == "embedding":
         report.update(mean_cosine=acc["mean_cosine"], nn_agreement=acc["nn_agreement"],
                       submodel_cosines=acc["submodel_cosines"], ridge_probe=acc["ridge_probe"],
@@ -215,5 +230,7 @@ def student_summary(out: JobResult, flops_budget: int) -> dict[str, Any]:
     return {"bundle": str(out.result.bundle_dir), "device": d.device, "flops_budget": int(flops_budget),
             "flops": d.flops, "params": d.params, "policy_source": out.result.policy.source,
             "accuracy": acc.get("ensemble_accuracy"), "teacher_accuracy": acc.get("teacher_accuracy"),
+            # an embedding student's agreement with the teacher (issue 37: the ensemble against it)
+            "mean_cosine": acc.get("mean_cosine"), "nn_agreement": acc.get("nn_agreement"),
             "predicted_latency_ms": out.report.get("predicted_latency_ms"),
             "submodel": out.result.policy.submodels[0].summary(), "wall_time_s": out.report["wall_time_s"]}

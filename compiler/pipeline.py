@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from coformer.calibration.aggregator import Aggregator, train_aggregator, train_fallbacks, train_jointly
+from coformer.calibration.aggregator import (Aggregator, collaboration, single_device_sets, train_aggregator,
+                                             train_fallbacks, train_jointly)
 from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, as_split, calibrate
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Dataset, Split
@@ -34,6 +35,7 @@ from coformer.calibration.objectives import Objective, ridge_fit
 from coformer.compiler import tasks
 from coformer.compiler.bundle import check_target, write_bundle
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
+from coformer.compiler.decomposition import DEFAULT_DECOMPOSITION
 from coformer.compiler.families import adapter_for
 from coformer.compiler.lower import check_parity, export_onnx, write_fp16_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
@@ -160,6 +162,13 @@ def calibration_key(teacher: nn.Module, policy: Policy, data: Dataset, boost: Bo
     return h.hexdigest()[:16]
 
 
+# Whether sub-models after the first are calibrated to the earlier ones' residual when the
+# caller does not say (BoostConfig.residual None). On the real MiniLM it raised the ensemble's
+# cosine in every decomposition tried (docs/benchmarks.md, "Collaboration"); on classifiers it
+# is not measured yet, so they keep the paper's booster.
+RESIDUAL_BY_DEFAULT = {"embedding": True, "classification": False}
+
+
 def compile_bundle(
     teacher: nn.Module,
     devices: Sequence[DeviceSpec],
@@ -179,12 +188,14 @@ def compile_bundle(
     fallback_aggregators: bool = True,
     feature_dtype: str = "float32",
     onnx_precision: str = "fp32",
+    decomposition: str = DEFAULT_DECOMPOSITION,
 ) -> CompileResult:
     """Decompose ``teacher`` for ``devices`` and write a served bundle to ``out_dir``.
 
     ``policy`` (e.g. from ``--policy FILE``) is checked against C1-C6; without
     one, the heuristic policy is built from importance scores on training
-    data. ``use_labels=False`` calibrates from the teacher's decisions alone.
+    data, its units dealt by ``decomposition`` (:mod:`coformer.compiler.decomposition`).
+    ``use_labels=False`` calibrates from the teacher's decisions alone.
     The first device of the policy is the central node. ``compute`` says where
     the passes over data run. With ``checkpoint_dir``, the teacher's outputs and
     every calibrated sub-model are kept there as they finish, so a run stopped
@@ -230,7 +241,8 @@ def compile_bundle(
     by_name = {d.name: d for d in devices}
     if policy is None:
         log.info("scoring importance on %d calibration samples", min(256, len(data.train)))
-        policy = heuristic_policy(shape, importance_of(teacher, data, compute), devices)
+        policy = heuristic_policy(shape, importance_of(teacher, data, compute), devices,
+                                  decomposition=decomposition)
     else:
         check_policy(policy, shape, devices)
     specs = list(policy.submodels)
@@ -241,6 +253,8 @@ def compile_bundle(
                             "embedding bundle sends float32 features")
     norm = tasks.normalizes(teacher, normalize)
     dim = _teacher_feature_dim(adapter, teacher, data)
+    if boost.residual is None:  # measured on embeddings (docs/benchmarks.md, issue 37); classifiers not yet
+        boost = dataclasses.replace(boost, residual=RESIDUAL_BY_DEFAULT.get(task, False))
     if embedding:
         boost = dataclasses.replace(boost, distill="feature")
         heads = tasks.feature_heads(adapter, teacher, specs, dim)
@@ -293,9 +307,9 @@ def compile_bundle(
             agg = tasks.embedding_aggregator([f.shape[1] for f in feats_train], dim, norm)
             agg.set_linear(baseline.W, baseline.b)
             changed = True
-    if changed:  # fresh features: the fallbacks train on them, the export takes examples
-        feats_train = (run_many(subs, data.train, compute, progress, "sub-model features") if fallback_aggregators
-                       else run_many(subs, data.train.head(3), compute))
+    if changed:  # fresh features: the fallbacks and single-device maps train on them, the export takes examples
+        feats_train = (run_many(subs, data.train, compute, progress, "sub-model features")
+                       if fallback_aggregators or len(subs) > 1 else run_many(subs, data.train.head(3), compute))
     # Degraded answers (issue 19): a fallback aggregator for each set of workers that may be missing.
     if embedding:
         def make(dims):
@@ -305,11 +319,14 @@ def compile_bundle(
             return Aggregator(dims, dim, copy.deepcopy(adapter.teacher_head(teacher)))
     fallbacks = train_fallbacks(agg, make, feats_train, objective, policy.devices, aggregator_epochs, seed=boost.seed,
                                 progress=progress, compute=compute) if fallback_aggregators else []
+    singles = single_device_maps(agg, make, feats_train, objective, policy.devices, fallbacks, aggregator_epochs,
+                                 boost.seed, compute)
     if embedding:
-        acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress, fallbacks)
+        acc = evaluate_embedding(target_model, subs, heads, agg, data, compute, progress, fallbacks, singles)
         acc["ridge_probe"], acc["calibration"] = baseline.scores, kept
     else:
-        acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks, feature_dtype)
+        acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks, feature_dtype, singles)
+    acc["decomposition"], acc["residual"] = policy.decomposition, bool(boost.residual)
     acc["distill"] = boost.distill
     costs = [submodel_cost(s, shape) for s in specs]
     t_cost = teacher_cost(shape)
@@ -382,6 +399,23 @@ def compile_bundle(
     if ckpt is not None:
         ckpt.remove()
     return CompileResult(manifest, Path(out_dir), policy, subs, agg, costs, t_cost, acc, report, list(heads))
+
+
+def single_device_maps(agg: nn.Module, make: Callable, feats: Sequence[torch.Tensor], objective: Objective,
+                       devices: Sequence[str], fallbacks: Sequence, epochs: int, seed: int,
+                       compute: Compute) -> list[tuple[str, nn.Module]]:
+    """Each device answering alone, ``(name, map)`` in device order, for the collaboration gain:
+    a map fitted on its own features as a fallback is; the central node's is its fallback where
+    the bundle has one. Not shipped: a worker never answers without the central node. Empty for
+    a single device."""
+    if len(devices) < 2:
+        return []
+    have = {tuple(m): (m, p, fb) for m, p, fb in fallbacks}
+    want = single_device_sets(devices)
+    fresh = train_fallbacks(agg, make, feats, objective, devices, epochs, seed=seed, compute=compute,
+                            sets=[m for m in want if m not in have])
+    fresh_by = {m: (m, p, fb) for m, p, fb in fresh}
+    return [(name, (have.get(m) or fresh_by[m])[2]) for name, m in zip(devices, want)]
 
 
 def memory_report(result, devices) -> dict:
@@ -481,11 +515,12 @@ def _keep_better(target_model: nn.Module, subs: Sequence[nn.Module], agg: nn.Mod
 @torch.no_grad()
 def evaluate_embedding(target_model: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
                        agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
-                       fallbacks: Sequence = ()) -> dict[str, Any]:
+                       fallbacks: Sequence = (), singles: Sequence = ()) -> dict[str, Any]:
     """Test-split agreement with the teacher's embeddings: mean (and worst) cosine of the
     ensemble's vectors and nearest-neighbour agreement within the split; each sub-model alone
-    through its head; and the mean cosine of each fallback aggregator (``degraded``, keyed by
-    the missing devices joined with ``+``)."""
+    through its head; the mean cosine of each fallback aggregator (``degraded``, keyed by
+    the missing devices joined with ``+``); and, with ``singles`` (:func:`single_device_maps`),
+    the collaboration gain in mean cosine (``collaboration``)."""
     t, *feats = run_many([target_model, *subs], data.test, compute, progress, "evaluate on the test split")
     out = {**tasks.embedding_scores(t, agg.eval()(*feats)), "split": "test", "samples": int(len(t)),
            "reference": "teacher"}
@@ -493,6 +528,10 @@ def evaluate_embedding(target_model: nn.Module, subs: Sequence[nn.Module], heads
     with torch.no_grad():
         out["degraded"] = {"+".join(missing): tasks.embedding_scores(t, fb(*[feats[i] for i in present]))["mean_cosine"]
                            for missing, present, fb in fallbacks}
+        if singles:
+            alone = {name: tasks.embedding_scores(t, fb(feats[i]))["mean_cosine"]
+                     for i, (name, fb) in enumerate(singles)}
+            out["collaboration"] = collaboration(out["mean_cosine"], alone)
     return out
 
 
@@ -503,7 +542,7 @@ def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
 
 def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
              agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
-             fallbacks: Sequence = (), feature_dtype: str = "float32") -> dict[str, Any]:
+             fallbacks: Sequence = (), feature_dtype: str = "float32", singles: Sequence = ()) -> dict[str, Any]:
     """Test-split accuracy in PyTorch: teacher, each sub-model with its head, the ensemble, and
     the ensemble answering without each set of devices in ``fallbacks`` (``degraded``, keyed by
     the missing devices joined with ``+``: what a degraded answer is worth).
@@ -514,6 +553,9 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
     With ``feature_dtype="float16"`` the ensemble and degraded scores take the workers'
     features (all but the first, the central node's own) rounded to float16, as they arrive
     over the wire; ``ensemble_accuracy_float32_features`` is the score without rounding.
+
+    With ``singles`` (:func:`single_device_maps`), ``collaboration`` holds each device's
+    accuracy alone and the collaboration gain: the ensemble's minus the best of them.
     """
     y = data.test.y
     t_logits, *feats = run_many([teacher, *subs], data.test, compute, progress, "evaluate on the test split")
@@ -526,10 +568,14 @@ def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.M
     with torch.no_grad():
         extra = {} if feature_dtype == "float32" else {
             "ensemble_accuracy_float32_features": accuracy(agg.eval()(*exact), y), "feature_dtype": feature_dtype}
+        ensemble = accuracy(agg.eval()(*feats), y)
+        if singles:
+            extra["collaboration"] = collaboration(ensemble, {name: accuracy(fb(feats[i]), y)
+                                                              for i, (name, fb) in enumerate(singles)})
         return {
             **extra,
             "teacher_accuracy": accuracy(t_logits, y),
-            "ensemble_accuracy": accuracy(agg.eval()(*feats), y),
+            "ensemble_accuracy": ensemble,
             "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
             "degraded": {"+".join(missing): accuracy(fb(*[feats[i] for i in present]), y)
                          for missing, present, fb in fallbacks},
@@ -639,15 +685,16 @@ def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors:
 
 
 def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset,
-                 compute: Compute = CPU, feature_dtype: str = "float32", tokens: Optional[int] = None):
+                 compute: Compute = CPU, feature_dtype: str = "float32", tokens: Optional[int] = None,
+                 decomposition: str = DEFAULT_DECOMPOSITION):
     """The search's decoder (points to feasible policies, ranked by importance on training
-    data) and latency model (:func:`latency_model`, a language teacher's at
+    data, the units dealt by ``decomposition``) and latency model (:func:`latency_model`, a language teacher's at
     :func:`latency_tokens`), as :func:`search_policy` uses them."""
     from coformer.compiler.search import Decoder
 
     adapter = adapter_for(teacher)
     imp = importance_of(teacher, data, compute)
-    return Decoder(adapter.read_shape(teacher), imp, devices), latency_model(
+    return Decoder(adapter.read_shape(teacher), imp, devices, decomposition=decomposition), latency_model(
         teacher, devices, predictors, feature_dtype, latency_tokens(teacher, data, tokens))
 
 

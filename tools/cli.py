@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from coformer.runtime.errors import CoFormerError
+from coformer.compiler.decomposition import DECOMPOSITIONS, DEFAULT_DECOMPOSITION
 
 THROTTLES = ["auto", "cgroup", "duty-cycle", "none"]
 
@@ -103,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=4.0, help="with --distill soft: the softening")
     p.add_argument("--joint-epochs", type=int, default=0,
                    help="then fine-tune all sub-models and the aggregator together on the fused answer")
+    p.add_argument("--decomposition", default=None, choices=list(DECOMPOSITIONS),
+                   help="how the sub-models share the teacher's units: nested (every device the top of one "
+                   "ranking), partition (no unit on two devices; a policy that shares one is refused) or core "
+                   f"(a shared core, the rest dealt apart); default: a --policy file's own, else "
+                   f"{DEFAULT_DECOMPOSITION}")
+    p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
+                   help="calibrate each sub-model after the first to what the earlier ones leave of the teacher's "
+                   "output (boosting's residual) instead of to the whole of it")
     p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                    help="embeddings: L2-normalise the answer (default: as the teacher's own pipeline does)")
     p.add_argument("--resume-dir", type=Path, default=None,
@@ -412,18 +421,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from coformer.compiler.tasks import resolve_task
 
     task = resolve_task(teacher, data.train.y is not None, args.task)
-    if args.student and task != "classification":
-        raise CoFormerError(f"--student compares accuracy, so it takes a classification task; this one is {task!r}")
     job = CompileJob(
         teacher, devices, data, args.out, policy=policy, search=method, task=task, normalize=args.normalize,
         predictors=predictors, compare=args.compare, delta=args.delta, initial=args.initial,
         iterations=args.iterations, seed=args.seed, search_log=args.search_log or Path(f"{args.out}.search"),
         boost=BoostConfig(epochs=args.epochs, batch_size=compute.batch_size, lr=args.lr, seed=args.seed,
-                          distill=args.distill, temperature=args.temperature, joint_epochs=args.joint_epochs),
+                          distill=args.distill, temperature=args.temperature, joint_epochs=args.joint_epochs,
+                          **({} if args.residual is None else {"residual": args.residual})),
         use_labels=not args.unlabeled, compute=compute,
         checkpoint_dir=args.resume_dir or Path(f"{args.out}.calibration"),
         model_name=args.model, model_info=source_of(teacher), progress=not args.no_progress,
-        feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens, onnx_precision=args.precision)
+        feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens, onnx_precision=args.precision,
+        decomposition=args.decomposition)
     if args.latency_tokens is not None:  # a bad length fails before the search's passes over data
         from coformer.compiler.pipeline import latency_tokens
 
@@ -463,6 +472,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"teacher accuracy {acc['teacher_accuracy'] * 100:.1f}%, ensemble {acc['ensemble_accuracy'] * 100:.1f}%, "
               f"sub-models {', '.join(f'{a * 100:.1f}%' for a in acc['submodel_accuracies'])}{against} "
               f"({acc['samples']} test samples)")
+    if "collaboration" in report:
+        c = report["collaboration"]
+        unit = (lambda v: f"{v:+.4f}") if task == "embedding" else (lambda v: f"{v * 100:+.1f} points")
+        print(f"collaboration gain {unit(c['gain'])}: the ensemble against {c['best_single_device']} alone, the best "
+              f"single device (decomposition {report['decomposition']}"
+              + (", residual calibration" if report["residual"] else "") + ")")
     if "ensemble_accuracy_float32_features" in report:
         print(f"features on the wire: {report['feature_dtype']} (half the bytes); the ensemble scores "
               f"{report['ensemble_accuracy'] * 100:.1f}% on them, {report['ensemble_accuracy_float32_features'] * 100:.1f}% "
@@ -482,8 +497,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
               + (f" at {report['latency_tokens']} tokens" if "latency_tokens" in report else ""))
     for name, st in report.get("students", {}).items():
         predicted = "" if st["predicted_latency_ms"] is None else f", predicted {st['predicted_latency_ms']:.2f} ms"
+        if task == "embedding":
+            score = (f"mean cosine {st['mean_cosine']:.4f} (CoFormer {acc['mean_cosine'] - st['mean_cosine']:+.4f}), "
+                     f"nearest-neighbour agreement {st['nn_agreement'] * 100:.1f}%")
+        else:
+            score = f"accuracy {st['accuracy'] * 100:.1f}%"
         print(f"{name}: {st['device']} alone, {st['flops'] / 1e6:.1f} of {st['flops_budget'] / 1e6:.1f} MFLOPs "
-              f"({st['policy_source']}), accuracy {st['accuracy'] * 100:.1f}%{predicted}; bundle {st['bundle']} "
+              f"({st['policy_source']}), {score}{predicted}; bundle {st['bundle']} "
               "(`coformer bench` measures it beside CoFormer)")
     if "measured_latency_ms" in report:
         line = f"measured latency (served here, devices emulated): {report['measured_latency_ms']:.2f} ms"

@@ -359,6 +359,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"speedup {r['speedup']:.2f}x, accuracy {100 * (r['ensemble_accuracy'] - r['teacher_accuracy']):+.1f} points; "
         f"bundle: {r['bundle']}",
     ]
+    c = r.get("pytorch_accuracy", {}).get("collaboration")
+    if c:  # what the other devices add to the best one alone (issue 37), on the test split in PyTorch
+        lines.append(f"collaboration gain {100 * c['gain']:+.1f} points: the ensemble's "
+                     f"{100 * (c['gain'] + c['best_single_score']):.1f}% against {c['best_single_device']} alone, "
+                     f"{100 * c['best_single_score']:.1f}% (the best single device; test split in PyTorch)")
     if "search" in r:
         s, pt = r["search"], r["predicted_latency_terms_ms"]
         lines += [

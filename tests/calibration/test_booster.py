@@ -5,6 +5,7 @@ import torch
 
 from coformer.calibration.aggregator import Aggregator
 from coformer.calibration.booster import BoostConfig, calibrate, update_weights
+from coformer.calibration.compute import CPU
 from coformer.compiler.families import adapter_for
 from coformer.compiler.specs import SubModelSpec
 from tests.conftest import tiny_vit
@@ -180,3 +181,32 @@ def test_feature_loss_and_ridge():
     W = torch.randn(5, 3)
     w_fit, b_fit = ridge_fit(x, x @ W + 2.0, reg=1e-8)
     assert torch.allclose(w_fit, W, atol=1e-3) and torch.allclose(b_fit, torch.full((3,), 2.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("distill", ["feature", "soft"])
+def test_residual_calibration_teaches_later_sub_models_what_the_earlier_ones_miss(distill):
+    """With ``residual`` the heads' outputs add up to the teacher's output: the second sub-model
+    learns what the first leaves, so the sum is closer than the first alone. Without it both learn
+    the whole target and their sum counts it twice."""
+    from coformer.calibration.booster import _outputs, _WithHead, as_split
+    from coformer.compiler.tasks import feature_heads
+
+    teacher = tiny_vit()
+    adapter = adapter_for(teacher)
+    specs = [SubModelSpec((0, 1, 2), tuple(range(0, 48, 2)), ((0, 1),) * 3, (tuple(range(96)),) * 3),
+             SubModelSpec((0, 2), tuple(range(1, 48, 2)), ((2,), (3,)), (tuple(range(96, 192)),) * 2)]
+    torch.manual_seed(1)
+    x = torch.randn(96, 1, 16, 16)
+    with torch.no_grad():
+        target = adapter.teacher_features(teacher, x) if distill == "feature" else teacher(x)
+    error = {}
+    for residual in (False, True):
+        subs = [adapter.slice(teacher, s) for s in specs]
+        heads = (feature_heads(adapter, teacher, specs, 48) if distill == "feature"
+                 else [adapter.submodel_head(teacher, s) for s in specs])
+        calibrate(subs, heads, x, target, None, BoostConfig(epochs=6, batch_size=16, lr=2e-3, distill=distill,
+                                                           residual=residual), progress=False)
+        first, second = (_outputs(_WithHead(b, h), as_split(x), CPU) for b, h in zip(subs, heads))
+        error[residual] = [float((o - target).pow(2).mean()) for o in (first, first + second)]
+    assert error[True][1] < error[True][0]  # the second sub-model fills in what the first misses
+    assert error[True][1] < 0.5 * error[False][1]  # without residual targets the sum overshoots

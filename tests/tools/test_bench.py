@@ -109,7 +109,15 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
         assert x["limit_ms"] == pytest.approx(slowest + x["breakdown_ms_median"]["aggregate"])
         assert x["measured_over_limit"] == pytest.approx(x["latency_ms"]["median"] / x["limit_ms"])
         assert x["measured_over_limit"] > 1.0
+    # what the other devices add to the best one alone, as the compile measured it, in every decomposed row
+    for x in (dev, cen):
+        assert x["collaboration"] == coformer.expected["collaboration"] and x["decomposition"] == "nested"
+    assert set(coformer.expected["collaboration"]["single_device"]) == {"edge-a", "edge-b", "edge-c"}
+    assert rows["uniform", "central"]["collaboration"]["gain"] is not None
+    assert rows["student", "central"]["collaboration"] is None  # one device: nothing to add
     out = tmp_path / "out"
+    gain = 100 * coformer.expected["collaboration"]["gain"]
+    assert f"coformer on 3 devices (nested): {gain:+.1f} points over" in (out / "bench.md").read_text()
     assert (out / "bench.md").read_text().count("| coformer |") == 2
     assert {"latency_breakdown.png", "accuracy_vs_latency.png"} <= set(r["plots"])
     for name in r["plots"]:
@@ -199,6 +207,7 @@ def test_fronts_plot_accuracy_against_latency_and_name_the_winner_at_the_target(
             assert 0 < p["flops"] <= p["fraction"] * sum(shares[:p["devices"]]) * t_flops
             assert 0.0 <= p["accuracy"] <= 1.0 and p["median_ms"] > 0 and p["samples"] == 15
             assert 0.0 <= p["test_split_accuracy"] <= 1.0 and p["test_split_samples"] == 360  # digits' test split
+            assert (p["collaboration_gain"] is None) == (p["devices"] == 1)
     # a 1000 ms target admits every point: the winner is the most accurate curve (on the whole
     # test split, which every point has), and says so
     best = max(r["points"], key=lambda p: (p["test_split_accuracy"], -p["median_ms"]))

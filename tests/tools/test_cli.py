@@ -57,6 +57,25 @@ def test_compile_from_a_local_timm_checkpoint(compiled):
     assert [d.device for d in m.devices] == ["big", "small"]
     assert m.model["name"] == "timm:vit_tiny_patch16_224" and m.model["shape"]["embed_dim"] == 192
     assert "ensemble" in stdout and "big" in stdout
+    c = m.expected["collaboration"]  # what the small device adds to the big one alone, on the test split
+    assert sorted(c["single_device"]) == ["big", "small"] and c["best_single_device"] in ("big", "small")
+    assert c["gain"] == pytest.approx(m.expected["ensemble_accuracy"] - max(c["single_device"].values()))
+    assert c["single_device"]["big"] == m.expected["degraded"]["small"]  # the central node alone is its fallback
+    assert f"collaboration gain {100 * c['gain']:+.1f} points" in stdout and m.policy["decomposition"] == "nested"
+
+
+def test_a_partition_refuses_a_policy_that_puts_a_unit_on_two_devices(compiled):
+    tmp, _ = compiled
+    policy = load_manifest(tmp / "bundle").policy  # nested: the small device's units are the big one's top ones
+    (tmp / "nested-policy.json").write_text(json.dumps(policy))
+    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+                    "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices.yaml",
+                    "--policy", tmp / "nested-policy.json", "--decomposition", "partition",
+                    "--out", tmp / "partitioned", "--no-progress")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    shared = sorted(set(policy["submodels"][0]["channels"]) & set(policy["submodels"][1]["channels"]))
+    assert f"C2-C4 (partition): channels {', '.join(map(str, shared[:12]))}" in done.stderr
+    assert "on big and small" in done.stderr and not (tmp / "partitioned").exists()
 
 
 def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled):

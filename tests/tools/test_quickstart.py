@@ -34,6 +34,10 @@ def test_quickstart_fast_runs_end_to_end_and_reports(quickstart_fast):
     # the served ensemble answers as the in-process one did (same split, same ONNX numerics)
     assert abs(r["ensemble_accuracy"] - r["pytorch_accuracy"]["ensemble_accuracy"]) <= 0.01
     assert "speedup" in done.stdout and (qs / "bundle" / "manifest.json").is_file()
+    # what edge-b and edge-c add to the best device alone, printed as the compile measured it
+    c = r["pytorch_accuracy"]["collaboration"]
+    assert c["gain"] == pytest.approx(r["pytorch_accuracy"]["ensemble_accuracy"] - max(c["single_device"].values()))
+    assert f"collaboration gain {100 * c['gain']:+.1f} points" in done.stdout
     # the search ran on profiles of the emulated devices, with both baselines
     for method in ("bo", "random", "uniform"):
         assert isinstance(r["search"][method]["best_objective"], float)

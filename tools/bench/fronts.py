@@ -133,6 +133,8 @@ def run_fronts(qs_dir: Path, out_dir: Optional[Path] = None, fractions: Sequence
                 expected = load_manifest(paths[(r["strategy"], k)], verify=False).expected
                 point["test_split_accuracy"] = expected.get("ensemble_accuracy")
                 point["test_split_samples"] = expected.get("samples")
+                # what the other devices add to the best one alone (None for one device)
+                point["collaboration_gain"] = (expected.get("collaboration") or {}).get("gain")
                 teacher_whole = expected.get("teacher_accuracy", teacher_whole)
             else:
                 point["error"] = r.get("error", "")[-300:]
@@ -205,15 +207,17 @@ def fronts_markdown(report: dict[str, Any]) -> str:
              + f", at {t['median_ms']:.2f} ms "
              f"(per run: {', '.join(f'{v:.2f}' for v in t['teacher_ms_per_run'])} ms).", "",
              f"**{report['sentence']}**", "",
-             "| curve | fraction | accuracy served | whole test split | median | p90 | MFLOPs (all devices) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| curve | fraction | accuracy served | whole test split | collaboration gain | median | p90 "
+             "| MFLOPs (all devices) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in sorted(report["points"], key=lambda p: (p["curve"], p["fraction"])):
         if p["status"] != "ok":
-            lines.append(f"| {p['curve']} | {p['fraction']:g} | {p['status']} | | | | |")
+            lines.append(f"| {p['curve']} | {p['fraction']:g} | {p['status']} | | | | | |")
             continue
-        whole = p.get("test_split_accuracy")
+        whole, gain = p.get("test_split_accuracy"), p.get("collaboration_gain")
         lines.append(f"| {p['curve']} | {p['fraction']:g} | {100 * p['accuracy']:.1f}% | "
-                     f"{'-' if whole is None else f'{100 * whole:.1f}%'} | {p['median_ms']:.2f} ms "
+                     f"{'-' if whole is None else f'{100 * whole:.1f}%'} | "
+                     f"{'-' if gain is None else f'{100 * gain:+.1f} points'} | {p['median_ms']:.2f} ms "
                      f"| {p['p90_ms']:.2f} ms | {p['flops'] / 1e6:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -156,6 +156,9 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                         if strategy in DECOMPOSED:
                             row.update(physical_limit(row, manifest, mbit if bed else None))
                             row["policy_source"] = manifest.policy.get("source")  # bo, uniform, heuristic
+                            row["decomposition"] = manifest.policy.get("decomposition", "nested")
+                            # what the other devices add to the best one alone, on the compile's test split
+                            row["collaboration"] = manifest.expected.get("collaboration")
                             row["submodels"] = [{"device": d.device, "flops": d.flops, "feature_dim": d.feature_dim}
                                                 for d in manifest.devices]
                             if (Path(m.bundle) / STUDENT_FILE).is_file():
