@@ -177,6 +177,7 @@ def profile_kit(
     samples: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
     gapped_medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
+    built_at, major = None, None  # the precision trtexec built the entries at, and its TensorRT release
     if run_trtexec:
         import tempfile
 
@@ -187,9 +188,12 @@ def profile_kit(
                       disable=not progress):
             feeds = kit_feeds(kit, tokens=e.get("tokens"))
             path = folder / f"entry-{e['id']}.json"
-            trtexec_run(Path(kit_dir) / e["file"], path, warmup_ms=warmup_ms, iterations=iterations,
-                        duration_s=duration_s, idle_ms=idle_ms, precision=precision,
-                        shapes={k: v.shape for k, v in feeds.items()} if feeds else None)
+            ran = trtexec_run(Path(kit_dir) / e["file"], path, warmup_ms=warmup_ms, iterations=iterations,
+                              duration_s=duration_s, idle_ms=idle_ms, precision=precision,
+                              shapes={k: v.shape for k, v in feeds.items()} if feeds else None,
+                              tensorrt_major=major)
+            major = ran["tensorrt_major"]  # read once, from the first run's `trtexec --help`
+            built_at = ran["precision"]  # TensorRT 11 has no --fp16: the kit's float32 ONNX stays float32
             trtexec[e["id"]] = path
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
     entry_feeds = {e["id"]: kit_feeds(kit, tokens=e.get("tokens")) for e in timed}  # each at its own length
@@ -263,7 +267,7 @@ def profile_kit(
         "version": 1,
         "device": device,
         "backend": backend,
-        "precision": precision if backend == "tensorrt" or run_trtexec else "fp32",
+        "precision": built_at or (precision if backend == "tensorrt" or run_trtexec else "fp32"),
         "threads": threads,
         "cpu_share": limits.cpu_share,
         "rounds": rounds,

@@ -1,9 +1,10 @@
 """Read NVIDIA trtexec's ``--exportTimes`` JSON: one record per inference.
 
-Recent trtexec writes ``startEnqMs``/``endEnqMs``, ``startH2dMs``/``endH2dMs``,
-``startComputeMs``/``endComputeMs``, ``startD2hMs``/``endD2hMs`` with the
-intervals ``h2dMs``, ``computeMs``, ``d2hMs``, ``latencyMs``, ``endToEndMs``;
-older releases say ``In``/``Out`` for H2D/D2H. Both are read.
+Recent trtexec (8.6 to 11.x, ``samples/common/sampleReporting.cpp``) writes
+``startEnqMs``/``endEnqMs``, ``startH2dMs``/``endH2dMs``, ``startComputeMs``/``endComputeMs``,
+``startD2hMs``/``endD2hMs`` with the intervals ``h2dMs``, ``computeMs``, ``d2hMs`` and
+``latencyMs`` (twelve fields; no end-to-end field: that is computed from the starts and
+ends); older releases say ``In``/``Out`` for H2D/D2H. Both are read.
 
 The other way round, :func:`trace_summary` reports a trace of records in
 trtexec's vocabulary and statistics, and :func:`write_export_times` writes one in
@@ -31,7 +32,7 @@ from coformer.runtime.timing import summarise
 
 TRTEXEC_PERCENTILES = (90.0, 95.0, 99.0)  # trtexec's --percentile default
 EXPORT_FIELDS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",
-                 "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs", "endToEndMs")
+                 "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs")
 _STARTS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs", "startD2hMs",
            "endD2hMs")
 
@@ -104,7 +105,7 @@ def trace_summary(records: Sequence[Mapping[str, Any]], batch: int = 1,
 
 def write_export_times(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Write ``records`` as trtexec's ``--exportTimes`` JSON (a list with one object per
-    inference, its 13 fields in its order), atomically; :func:`load_trtexec_times` reads it back."""
+    inference, its 12 fields in its order), atomically; :func:`load_trtexec_times` reads it back."""
     out = [{k: full[k] for k in EXPORT_FIELDS} for full in map(_intervals, records)]
     atomic_write_bytes(Path(path), (json.dumps(out, indent=1) + "\n").encode())
     return Path(path)
@@ -162,24 +163,51 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tensorrt_major(version: int) -> int:
+    """The major release of trtexec's ``[TensorRT vN]`` number: NV_TENSORRT_VERSION is
+    major*1000 + minor*100 + patch up to 8.x (8601 for 8.6.1) and major*10000 + minor*100 + patch
+    from 10.0 on (100300 for 10.3.0, 110000 for 11.0; ``include/NvInferRuntimeBase.h``)."""
+    return version // 10000 if version >= 100000 else version // 1000
+
+
+def trtexec_version(executable: str = "trtexec") -> int:
+    """The TensorRT major release of a trtexec. ``trtexec --help`` prints its test banner,
+    ``&&&& RUNNING TensorRT.trtexec [TensorRT v100300] [b..]`` (``samples/common/logging.h``,
+    ``defineTest``), then the help, and passes; the banner is read."""
+    import re
+    import subprocess
+
+    try:
+        done = subprocess.run([executable, "--help"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CoFormerError(f"{executable} --help did not run ({e}): is TensorRT's trtexec installed?") from None
+    found = re.search(r"\[TensorRT v(\d+)\]", done.stdout + done.stderr)
+    if found is None:
+        raise CoFormerError(f"{executable} --help printed no '[TensorRT vN]' banner: cannot tell its TensorRT version")
+    return tensorrt_major(int(found.group(1)))
+
+
 def trtexec_command(onnx: Path, export_times: Path, warmup_ms: float = 200.0, iterations: int = 10,
                     duration_s: float = 3.0, idle_ms: float = 0.0, precision: str = "fp16",
-                    shapes: Optional[Mapping[str, Sequence[int]]] = None, executable: str = "trtexec") -> list[str]:
+                    shapes: Optional[Mapping[str, Sequence[int]]] = None, executable: str = "trtexec",
+                    tensorrt_major: Optional[int] = None) -> list[str]:
     """The trtexec command that times ``onnx`` as :func:`coformer.runtime.timing.benchmark_engine`
     would, writing its ``--exportTimes`` JSON to ``export_times``.
 
-    trtexec takes whole milliseconds for ``--warmUp`` and ``--idleTime`` and whole seconds for
-    ``--duration`` (its option parser's types), so each is rounded up: a run is never shorter
-    than asked. ``--fp16`` is TensorRT 10's builder flag; TensorRT 11's trtexec builds
-    strongly typed, so time an fp16 ONNX there at ``precision="fp32"`` (no flag)."""
-    import math
-
+    ``--warmUp`` and ``--idleTime`` (ms) and ``--duration`` (s) are floats to trtexec (``float``
+    in ``InferenceOptions``, parsed by ``std::stof``, in 8.6, 10.3 and 11.0), so they are passed
+    as given. ``--fp16`` is a builder flag up to TensorRT 10; TensorRT 11's trtexec has none (it
+    builds strongly typed networks and exits on an unknown option), so for ``tensorrt_major`` 11
+    and later no flag is passed and the ONNX's own types decide: time an fp16 ONNX
+    (``coformer compile --precision fp16``) there. ``tensorrt_major`` None: taken as 10."""
     if precision not in ("fp16", "fp32"):
         raise CoFormerError(f"precision {precision!r} is not one of ['fp16', 'fp32']")
-    cmd = [executable, f"--onnx={onnx}", f"--warmUp={math.ceil(warmup_ms)}", f"--iterations={int(iterations)}",
-           f"--duration={max(1, math.ceil(duration_s))}", f"--idleTime={math.ceil(idle_ms)}",
-           f"--exportTimes={export_times}"]
-    if precision == "fp16":
+    for name, value in (("warmup_ms", warmup_ms), ("duration_s", duration_s), ("idle_ms", idle_ms)):
+        if not value >= 0:
+            raise CoFormerError(f"trtexec's {name} must be >= 0, got {value}")
+    cmd = [executable, f"--onnx={onnx}", f"--warmUp={float(warmup_ms):g}", f"--iterations={int(iterations)}",
+           f"--duration={float(duration_s):g}", f"--idleTime={float(idle_ms):g}", f"--exportTimes={export_times}"]
+    if precision == "fp16" and (tensorrt_major is None or tensorrt_major < 11):
         cmd.append("--fp16")
     if shapes:
         cmd.append("--shapes=" + ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}"
@@ -189,7 +217,8 @@ def trtexec_command(onnx: Path, export_times: Path, warmup_ms: float = 200.0, it
 
 def run_trtexec(onnx: Path, export_times: Path, executable: str = "trtexec", timeout_s: float = 600.0,
                 **options: Any) -> dict[str, Any]:
-    """Run trtexec on ``onnx`` (:func:`trtexec_command`) and import its times
+    """Run trtexec on ``onnx`` (:func:`trtexec_command`, its TensorRT release read by
+    :func:`trtexec_version` unless ``tensorrt_major`` is given) and import its times
     (:func:`load_trtexec_times`); refuse in one line where trtexec is not on the PATH or fails."""
     import shutil
     import subprocess
@@ -199,7 +228,8 @@ def run_trtexec(onnx: Path, export_times: Path, executable: str = "trtexec", tim
         raise CoFormerError(f"{executable} is not on the PATH: it comes with TensorRT (on a Jetson, "
                             "/usr/src/tensorrt/bin/trtexec; add that folder to PATH)")
     Path(export_times).parent.mkdir(parents=True, exist_ok=True)
-    cmd = trtexec_command(onnx, export_times, executable=exe, **options)
+    major = options.pop("tensorrt_major", None) or trtexec_version(exe)
+    cmd = trtexec_command(onnx, export_times, executable=exe, tensorrt_major=major, **options)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -208,5 +238,7 @@ def run_trtexec(onnx: Path, export_times: Path, executable: str = "trtexec", tim
         last = (done.stdout + done.stderr).strip().splitlines()[-3:]
         raise CoFormerError(f"trtexec failed on {onnx} (exit {done.returncode}): {' | '.join(last)}")
     times = load_trtexec_times(export_times)
-    times["command"] = cmd
+    times["command"], times["tensorrt_major"] = cmd, major
+    # what the engine was built at: the flag's fp16 up to TensorRT 10, the ONNX's own types after
+    times["precision"] = "fp16" if "--fp16" in cmd else ("fp32" if major < 11 else "as typed in the ONNX")
     return times

@@ -93,7 +93,7 @@ def test_a_trace_is_summarised_in_trtexec_words_and_round_trips_through_export_t
     path = write_export_times(trace, tmp_path / "times.json")
     records = json.loads(path.read_text())
     assert list(records[0]) == ["startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",
-                                "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs", "endToEndMs"]
+                                "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs"]
     assert records[3]["computeMs"] == pytest.approx(4.0) and records[0]["latencyMs"] == pytest.approx(1.3)
     back = load_trtexec_times(path)  # what `coformer-runtime profile --trtexec` imports
     assert back["compute_ms"]["max"] == pytest.approx(4.0) and back["iterations"] == 4

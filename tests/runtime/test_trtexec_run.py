@@ -18,6 +18,10 @@ from coformer.runtime.trtexec import run_trtexec, trace_summary, trtexec_command
 
 FAKE = """#!{python}
 import json, sys
+if "--help" in sys.argv:  # trtexec's test banner, then its help (samples/common/logging.h)
+    print("&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] [b10] # trtexec --help")
+    print("=== Model Options ===")
+    sys.exit(0)
 args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
 json.dump(sys.argv[1:], open(args["exportTimes"] + ".args", "w"))
 n = int(args["iterations"])
@@ -29,24 +33,51 @@ sys.exit(int({exit_code}))
 """
 
 
-def _fake(tmp_path, monkeypatch, exit_code=0):
+def _fake(tmp_path, monkeypatch, exit_code=0, version=100300):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     exe = bin_dir / "trtexec"
-    exe.write_text(FAKE.format(python=sys.executable, exit_code=exit_code))
+    exe.write_text(FAKE.format(python=sys.executable, exit_code=exit_code, version=version))
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-def test_the_command_rounds_up_to_trtexecs_units_and_names_the_shapes(tmp_path):
+def test_the_command_passes_trtexecs_float_options_as_given_and_names_the_shapes(tmp_path):
+    """warmUp, duration and idleTime are floats to trtexec (std::stof, 8.6 to 11.0): 0.3 s stays 0.3 s."""
     cmd = trtexec_command(tmp_path / "m.onnx", tmp_path / "t.json", warmup_ms=50.5, iterations=20, duration_s=0.3,
                           idle_ms=2.2, precision="fp16", shapes={"input_ids": (1, 16), "attention_mask": (1, 16)})
-    assert cmd[1:] == [f"--onnx={tmp_path / 'm.onnx'}", "--warmUp=51", "--iterations=20", "--duration=1",
-                       "--idleTime=3", f"--exportTimes={tmp_path / 't.json'}", "--fp16",
+    assert cmd[1:] == [f"--onnx={tmp_path / 'm.onnx'}", "--warmUp=50.5", "--iterations=20", "--duration=0.3",
+                       "--idleTime=2.2", f"--exportTimes={tmp_path / 't.json'}", "--fp16",
                        "--shapes=input_ids:1x16,attention_mask:1x16"]
     assert "--fp16" not in trtexec_command("m.onnx", "t.json", precision="fp32")
     with pytest.raises(CoFormerError, match="'int8'"):
         trtexec_command("m.onnx", "t.json", precision="int8")
+    with pytest.raises(CoFormerError, match="duration_s must be >= 0, got -1"):
+        trtexec_command("m.onnx", "t.json", duration_s=-1)
+
+
+@pytest.mark.parametrize("banner, major, flag", [(8601, 8, True), (100300, 10, True), (110000, 11, False)])
+def test_trtexecs_release_is_read_and_tensorrt_11_gets_no_fp16_flag(tmp_path, monkeypatch, banner, major, flag):
+    """TensorRT 11's trtexec has no --fp16 and exits on an unknown option: it is not passed there,
+    and the times say the engine was built at the ONNX's own types."""
+    from coformer.runtime.trtexec import tensorrt_major, trtexec_version
+
+    _fake(tmp_path, monkeypatch, version=banner)
+    assert trtexec_version("trtexec") == tensorrt_major(banner) == major
+    times = run_trtexec(tmp_path / "m.onnx", tmp_path / "t.json", iterations=3, precision="fp16")
+    args = json.loads((tmp_path / "t.json.args").read_text())
+    assert ("--fp16" in args) == flag and times["tensorrt_major"] == major
+    assert times["precision"] == ("fp16" if flag else "as typed in the ONNX")
+
+
+def test_a_trtexec_without_a_version_banner_is_refused_in_one_line(tmp_path, monkeypatch):
+    from coformer.runtime.trtexec import trtexec_version
+
+    exe = tmp_path / "trtexec"
+    exe.write_text(f"#!{sys.executable}\nprint('usage')\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(CoFormerError, match="no '\\[TensorRT vN\\]' banner"):
+        trtexec_version(str(exe))
 
 
 def test_trtexecs_times_are_imported_after_it_runs(tmp_path, monkeypatch):
