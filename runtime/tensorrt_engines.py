@@ -45,11 +45,16 @@ PRECISIONS = ("fp32", "fp16")
 SIDECAR_VERSION = 1
 
 
-def gpu_tag(name: str, compute_capability: tuple[int, int]) -> str:
-    """``"NVIDIA Jetson Orin Nano", (8, 7)`` -> ``"nvidia-jetson-orin-nano-sm87"``."""
+def gpu_tag(name: str, compute_capability: tuple[int, int], multiprocessors: int) -> str:
+    """``"Orin", (8, 7), 8`` -> ``"orin-sm87-8sm"``. The multiprocessor count is in the tag because
+    Jetson modules report one device name for different GPUs (an AGX Orin and an Orin Nano both
+    say "Orin", sm87, with 16 and 8 SMs): engines and timing caches tuned on one must never be
+    reused on the other."""
     slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "gpu"
     major, minor = (int(v) for v in compute_capability)
-    return f"{slug}-sm{major}{minor}"
+    if int(multiprocessors) < 1:
+        raise CoFormerError(f"a GPU has at least one multiprocessor, got {multiprocessors}")
+    return f"{slug}-sm{major}{minor}-{int(multiprocessors)}sm"
 
 
 def _version_tag(trt_version: str) -> str:
@@ -60,8 +65,8 @@ def _version_tag(trt_version: str) -> str:
 
 def engine_paths(bundle_dir: Path, device: str, model: str, trt_version: str, gpu: str) -> dict[str, Path]:
     """The engine, its sidecar and the timing cache of one model of ``device`` (module doc)."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*-sm\d+", gpu):
-        raise CoFormerError(f"GPU tag {gpu!r} is not one gpu_tag makes (e.g. nvidia-jetson-orin-nano-sm87)")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*-sm\d+-\d+sm", gpu):
+        raise CoFormerError(f"GPU tag {gpu!r} is not one gpu_tag makes (e.g. orin-sm87-8sm)")
     version = _version_tag(trt_version)
     stem = ".".join(p for p in (device, model or None, version, gpu) if p)
     folder = Path(bundle_dir) / ENGINE_DIR
@@ -158,43 +163,61 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
     import time
 
     try:
-        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+        from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
     except ImportError:
         raise CoFormerError("building TensorRT engines needs Polygraphy: pip install 'coformer[tensorrt]' "
                             "(and TensorRT: JetPack's python3-libnvinfer, or pip install tensorrt)") from None
+    from polygraphy.exception import PolygraphyException
+
     start = time.perf_counter()
-    # parsed once here, so a lone ONNX's profile can be read off the network's inputs
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=bool(choice["strongly_typed"]) or None)()
-    if profile is None:
-        net = network[1]
-        profile = {}
-        for i in range(net.num_inputs):
-            tensor = net.get_input(i)
-            own = [int(batch) if axis == 0 and int(d) < 0 else max(1, int(d)) for axis, d in enumerate(tensor.shape)]
-            shape = [int(d) for d in (shapes or {}).get(tensor.name, own)]
-            profile[tensor.name] = [shape, shape, shape]
-    prof = Profile()
-    for name, (lo, opt, hi) in profile.items():
-        prof.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
     cache = Path(paths["timing_cache"])
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    config = CreateConfig(fp16=bool(choice["fp16_flag"]) or None, profiles=[prof],
-                          load_timing_cache=str(cache) if cache.is_file() else None)
-    engine_bytes = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache))()
-    if engine_bytes is None:
-        raise CoFormerError(f"TensorRT could not build an engine from {onnx_path} (see TensorRT's log above)")
+    try:
+        # parsed once here, so a lone ONNX's profile can be read off the network's inputs
+        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=bool(choice["strongly_typed"]) or None)()
+        if profile is None:
+            net = network[1]
+            profile = {}
+            for i in range(net.num_inputs):
+                tensor = net.get_input(i)
+                own = [int(batch) if axis == 0 and int(d) < 0 else max(1, int(d)) for axis, d in enumerate(tensor.shape)]
+                shape = [int(d) for d in (shapes or {}).get(tensor.name, own)]
+                profile[tensor.name] = [shape, shape, shape]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Polygraphy raises PolygraphyException (G_LOGGER.critical) where the parse or the build
+        # fails, and never returns None: the user gets its reason in one line, not a traceback
+        engine_bytes = EngineBytesFromNetwork(network, config=engine_config(choice, profile, cache),
+                                              save_timing_cache=str(cache))()
+    except PolygraphyException as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CoFormerError(f"TensorRT could not build an engine from {onnx_path}: {reason}") from None
     atomic_write_bytes(Path(paths["plan"]), bytes(engine_bytes))
     return time.perf_counter() - start
 
 
-def cuda_device(index: int = 0) -> tuple[str, tuple[int, int]]:
-    """The GPU's name and compute capability, from cuda-python (as TensorRT's samples use it)."""
+def engine_config(choice: Mapping[str, Any], profile: Mapping[str, Any], cache: Path):
+    """Polygraphy's ``CreateConfig`` for an engine: ``choice``'s fp16 flag, one optimisation
+    profile (input name -> min/opt/max), the timing cache where there is one, and TF32 on.
+    Polygraphy turns TF32 off unless asked (``CreateConfig(tf32=None)`` clears the flag), where
+    trtexec leaves it on (``--noTF32`` clears it, ``sampleEngines.cpp`` in 10.3 and 11.0): asked,
+    so an fp32 engine is built as trtexec builds it and the two timings are like for like."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    prof = Profile()
+    for name, (lo, opt, hi) in profile.items():
+        prof.add(name, min=tuple(lo), opt=tuple(opt), max=tuple(hi))
+    return CreateConfig(fp16=bool(choice["fp16_flag"]) or None, tf32=True, profiles=[prof],
+                        load_timing_cache=str(cache) if Path(cache).is_file() else None)
+
+
+def cuda_device(index: int = 0) -> tuple[str, tuple[int, int], int]:
+    """The GPU's name, compute capability and multiprocessor count (``cudaDeviceProp``), from
+    cuda-python (as TensorRT's samples use it)."""
     from coformer.runtime.tensorrt_backend import cuda_call, cudart
 
     rt = cudart()
     prop = cuda_call(rt, rt.cudaGetDeviceProperties(index))
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\x00"), (int(prop.major), int(prop.minor))
+    return name.rstrip("\x00"), (int(prop.major), int(prop.minor)), int(prop.multiProcessorCount)
 
 
 def fp16_name(rel: str) -> str:
