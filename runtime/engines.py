@@ -47,14 +47,27 @@ def check_backend(backend: str) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise CoFormerError(f"backend {backend} needs onnxruntime-gpu, which is not installed: "
-                                "pip install 'coformer[gpu]'") from None
+            raise CoFormerError(f"backend {backend} needs ONNX Runtime with CUDA, which is not installed: "
+                                f"{gpu_onnxruntime_install()}") from None
         wanted = ORT_PROVIDERS[backend][0]
         offered = ort.get_available_providers()
         if wanted not in offered:
             raise CoFormerError(f"backend {backend} needs ONNX Runtime's {wanted}, which this onnxruntime "
-                                f"{ort.__version__} does not offer ({', '.join(offered)}): install onnxruntime-gpu "
-                                "(pip install 'coformer[gpu]', never beside onnxruntime) with CUDA on a GPU")
+                                f"{ort.__version__} does not offer ({', '.join(offered)}): "
+                                f"{gpu_onnxruntime_install()}")
+
+
+def gpu_onnxruntime_install(machine: Optional[str] = None) -> str:
+    """How this machine gets ONNX Runtime with CUDA. PyPI has no aarch64 onnxruntime-gpu wheel, so
+    ``coformer[gpu]`` cannot install on a Jetson: there it is NVIDIA's Jetson build of ONNX Runtime
+    (the wheel for the device's JetPack, from NVIDIA's Jetson pip index), installed in place of
+    onnxruntime. Elsewhere the ``[gpu]`` extra; never both packages, they own the same folder."""
+    import platform
+
+    if (machine or platform.machine()).lower() in ("aarch64", "arm64"):
+        return ("on a Jetson, PyPI has no onnxruntime-gpu: pip uninstall onnxruntime, then install NVIDIA's "
+                "Jetson build of onnxruntime-gpu for your JetPack (NVIDIA's Jetson pip index; see docs/usage.md)")
+    return "pip uninstall onnxruntime, then pip install 'coformer[gpu]' (onnxruntime-gpu), on a machine with CUDA"
 
 
 def open_engine(path: Path, backend: str = "onnxruntime", threads: int = 1, precision: str = "fp16",

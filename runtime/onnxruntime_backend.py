@@ -118,7 +118,11 @@ class OnnxRuntimeEngine:
         for name in self.output_names:
             binding.bind_output(name, device)
         t1 = time.perf_counter()
-        session.run_with_iobinding(binding)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as e:  # a provider listed and loaded can still fail at its first run (no kernel, OOM)
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CoFormerError(f"ONNX Runtime's {self.providers[0]} failed running {self.path}: {reason}") from None
         t2 = time.perf_counter()
         outputs = binding.copy_outputs_to_cpu()
         t3 = time.perf_counter()

@@ -26,9 +26,10 @@ Not yet run on a GPU: CI and the development machines have neither a GPU nor Ten
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def import_tensorrt():
 
 
 def cudart():
-    """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.8; ``cuda.cudart`` before)."""
+    """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.8; ``cuda.cudart`` before),
+    once checked against the device's driver (:func:`driver_mismatch`)."""
     try:
         from cuda.bindings import runtime
     except ImportError:
@@ -57,7 +59,48 @@ def cudart():
         except ImportError:
             raise CoFormerError("the TensorRT backend needs cuda-python, which is not installed: "
                                 "pip install 'coformer[tensorrt]'") from None
+    _check_driver(runtime)
     return runtime
+
+
+@functools.lru_cache(maxsize=None)
+def _check_driver(runtime) -> None:
+    """Refuse cuda-python newer than the driver, once a process (a refusal is not cached)."""
+    err, driver = runtime.cudaDriverGetVersion()[:2]
+    bad = driver_mismatch(_bindings_version(), int(driver)) if err == runtime.cudaError_t.cudaSuccess else None
+    if bad:
+        raise CoFormerError(bad)
+
+
+def _bindings_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "0"
+
+
+def driver_mismatch(bindings_version: str, driver_version: int) -> Optional[str]:
+    """Why cuda-python ``bindings_version`` cannot run on a driver of ``driver_version``
+    (``cudaDriverGetVersion``: 1000 * major + 10 * minor), or None.
+
+    cuda-python N.x binds the CUDA N runtime, which needs a driver of CUDA N or later: on JetPack
+    6 (a CUDA 12 driver) cuda-python 13 fails at its first call. Choice written down: no upper
+    bound in ``setup.cfg`` (JetPack 7 and current x86 drivers are CUDA 13, and a pin by platform
+    would be wrong for one of them); the mismatch is refused here, with the install that fits.
+    A driver version of 0 (no driver) is left to the first CUDA call to report."""
+    try:
+        major = int(str(bindings_version).split(".")[0])
+    except ValueError:
+        return None
+    d_major, d_minor = driver_version // 1000, (driver_version % 1000) // 10
+    if driver_version <= 0 or major <= d_major:
+        return None
+    return (f"cuda-python {bindings_version} needs a CUDA {major} driver, and this device's driver is CUDA "
+            f"{d_major}.{d_minor}: pip install 'cuda-python>={d_major},<{d_major + 1}' (JetPack 6 is CUDA 12)")
 
 
 def cuda_call(rt, result):

@@ -8,11 +8,13 @@ is plain Python, so the cache's rules are tested without a GPU:
   ``.json`` (the ONNX's SHA-256 from the signed manifest, the engine's SHA-256, the build
   settings, the parity against ONNX Runtime) and one timing cache per TensorRT version and
   GPU (``<trt-version>.<gpu>.timing-cache``), shared by the device's models. ``<gpu>`` is the
-  GPU's name with its compute capability (``nvidia-jetson-orin-nano-sm87``). The signed
+  GPU's name with its compute capability and multiprocessor count (``orin-sm87-8sm``, see
+  :func:`gpu_tag`). The signed
   manifest is never rewritten: the sidecar is the engine's record.
 * **When to rebuild** (:func:`rebuild_reason`): no engine, no sidecar, another ONNX (its
   SHA-256), an engine file that does not hash to its sidecar's, or other build settings.
-* **Precision** (:func:`choose_precision`). TensorRT 10 (JetPack 6) takes ``fp16`` as a
+* **Precision** (:func:`choose_precision`). TensorRT 10 (JetPack 6.1 and 6.2 ship 10.3;
+  JetPack 6.0 ships 8.6, which is refused) takes ``fp16`` as a
   builder flag on the float32 ONNX. TensorRT 11 builds strongly typed networks only: the
   precision is the ONNX's own, so ``fp16`` needs an fp16 ONNX in the bundle. TensorRT
   before 10 is refused.
@@ -81,8 +83,8 @@ def choose_precision(trt_version: str, precision: str, fp16_onnx: bool) -> dict[
         raise CoFormerError(f"--precision {precision!r} is not one of {list(PRECISIONS)}")
     major = int(_version_tag(trt_version).split(".")[0])
     if major < 10:
-        raise CoFormerError(f"TensorRT {trt_version}: CoFormer builds engines with TensorRT 10 or later "
-                            "(JetPack 6 on a Jetson)")
+        raise CoFormerError(f"TensorRT {trt_version}: CoFormer builds engines with TensorRT 10 or later; on a "
+                            "Jetson, JetPack 6.0 ships TensorRT 8.6: flash JetPack 6.1 or 6.2 (TensorRT 10.3)")
     if major >= 11:
         if precision == "fp16" and not fp16_onnx:
             raise CoFormerError(f"TensorRT {trt_version} builds strongly typed networks only, whose precision is "

@@ -206,3 +206,29 @@ def test_the_benchmark_reports_an_engines_three_phases(stand_ins):
     assert s["H2D Latency"]["median"] > 0 and s["D2H Latency"]["median"] > 0
     assert s["Latency"]["median"] == pytest.approx(s["H2D Latency"]["median"] + s["GPU Compute Time"]["median"]
                                                    + s["D2H Latency"]["median"], rel=0.5)
+
+
+def test_cuda_python_newer_than_the_driver_is_refused_with_the_install_that_fits(monkeypatch):
+    """cuda-python 13 binds the CUDA 13 runtime, which JetPack 6's CUDA 12 driver cannot run:
+    refused at the first use, naming the versions and the pip line that fits."""
+    from coformer.runtime import tensorrt_backend as tb
+
+    assert tb.driver_mismatch("12.6.2", 12060) is None
+    assert tb.driver_mismatch("12.6.2", 13000) is None  # an older runtime on a newer driver runs
+    assert tb.driver_mismatch("13.0.1", 0) is None  # no driver: left to the first CUDA call
+    msg = tb.driver_mismatch("13.0.1", 12060)
+    assert "cuda-python 13.0.1 needs a CUDA 13 driver" in msg and "driver is CUDA 12.6" in msg
+    assert "pip install 'cuda-python>=12,<13'" in msg
+    ok = "cudaSuccess"
+    runtime = types.ModuleType("cuda.bindings.runtime")
+    runtime.cudaError_t = types.SimpleNamespace(cudaSuccess=ok)
+    runtime.cudaDriverGetVersion = lambda: (ok, 12060)
+    cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
+    cuda.bindings, bindings.runtime = bindings, runtime
+    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", runtime)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(tb, "_bindings_version", lambda: "13.0.1")
+    with pytest.raises(CoFormerError, match="cuda-python 13.0.1 needs a CUDA 13 driver"):
+        tb.cudart()
+    monkeypatch.setattr(tb, "_bindings_version", lambda: "12.6.2")
+    assert tb.cudart() is runtime

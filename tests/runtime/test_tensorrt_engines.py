@@ -44,7 +44,7 @@ def test_each_tensorrt_version_gets_the_precision_it_can_build():
     assert choose_precision("11.4.0", "fp32", fp16_onnx=False)["onnx"] == "fp32"
     with pytest.raises(CoFormerError, match="strongly typed.*no fp16 ONNX"):
         choose_precision("11.4.0", "fp16", fp16_onnx=False)
-    with pytest.raises(CoFormerError, match="TensorRT 8.6.1.*10 or later"):
+    with pytest.raises(CoFormerError, match="TensorRT 8.6.1.*10 or later.*JetPack 6.0 ships TensorRT 8.6: flash JetPack 6.1 or 6.2"):
         choose_precision("8.6.1", "fp32", fp16_onnx=False)
     with pytest.raises(CoFormerError, match="'int8'"):
         choose_precision("10.3.0", "int8", fp16_onnx=False)
