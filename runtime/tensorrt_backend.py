@@ -272,8 +272,13 @@ class TensorRTEngine:
         return {name: self._buffers[name].host[:int(np.prod(s))].reshape(s).copy() for name, s in shapes.items()}
 
     def close(self) -> None:
+        """Free the buffers, events and stream, after the stream's work is done: copies and the
+        engine may still be running on it (an inference that raised mid-way), and freeing memory
+        they use is undefined."""
         rt = self._rt
         if rt is not None:
+            if self.stream is not None:
+                rt.cudaStreamSynchronize(self.stream)  # best effort: close() must free even after an error
             for buf in self._buffers.values():
                 buf.free(rt)
             for event in self._events:

@@ -159,8 +159,8 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
 
     ``profile`` (input name -> min/opt/max) is a bundle's (:func:`optimization_profile`);
     without it, every input's profile is its shape in ``shapes``, or the ONNX's own shape
-    with a dynamic first axis at ``batch`` and any other at 1 (a lone ONNX: a profile kit's
-    entry, a benchmark).
+    filled as the benchmark fills it (:func:`coformer.runtime.timing.lone_shape`: a dynamic
+    first axis at ``batch``, any other at 1; a lone ONNX: a profile kit's entry, a benchmark).
     Needs TensorRT and Polygraphy."""
     import time
 
@@ -170,6 +170,8 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
         raise CoFormerError("building TensorRT engines needs Polygraphy: pip install 'coformer[tensorrt]' "
                             "(and TensorRT: JetPack's python3-libnvinfer, or pip install tensorrt)") from None
     from polygraphy.exception import PolygraphyException
+
+    from coformer.runtime.timing import lone_shape
 
     start = time.perf_counter()
     cache = Path(paths["timing_cache"])
@@ -181,7 +183,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
             profile = {}
             for i in range(net.num_inputs):
                 tensor = net.get_input(i)
-                own = [int(batch) if axis == 0 and int(d) < 0 else max(1, int(d)) for axis, d in enumerate(tensor.shape)]
+                own = lone_shape([None if int(d) < 0 else max(1, int(d)) for d in tensor.shape], batch)
                 shape = [int(d) for d in (shapes or {}).get(tensor.name, own)]
                 profile[tensor.name] = [shape, shape, shape]
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -112,12 +112,21 @@ def environment(backend: str, threads: int, throttle_desc: str, precision: str =
     }
 
 
+def lone_shape(dims: Sequence[Optional[int]], batch: int) -> list[int]:
+    """The shape a lone ONNX's input takes where nothing gives one (None: a dynamic axis): the
+    first dynamic axis is the batch, any other (a text model's sequence) 1. One rule for what the
+    benchmark feeds (:func:`random_inputs`) and the profile a TensorRT engine of the same file is
+    built for (``tensorrt_engines.build_engine``), so an engine is never fed outside its profile;
+    a text model is timed at its length by giving shapes (``profile`` gives each kit entry's)."""
+    return [int(batch) if d is None and axis == 0 else (1 if d is None else int(d)) for axis, d in enumerate(dims)]
+
+
 def random_inputs(engine, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs matching the model's declared inputs; symbolic axes become ``batch``."""
+    """Inputs matching the model's declared inputs, dynamic axes filled by :func:`lone_shape`."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, dims, dtype in engine.input_specs():
-        shape = [batch if d is None else d for d in dims]
+        shape = lone_shape(dims, batch)
         feeds[name] = (rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
                        else rng.integers(0, 2, size=shape).astype(dtype))
     return feeds

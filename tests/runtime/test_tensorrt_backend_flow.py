@@ -36,6 +36,7 @@ def _fake_cudart():
 
     def free(ptr):
         del rt.live[ptr]
+        rt.calls.append("free")
         return (ok,)
 
     def memcpy(dst, src, n, kind, stream):
@@ -60,6 +61,13 @@ def _fake_cudart():
     rt.cudaEventDestroy = lambda e: (ok,)
     rt.cudaEventRecord = record
     rt.cudaEventSynchronize = lambda e: (ok,)
+    rt.calls = []  # the order of stream synchronisation and frees
+
+    def sync(stream):
+        rt.calls.append("sync")
+        return (ok,)
+
+    rt.cudaStreamSynchronize = sync
     rt.cudaEventElapsedTime = lambda a, b: (ok, (b["t"] - a["t"]) * 1e3)
     return rt
 
@@ -183,6 +191,7 @@ def test_our_engine_wrapper_stages_runs_and_times_by_name(stand_ins):
         engine.infer({"pixels": x})
     engine.close()
     assert rt.live == {}  # everything freed
+    assert rt.calls[:2] == ["sync", "free"]  # after the stream's work, never under it
 
 
 def test_an_engine_from_elsewhere_is_refused_naming_where_engines_come_from(stand_ins, tmp_path):

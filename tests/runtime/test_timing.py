@@ -134,3 +134,17 @@ def test_the_python_api_benchmarks_an_onnx_file_in_trtexec_words(tmp_path):
     assert len(json.loads((tmp_path / "times.json").read_text())) == s["iterations"]
     with pytest.raises(CoFormerError, match="'cuda'"):
         coformer.runtime.benchmark_engine(path, backend="cuda")
+
+
+def test_a_lone_onnxs_dynamic_axes_are_filled_as_its_engine_profile_is():
+    """The benchmark feeds and the TensorRT profile of a lone ONNX follow one rule: the first
+    dynamic axis is the batch, any other (a text model's sequence) 1. Before, the benchmark fed
+    a text model [batch, batch] while its engine was built for [batch, 1]."""
+    from coformer.runtime.timing import lone_shape, random_inputs
+
+    assert lone_shape([None, None], 8) == [8, 1]
+    assert lone_shape([None, 3, 16, 16], 4) == [4, 3, 16, 16]
+    text = type("E", (), {"input_specs": lambda self: [("input_ids", (None, None), np.int64),
+                                                       ("attention_mask", (None, None), np.int64)]})()
+    feeds = random_inputs(text, batch=8)
+    assert {k: v.shape for k, v in feeds.items()} == {"input_ids": (8, 1), "attention_mask": (8, 1)}
