@@ -94,10 +94,35 @@ def open_engine(path: Path, backend: str = "onnxruntime", threads: int = 1, prec
         return engine.load()
     from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(path, threads=threads, providers=ORT_PROVIDERS[backend],
+    providers = ort_providers(backend, Path(path).parent, precision, shapes)
+    engine = OnnxRuntimeEngine(path, threads=threads, providers=providers,
                                bind_device=None if backend == "onnxruntime" else "cuda")
     engine.backend = backend
     return engine.load()
+
+
+ORT_TRT_CACHE = "engines/onnxruntime-tensorrt"  # beside the model: ONNX Runtime's TensorRT engines and timing cache
+
+
+def ort_providers(backend: str, model_dir: Path, precision: str = "fp16",
+                  shapes: Optional[Mapping[str, Sequence[int]]] = None) -> list:
+    """ONNX Runtime's providers for ``backend``. ``onnxruntime-tensorrt`` gets its options, where
+    ONNX Runtime's defaults rebuild every engine at every start, in fp32, and again at every new
+    input shape: the engine and timing caches on (``trt_engine_cache_enable``,
+    ``trt_timing_cache_enable``) in ``ORT_TRT_CACHE`` beside the model, ``trt_fp16_enable`` at
+    ``precision="fp16"``, and, where ``shapes`` are given, one optimisation profile of exactly
+    those shapes (``trt_profile_min/opt/max_shapes``, ``name:1x3x224x224,...``)."""
+    names = ORT_PROVIDERS[backend]
+    if backend != "onnxruntime-tensorrt":
+        return list(names)
+    cache = str(Path(model_dir) / ORT_TRT_CACHE)
+    options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                               "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+                               "trt_fp16_enable": precision == "fp16"}
+    if shapes:
+        profile = ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+        options.update(trt_profile_min_shapes=profile, trt_profile_opt_shapes=profile, trt_profile_max_shapes=profile)
+    return [(names[0], options), *names[1:]]
 
 
 def open_device_engines(bundle_dir: Path, device: str, files: Mapping[str, str], backend: str, threads: int,

@@ -66,12 +66,18 @@ class OnnxRuntimeEngine:
             self.session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise CoFormerError(f"ONNX Runtime cannot load {self.path}: {e}") from None
-        wanted = self.providers[0]
+        wanted = self.provider
         if wanted not in self.session.get_providers():
             raise CoFormerError(
                 f"ONNX Runtime fell back to {self.session.get_providers()} instead of {wanted} for {self.path}"
             )
         return self
+
+    @property
+    def provider(self) -> str:
+        """The first provider's name (a provider is a name or ``(name, options)``)."""
+        first = self.providers[0]
+        return first[0] if isinstance(first, tuple) else first
 
     @property
     def input_names(self) -> list[str]:
@@ -122,7 +128,7 @@ class OnnxRuntimeEngine:
             session.run_with_iobinding(binding)
         except Exception as e:  # a provider listed and loaded can still fail at its first run (no kernel, OOM)
             reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise CoFormerError(f"ONNX Runtime's {self.providers[0]} failed running {self.path}: {reason}") from None
+            raise CoFormerError(f"ONNX Runtime's {self.provider} failed running {self.path}: {reason}") from None
         t2 = time.perf_counter()
         outputs = binding.copy_outputs_to_cpu()
         t3 = time.perf_counter()
