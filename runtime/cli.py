@@ -5,6 +5,7 @@
   coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --input x.npy
   coformer-runtime infer   BUNDLE --central tcp://10.0.0.2:5555 --image photo.jpg --top-k 5
   coformer-runtime verify  BUNDLE
+  coformer-runtime doctor  [BUNDLE]   (run first on a new device: what works, what to install)
   coformer-runtime keys    KEYS --bundle BUNDLE --clients laptop   (key folders per role; signs BUNDLE)
   coformer-runtime sign    BUNDLE --key KEYS/operator/operator.signing
 
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="this device's name in the bundle")
     p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
 
+    p = sub.add_parser("doctor", help="run first on a new device: what it has for serving (ONNX Runtime and each "
+                       "provider, TensorRT, Polygraphy, trtexec, CUDA, the GPU), each line tried and, where it fails, "
+                       "what to install; with a bundle, its model built, checked and timed on the backend chosen")
+    p.add_argument("bundle", type=Path, nargs="?", default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+
     p = sub.add_parser("verify", help="check a bundle's manifest and the SHA-256 of every artifact")
     p.add_argument("bundle", type=Path)
     p.add_argument("--keys", type=Path, default=None,
@@ -330,6 +337,15 @@ def run(args: argparse.Namespace) -> int:
         for e in build_engines(args.bundle, args.device, args.precision):
             print(f"{e['model']}: {'built' if e['built'] else 'reused'} {e['engine']}"
                   + (f" ({e['reason']}; {e['build_s']:.1f} s)" if e["built"] else ""))
+    elif args.command == "doctor":
+        from coformer.runtime.doctor import doctor, format_table, to_dict
+
+        checks = doctor(args.bundle)
+        print(format_table(checks))
+        if args.json is not None:
+            from coformer.runtime.files import atomic_write_json
+
+            atomic_write_json(args.json, to_dict(checks))
     elif args.command == "verify":
         from coformer.runtime.manifest import load_manifest
 

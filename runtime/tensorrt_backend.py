@@ -67,12 +67,12 @@ def cudart():
 def _check_driver(runtime) -> None:
     """Refuse cuda-python newer than the driver, once a process (a refusal is not cached)."""
     err, driver = runtime.cudaDriverGetVersion()[:2]
-    bad = driver_mismatch(_bindings_version(), int(driver)) if err == runtime.cudaError_t.cudaSuccess else None
+    bad = driver_mismatch(bindings_version(), int(driver)) if err == runtime.cudaError_t.cudaSuccess else None
     if bad:
         raise CoFormerError(bad)
 
 
-def _bindings_version() -> str:
+def bindings_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("cuda-bindings", "cuda-python"):

@@ -236,8 +236,8 @@ def test_cuda_python_newer_than_the_driver_is_refused_with_the_install_that_fits
     cuda.bindings, bindings.runtime = bindings, runtime
     for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", runtime)):
         monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(tb, "_bindings_version", lambda: "13.0.1")
+    monkeypatch.setattr(tb, "bindings_version", lambda: "13.0.1")
     with pytest.raises(CoFormerError, match="cuda-python 13.0.1 needs a CUDA 13 driver"):
         tb.cudart()
-    monkeypatch.setattr(tb, "_bindings_version", lambda: "12.6.2")
+    monkeypatch.setattr(tb, "bindings_version", lambda: "12.6.2")
     assert tb.cudart() is runtime

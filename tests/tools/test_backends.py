@@ -179,3 +179,36 @@ def test_engines_built_on_the_device_match_onnx_runtime_and_are_reused(compiled,
     finally:
         for e in engines.values():
             e.close()
+
+
+def test_doctor_says_what_this_device_has_and_times_a_bundle_on_the_backend_it_chooses(compiled, tmp_path):  # noqa: F811
+    import json
+
+    result, _ = compiled
+    done = _rt("doctor", result.bundle_dir, "--json", tmp_path / "doctor.json", timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    rows = {r["what"]: r for r in json.loads((tmp_path / "doctor.json").read_text())}
+    assert rows["onnxruntime"]["status"] == rows["CPUExecutionProvider"]["status"] == "ok"
+    if not _tensorrt_bindings():
+        assert rows["tensorrt"]["status"] == "no" and "python3-libnvinfer" in rows["tensorrt"]["fix"]
+        assert "python3-libnvinfer" in done.stdout  # the fix is printed under the line
+    if rows["GPU"]["status"] != "ok":  # this machine: every GPU line says so, and the CPU serves
+        assert "no GPU" in rows["GPU"]["detail"] and "would serve on onnxruntime" in rows["bundle"]["detail"]
+        assert rows["parity"]["detail"].startswith("max |difference| 0.00e+00")  # the CPU against itself
+    assert rows["parity"]["status"] == rows["timed"]["status"] == "ok" and "median" in rows["timed"]["detail"]
+
+
+def test_doctor_fails_a_provider_that_is_listed_but_does_not_run_and_chooses_around_it(monkeypatch):
+    import onnxruntime as ort
+
+    from coformer.runtime.doctor import Check, choose_backend, onnxruntime_checks
+
+    listed = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    rows = {c.what.strip(): c for c in onnxruntime_checks()}
+    if "CUDAExecutionProvider" not in listed:  # listed here, but this onnxruntime cannot run it
+        assert rows["CUDAExecutionProvider"].status == "fail" and rows["CUDAExecutionProvider"].fix
+        assert choose_backend(list(rows.values())) == "onnxruntime"
+    every = [Check(n, "ok", "") for n in ("tensorrt", "polygraphy", "cuda-python", "GPU", "CUDAExecutionProvider")]
+    assert choose_backend(every) == "tensorrt"
+    assert choose_backend([c for c in every if c.what != "GPU"]) == "onnxruntime-cuda"
