@@ -105,3 +105,18 @@ def test_a_failed_parse_or_build_is_one_line_not_polygraphys_traceback(tmp_path)
     with pytest.raises(CoFormerError, match=r"TensorRT could not build an engine from .*corrupt.onnx: ") as e:
         build_engine(bad, paths, {"strongly_typed": False, "fp16_flag": False})
     assert "\n" not in str(e.value) and not paths["plan"].exists()
+
+
+def test_an_engine_that_disagrees_with_onnx_runtime_is_refused_with_what_to_do():
+    """The compile's fp16 gate runs on the CPU (weights rounded, arithmetic mostly float32): the
+    engine's parity on the device is the real check, and past the tolerance it is not served."""
+    from coformer.runtime.tensorrt_engines import PARITY_TOLERANCE, parity_refusal
+
+    close = {"max_abs_diff": PARITY_TOLERANCE / 2, "inputs": "checks/inputs.npz"}
+    assert parity_refusal(close, "fp16", "submodels/1-edge-b.onnx") is None
+    assert parity_refusal({"max_abs_diff": None, "skipped": "onnxruntime is not installed"}, "fp16", "m") is None
+    far = {"max_abs_diff": 0.4, "inputs": "checks/inputs.npz"}
+    msg = parity_refusal(far, "fp16", "submodels/1-edge-b.onnx")
+    assert "fp16 engine of submodels/1-edge-b.onnx differs from ONNX Runtime by 0.4" in msg
+    assert "checks/inputs.npz" in msg and "--precision fp32" in msg
+    assert "report it" in parity_refusal(far, "fp32", "m")
