@@ -39,7 +39,7 @@ PY
 compile() {  # NAME DEVICE
     local start rc
     start=$(now)
-    timeout 150 coformer compile --model "timm:$1" --checkpoint "$out/$1.pth" --model-kwargs "$kwargs" \
+    timeout 180 coformer compile --model "timm:$1" --checkpoint "$out/$1.pth" --model-kwargs "$kwargs" \
         --devices examples/devices.yaml --out "$out/bundle-$1-$2" --epochs 1 --device "$2" --no-progress \
         --report-json "$out/compile-$1-$2.json" > "$out/compile-$1-$2.txt" 2>&1
     rc=$?
