@@ -212,3 +212,24 @@ def test_doctor_fails_a_provider_that_is_listed_but_does_not_run_and_chooses_aro
     every = [Check(n, "ok", "") for n in ("tensorrt", "polygraphy", "cuda-python", "GPU", "CUDAExecutionProvider")]
     assert choose_backend(every) == "tensorrt"
     assert choose_backend([c for c in every if c.what != "GPU"]) == "onnxruntime-cuda"
+
+
+def test_a_corrupt_model_is_one_line_from_benchmark_and_build_engines(compiled, tmp_path):  # noqa: F811
+    """ONNX Runtime's and Polygraphy's exceptions never reach the user as a traceback."""
+    import shutil
+
+    result, _ = compiled
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07 not a model")
+    done = _rt("benchmark", bad, "--duration", "0.05")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "ONNX Runtime cannot load" in lines[0], done.stderr
+    bundle = tmp_path / "bundle"  # a bundle whose worker model was overwritten: refused before any build
+    shutil.copytree(result.bundle_dir, bundle)
+    worker = next(d for d in result.manifest.devices if d.role == "worker")
+    (bundle / worker.artifact).write_bytes(b"corrupt")
+    for args in (["build-engines", bundle, "--device", worker.device],
+                 ["worker", bundle, "--device", worker.device, "--central", "tcp://127.0.0.1:59999"]):
+        done = _rt(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, (args[0], done.stderr)
