@@ -28,11 +28,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coformer.runtime.errors import CoFormerError
+from coformer.runtime.errors import CoFormerError, first_line
 
 # A one-node ONNX model (Relu, x: float32 [1, 4] -> y), serialised: enough to open a session on
 # each provider without the onnx package, which the device runtime does not install.
-TINY_ONNX = base64.b64decode("CAg6QAoMCgF4EgF5IgRSZWx1EgZkb2N0b3JaEwoBeBIOCgwIARIICgIIAQoCCARiEwoBeRIOCgwIARIICgIIAQoCCARCBAoAEA0=")
+TINY_ONNX = base64.b64decode("CAg6QAoMCgF4EgF5IgRSZWx1EgZkb2N0b3JaEwoBeBIOCgwIARIICgIIAQoCCARiEwoBeRIOCgwIARIICgIIAQoC"
+                             "CARCBAoAEA0=")
 TENSORRT_INSTALL = "on a Jetson, JetPack's python3-libnvinfer (apt); on x86, pip install tensorrt"
 
 
@@ -49,10 +50,6 @@ class Check:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def onnxruntime_checks() -> list[Check]:
@@ -77,7 +74,7 @@ def onnxruntime_checks() -> list[Check]:
         except Exception as e:  # onnxruntime raises its own types; the line is the point
             from coformer.runtime.engines import gpu_onnxruntime_install
 
-            out.append(Check(f"  {provider}", "fail", _first_line(e)[:160], gpu_onnxruntime_install()))
+            out.append(Check(f"  {provider}", "fail", first_line(e)[:160], gpu_onnxruntime_install()))
     return out
 
 
@@ -93,7 +90,8 @@ def tensorrt_checks() -> list[Check]:
         pg = importlib.import_module("polygraphy")
         out.append(Check("polygraphy", "ok", str(pg.__version__)))
     except ImportError:
-        out.append(Check("polygraphy", "no", "not installed (builds TensorRT engines)", "pip install 'coformer[tensorrt]'"))
+        out.append(Check("polygraphy", "no", "not installed (builds TensorRT engines)",
+                         "pip install 'coformer[tensorrt]'"))
     import shutil
 
     exe = shutil.which("trtexec")

@@ -17,3 +17,9 @@ def missing_package(package: str, extra: str, purpose: str) -> CoFormerError:
         f"{purpose} needs the '{package}' package, which is not installed: "
         f"pip install 'coformer[{extra}]'"
     )
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of another library's exception (ONNX Runtime's, Polygraphy's span
+    many): what a one-line :class:`CoFormerError` quotes of it."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from coformer.runtime.errors import CoFormerError, missing_package
+from coformer.runtime.errors import CoFormerError, first_line, missing_package
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32}
@@ -127,8 +127,7 @@ class OnnxRuntimeEngine:
         try:
             session.run_with_iobinding(binding)
         except Exception as e:  # a provider listed and loaded can still fail at its first run (no kernel, OOM)
-            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise CoFormerError(f"ONNX Runtime's {self.provider} failed running {self.path}: {reason}") from None
+            raise CoFormerError(f"ONNX Runtime's {self.provider} failed running {self.path}: {first_line(e)}") from None
         t2 = time.perf_counter()
         outputs = binding.copy_outputs_to_cpu()
         t3 = time.perf_counter()

@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from coformer.runtime.errors import CoFormerError
+from coformer.runtime.errors import CoFormerError, first_line
 from coformer.runtime.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 ENGINE_DIR = "engines"
@@ -193,8 +193,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
         engine_bytes = EngineBytesFromNetwork(network, config=engine_config(choice, profile, cache),
                                               save_timing_cache=str(cache))()
     except PolygraphyException as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CoFormerError(f"TensorRT could not build an engine from {onnx_path}: {reason}") from None
+        raise CoFormerError(f"TensorRT could not build an engine from {onnx_path}: {first_line(e)}") from None
     atomic_write_bytes(Path(paths["plan"]), bytes(engine_bytes))
     return time.perf_counter() - start
 
