@@ -164,19 +164,6 @@ def as_split(x: Union[torch.Tensor, Split]) -> Split:
 
 
 @torch.no_grad()
-def _per_sample_loss(model: nn.Module, data: Split, objective: Objective, compute: Compute,
-                     prev: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each sample's loss under ``model`` (plus the earlier sub-models' summed outputs ``prev``)."""
-    model.eval()
-    out = torch.empty(len(data))
-    for idx, x in data.batches(compute.batch_size, workers=compute.workers):
-        with compute.autocast():
-            pred = model(x.to(compute.torch_device)).float().cpu()
-        out[idx] = objective.per_sample(pred if prev is None else pred + prev[idx], idx)
-    return out
-
-
-@torch.no_grad()
 def _outputs(model: nn.Module, data: Split, compute: Compute) -> torch.Tensor:
     """``model``'s outputs on every sample of ``data``, in order, on the CPU."""
     model.eval()
@@ -381,10 +368,20 @@ def calibrate(
             report.residual.append(float(residual.mean()))
             w = update_weights(w, residual, config.max_weight_ratio)
             extra = {"features": report.features[-1], "residual": report.residual[-1]}
-        elif config.boosting:
-            w = update_weights(w, _per_sample_loss(model, data, objective, compute, prev), config.max_weight_ratio)
+        # one pass over the data gives the outputs both the weights (eq. 13) and the residual need;
+        # a feature sub-model's outputs are its head on the features just computed
+        outs = None
+        if objective.kind == "feature":
+            if config.residual:
+                with torch.no_grad():
+                    outs = head(report.features[-1].to(dev)).float().cpu()
+        elif config.boosting or config.residual:
+            outs = _outputs(model, data, compute)
+            if config.boosting:
+                total = outs if prev is None else outs + prev
+                w = update_weights(w, objective.per_sample(total, torch.arange(M)), config.max_weight_ratio)
         if config.residual:
-            prev = _add(prev, _outputs(model, data, compute))
+            prev = _add(prev, outs)
         model.to("cpu")
         if checkpoints:
             checkpoints.save(f"sub-{n}", {"body": body.state_dict(), "head": head.state_dict(),
