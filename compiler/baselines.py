@@ -174,19 +174,24 @@ def _onnx_params(path: Path) -> int:
 
 def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSpec], x_example: torch.Tensor,
                    out_dir: Path, labels: Sequence[str], preprocessing: dict[str, Any],
-                   model_name: str = "teacher") -> Manifest:
+                   model_name: str = "teacher", task: Optional[dict[str, Any]] = None) -> Manifest:
     """Write the bundle of ``strategy`` (one of :data:`BASELINES`) for ``devices`` to ``out_dir``.
 
     The first device is the central node; ``teacher`` uses it alone. The teacher
     alone is built for every family, the others for timm ViT/DeiT
-    (:func:`baseline_families`).
+    (:func:`baseline_families`). ``task`` is the CoFormer bundle's (its manifest's): an
+    embedding bundle's teacher alone answers the embedding, for a language model.
     """
     if strategy not in BASELINES:
         raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
     teacher = teacher.eval()
     adapter = adapter_for(teacher)
     if strategy == "teacher" and getattr(adapter, "matches_hf", None) is not None:
-        return build_text_teacher(teacher, devices[0], x_example, out_dir, labels, preprocessing, model_name)
+        return build_text_teacher(teacher, devices[0], x_example, out_dir, labels, preprocessing, model_name, task)
+    if (task or {}).get("kind", "classification") != "classification":
+        raise CoFormerError(f"the {strategy} baseline answers classes; for an embedding bundle the teacher alone is "
+                            "built for language models: bench with --strategies coformer,uniform,student,"
+                            "student_matched")
     if adapter.name not in baseline_families(strategy):
         raise CoFormerError(f"the {strategy} baseline is built for {'/'.join(baseline_families(strategy))} "
                             f"teachers, not the {adapter.name!r} family; bench with --strategies "

@@ -33,7 +33,11 @@ def wrap_hf(hf: nn.Module, source: str = "", max_length: int = 128, tokenizer: O
     head = adapter.task_head(hf)
     fitted = head is not None
     if head is None:
-        head = nn.Linear(_hidden_size(hf), 2)  # resized to the data's labels by fit_head
+        # resized to the data's labels by fit_head; zeros until then, not a random draw, so the
+        # teacher's weights digest (the manifest's, the bench's cache key) is the same every load
+        head = nn.Linear(_hidden_size(hf), 2)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
     teacher = TextTeacher(hf.eval(), adapter.name, head, pool or adapter.default_pool(hf), fitted, source,
                           normalize=normalize)
     limit = _max_positions(hf)

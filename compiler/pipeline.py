@@ -169,6 +169,22 @@ def calibration_key(teacher: nn.Module, policy: Policy, data: Dataset, boost: Bo
 RESIDUAL_BY_DEFAULT = {"embedding": True, "classification": False}
 
 
+def calibration_record(boost: BoostConfig, aggregator_epochs: int, use_labels: bool) -> dict[str, Any]:
+    """The manifest's ``model.calibration_settings``: the settings a bundle was calibrated with (all but
+    the batch size, which is the compute's), so that what it is compared with is calibrated
+    alike (:func:`boost_from_record`)."""
+    out = {k: v for k, v in dataclasses.asdict(boost).items() if k != "batch_size"}
+    return {**out, "aggregator_epochs": int(aggregator_epochs), "use_labels": bool(use_labels)}
+
+
+def boost_from_record(record: dict[str, Any], batch_size: int) -> tuple[BoostConfig, int, bool]:
+    """``(boost, aggregator_epochs, use_labels)`` from a manifest's ``model.calibration_settings``;
+    keys this version does not know are left out (a newer compiler's)."""
+    known = {f.name for f in dataclasses.fields(BoostConfig)} - {"batch_size"}
+    boost = BoostConfig(batch_size=batch_size, **{k: v for k, v in record.items() if k in known})
+    return boost, int(record.get("aggregator_epochs", 60)), bool(record.get("use_labels", True))
+
+
 def compile_bundle(
     teacher: nn.Module,
     devices: Sequence[DeviceSpec],
@@ -376,7 +392,10 @@ def compile_bundle(
             shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
             public_mode(staging / preprocessing["tokenizer"])
         info = {"name": model_name, "family": shape.family, "flops": t_cost.flops, "params": t_cost.params,
-                "shape": shape.to_dict(), "weights_sha256": weights_digest(teacher), **dict(model_info or {})}
+                "shape": shape.to_dict(), "weights_sha256": weights_digest(teacher),
+                # how it was calibrated: a bench builds its students and baselines alike (same data, epochs)
+                "calibration_settings": calibration_record(boost, aggregator_epochs, use_labels),
+                **dict(model_info or {})}
         if text:
             info.setdefault("source", getattr(teacher, "source", ""))
         return dict(

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quickstart: also run on the first K devices alone (e.g. 1..3), "
                         "a CoFormer bundle searched for each count")
     p.add_argument("--samples", type=int, default=200, help="test samples per run (at most)")
-    p.add_argument("--epochs", type=int, default=5, help="calibration epochs of the uniform baseline's sub-models")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="calibration epochs of the students' and the uniform baseline's sub-models (default: the "
+                   "bundle's own, which its manifest records, else 5)")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a run after this long (after 10 samples)")
     p.add_argument("--prism-cr", default="4,16",
                    help="the compression rates the prism strategy is benched at, one row each (prism_cr4, ...)")

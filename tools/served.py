@@ -83,7 +83,11 @@ class Measurement:
         """The one summary shape: every caller reports from it.
 
         * ``indices``, ``predictions`` (and ``embeddings`` for an embedding bundle): per
-          request, sorted by sample index; ``accuracy`` against ``y[indices]`` when ``y`` is given;
+          request, sorted by sample index; ``accuracy`` against ``y[indices]`` when ``y`` is given
+          (class labels); for an embedding bundle ``y`` is the reference embeddings (the teacher's,
+          one row a sample), and ``mean_cosine``, ``min_cosine`` and ``nn_agreement``
+          (:func:`coformer.compiler.tasks.embedding_scores`; the nearest neighbours are
+          sought among the samples measured) take the place of accuracy;
         * ``latency_ms``: the round trips' statistics (:func:`coformer.runtime.timing.summarise`);
         * ``breakdown_ms``: the median round trip split along the critical path, the central
           node's clock: ``compute`` (its own compute plus, per round, the part that finished
@@ -137,7 +141,18 @@ class Measurement:
             out["throughput"] = {str(k): v for k, v in sorted(self.throughput.items())}
         if s[0].embedding is not None:
             out["embeddings"] = np.stack([r.embedding for r in s])
-        if y is not None:
+        if y is not None and "embeddings" in out:
+            import torch
+
+            from coformer.compiler.tasks import embedding_scores
+
+            ref = np.asarray(y, dtype=np.float32)
+            if ref.ndim != 2 or ref.shape[1] != out["embeddings"].shape[1]:
+                raise CoFormerError(f"{self.name}: an embedding bundle is scored against reference embeddings "
+                                    f"[samples, {out['embeddings'].shape[1]}], got an array of shape {list(ref.shape)}")
+            out.update(embedding_scores(torch.from_numpy(ref[out["indices"]]),
+                                        torch.from_numpy(out["embeddings"].astype(np.float32))))
+        elif y is not None:
             out["accuracy"] = float(np.mean(out["predictions"] == np.asarray(y)[out["indices"]]))
         return out
 

@@ -155,3 +155,34 @@ def test_a_classifier_bundle_is_not_an_embedding_one(compiled, tmp_path):
     assert done.returncode == 2 and "--task embedding" in done.stderr  # no head, no labels: nothing to classify
     with Client("tcp://127.0.0.1:1", timeout_s=0.1) as client, pytest.raises(CoFormerError, match="need the bundle"):
         client.embed(["a text"])
+
+
+def test_bench_scores_an_embedding_bundle_by_cosine_against_a_student_calibrated_alike(compiled):
+    """`coformer bench` on an embedding bundle (issue 37, item 3): every row is scored against the
+    teacher's embedding, and the student is distilled with the bundle's own settings."""
+    tmp, folder, report, _ = compiled
+    done = run("bench", tmp / "bundle", "--model", f"hf:{folder}", "--data", tmp / "sentences.txt", "--devices",
+               tmp / "devices.yaml", "--strategies", "coformer,student_matched,teacher", "--samples", 30,
+               "--passes", 1, "--throughput", "none", "--no-testbed", "--out", tmp / "bench",
+               "--report-json", tmp / "bench.json", "--no-progress", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp / "bench.json").read_text())
+    rows = {x["strategy"]: x for x in r["results"]}
+    assert r["task"] == "embedding" and r["accuracy_reference"] == "teacher embedding"
+    assert all(x["status"] == "ok" and x["samples"] == 30 and "accuracy" not in x for x in rows.values()), rows
+    # the teacher alone answers its own embedding; the bundle answers close to it, as the compile scored it
+    assert rows["teacher"]["mean_cosine"] > 0.9999 and rows["teacher"]["nn_agreement"] == 1.0
+    assert abs(rows["coformer"]["mean_cosine"] - report["mean_cosine"]) < 0.03
+    assert rows["coformer"]["collaboration"]["gain"] == pytest.approx(report["collaboration"]["gain"])
+    # the student was calibrated as the bundle was: the same epochs and learning rate, residual or not
+    student = load_manifest(tmp / "bench" / "bundles" / "student_matched")
+    ours = load_manifest(tmp / "bundle").model["calibration_settings"]
+    assert student.task_kind == "embedding" and ours["epochs"] == 10 and ours["lr"] == 1e-3
+    assert {k: student.model["calibration_settings"][k] for k in ("epochs", "lr", "distill")} == \
+        {k: ours[k] for k in ("epochs", "lr", "distill")}
+    (ratio,) = r["ratios"]
+    assert ratio["cosine_vs_student_matched"] == pytest.approx(
+        rows["coformer"]["mean_cosine"] - rows["student_matched"]["mean_cosine"])
+    assert "nn_agreement_vs_teacher_points" in ratio and "accuracy_vs_teacher_points" not in ratio
+    md = (tmp / "bench" / "bench.md").read_text()
+    assert "| mean cosine | NN agreement |" in md and "cosine over" in md  # the collaboration line, in cosine

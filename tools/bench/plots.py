@@ -60,15 +60,19 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     ax.legend(loc="upper center", bbox_to_anchor=(0.45, -0.22), ncol=4, fontsize=8, frameon=False)
     save(fig, "latency_breakdown.png")
 
+    from coformer.tools.bench.report import score
+
+    embedding = report.get("task") == "embedding"  # scored by mean cosine to the teacher's embedding
+    scale = 1.0 if embedding else 100.0
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        ax.scatter(r["latency_ms"]["median"], 100 * r["accuracy"], s=40)
-        ax.annotate(label(r), (r["latency_ms"]["median"], 100 * r["accuracy"]), fontsize=7,
+        ax.scatter(r["latency_ms"]["median"], scale * score(r), s=40)
+        ax.annotate(label(r), (r["latency_ms"]["median"], scale * score(r)), fontsize=7,
                     xytext=(4, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("median latency, ms (log)")
-    ax.set_ylabel("accuracy, %")
-    ax.set_title(f"Accuracy against latency at {first_bw}")
+    ax.set_ylabel("mean cosine to the teacher" if embedding else "accuracy, %")
+    ax.set_title(f"{'Mean cosine' if embedding else 'Accuracy'} against latency at {first_bw}")
     save(fig, "accuracy_vs_latency.png")
 
     counts = sorted({r["devices_count"] for r in res})

@@ -64,10 +64,24 @@ def ratios(results: Sequence[dict]) -> list[dict[str, Any]]:
                 row[f"fewer_bytes_vs_{o['strategy']}"] = o["bytes_per_inference"] / c["bytes_per_inference"]
         for name in ("teacher", "student", "student_matched"):
             other = next((o for o in results if same(o, c) and o["strategy"] == name), None)
-            if other is not None:
+            if other is None:
+                continue
+            if "mean_cosine" in c:  # an embedding bundle: cosine to the teacher's embedding
+                row[f"cosine_vs_{name}"] = c["mean_cosine"] - other["mean_cosine"]
+                row[f"nn_agreement_vs_{name}_points"] = 100 * (c["nn_agreement"] - other["nn_agreement"])
+            else:
                 row[f"accuracy_vs_{name}_points"] = 100 * (c["accuracy"] - other["accuracy"])
         out.append(row)
     return out
+
+
+def score(row: dict[str, Any]) -> float:
+    """A row's score: its accuracy, or an embedding bundle's mean cosine to the teacher."""
+    return row["mean_cosine"] if "mean_cosine" in row else row["accuracy"]
+
+
+def score_text(row: dict[str, Any]) -> str:
+    return f"{row['mean_cosine']:.4f}" if "mean_cosine" in row else f"{100 * row['accuracy']:.1f}%"
 
 
 def collaboration_line(row: dict[str, Any]) -> str:
@@ -83,7 +97,12 @@ def _mib(n: Optional[int]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["| strategy | devices | bandwidth | input from | accuracy | agrees with teacher | median ms | p90 ms | p99 ms "
+    """The rows, the ratios and the lines under them. An embedding bench's rows give the mean
+    cosine to the teacher's embedding for accuracy, and nearest-neighbour agreement (within the
+    samples served) for agreement with the teacher."""
+    embedding = report.get("task") == "embedding"
+    score_name, agree_name = ("mean cosine", "NN agreement") if embedding else ("accuracy", "agrees with teacher")
+    lines = [f"| strategy | devices | bandwidth | input from | {score_name} | {agree_name} | median ms | p90 ms | p99 ms "
              "| compute | transfer | aggregation | other | limit ms | x limit | answers/s (clients) | bytes/inference "
              "| peak MiB per device | samples |",
              "|" + "---|" * 19]
@@ -94,12 +113,12 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         b, lat = r["breakdown_ms"], r["latency_ms"]
         peak = " / ".join(_mib(v) for v in r["peak_memory_bytes"].values()) or "–"
-        agree = r.get("agreement_with_teacher")
+        agree = r.get("nn_agreement" if embedding else "agreement_with_teacher")
         limit = f"{r['limit_ms']:.2f}" if "limit_ms" in r else "–"
         over = f"{r['measured_over_limit']:.1f}x" if "limit_ms" in r else "–"
         load = " / ".join(f"{t['answers_per_s']:.0f} ({n})" for n, t in (r.get("throughput") or {}).items()) or "–"
         lines.append(
-            f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | {100 * r['accuracy']:.1f}% | "
+            f"| {r['strategy']} | {r['devices_count']} | {r['bandwidth']} | {r['input_source']} | {score_text(r)} | "
             f"{'–' if agree is None else f'{100 * agree:.1f}%'} | {lat['median']:.2f} | {lat['p90']:.2f} | "
             f"{lat['p99']:.2f} | {b['compute']:.2f} | {b['transfer']:.2f} | {b['aggregation']:.2f} | "
             f"{b['other']:.2f} | {limit} | {over} | {load} | {r['bytes_per_inference']:,} | {peak} | {r['samples']} |")

@@ -86,7 +86,9 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
 
     ``x`` is an array of model inputs, or raw texts (a language model's bundles: each text
     is tokenised by the client with the bundle's own tokenizer and sent with the request,
-    so ``sources`` must be ``["central"]``).
+    so ``sources`` must be ``["central"]``). ``y`` is the class labels, or for embedding
+    bundles the reference embeddings (the teacher's), which rows are scored against by mean
+    cosine and nearest-neighbour agreement in place of accuracy (``report["task"]``).
     """
     if passes < 1:
         raise CoFormerError(f"--passes {passes} must be >= 1")
@@ -145,6 +147,7 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                                                   if key not in ("indices", "predictions", "embeddings")},
                                "predictions": dict(zip(summary["indices"].tolist(), summary["predictions"].tolist()))}
                         manifest = load_manifest(m.bundle, verify=False)  # verified when it was served
+                        row["task"] = manifest.task_kind
                         row["devices_used"] = len(manifest.devices)  # devices_count is the setup's (a student: 1 of them)
                         if manifest.strategy == "prism":  # what the exchange should cost, beside what it did
                             plan = manifest.model["plan"]
@@ -181,10 +184,12 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     for r in results:
         ref = teacher_preds.get((r["bandwidth"], r["devices_count"]))
         both = sorted(set(ref or {}) & set(r["predictions"]))
-        if both and r["status"] == "ok":  # over the samples both ran
+        if both and r["status"] == "ok" and r.get("task") != "embedding":  # over the samples both ran
             r["agreement_with_teacher"] = float(np.mean([ref[i] == r["predictions"][i] for i in both]))
     largest = max(setups, key=lambda s: len(s[0]))[0]
-    report = {"results": [{k: v for k, v in r.items() if k != "predictions"} for r in results],
+    embedding = np.asarray(y).ndim == 2  # the teacher's embeddings, not labels
+    report = {"task": "embedding" if embedding else "classification",
+              "results": [{k: v for k, v in r.items() if k != "predictions"} for r in results],
               "ratios": ratios([r for r in results if r["status"] == "ok"]), "memory": memory,
               "devices": [{"name": d.name, "cpu_share": d.cpu_share, "memory_bytes": d.memory_bytes}
                           for d in largest],
@@ -272,7 +277,8 @@ def run_quickstart_bench(qs_dir: Path = Path("coformer-quickstart"), out_dir: Op
 def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path] = None,
                     strategies: Optional[Sequence[str]] = None, sources: Sequence[str] = INPUT_SOURCES,
                     bandwidths: str = DEFAULT_BANDWIDTHS, use_testbed: bool = True, samples: int = 200,
-                    max_seconds: float = 60.0, progress: bool = True, passes: int = 3, boost_epochs: int = 5,
+                    max_seconds: float = 60.0, progress: bool = True, passes: int = 3,
+                    boost_epochs: Optional[int] = None,
                     compute=None, throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
                     prism_crs: Sequence[int] = PRISM_CRS,
                     prism_finetune: int = PRISM_FINETUNE_EPOCHS) -> dict[str, Any]:
@@ -281,7 +287,14 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     teacher, on the first ``samples`` of the data's test split.
 
     Without labels (a flat image folder) accuracy is agreement with the teacher's own
-    decisions in PyTorch (``reference: teacher`` in the report).
+    decisions in PyTorch (``reference: teacher`` in the report). An embedding bundle's rows
+    are scored against the teacher's embeddings instead (mean cosine, nearest-neighbour
+    agreement; ``reference: teacher embedding``), its students distilled to them.
+
+    The other strategies' sub-models are calibrated with the bundle's own settings (its
+    manifest's ``model.calibration_settings``: epochs, learning rate, residual; ``boost_epochs``
+    overrides the epochs), so the comparison is at the same data and epochs; a bundle from
+    before those were recorded gets ``boost_epochs`` (default 5) and the defaults.
     """
     import torch
 
@@ -289,9 +302,7 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
 
     progress = Progress.of(progress) or False  # one clock for the whole bench
     manifest = load_manifest(bundle)
-    if manifest.task_kind == "embedding":
-        raise CoFormerError("coformer bench does not take embedding bundles yet (it scores classes); measure this "
-                            "bundle with coformer compile --measure")
+    embedding = manifest.task_kind == "embedding"
     text = manifest.input.is_text
     if text:
         # Choice written down: a text reaches the system at one place, with the request; its
@@ -303,22 +314,31 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
         sources = ["central"]
     devices = bundle_devices(manifest, devices)
     check_bundle_matches(manifest, teacher, data)
-    available = strategies_for(teacher)
+    available = strategies_for(teacher, manifest.task_kind)
     strategies = list(strategies or available)
     refused = [s for s in strategies if s not in available]
     if refused:
-        raise CoFormerError(f"--strategies {refused} cannot be built for this teacher; it has {list(available)}")
+        what = "an embedding bundle of this teacher" if embedding else "this teacher"
+        raise CoFormerError(f"--strategies {refused} cannot be built for {what}; it has {list(available)}")
     out = Path(out_dir or Path(bundle).resolve().parent / "bench")
     predictors = None  # the students are searched over the central device's predictor, where it has a profile
     if set(STUDENTS) & set(strategies) and devices[0].profile:
         from coformer.compiler.predictor import predictor_for
 
         predictors = [predictor_for(Path(devices[0].profile))[0]]
+    # the others are calibrated as the bundle was (its manifest says how) and answer what it answers
     bundles = prepare_bundles(strategies, bundle, teacher, devices, data, out / "bundles", boost_epochs=boost_epochs,
                               progress=progress, compute=compute, predictors=predictors, prism_crs=prism_crs,
-                              prism_finetune=prism_finetune)
+                              prism_finetune=prism_finetune, calibration=manifest.model.get("calibration_settings"),
+                              task=dict(manifest.task))
     x = data.test.head(samples)
-    if data.test.y is not None:
+    if embedding:  # the teacher's embedding in float32 on the CPU, as the compile scored it
+        from coformer.compiler.families import adapter_for
+        from coformer.compiler.tasks import TeacherEmbedding
+
+        target = TeacherEmbedding(adapter_for(teacher), teacher.eval(), bool(manifest.task.get("normalize")))
+        y, reference = run_batched(target, x).numpy(), "teacher embedding"
+    elif data.test.y is not None:
         y, reference = data.test.y[: len(x)].numpy(), "labels"
     else:
         # the reference in float32 on the CPU, as the served teacher's ONNX computes it

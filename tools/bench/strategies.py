@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -19,10 +20,11 @@ BUNDLES_VERSION = 2  # bump when the baselines are built differently: cached one
 
 
 def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, seed: int, data=None,
-                   batch_size: int = 64) -> str:
+                   batch_size: int = 64, settings: Optional[dict[str, Any]] = None) -> str:
     """What the built bundles depend on: every byte of the teacher's weights (not a prefix
     of each tensor: a fine-tuned head or a retrained last row differs late), the devices,
-    the calibration settings and the data they were calibrated on."""
+    the calibration settings (``settings``: the CoFormer bundle's own, where they are taken
+    from it) and the data they were calibrated on."""
     import hashlib
 
     from coformer.compiler.pipeline import hash_data, hash_weights
@@ -31,22 +33,28 @@ def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, 
     hash_weights(key, teacher)
     key.update(json.dumps([d.to_dict() for d in devices], sort_keys=True, default=str).encode())
     key.update(json.dumps([boost_epochs, aggregator_epochs, seed, batch_size]).encode())
+    if settings is not None:
+        key.update(json.dumps(settings, sort_keys=True, default=str).encode())
     if data is not None:
         hash_data(key, data)
     return key.hexdigest()[:16]
 
 
-def strategies_for(teacher) -> tuple[str, ...]:
+def strategies_for(teacher, task: str = "classification") -> tuple[str, ...]:
     """The strategies the bench can build for ``teacher``'s family: pipeline and tensor
     parallelism slice ViT/DeiT blocks and tokens, so a Swin teacher gets the others; the
     teacher alone is built for image families; PRISM for the families it serves
-    (:func:`prism_serves`)."""
+    (:func:`prism_serves`). An embedding bundle (``task``) is benched against what answers
+    embeddings: CoFormer's own kinds, the students, and a language teacher alone."""
     from coformer.compiler.baselines import BASELINES, baseline_families
     from coformer.compiler.families import adapter_for
 
-    family = adapter_for(teacher).name
-    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS)
-                 or (s == "prism" and prism_serves(teacher)) or (s in BASELINES and family in baseline_families(s)))
+    adapter = adapter_for(teacher)
+    if task == "embedding":
+        hf = getattr(adapter, "matches_hf", None) is not None
+        return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS) or (s == "teacher" and hf))
+    return tuple(s for s in STRATEGIES if s in ("coformer", "uniform", *STUDENTS) or
+                 (s == "prism" and prism_serves(teacher)) or (s in BASELINES and adapter.name in baseline_families(s)))
 
 
 def expand_prism(strategies: Sequence[str], crs: Sequence[int]) -> list[str]:
@@ -66,10 +74,11 @@ def prism_serves(teacher) -> bool:
 
 
 def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], teacher, devices, data, out_dir: Path,
-                    boost_epochs: int = 5, aggregator_epochs: int = 60, seed: int = 0,
+                    boost_epochs: Optional[int] = 5, aggregator_epochs: int = 60, seed: int = 0,
                     progress: Union[bool, Progress] = True, predictors: Optional[Sequence[Any]] = None,
                     compute=None, prism_crs: Sequence[int] = PRISM_CRS,
-                    prism_finetune: int = 0) -> dict[str, Path]:
+                    prism_finetune: int = 0, calibration: Optional[dict[str, Any]] = None,
+                    task: Optional[dict[str, Any]] = None) -> dict[str, Path]:
     """The bundle of every strategy: CoFormer's as given, the others built in ``out_dir``
     (reused while the teacher, devices and settings they were built from are unchanged).
 
@@ -93,6 +102,13 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     teacher's own weights, or at CR > 1 with ``prism_finetune`` epochs, those weights
     fine-tuned under PRISM where that raises the validation accuracy
     (:mod:`coformer.compiler.prism_finetune`).
+
+    ``calibration`` (the CoFormer bundle's ``model.calibration_settings``) calibrates the students and
+    ``uniform`` with the very settings CoFormer's sub-models had (epochs, learning rate,
+    distillation, residual), ``boost_epochs`` overriding its epochs where given; without it,
+    ``boost_epochs`` (default 5) and the defaults. ``task`` (the bundle's manifest ``task``)
+    makes them answer what CoFormer's bundle answers: an embedding bundle's are distilled to
+    the teacher's embedding, and its teacher alone answers that embedding.
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
@@ -101,9 +117,24 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     from coformer.compiler.sources import source_of
     from coformer.runtime.manifest import load_manifest
 
+    from coformer.compiler.pipeline import boost_from_record
+
     compute = compute or CPU
     say = Progress.of(progress)
-    digest = bundles_digest(teacher, devices, boost_epochs, aggregator_epochs, seed, data, compute.batch_size)
+    use_labels = True
+    if calibration is not None:
+        boost, aggregator_epochs, use_labels = boost_from_record(calibration, compute.batch_size)
+        boost = boost if boost_epochs is None else replace(boost, epochs=boost_epochs)
+        seed = boost.seed
+    else:
+        boost = BoostConfig(epochs=5 if boost_epochs is None else boost_epochs, batch_size=compute.batch_size,
+                            seed=seed)
+    kind = (task or {}).get("kind", "classification")
+    normalize = (task or {}).get("normalize") if kind == "embedding" else None
+    settings = None if calibration is None and task is None else {"boost": asdict(boost), "task": task,
+                                                                  "use_labels": use_labels}
+    digest = bundles_digest(teacher, devices, boost.epochs, aggregator_epochs, seed, data, compute.batch_size,
+                            settings)
     out: dict[str, Path] = {}
     if "student_matched" in strategies and "coformer" not in strategies:
         raise CoFormerError("student_matched is matched to the coformer bundle: bench the coformer strategy too")
@@ -149,17 +180,17 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
                         model_name=s, tuned=tuned, finetune=finetune)
         elif s in BASELINES:
             build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
-                           model_name=f"{s}")
+                           model_name=f"{s}", task=task)
         elif s in STUDENTS:
             import torch
 
             central = devices[0]
             budget = central.flops_budget if s == "student" else matched_student_flops(load_manifest(out["coformer"]))
             torch.manual_seed(seed)
-            base = CompileJob(teacher, devices, data, path, predictors=predictors, seed=seed,
-                              boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
-                              aggregator_epochs=aggregator_epochs, compute=compute, model_info=source_of(teacher),
-                              progress=bool(progress))
+            base = CompileJob(teacher, devices, data, path, predictors=predictors, seed=seed, boost=boost,
+                              aggregator_epochs=aggregator_epochs, use_labels=use_labels, compute=compute,
+                              model_info=source_of(teacher), progress=bool(progress), task=kind,
+                              normalize=normalize)
             sj = student_job(base, budget, path, s)  # capped at the device's own budget
             run_job(sj)
             atomic_write_json(path / STUDENT_FILE, {"device": central.name, "flops_budget": sj.devices[0].flops_budget})
@@ -170,10 +201,10 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
 
             torch.manual_seed(seed)
             run_job(CompileJob(teacher, devices, data, path, search="bo" if s == "coformer" else "uniform",
-                               predictors=predictors if s == "coformer" else None, seed=seed,
-                               boost=BoostConfig(epochs=boost_epochs, batch_size=compute.batch_size, seed=seed),
-                               aggregator_epochs=aggregator_epochs, compute=compute, model_name=s,
-                               model_info=source_of(teacher), progress=bool(progress)))
+                               predictors=predictors if s == "coformer" else None, seed=seed, boost=boost,
+                               aggregator_epochs=aggregator_epochs, use_labels=use_labels, compute=compute,
+                               model_name=s, model_info=source_of(teacher), progress=bool(progress), task=kind,
+                               normalize=normalize))
         atomic_write_bytes(stamp, (built_from + "\n").encode())
         out[s] = path
     return {s: out[s] for s in expand_prism(strategies, prism_crs)}
