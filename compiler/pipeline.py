@@ -342,6 +342,9 @@ def compile_bundle(
         acc["ridge_probe"], acc["calibration"] = baseline.scores, kept
     else:
         acc = evaluate(teacher, subs, heads, agg, data, compute, progress, fallbacks, feature_dtype, singles)
+    # the largest feature each device sent on the calibration data: the central node leaves out a
+    # worker whose answer is far beyond it (coformer.runtime.central, FEATURE_MARGIN)
+    acc["feature_abs_max"] = {n: float(f.abs().max()) if f.numel() else 0.0 for n, f in zip(policy.devices, feats_train)}
     acc["decomposition"], acc["residual"] = policy.decomposition, bool(boost.residual)
     acc["distill"] = boost.distill
     costs = [submodel_cost(s, shape) for s in specs]

@@ -68,7 +68,8 @@ class CentralNode:
         insecure: serve plain TCP on a non-loopback endpoint (refused otherwise).
         batch_requests: at most this many queued requests are served in one round, their
             inputs stacked on the batch axis (1: one request at a time).
-        queue_limit: requests waiting beyond this are answered ``busy``.
+        queue_limit: requests waiting beyond this are answered ``busy``; so are one client's
+            (one connection's) beyond half of it, so that a flood leaves the others room.
         backend: overrides the bundle's engine backend for the central node's own models
             (the aggregators stay on ONNX Runtime's CPU: they are one small layer).
         precision: on ``tensorrt``, the precision its engines are built at on first start.
@@ -111,8 +112,12 @@ class CentralNode:
             raise CoFormerError(f"batch_requests {batch_requests} and queue_limit {queue_limit} must be >= 1")
         self.batch_requests, self.queue_limit = batch_requests, queue_limit
         self._queue: deque = deque()  # (reply envelope, admitted infer message, deadline)
+        self._waiting: dict[bytes, int] = {}  # client connection -> its requests in the queue
+        # what one client may have waiting: half the queue, so another always finds room
+        self.client_limit = max(1, queue_limit // 2)
         self._late_since: dict[str, float] = {}  # worker -> when it last missed a request's deadline
-        self.workers: dict[str, bytes] = {}
+        self.workers: dict[str, bytes] = {}  # device -> the connection it registered from
+        self._names: dict[bytes, str] = {}  # connection -> device
         self.last_seen: dict[str, float] = {}
         self._next_id = 1
         self.ctx = zmq.Context()
@@ -121,11 +126,12 @@ class CentralNode:
         for s in (self.front, self.back):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.in_limits))
-        # A worker restarted (or replacing a hung one) connects under the same identity: without
-        # handover ROUTER silently drops the new connection while the old one lives, and the
-        # replacement is locked out for as long as its predecessor hangs.
         self.front.setsockopt(zmq.RCVHWM, queue_limit)
-        self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Workers connect without an identity of their own: the ROUTER gives each connection a
+        # fresh one, and a worker is whichever connection registered under its name with that
+        # device's key (_register). A name is never a connection's identity, so a peer cannot take
+        # over another device's connection (ROUTER handover handed it clients' inputs), and a
+        # restarted worker is a new connection that registers again.
         # A request to a worker whose connection is gone fails at once (EHOSTUNREACH) instead of
         # vanishing, and the worker leaves the ready set; sends never block on a full queue.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -141,7 +147,8 @@ class CentralNode:
                 log.warning("central: no key in %s for workers %s: they cannot join", keys.devices_dir, missing)
             if unknown:
                 log.info("central: keys for %s in %s are not workers of this bundle", unknown, keys.devices_dir)
-        self._refused: dict[bytes, float] = {}  # peer identity -> when a refusal was last logged
+        self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
+        self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
         self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:
@@ -185,11 +192,11 @@ class CentralNode:
                 throttle.waiting()
                 events = dict(poller.poll(POLL_MS))
                 if self.back in events:
-                    frames = self._recv_back()
+                    received = self._recv_back()
                     try:
-                        self._on_back(frames, pending=None)
+                        self._on_back(received, pending=None)
                     except Exception:  # nothing a peer sends may end the service
-                        log.exception("message from worker socket peer %r not handled", frames[0][:64])
+                        log.exception("message from worker socket peer %r not handled", received[0][0][:64])
                 if self.front in events:
                     self._drain_front()
                 if self._queue:
@@ -226,7 +233,12 @@ class CentralNode:
                     self._admit(msg)
                     if len(self._queue) >= self.queue_limit:
                         raise protocol.ProtocolError("busy", f"{len(self._queue)} requests are waiting; try again")
+                    if self._waiting.get(client, 0) >= self.client_limit:
+                        # one client's flood leaves room for the others: it is answered busy, not them
+                        raise protocol.ProtocolError("busy", f"this client has {self._waiting[client]} requests "
+                                                             f"waiting, its most ({self.client_limit}); try again")
                     self._queue.append((envelope, msg, deadline))
+                    self._waiting[client] = self._waiting.get(client, 0) + 1
                     continue
                 else:
                     raise protocol.ProtocolError("bad_op", f"the central node does not serve op {msg.op!r}")
@@ -236,6 +248,17 @@ class CentralNode:
                 log.exception("request not served")
                 reply = protocol.error_frames(id_of(rest) if rest else 0, "internal", f"{type(e).__name__}: {e}")
             self._reply(envelope, reply)
+
+    def _pop(self) -> tuple:
+        """The oldest queued request, no longer counted against its client."""
+        item = self._queue.popleft()
+        client = item[0][0]
+        left = self._waiting.get(client, 1) - 1
+        if left > 0:
+            self._waiting[client] = left
+        else:
+            self._waiting.pop(client, None)
+        return item
 
     def _reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
         try:
@@ -249,24 +272,32 @@ class CentralNode:
         samples, since every model takes a batch axis), and answer each with its rows."""
         now = time.monotonic()
         while self._queue and self._queue[0][2] <= now:  # waited in the queue past its deadline
-            envelope, msg, _ = self._queue.popleft()
+            envelope, msg, _ = self._pop()
             self._reply(envelope, protocol.error_frames(msg.id, "timeout", "the request's deadline passed while "
                                                                             "it waited in the queue"))
         if not self._queue:
             return
-        head = self._queue.popleft()
+        head = self._pop()
         group = [head]
         t = head[1].tensor
         rows = t.shape[0]
         indexed = head[1].header.get("input_index") is not None
+        index_bytes = _index_bytes(head[1].header["input_index"]) if indexed else 0
         while (self._queue and len(group) < self.batch_requests and self.manifest.strategy in ("coformer", "prism")):
             nxt = self._queue[0][1]
             nt = nxt.tensor
+            more = _index_bytes(nxt.header["input_index"]) if indexed and "input_index" in nxt.header else 0
             if (nt.dtype != t.dtype or nt.shape[1:] != t.shape[1:] or rows + nt.shape[0] > self.in_limits.max_batch
-                    or (nxt.header.get("input_index") is not None) != indexed):
+                    or (nxt.header.get("input_index") is not None) != indexed
+                    # the joined index must fit one header the workers accept (it never waits 10 s for a refusal)
+                    or index_bytes + more > MAX_INDEX_BYTES
+                    # a batch waits for its earliest deadline: one client's short deadline must not cut
+                    # another's wait (a request joins only a batch whose deadline is about its own)
+                    or not _deadlines_close(head[2], self._queue[0][2], now)):
                 break
-            group.append(self._queue.popleft())
+            group.append(self._pop())
             rows += nt.shape[0]
+            index_bytes += more
         try:
             if len(group) == 1:
                 x, index = t, head[1].header.get("input_index")
@@ -301,6 +332,7 @@ class CentralNode:
                       and self.last_seen.get(n, 0.0) > self._late_since.get(n, float("-inf")))
 
     def status(self) -> dict:
+        now = time.monotonic()
         expected = [w.device for w in self.manifest.workers]
         alive = self._alive()
         missing = [d for d in expected if d not in alive]
@@ -311,6 +343,8 @@ class CentralNode:
             "central": self.manifest.central.device,
             "workers": alive,
             "missing": missing,
+            # workers whose answers were left out in the last minute (NaN features, a wrong shape, an error)
+            "faults": {n: why for n, (when, why) in sorted(self._faults.items()) if now - when <= 60.0},
             "model": self.manifest.model.get("name"),
         }
 
@@ -343,8 +377,14 @@ class CentralNode:
             raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer and PRISM bundles, this "
                                                        f"one is {self.manifest.strategy!r}")
         if index is not None and (not isinstance(index, list) or len(index) != msg.tensor.shape[0]):
-            raise protocol.ProtocolError("bad_index", f"input_index {index!r} must list one row per sample of the "
-                                                      f"batch of {msg.tensor.shape[0]}")
+            raise protocol.ProtocolError("bad_index", f"input_index {str(index)[:80]} must list one row per sample "
+                                                      f"of the batch of {msg.tensor.shape[0]}")
+        if index is not None and _index_bytes(index) > MAX_INDEX_BYTES:  # it must fit the workers' header
+            raise protocol.ProtocolError("bad_index", f"input_index takes {_index_bytes(index)} bytes as JSON; "
+                                                      f"at most {MAX_INDEX_BYTES} are forwarded to the workers")
+        if msg.tensor.dtype.kind == "f" and not np.isfinite(msg.tensor).all():
+            raise protocol.ProtocolError("bad_payload", f"the input holds {int((~np.isfinite(msg.tensor)).sum())} "
+                                                        "NaN or infinite values")
         if self.manifest.input.is_text:
             check_tokens(msg.tensor, self.manifest.input.preprocessing)
 
@@ -514,7 +554,7 @@ class CentralNode:
             acct.bytes_to += sum(len(f) for f in frames)
             ident = self.workers.get(name)
             if ident is None or not self._send_back(ident, frames):
-                self.workers.pop(name, None)
+                self._names.pop(self.workers.pop(name, b""), None)
                 if partial:
                     continue
                 raise protocol.ProtocolError("not_ready", f"worker {name}'s connection is gone; waiting for it to "
@@ -561,13 +601,13 @@ class CentralNode:
     # -- workers ---------------------------------------------------------
     def _gather(self, rid: int, expected: dict, deadline: Optional[float] = None, partial: bool = False) -> dict:
         pending = {"id": rid, "expected": expected, "features": {}, "compute_ms": {}, "service_ms": {},
-                   "queued_ms": {}, "arrival": {}, "wire_bytes": 0, "error": None}
+                   "queued_ms": {}, "arrival": {}, "wire_bytes": 0, "failed": {}}
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
         # A worker that misses a round it had a fair chance at is not waited for again until it is
         # heard from; a round that starts with its deadline nearly spent (it waited in the queue)
         # says nothing about the workers.
         fair = deadline - time.monotonic() >= LATE_AFTER_S
-        while len(pending["features"]) < len(expected) and pending["error"] is None:
+        while len(pending["features"]) + len(pending["failed"]) < len(expected):
             left_ms = int((deadline - time.monotonic()) * 1e3)
             events = dict(self._poller.poll(left_ms)) if left_ms > 0 else {}
             if self.front in events:  # requests arriving meanwhile are queued now: their deadlines run from here
@@ -584,70 +624,85 @@ class CentralNode:
                 raise protocol.ProtocolError("timeout", f"workers {late} did not answer within the deadline "
                                                         f"({self.timeout_s:g} s at most)")
             self._on_back(self._recv_back(), pending)
-        if pending["error"] is not None:
-            # a fault in the client's request (a bad input_index) keeps its code; anything else is the worker's
-            code = pending.get("code") if pending.get("code") in _CLIENT_FAULTS else "worker_error"
-            raise protocol.ProtocolError(code, pending["error"])
+        failed = pending["failed"]
+        if failed:
+            # A fault in the client's request (a bad input_index) keeps its code when every worker
+            # asked says so: one worker's say-so (a forged error) does not make it the client's.
+            codes = {code for code, _ in failed.values()}
+            if len(failed) == len(expected) and len(codes) == 1 and next(iter(codes)) in _CLIENT_FAULTS:
+                raise protocol.ProtocolError(next(iter(codes)), "; ".join(m for _, m in failed.values()))
+            if not partial:  # a baseline's or PRISM's round needs every worker
+                raise protocol.ProtocolError("worker_error", "; ".join(m for _, m in failed.values()))
+            # a misbehaving worker is left out of this answer like a dead one (the caller flags it degraded)
         return pending
 
-    def _recv_back(self) -> list[bytes]:
-        """One message from the worker socket, or ``[]`` for one dropped unread: under CURVE, a
-        peer whose key was not issued for the device its identity names (ZAP's User-Id is the
-        z85 key), so one device's key cannot speak for another."""
-        if not self.secure:
-            return self.back.recv_multipart()
-        parts = self.back.recv_multipart(copy=False)
-        ident = parts[0].bytes
-        user = parts[-1].get("User-Id") if len(parts) > 1 else None
-        expected = self.keys.devices.get(ident.decode(errors="replace"))
-        if expected is None or user is None or user.encode() != expected:
-            now = time.monotonic()
-            if now - self._refused.get(ident, -60.0) >= 60.0:  # at most once a minute per peer
-                self._refused[ident] = now
-                if len(self._refused) > 1024:
-                    self._refused.clear()
-                log.warning("worker socket: dropped a message under identity %r from key %s, not that "
-                            "device's key", ident[:64], user)
-            return []
-        return [p.bytes for p in parts]
+    def _fail(self, pending: dict, name: str, code: str, message: str) -> None:
+        """Worker ``name``'s part of this round failed (its error, or an answer that cannot be
+        used): it is not waited for, and is remembered in the status's ``faults``."""
+        pending["failed"][name] = (code, f"worker {name}: {message}"[:500])
+        self._faults[name] = (time.monotonic(), f"{code}: {message}"[:300])
+        log.warning("worker %s left out of request %d: %s: %s", name, pending["id"], code, message[:200])
 
-    def _on_back(self, frames: list[bytes], pending: Optional[dict]) -> None:
+    def _recv_back(self) -> tuple[list[bytes], Optional[str]]:
+        """One message from the worker socket, and under CURVE the z85 public key its connection
+        was authenticated with (ZAP's User-Id; None on plain TCP)."""
+        if not self.secure:
+            return self.back.recv_multipart(), None
+        parts = self.back.recv_multipart(copy=False)
+        user = parts[-1].get("User-Id") if len(parts) > 1 else None
+        return [p.bytes for p in parts], user
+
+    def _on_back(self, received: tuple[list[bytes], Optional[str]], pending: Optional[dict]) -> None:
+        frames, user = received
         if not frames:
             return
         ident, rest = frames[0], frames[1:]
-        name = ident.decode(errors="replace")
-        if self.workers.get(name) == ident:
+        name = self._names.get(ident, "")  # the device this connection registered as
+        if name:
             self.last_seen[name] = time.monotonic()
         try:
             msg = protocol.decode(rest)
         except protocol.ProtocolError as e:
-            log.warning("bad message from worker %s: %s", name, e)
+            log.warning("bad message from worker %s: %s", name, e)  # its answer may still come
             return
         if msg.op == "hello":
-            self._register(ident, msg)
+            self._register(ident, msg, user)
             return
-        if self.workers.get(name) != ident:
+        if not name:
             self._send_back(ident, protocol.error_frames(msg.id, "unknown_worker", "send hello first"))
             return
-        if pending is None or msg.id != pending["id"]:
+        if pending is None:
             return  # a late answer to a request that already timed out
-        if msg.op == "error":
-            pending["error"] = f"worker {name}: {msg.header.get('message')}"
-            pending["code"] = msg.header.get("code")
-            return
         want = pending["expected"].get(name)
-        if want is None:
-            return  # not asked in this round
+        waiting = want is not None and name not in pending["features"] and name not in pending["failed"]
+        if msg.op == "error" and msg.id == 0 and waiting:
+            # a worker that could not read a request's header cannot name it: it is this round's
+            # (the only request it has been sent), and it ends this worker's part of the wait
+            self._fail(pending, name, str(msg.header.get("code")), str(msg.header.get("message")))
+            return
+        if msg.id != pending["id"] or not waiting:
+            return  # a late answer to a request that already timed out, or one not asked for
+        if msg.op == "error":
+            self._fail(pending, name, str(msg.header.get("code")), str(msg.header.get("message")))
+            return
         t = msg.tensor
         dtype = self.wire_dtype
         if msg.op != "features" or t is None or t.dtype != dtype or t.shape != tuple(want):
             got = None if t is None else (str(t.dtype), list(t.shape))
-            pending["error"] = f"worker {name} sent {msg.op} {got}, expected {dtype} {list(want)}"
+            self._fail(pending, name, "bad_answer", f"sent {msg.op} {got}, expected {dtype} {list(want)}")
             return
         try:
             timings = {k: protocol.number(msg.header, k) for k in ("compute_ms", "service_ms", "queued_ms")}
         except protocol.ProtocolError as e:
-            pending["error"] = f"worker {name}: {e}"
+            self._fail(pending, name, "bad_answer", str(e))
+            return
+        bogus = [k for k, v in timings.items() if not 0.0 <= v <= MAX_REPORTED_MS]
+        if bogus:  # echoed into clients' timings: a peer's number is checked like its tensor
+            self._fail(pending, name, "bad_answer", f"{bogus[0]} {timings[bogus[0]]!r} is not in 0..{MAX_REPORTED_MS:g}")
+            return
+        bad = self._implausible(name, t)
+        if bad:  # NaN, inf or 1e30 features would make the answer garbage, unflagged
+            self._fail(pending, name, "bad_features", bad)
             return
         pending["features"][name] = t if t.dtype == np.float32 else t.astype(np.float32)  # the aggregator's input
         pending["arrival"][name] = time.perf_counter()
@@ -655,19 +710,55 @@ class CentralNode:
             pending[k][name] = v
         pending["wire_bytes"] += msg.wire_bytes
 
-    def _register(self, ident: bytes, msg: protocol.Message) -> None:
-        name = str(msg.header.get("device", ""))
+    def _implausible(self, name: str, t: np.ndarray) -> Optional[str]:
+        """Why worker ``name``'s features cannot be used (None: they can): a value that is not
+        finite, or one far beyond any the compile saw that device send (``FEATURE_MARGIN`` times
+        its largest on the calibration data, the manifest's ``expected.feature_abs_max``; a
+        bundle from before that was recorded is held to ``FEATURE_ABS_LIMIT``)."""
+        if not np.isfinite(t).all():
+            return f"features hold {int((~np.isfinite(t)).sum())} NaN or infinite values"
+        seen = (self.manifest.expected.get("feature_abs_max") or {}).get(name)
+        limit = FEATURE_MARGIN * float(seen) if seen else FEATURE_ABS_LIMIT
+        biggest = float(np.abs(t).max()) if t.size else 0.0
+        if biggest > limit:
+            return f"a feature of {biggest:.3g} is beyond the {limit:.3g} this device's features stay within"
+        return None
+
+    def _register(self, ident: bytes, msg: protocol.Message, user: Optional[str]) -> None:
+        """A ``hello``: connection ``ident`` becomes worker ``device``, if it is one of the bundle's,
+        serves this bundle, and (under CURVE) authenticated with that device's own key ``user``,
+        so that one device's key can only ever be that device. A device registered again from
+        another connection (a restarted worker) is that connection from now on."""
+        name = str(msg.header.get("device", ""))[:64]
         worker_names = [w.device for w in self.manifest.workers]
-        if name not in worker_names or ident != name.encode():
+        if name not in worker_names:
             reply = protocol.error_frames(0, "bad_hello", f"device {name!r} is not a worker of this bundle ({worker_names})")
+        elif self.secure and (user is None or self.keys.devices.get(name) != user.encode()):
+            self._refuse(ident, name, user)
+            reply = protocol.error_frames(0, "bad_hello", f"this connection's key is not device {name!r}'s")
         elif msg.header.get("digest") != self.digest:
             reply = protocol.error_frames(0, "bad_hello", f"worker {name!r} serves a different bundle (manifest digest differs)")
         else:
+            other = self._names.get(ident)
+            if other is not None and other != name:  # (plain TCP) this connection was another device
+                self.workers.pop(other, None)
+            old = self.workers.get(name)
+            if old is not None and old != ident:  # a restarted worker: its old connection is not it
+                self._names.pop(old, None)
             self.workers[name] = ident
+            self._names[ident] = name
             self.last_seen[name] = time.monotonic()
             reply = protocol.encode("welcome", 0)
             log.debug("worker %s registered", name)
         self._send_back(ident, reply)
+
+    def _refuse(self, ident: bytes, name: str, user: Optional[str]) -> None:
+        now = time.monotonic()
+        if now - self._refused.get(ident, -60.0) >= 60.0:  # logged at most once a minute per connection
+            self._refused[ident] = now
+            if len(self._refused) > 1024:
+                self._refused.clear()
+            log.warning("worker socket: a connection with key %s said it is %r, whose key it is not", user, name)
 
     def _send_back(self, ident: bytes, frames: list[bytes]) -> bool:
         """Send to a worker socket peer; False when its connection is gone or its queue is full."""
@@ -681,6 +772,30 @@ class CentralNode:
 
 
 _CLIENT_FAULTS = ("bad_index", "no_local_inputs")
+# What a request's input_index may take as JSON, and a batch's joined index: the rest of the
+# workers' header (op, id, model, session) fits in what protocol.MAX_HEADER_BYTES leaves.
+MAX_INDEX_BYTES = protocol.MAX_HEADER_BYTES - 512
+# Requests are batched only with deadlines within this fraction of the head's time left, or within
+# DEADLINE_SLACK_S of it: the batch is then served to a deadline each of its requests nearly had.
+DEADLINE_RATIO = 0.8
+DEADLINE_SLACK_S = 0.002
+
+
+def _index_bytes(index) -> int:
+    return len(json.dumps(index, separators=(",", ":")))
+
+
+def _deadlines_close(head: float, other: float, now: float) -> bool:
+    """Whether a request with deadline ``other`` may be served in a batch that waits until
+    ``head``'s (both ``time.monotonic()``): a batch ends at its earliest deadline, so a request
+    whose own is much later would be cut short (degraded) by another client's short one."""
+    a, b = head - now, other - now
+    return abs(a - b) <= DEADLINE_SLACK_S or min(a, b) >= DEADLINE_RATIO * max(a, b)
+MAX_REPORTED_MS = 3.6e6  # a worker's compute, service or queueing time beyond an hour is not a measurement
+# Features are checked against what the compile saw each device send (expected.feature_abs_max):
+# a margin for inputs unlike the calibration data, far below what turns an answer into garbage.
+FEATURE_MARGIN = 100.0
+FEATURE_ABS_LIMIT = 1e4  # a bundle that records no feature range (compiled before it was recorded)
 LATE_AFTER_S = 0.05  # a worker silent this long past dispatch, at a request's deadline, counts as late
 # The end of a request's wait for workers comes this much before its reply deadline (see _deadline_s).
 REPLY_RESERVE_FRACTION = 0.1

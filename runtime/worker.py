@@ -172,7 +172,8 @@ def run_worker(
     try:
         engines = open_device_engines(bundle_dir, device, art.model_files(), backend or art.backend,
                                       threads or art.threads, precision)
-        sock.setsockopt(zmq.IDENTITY, device.encode())
+        # no identity of its own: the central node knows this connection by its registration,
+        # checked against this device's key (a name anyone could claim would be a handle to take over)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))
         heartbeats(sock)

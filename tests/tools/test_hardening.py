@@ -106,7 +106,8 @@ class FakeWorker(threading.Thread):
     """A peer holding a real worker's identity (it registers with the bundle's digest) that
     computes the device's true features with onnxruntime, but sends garbage around them: late
     ids, undecodable frames, wrong types. Every ``poison_every``-th request it answers with a
-    non-numeric ``compute_ms`` instead (the fourth crasher): that request must fail cleanly."""
+    non-numeric ``compute_ms`` instead (the fourth crasher): that answer is left out, and the
+    request answered without it, flagged degraded."""
 
     def __init__(self, bundle, device: str, back: str, seed: int, garbage_per_request: int, poison_every: int):
         super().__init__(daemon=True)
@@ -191,13 +192,13 @@ def test_fuzz_20000_malformed_messages_at_both_sockets_of_a_live_cluster(compile
                         rng.choice(strangers).send_multipart(next(bad))
                         sent_back += 1
                     k = i % len(xs)
-                    try:
-                        r = client.infer(xs[k: k + 1])
+                    r = client.infer(xs[k: k + 1])
+                    if r.degraded:  # only a poisoned answer is left out, as a dead worker's (issue 39)
+                        assert r.degraded == ("edge-c",)
+                        poisoned += 1
+                    else:
                         np.testing.assert_allclose(r.logits[0], expected[k], atol=1e-4)
                         answered += 1
-                    except ServerError as e:  # only the poisoned answers may fail, and by name
-                        assert e.code == "worker_error" and "compute_ms" in str(e), e
-                        poisoned += 1
                     replies_front += _drain(front)
                     for s in strangers:
                         _drain(s)
@@ -219,7 +220,7 @@ def test_fuzz_20000_malformed_messages_at_both_sockets_of_a_live_cluster(compile
     total = sent_front + sent_back + fake.sent_garbage
     print(f"fuzz: {sent_front} at the client socket ({replies_front} answered), {sent_back} from strangers "
           f"and {fake.sent_garbage} from a worker's identity at the worker socket; {answered} valid requests "
-          f"answered, {poisoned} poisoned ones refused; central RSS {rss[0]:.1f} -> {rss[1]:.1f} MB; "
+          f"answered, {poisoned} poisoned ones answered without edge-c; central RSS {rss[0]:.1f} -> {rss[1]:.1f} MB; "
           f"{time.monotonic() - t_start:.1f} s")
     assert all(code is None for code in alive.values()), alive
     assert replies_front == sent_front  # every malformed request was answered (with an error)
