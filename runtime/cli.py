@@ -203,7 +203,31 @@ def _model_input(x: np.ndarray) -> np.ndarray:
     return x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
 
 
+PARENT_ENV = "COFORMER_PARENT_PID"  # set by a launcher whose roles must not outlive it (coformer serve)
+
+
+def die_with_parent() -> None:
+    """End this role when the process that launched it dies, even by ``kill -9``: with
+    ``COFORMER_PARENT_PID`` set, the kernel sends SIGTERM at the launcher's death (Linux's
+    ``PR_SET_PDEATHSIG``), and a launcher already gone by now ends it at once. Elsewhere, or
+    without the variable, nothing changes."""
+    import os
+    import signal
+
+    want = os.environ.get(PARENT_ENV)
+    if not want or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if str(os.getppid()) != want:  # it died before the line above: no signal will come
+        raise SystemExit(f"the launcher (pid {want}) is gone; not serving")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command in ("central", "worker"):
+        die_with_parent()
     if args.command == "central":
         from coformer.runtime.central import run_central
 

@@ -570,7 +570,9 @@ def cmd_profile_stats(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until Ctrl-C. A worker that exits is restarted (at most ``RESTARTS_PER_MIN`` times a
-    minute each); meanwhile the central node answers without it, flagged degraded. Logs go to
+    minute each); meanwhile the central node answers without it, flagged degraded. A central
+    node that exits is restarted on the same endpoints (clients see errors meanwhile). The
+    processes end with this one, even when it is killed (``kill -9``). Logs go to
     ``--log-dir`` (default: a new folder, printed) and are kept after the run."""
     import tempfile
     import threading
@@ -583,7 +585,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_stop_signals(stop)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="coformer-serve-logs-"))
-    cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front, keys=args.keys, log_dir=log_dir)
+    cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front, keys=args.keys, log_dir=log_dir,
+                           die_with_parent=True)  # no orphans holding the port after a kill -9 of this process
     endpoints = cluster.start()
     restarts: dict[str, deque] = {}
     try:
@@ -600,8 +603,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if proc.poll() is None:
                     continue
                 log_file = log_dir / f"{name}.log"
-                if not name.startswith("worker-"):
-                    raise CoFormerError(f"{name} exited with code {proc.returncode}; its log: {log_file}")
                 recent = restarts.setdefault(name, deque())
                 now = time.monotonic()
                 while recent and now - recent[0] > 60:
@@ -610,9 +611,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     raise CoFormerError(f"{name} exited {len(recent) + 1} times within a minute (code "
                                         f"{proc.returncode}); its log: {log_file}")
                 recent.append(now)
-                print(f"{name} exited with code {proc.returncode} (log: {log_file}); answering without it, "
-                      "degraded, and restarting it", file=sys.stderr, flush=True)
-                cluster.start_worker(name[len("worker-"):])
+                if name.startswith("worker-"):
+                    print(f"{name} exited with code {proc.returncode} (log: {log_file}); answering without it, "
+                          "degraded, and restarting it", file=sys.stderr, flush=True)
+                    cluster.start_worker(name[len("worker-"):])
+                else:  # the central node: on the same endpoints, so clients and workers find it again
+                    print(f"{name} exited with code {proc.returncode} (log: {log_file}); restarting it on "
+                          f"{cluster.endpoints['front']}", file=sys.stderr, flush=True)
+                    cluster.restart_central()
     finally:
         cluster.stop()
     return 0

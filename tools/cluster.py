@@ -79,6 +79,9 @@ class LocalCluster:
             ``--insecure``); for comparing against CURVE and fuzzing the decoder.
         central_args: more ``coformer-runtime central`` options, e.g.
             ``["--batch-requests", "1"]``.
+        die_with_parent: every process ends when this one dies, even by ``kill -9``
+            (:func:`coformer.runtime.cli.die_with_parent`): ``coformer serve``'s roles, which
+            would otherwise serve on as orphans holding the port.
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class LocalCluster:
         keys: Optional[Path] = None,
         secure: bool = True,
         central_args: Sequence[str] = (),
+        die_with_parent: bool = False,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self.die_with_parent = die_with_parent
         self.secure = secure
         self.central_args = list(central_args)
         if keys is not None and not secure:
@@ -169,11 +174,17 @@ class LocalCluster:
         err = open(self.log_dir / f"{name}.log", "a")  # a restarted process appends: its history is kept
         self._logs[name] = err
         cmd = runtime_cmd() + ["-v"] + args
+        env = None
+        if self.die_with_parent:
+            from coformer.runtime.cli import PARENT_ENV
+
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}
         if self.testbed is not None:
             device = name.split("-", 1)[1]
-            proc = self.testbed.popen(device, cmd, stdout=stdout, stderr=err, text=True, start_new_session=True)
+            proc = self.testbed.popen(device, cmd, stdout=stdout, stderr=err, text=True, start_new_session=True,
+                                      env=env)
         else:
-            proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, text=True, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=err, text=True, start_new_session=True, env=env)
         self.procs[name] = proc
         return proc
 
@@ -194,18 +205,33 @@ class LocalCluster:
                            + self._limits_args(device)
                            + (["--local-inputs", str(self.local_inputs)] if self.local_inputs else []))
 
-    def start(self, timeout_s: float = 60.0) -> dict[str, str]:
-        remove_stale_cgroups()
+    def _start_central(self, front: str, back: str, timeout_s: float) -> dict[str, str]:
         m = self.manifest
+        name = f"central-{m.central.device}"
+        old = self.procs.get(name)
+        if old is not None and old.stdout:
+            old.stdout.close()
         central = self._spawn(
-            f"central-{m.central.device}",
-            ["central", str(self.bundle_dir), "--front", self.front_request,
-             "--back", "tcp://127.0.0.1:*" if self.testbed is None else "tcp://0.0.0.0:*",
+            name,
+            ["central", str(self.bundle_dir), "--front", front, "--back", back,
              "--timeout", str(self.timeout_s), *self._security_args("central"), *self.central_args]
             + self._limits_args(m.central.device),
             stdout=subprocess.PIPE,
         )
-        self.endpoints = self._read_ready(central, timeout_s)
+        return self._read_ready(central, timeout_s)
+
+    def restart_central(self, timeout_s: float = 60.0) -> dict[str, str]:
+        """Start the central node again after it died, on the very endpoints it had: clients keep
+        their address, and the workers, which reconnect by themselves, register again."""
+        self.endpoints = self._start_central(self.endpoints["front"], self.endpoints["back"], timeout_s)
+        return self.endpoints
+
+    def start(self, timeout_s: float = 60.0) -> dict[str, str]:
+        remove_stale_cgroups()
+        m = self.manifest
+        self.endpoints = self._start_central(self.front_request,
+                                             "tcp://127.0.0.1:*" if self.testbed is None else "tcp://0.0.0.0:*",
+                                             timeout_s)
         for w in m.workers:
             self.start_worker(w.device)
         try:

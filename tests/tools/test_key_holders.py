@@ -7,7 +7,12 @@ DEALER socket that registers as edge-c and answers each request as the test says
 reference answer is the node's own before the rogue joins: edge-c missing, its fallback.
 """
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -277,3 +282,78 @@ def test_one_devices_key_cannot_take_over_another_device(compiled, tmp_path):  #
             assert client.status(WAIT_S)["workers"] == ["edge-b"]
         finally:
             impostor.close(0)
+
+
+def _live_children(pid: int) -> dict[int, str]:
+    """Processes whose parent is ``pid`` and that still run (not zombies): pid -> command line."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+            cmd = open(f"/proc/{d}/cmdline").read().replace("\0", " ")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z":
+            out[int(d)] = cmd
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ready(endpoint: str, keys: str) -> Client:
+    """A client of a serve that is (again) ready; waits as long as WAIT_S for it."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        client = Client(endpoint, keys=keys, timeout_s=2.0)
+        try:
+            if client.status()["ready"]:
+                return client
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        client.close()
+        time.sleep(0.1)
+
+
+def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compiled):  # noqa: F811
+    """Finding 7: a dead central node is restarted on its endpoint (the serve went down with it);
+    after ``kill -9`` of ``coformer serve`` its processes end (they served on, holding the port)."""
+    result, data = compiled
+    x = data.test.x[:1].numpy()
+    proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(result.bundle_dir),
+                             "--front", "tcp://127.0.0.1:*", "--throttle", "none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        found = re.search(r"clients connect to (\S+) with --keys (\S+)", proc.stdout.readline())
+        assert found, proc.stderr.read()[-2000:] if proc.poll() is not None else "no endpoint line"
+        endpoint, keys = found.groups()
+        with _ready(endpoint, keys) as client:
+            first = client.infer(x)
+        roles = _live_children(proc.pid)
+        assert len(roles) == 3, roles  # the central node and two workers
+        (central,) = [p for p, cmd in roles.items() if " central " in cmd]
+        os.kill(central, signal.SIGKILL)
+        with _ready(endpoint, keys) as client:  # the same address answers again, the workers back
+            again = client.infer(x)
+        assert again.degraded == () and np.allclose(again.logits, first.logits, atol=1e-5)
+        assert proc.poll() is None
+        roles = _live_children(proc.pid)
+        assert len(roles) == 3 and central not in roles
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + WAIT_S
+        while any(_alive(p) for p in roles) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in roles if _alive(p)], roles
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
