@@ -149,6 +149,7 @@ class CentralNode:
                 log.info("central: keys for %s in %s are not workers of this bundle", unknown, keys.devices_dir)
         self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
         self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
+        self._monitor = None  # the worker socket's disconnect events (serve)
         self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:
@@ -188,9 +189,15 @@ class CentralNode:
             poller = self._poller = zmq.Poller()
             poller.register(self.front, zmq.POLLIN)
             poller.register(self.back, zmq.POLLIN)
+            # a connection closing on the worker socket: which worker it was is found out at once
+            # (_on_disconnect), so status stops saying ready the moment a worker's connection is gone
+            self._monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            poller.register(self._monitor, zmq.POLLIN)
             while not stop.is_set():
                 throttle.waiting()
                 events = dict(poller.poll(POLL_MS))
+                if self._monitor in events:
+                    self._on_disconnect(None)
                 if self.back in events:
                     received = self._recv_back()
                     try:
@@ -202,6 +209,9 @@ class CentralNode:
                 if self._queue:
                     self._serve_queued()
         finally:
+            if self._monitor is not None:
+                self.back.disable_monitor()
+                self._monitor.close(0)
             self.front.close(0)
             self.back.close(0)
             if self._auth is not None:
@@ -610,6 +620,8 @@ class CentralNode:
         while len(pending["features"]) + len(pending["failed"]) < len(expected):
             left_ms = int((deadline - time.monotonic()) * 1e3)
             events = dict(self._poller.poll(left_ms)) if left_ms > 0 else {}
+            if self._monitor in events:  # a worker whose connection closed is not waited for
+                self._on_disconnect(pending)
             if self.front in events:  # requests arriving meanwhile are queued now: their deadlines run from here
                 self._drain_front()
             if self.back not in events and left_ms > 0 and time.monotonic() < deadline:
@@ -642,6 +654,28 @@ class CentralNode:
         pending["failed"][name] = (code, f"worker {name}: {message}"[:500])
         self._faults[name] = (time.monotonic(), f"{code}: {message}"[:300])
         log.warning("worker %s left out of request %d: %s: %s", name, pending["id"], code, message[:200])
+
+    def _on_disconnect(self, pending: Optional[dict]) -> None:
+        """A connection on the worker socket closed: each registered worker is sent a no-op
+        (``welcome``, which a worker takes as it takes any); ZeroMQ refuses it at once for a
+        connection that is gone (ROUTER_MANDATORY), and that worker leaves the ready set, and
+        this round if it was waited on."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
+        for name, ident in list(self.workers.items()):
+            try:
+                self.back.send_multipart([ident] + protocol.encode("welcome", 0), flags=zmq.NOBLOCK)
+                continue
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    continue  # there but busy (a full queue): not gone
+            self._names.pop(self.workers.pop(name), None)
+            log.info("worker %s: its connection closed", name)
+            if (pending is not None and name in pending["expected"] and name not in pending["features"]
+                    and name not in pending["failed"]):
+                pending["failed"][name] = ("not_ready", f"worker {name}: its connection closed")
 
     def _recv_back(self) -> tuple[list[bytes], Optional[str]]:
         """One message from the worker socket, and under CURVE the z85 public key its connection

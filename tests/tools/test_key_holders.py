@@ -357,3 +357,26 @@ def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compi
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_status_stops_saying_ready_once_a_workers_connection_is_gone(compiled, monkeypatch):  # noqa: F811
+    """Finding 8: a worker whose connection closed was still counted ready until three heartbeats
+    passed; it now leaves the ready set when the connection goes. Silence alone is made to take an
+    hour to notice here, so only the closed connection can tell."""
+    import coformer.runtime.central as central
+
+    monkeypatch.setattr(central, "KEEPALIVE_S", 3600.0)
+    result, data = compiled
+    x = data.test.x[:1].numpy()
+    with Served(result.bundle_dir) as s, s.client() as client:
+        s.wait_for(["edge-b"], client)
+        s.join_rogue(lambda m, h: [features(m, h)], client)
+        assert client.infer(x).degraded == ()
+        s.rogue.close()
+        s.rogue = None
+        deadline = time.monotonic() + WAIT_S
+        while client.status(WAIT_S)["missing"] != ["edge-c"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status = client.status(WAIT_S)
+        assert status["missing"] == ["edge-c"] and not status["ready"] and status["degraded"]
+        assert client.infer(x).degraded == ("edge-c",)
