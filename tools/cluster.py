@@ -51,6 +51,36 @@ def place_devices(devices: Sequence[tuple[str, float]]) -> dict[str, Placement]:
     return out
 
 
+KEYS_PREFIX = "coformer-keys-"  # a cluster's throwaway key folders, in the temporary directory
+OWNER_FILE = "owner.pid"  # in each: the process whose cluster it is
+
+
+def remove_stale_keys() -> list[Path]:
+    """Remove the throwaway key folders of clusters whose process is gone (a ``kill -9`` of
+    ``coformer serve`` leaves its folder, secret keys and all: its ``finally`` never ran).
+    Returns what was removed."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(KEYS_PREFIX + "*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or being written
+        if pid != os.getpid() and not _running(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
 def runtime_cmd() -> list[str]:
     return [sys.executable, "-m", "coformer.runtime.cli"]
 
@@ -144,10 +174,13 @@ class LocalCluster:
         if self.keys is None:  # throwaway keys, made on first use
             from coformer.runtime.security import OPERATOR_PUBLIC, write_keys
 
-            self._own_keys = Path(tempfile.mkdtemp(prefix="coformer-keys-"))
+            remove_stale_keys()
+            self._own_keys = Path(tempfile.mkdtemp(prefix=KEYS_PREFIX))
+            (self._own_keys / OWNER_FILE).write_text(f"{os.getpid()}\n")
             write_keys(self._own_keys, [w.device for w in self.manifest.workers], ["client"])
             for f in self._own_keys.rglob(OPERATOR_PUBLIC):
                 f.unlink()  # a throwaway operator key signed nothing: leave the signature unchecked
+            shutil.rmtree(self._own_keys / "operator")  # nor will it sign anything: no secret left lying about
             self.keys = self._own_keys
         if role == "client":
             clients = sorted(p for p in (self.keys / "clients").iterdir() if p.is_dir())

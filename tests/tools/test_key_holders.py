@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from coformer.runtime.manifest import manifest_digest
 from coformer.runtime.security import OPERATOR_SECRET, curve_client, load_keys, sign_bundle, write_keys
 from coformer.runtime.text import model_feeds
 from coformer.runtime.worker import KEEPALIVE_S, run_worker
+from coformer.tools.cluster import remove_stale_keys
 
 from tests.tools.test_serving import compiled  # noqa: F401  (the module's compiled bundle)
 
@@ -335,6 +337,8 @@ def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compi
         found = re.search(r"clients connect to (\S+) with --keys (\S+)", proc.stdout.readline())
         assert found, proc.stderr.read()[-2000:] if proc.poll() is not None else "no endpoint line"
         endpoint, keys = found.groups()
+        folder = Path(keys).parent.parent  # the throwaway keys: no operator secret among them
+        assert not list(folder.rglob("operator.signing")) and (folder / "central").is_dir()
         with _ready(endpoint, keys) as client:
             first = client.infer(x)
         roles = _live_children(proc.pid)
@@ -353,6 +357,8 @@ def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compi
         while any(_alive(p) for p in roles) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in roles if _alive(p)], roles
+        # its key folder outlived it (no finally runs after kill -9): the next cluster removes it
+        assert folder.is_dir() and folder in remove_stale_keys() and not folder.exists()
     finally:
         if proc.poll() is None:
             proc.kill()
