@@ -748,9 +748,12 @@ class CentralNode:
         """Why worker ``name``'s features cannot be used (None: they can): a value that is not
         finite, or one far beyond any the compile saw that device send (``FEATURE_MARGIN`` times
         its largest on the calibration data, the manifest's ``expected.feature_abs_max``; a
-        bundle from before that was recorded is held to ``FEATURE_ABS_LIMIT``)."""
+        bundle from before that was recorded is held to ``FEATURE_ABS_LIMIT``). The intermediate
+        tensors of the baselines and PRISM are held to being finite only."""
         if not np.isfinite(t).all():
             return f"features hold {int((~np.isfinite(t)).sum())} NaN or infinite values"
+        if self.manifest.strategy != "coformer":  # a baseline's hidden states or PRISM's means: no range recorded
+            return None
         seen = (self.manifest.expected.get("feature_abs_max") or {}).get(name)
         limit = FEATURE_MARGIN * float(seen) if seen else FEATURE_ABS_LIMIT
         biggest = float(np.abs(t).max()) if t.size else 0.0

@@ -155,7 +155,7 @@ class Client:
         """How ``embed`` turns a batch of ``items`` into model inputs."""
         if isinstance(items, np.ndarray):
             return lambda batch: batch
-        if hasattr(bundle, "encode"):  # a TextEncoder
+        if not isinstance(bundle, (str, Path)) and hasattr(bundle, "encode"):  # a TextEncoder (a str has .encode)
             return bundle.encode
         if bundle is None:
             raise CoFormerError("texts and image files need the bundle (its folder) to be tokenised or preprocessed")

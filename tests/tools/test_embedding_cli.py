@@ -127,6 +127,8 @@ def test_served_embeddings_match_the_teacher_on_held_out_sentences(compiled):
         assert endpoint
         with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=60) as client:
             served = client.embed(held_out, tmp / "bundle", batch_size=16)
+            # the folder as a plain string, as a user types it
+            assert np.allclose(client.embed(held_out[:3], str(tmp / "bundle")), served[:3], atol=1e-6)
         done = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "infer", str(tmp / "bundle"),
                                "--central", endpoint.group(1), "--keys", endpoint.group(2), "--embed", "--text",
                                held_out[0], held_out[1]],

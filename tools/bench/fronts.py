@@ -25,8 +25,8 @@ compile's own score of the same bundle on the whole test split, which the verdic
 plot rank on (:func:`scored_on`). The bundles are cached in ``DIR/fronts-bundles``. The target is
 ``target_ms`` or, without one, the teacher's own median latency (the mean over the runs):
 "as fast as the teacher, at most". At the target a curve's score is its most accurate
-point whose median latency is within it; the winner is the most accurate curve, the
-faster on a tie.
+point whose median latency is within it; the winner is the most accurate curve, or the
+fastest of the curves within ``TIE_SE`` standard errors of it (a tie within the noise).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ from coformer.runtime.manifest import load_manifest
 from coformer.tools.progress import Progress
 
 FRONT_FRACTIONS = (0.1, 0.25, 0.5)
+# Curves whose accuracies at the target differ by at most this many standard errors of the most
+# accurate one's (binomial, over the samples it was scored on) tie, and the fastest of them wins:
+# a 0.1-point lead on 1,000 images is noise, not a reason to deploy three devices.
+TIE_SE = 2.0
 CURVE_LABELS = {"student": "student (1 device)", "coformer": "CoFormer", "uniform": "uniform"}
 
 
@@ -179,8 +183,15 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
         within = [p for p in pts if p["median_ms"] <= target]
         if within:
             b = max(within, key=lambda p: (p["accuracy"], -p["median_ms"]))
-            best[name] = {"accuracy": b["accuracy"], "median_ms": b["median_ms"], "fraction": b["fraction"]}
+            best[name] = {"accuracy": b["accuracy"], "median_ms": b["median_ms"], "fraction": b["fraction"],
+                          "samples": b.get("test_split_samples" if key == "test_split_accuracy" else "samples") or 0}
     ranked = sorted(best.items(), key=lambda kv: (-kv[1]["accuracy"], kv[1]["median_ms"]))
+    if ranked:  # curves within the noise of the most accurate tie with it, and the fastest of them wins
+        top = ranked[0][1]
+        noise = TIE_SE * (top["accuracy"] * (1 - top["accuracy"]) / max(1, top["samples"])) ** 0.5
+        tied = [kv for kv in ranked if top["accuracy"] - kv[1]["accuracy"] <= noise]
+        first = min(tied, key=lambda kv: kv[1]["median_ms"])
+        ranked = [first] + [kv for kv in ranked if kv is not first]
     where = f"{target:.2f} ms ({report['target_source']}; accuracy " + \
         ("on the whole test split)" if key == "test_split_accuracy" else "served)")
     if not ranked:
@@ -196,6 +207,9 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     if rest:
         (n, r) = rest[0]
         sentence += f"; next is {n}, {100 * r['accuracy']:.1f}% at {r['median_ms']:.2f} ms"
+        if r["accuracy"] >= b["accuracy"]:  # more accurate, but within the noise: the faster wins
+            sentence += (f", as accurate within the noise ({TIE_SE:g} standard errors of its score, "
+                         f"{100 * noise:.1f} points) and slower")
     return {"at_target": best, "winner": w, "scored_on": key, "sentence": sentence + "."}
 
 
