@@ -114,7 +114,9 @@ class Served:
         return Client(self.ends["front"], timeout_s=WAIT_S, keys=keys)
 
     def wait_for(self, workers, client) -> None:
-        while client.status(WAIT_S)["workers"] != workers:
+        deadline = time.monotonic() + WAIT_S  # a bound on a hang, not a timing
+        while (got := client.status(WAIT_S)["workers"]) != workers:
+            assert time.monotonic() < deadline, f"workers {got} registered, waited for {workers}"
             self.stop.wait(0.02)
 
     def join_rogue(self, answer, client) -> "Rogue":

@@ -114,10 +114,9 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     from coformer.calibration.compute import CPU
     from coformer.compiler.baselines import BASELINES, build_baseline
     from coformer.compiler.job import CompileJob, matched_student_flops, run_job, student_job
+    from coformer.compiler.pipeline import boost_from_record
     from coformer.compiler.sources import source_of
     from coformer.runtime.manifest import load_manifest
-
-    from coformer.compiler.pipeline import boost_from_record
 
     compute = compute or CPU
     say = Progress.of(progress)
