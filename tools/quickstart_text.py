@@ -63,9 +63,9 @@ class TextQuickstartConfig:
 
 
 FAST_TEXT = TextQuickstartConfig(hidden=64, layers=2, heads=4, intermediate=256, examples=800, teacher_epochs=20,
-                                 teacher_lr=2e-3, boost_epochs=2, aggregator_epochs=20, warmup_requests=2,
+                                 teacher_lr=2e-3, boost_epochs=4, aggregator_epochs=20, warmup_requests=2,
                                  kit_count=10, profile_rounds=2, profile_duration_s=0.1, profile_extra_rounds=1,
-                                 search_initial=4, search_iterations=8)
+                                 search_initial=6, search_iterations=16)
 
 
 def train_text_teacher(cfg: TextQuickstartConfig, out_dir: Path, progress: bool = True):

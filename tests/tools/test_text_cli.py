@@ -142,7 +142,7 @@ def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path):
 
     preds = [LatencyPredictor.load(tmp_path / "q" / "profiles" / f"edge-{c}.predictor.json") for c in "abc"]
     assert all(p.length_aware for p in preds)
-    assert r["policy_source"] == "bo" and 1 <= r["latency_tokens"] < 32 and r["search"]["bo"]["evaluations"] == 12
+    assert r["policy_source"] == "bo" and 1 <= r["latency_tokens"] < 32 and r["search"]["bo"]["evaluations"] == 22
     assert f"latency predicted at {r['latency_tokens']} tokens" in done.stdout
 
     # `coformer bench --quickstart DIR` on a text quickstart: the teacher alone and the student beside it
