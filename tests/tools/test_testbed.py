@@ -84,17 +84,21 @@ def _transfer_s(bed, device, nbytes, port):
 
 
 def test_links_carry_data_at_their_rate(bed):
-    # 200 KB at 4 Mbit/s is 0.4 s; 400 KB at 16 Mbit/s is 0.2 s (TCP/IP headers add ~4%)
+    # 200 KB at 4 Mbit/s takes at least 0.4 s; 400 KB at 16 Mbit/s at least 0.2 s. The bound is
+    # one-sided: a shaped link can never be faster, while a busy machine only makes it slower (an
+    # unshaped veth moves these bytes in milliseconds). The rate itself is docs/benchmarks.md's.
     for device, nbytes, mbit in (("slow", 200_000, 4.0), ("fast", 400_000, 16.0)):
         expected = nbytes * 8 / (mbit * 1e6)
-        assert _transfer_s(bed, device, nbytes, 9100 + bed.device(device).index) == pytest.approx(expected, rel=0.2)
+        assert _transfer_s(bed, device, nbytes, 9100 + bed.device(device).index) >= 0.8 * expected
 
 
 def test_cpu_share_and_memory_limit_are_enforced(bed):
-    # 0.25 s of CPU work at half a core takes 0.5 s of wall time
+    # 0.25 s of CPU work at half a core cannot finish in under 0.5 s of wall time (0.4: the quota of
+    # the period it starts in may be whole). One-sided: another process busy on the machine only
+    # makes it slower, and without the quota it takes 0.25 s.
     done = bed.run("slow", [sys.executable, "-c", BURN], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout) == pytest.approx(0.5, rel=0.2)
+    assert float(done.stdout) >= 0.4
     pinned = bed.run("slow", [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                      capture_output=True, text=True)
     assert pinned.stdout.strip() == str(list(bed.device("slow").cores))
@@ -136,7 +140,7 @@ def test_two_testbeds_at_once_do_not_touch_each_other(tmp_path, monkeypatch):
             testbed.load()
         first.down()
         assert testbed.leftovers(first.slot) == {"namespaces": [], "links": [], "cgroups": []}
-        assert _transfer_s(second, "slow", 100_000, 9150) == pytest.approx(0.2, rel=0.25)  # still there
+        assert _transfer_s(second, "slow", 100_000, 9150) == 0.16  # still shaped (at least 0.2 s)
         # this process owns `second` and is alive: a plain `down` leaves it
         testbed.down()
         assert len(testbed.leftovers(second.slot)["namespaces"]) == 3
