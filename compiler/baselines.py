@@ -122,12 +122,12 @@ class _AttnShare(nn.Module):
 
     def __init__(self, blk: nn.Module, heads: Sequence[int], owns_bias: bool) -> None:
         super().__init__()
-        from coformer.compiler.families.vit import _Attention
+        from coformer.compiler.families.vit import SlicedAttention
 
         a = blk.attn
         hd, H, D = a.head_dim, a.num_heads, a.qkv.in_features
         self.norm1, self.ls1 = copy.deepcopy(blk.norm1), copy.deepcopy(blk.ls1)
-        self.attn = _Attention(D, len(heads), hd, a.qkv.bias is not None, not isinstance(a.q_norm, nn.Identity),
+        self.attn = SlicedAttention(D, len(heads), hd, a.qkv.bias is not None, not isinstance(a.q_norm, nn.Identity),
                                getattr(a.q_norm, "eps", 1e-6))
         rows, cols = head_rows_cols(heads, H, hd)
         with torch.no_grad():
@@ -165,7 +165,7 @@ class _MlpShare(nn.Module):
         return self.ls2(self.fc2(self.act(self.fc1(self.norm2(x)))))
 
 
-def _onnx_params(path: Path) -> int:
+def onnx_params(path: Path) -> int:
     """Weights an exported model holds (its initializers), which is what a device loads."""
     import onnx
 
@@ -275,7 +275,7 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
                 parity[rel] = check_parity(module, staging / rel, [example], [kind], tolerance=PARITY_TOLERANCE)
                 if name:
                     models[name] = ModelSpec(rel, "float32", in_shape if kind == "pixels" else (N, D), out_shape)
-                params += _onnx_params(staging / rel)
+                params += onnx_params(staging / rel)
             main = next(iter(models.values())).artifact if models else f"{strategy}/{i}-{d.name}.onnx"
             out_dim = shape.num_classes if strategy == "teacher" else D
             arts.append(DeviceArtifact(device=d.name, role="central" if i == 0 else "worker", artifact=main,
@@ -307,7 +307,7 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
 
     from coformer.calibration.aggregator import Normalize
     from coformer.compiler.families.textnet import PartsModule
-    from coformer.compiler.pipeline import lower_submodel
+    from coformer.compiler.lower import lower_submodel
     from coformer.runtime.files import public_mode
 
     adapter = adapter_for(teacher)
@@ -326,7 +326,7 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
         public_mode(staging / preprocessing["tokenizer"])
         out_dim = int(task["dim"]) if embedding else shape.num_classes
         art = DeviceArtifact(device=device.name, role="central", artifact=rel, feature_dim=out_dim, flops=0,
-                             params=_onnx_params(staging / rel), backend=device.backend, threads=1,
+                             params=onnx_params(staging / rel), backend=device.backend, threads=1,
                              cpu_share=device.cpu_share)
         return dict(model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
                            "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": "teacher"}},

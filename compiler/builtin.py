@@ -71,7 +71,7 @@ class QuickstartTeacher:
 # pixels: 93.8% on the test split, where the largest student within a tenth of its FLOPs
 # reaches 87.1%. The digits teacher's first shape (8x8 patches), trained on MNIST without shifts, reached 90.2%
 # against its tenth's 89.3%: it overfits 3,500 images. ``python -m
-# coformer.tools.capacity_check`` (docs/benchmarks.md, "Accuracy against latency, and a task
+# experiments.capacity_check`` (docs/benchmarks.md, "Accuracy against latency, and a task
 # where capacity matters").
 BUILTIN_TEACHERS = {
     "digits": QuickstartTeacher(),

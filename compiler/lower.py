@@ -34,6 +34,8 @@ from torch import nn
 from coformer.runtime.files import public_mode
 from coformer.runtime.errors import CoFormerError
 
+FEATURE_OUTPUT = "features"  # a sub-model's ONNX output: its pooled feature X_n
+
 OPSET = 17
 
 
@@ -132,3 +134,32 @@ def write_fp16_onnx(fp32_path: Path, fp16_path: Path, feeds: dict[str, np.ndarra
         if tmp.exists():
             tmp.unlink()
     return diff
+
+
+def parity_lengths(x: torch.Tensor) -> list[int]:
+    """Three sequence lengths to check a text model's ONNX at: short, middle and the longest."""
+    T = int(x.shape[-1])
+    return sorted({max(2, T // 4), max(2, T // 2), T})
+
+
+def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], *, text: bool,
+                   output: str = FEATURE_OUTPUT) -> float:
+    """Export one sub-model to ONNX; returns its parity with PyTorch (the largest absolute
+    difference of the outputs).
+
+    A text model (packed ``x``: ``[B, k, T]``) is exported with dynamic batch and
+    sequence axes on every input and checked at three sequence lengths (the
+    worst difference is recorded); an image model with a dynamic batch.
+    """
+    if not text:
+        export_onnx(module, [x[:1]], path, input_names, [output])
+        return check_parity(module, path, [x], input_names)
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    dynamic[output] = {0: "batch"}
+    export_onnx(module, list(x[:2].unbind(1)), path, input_names, [output], dynamic)
+    worst = 0.0
+    for T in parity_lengths(x):
+        cut = x[..., :T].clone()
+        cut[:, 1, 0] = 1  # a text keeps at least its first token
+        worst = max(worst, check_parity(module, path, list(cut.unbind(1)), input_names))
+    return worst

@@ -37,7 +37,7 @@ from coformer.compiler.bundle import check_target, write_bundle
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.decomposition import DEFAULT_DECOMPOSITION
 from coformer.compiler.families import adapter_for
-from coformer.compiler.lower import check_parity, export_onnx, write_fp16_onnx
+from coformer.compiler.lower import check_parity, export_onnx, lower_submodel, write_fp16_onnx
 from coformer.compiler.policy import check_policy, heuristic_policy
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
 from coformer.runtime.files import public_mode
@@ -45,7 +45,6 @@ from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
 
 log = logging.getLogger("coformer.compile")
-FEATURE_OUTPUT = "features"
 
 
 @dataclass
@@ -455,35 +454,6 @@ def memory_report(result, devices) -> dict:
         "largest_param_fraction": largest["param_fraction"],
         "flops_fraction_total": sum(c.flops for c in result.costs) / t.flops,
     }
-
-
-def parity_lengths(x: torch.Tensor) -> list[int]:
-    """Three sequence lengths to check a text model's ONNX at: short, middle and the longest."""
-    T = int(x.shape[-1])
-    return sorted({max(2, T // 4), max(2, T // 2), T})
-
-
-def lower_submodel(module: nn.Module, x: torch.Tensor, path: Path, input_names: Sequence[str], *, text: bool,
-                   output: str = FEATURE_OUTPUT) -> float:
-    """Export one sub-model to ONNX; returns its parity with PyTorch (the largest absolute
-    difference of the outputs).
-
-    A text model (packed ``x``: ``[B, k, T]``) is exported with dynamic batch and
-    sequence axes on every input and checked at three sequence lengths (the
-    worst difference is recorded); an image model with a dynamic batch.
-    """
-    if not text:
-        export_onnx(module, [x[:1]], path, input_names, [output])
-        return check_parity(module, path, [x], input_names)
-    dynamic = {n: {0: "batch", 1: "sequence"} for n in input_names}
-    dynamic[output] = {0: "batch"}
-    export_onnx(module, list(x[:2].unbind(1)), path, input_names, [output], dynamic)
-    worst = 0.0
-    for T in parity_lengths(x):
-        cut = x[..., :T].clone()
-        cut[:, 1, 0] = 1  # a text keeps at least its first token
-        worst = max(worst, check_parity(module, path, list(cut.unbind(1)), input_names))
-    return worst
 
 
 @dataclasses.dataclass

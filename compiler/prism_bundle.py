@@ -59,7 +59,7 @@ PARITY_TOLERANCE = 1e-4  # served composition against the PyTorch PRISM forward,
 from coformer.runtime.prism import NEW, OTHERS, SEND  # noqa: E402  (the names the runtime chains by)
 
 
-class _Family:
+class PrismFamily:
     """What PRISM needs of a teacher: its embedding, blocks, head and pooling."""
 
     def __init__(self, teacher: nn.Module) -> None:
@@ -189,7 +189,7 @@ def _pooled_sum(h: torch.Tensor, poolmask: torch.Tensor) -> torch.Tensor:
 class _Device(nn.Module):
     """Base: device ``p`` of ``shares``, its slice and the other devices' slices."""
 
-    def __init__(self, fam: _Family, shares: Sequence[int], p: int, cr: int) -> None:
+    def __init__(self, fam: PrismFamily, shares: Sequence[int], p: int, cr: int) -> None:
         super().__init__()
         self.teacher = fam.teacher  # registered, so the export sees the weights it uses
         self.fam, self.cr, self.p = fam, int(cr), p
@@ -250,7 +250,7 @@ class DeviceEmbed(_Device):
 class DeviceLayer(_Device):
     """``layer{l}`` (module doc): layer ``l`` over the own positions, then what to send."""
 
-    def __init__(self, fam: _Family, shares: Sequence[int], p: int, cr: int, layer: int, central: bool) -> None:
+    def __init__(self, fam: PrismFamily, shares: Sequence[int], p: int, cr: int, layer: int, central: bool) -> None:
         super().__init__(fam, shares, p, cr)
         self.layer, self.central = layer, central
         self.last = layer == len(fam.blocks) - 1
@@ -291,7 +291,7 @@ class CentralHead(_Device):
         return self.fam.head_of_mean(total / count.clamp(min=1.0))
 
 
-def device_models(fam: _Family, shares: Sequence[int], cr: int) -> list[dict[str, nn.Module]]:
+def device_models(fam: PrismFamily, shares: Sequence[int], cr: int) -> list[dict[str, nn.Module]]:
     """Every device's models, in the order it runs them (module doc)."""
     L = len(fam.blocks)
     out = []
@@ -307,7 +307,7 @@ def device_models(fam: _Family, shares: Sequence[int], cr: int) -> list[dict[str
     return out
 
 
-def _names(module: nn.Module, fam: _Family) -> tuple[list[str], list[str]]:
+def _names(module: nn.Module, fam: PrismFamily) -> tuple[list[str], list[str]]:
     """The ONNX input and output names of a device model: state outputs ``new_X`` (module doc)."""
     ins = fam.input_names if isinstance(module, DeviceEmbed) else module.input_names()
     return list(ins), [n if n == SEND else NEW + n for n in module.output_names()]
@@ -326,7 +326,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     plan keeps); ``parity["prism_vs_teacher"]`` then measures how far tuning moved the logits."""
     import shutil
 
-    from coformer.compiler.baselines import _onnx_params
+    from coformer.compiler.baselines import onnx_params
     from coformer.compiler.bundle import write_bundle
     from coformer.compiler.lower import export_onnx
     from coformer.runtime.files import public_mode
@@ -338,7 +338,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     if len(devices) < 2:
         raise CoFormerError(f"PRISM shares positions among devices; give at least 2, not {len(devices)}")
     teacher = teacher.eval()
-    fam = _Family(teacher if tuned is None else tuned.eval())
+    fam = PrismFamily(teacher if tuned is None else tuned.eval())
     text = fam.text
     N = fam.tokens()
     shares = P.share_positions(N, [d.cpu_share for d in devices])
@@ -382,7 +382,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
                 wire_in = in_shape if isinstance(module, DeviceEmbed) else tuple(example[-1].shape[1:])
                 specs[name] = ModelSpec(rel, "int64" if text and isinstance(module, DeviceEmbed) else "float32",
                                         wire_in, tuple(send.shape[1:]) if send is not None else ())
-                params += _onnx_params(staging / rel)
+                params += onnx_params(staging / rel)
             feature_dim = int(np.prod(specs[list(specs)[-1]].output_shape or (1,)))
             arts.append(DeviceArtifact(device=d.name, role="central" if p == 0 else "worker",
                                        artifact=specs["embed"].artifact, feature_dim=feature_dim, flops=0,
@@ -423,7 +423,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     return write_bundle(Path(out_dir), build)
 
 
-def _others_example(fam: _Family, shares: Sequence[int], p: int, cr: int, name: str, x3: torch.Tensor) -> torch.Tensor:
+def _others_example(fam: PrismFamily, shares: Sequence[int], p: int, cr: int, name: str, x3: torch.Tensor) -> torch.Tensor:
     """A stand-in ``others`` for tracing ``name`` on device ``p``: the right shape, and values
     (the other devices' real means are computed by :func:`chain_locally` at the parity check)."""
     B = x3.shape[0]
@@ -439,7 +439,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
     PyTorch forward at each compression rate in ``crs``, on the test split's first ``samples``:
     the forward the served bundle reproduces within :data:`PARITY_TOLERANCE`. ``weights[cr]``:
     the weights PRISM runs at ``cr`` where they are not the teacher's (fine-tuned)."""
-    fam = _Family(teacher.eval())
+    fam = PrismFamily(teacher.eval())
     x = data.test.head(samples or len(data.test))
     if fam.text and x.shape[-1] != fam.tokens():
         from coformer.runtime.prism import pad_tokens
@@ -452,7 +452,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
                            "teacher_accuracy": None if y is None else float((teacher_pred == y).float().mean()),
                            "by_cr": {}}
     for cr in crs:
-        run = _Family(weights[int(cr)].eval()) if weights and int(cr) in weights else fam
+        run = PrismFamily(weights[int(cr)].eval()) if weights and int(cr) in weights else fam
         pred = torch.cat([run.reference(x[i:i + batch], shares, int(cr)).argmax(-1) for i in range(0, len(x), batch)])
         out["by_cr"][int(cr)] = {"accuracy": None if y is None else float((pred == y).float().mean()),
                                  "agreement_with_teacher": float((pred == teacher_pred).float().mean())}
@@ -462,7 +462,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
 def plan_communication(teacher: nn.Module, devices: Sequence[Any], cr: int) -> dict[str, float]:
     """The bytes and rounds the served PRISM bundle of ``teacher`` on ``devices`` exchanges per
     inference at ``cr`` (:func:`coformer.compiler.prism.communication`, as served)."""
-    fam = _Family(teacher.eval())
+    fam = PrismFamily(teacher.eval())
     shares = P.share_positions(fam.tokens(), [d.cpu_share for d in devices])
     return P.communication(shares, int(cr), fam.heads * fam.head_dim, len(fam.blocks),
                            workers_skip_last=fam.pool == "token", sums=fam.embed_dim if fam.pool == "sum" else 0)

@@ -165,7 +165,7 @@ def write_kit(teacher: Any, configs: Sequence[Config], out_dir: Path, progress: 
         rel = f"models/{start + i:04d}.onnx"
         sub = adapter.slice(teacher, spec)
         if text:
-            from coformer.compiler.pipeline import lower_submodel
+            from coformer.compiler.lower import lower_submodel
 
             lower_submodel(adapter.export_module(sub), example, out_dir / rel, names, text=True)
         else:

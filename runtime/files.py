@@ -12,6 +12,8 @@ from typing import Any
 
 from coformer.runtime.errors import CoFormerError
 
+MANIFEST_NAME = "manifest.json"  # a bundle's manifest (coformer.runtime.manifest), signed by coformer.runtime.security
+
 
 def read_json(path: Path, missing: str) -> Any:
     """The JSON in ``path``; :class:`CoFormerError` with ``missing`` when there is no such

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from coformer.runtime.files import atomic_write_json, read_json, sha256_file
+from coformer.runtime.files import MANIFEST_NAME, atomic_write_json, read_json, sha256_file
 from coformer.runtime.errors import CoFormerError
 
 SCHEMA_VERSION = 1  # CoFormer bundles
@@ -27,7 +27,6 @@ READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, E
 # float32 before the aggregator, which was scored on features rounded the same way.
 FEATURE_DTYPES = ("float32", "float16")
 TASKS = ("classification", "embedding")
-MANIFEST_NAME = "manifest.json"
 ROLES = ("central", "worker")
 # How the central node drives the devices (see coformer.runtime.central): CoFormer's
 # decomposition, PRISM's position-wise partitioning (coformer.runtime.prism), and the

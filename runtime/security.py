@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 from urllib.parse import urlsplit
 
-from coformer.runtime.files import atomic_write_bytes
+from coformer.runtime.files import MANIFEST_NAME, atomic_write_bytes
 from coformer.runtime.errors import CoFormerError
 
 log = logging.getLogger("coformer.security")
@@ -237,7 +237,6 @@ def _read_signing_key(path: Path):
 # -- the bundle's signature ------------------------------------------------------
 def sign_bundle(bundle_dir: Path, signing_key: Path) -> Path:
     """Sign ``manifest.json`` with the operator's Ed25519 key; writes ``manifest.sig``."""
-    from coformer.runtime.manifest import MANIFEST_NAME
 
     bundle_dir = Path(bundle_dir)
     manifest = bundle_dir / MANIFEST_NAME
@@ -255,7 +254,6 @@ def verify_signature(bundle_dir: Path, verify_key: bytes) -> None:
     from nacl.exceptions import BadSignatureError
     from nacl.signing import VerifyKey
 
-    from coformer.runtime.manifest import MANIFEST_NAME
 
     bundle_dir = Path(bundle_dir)
     sig_file = bundle_dir / SIGNATURE_NAME

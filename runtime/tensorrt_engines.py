@@ -160,7 +160,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
 
     ``profile`` (input name -> min/opt/max) is a bundle's (:func:`optimization_profile`);
     without it, every input's profile is its shape in ``shapes``, or the ONNX's own shape
-    filled as the benchmark fills it (:func:`coformer.runtime.timing.lone_shape`: a dynamic
+    filled as the benchmark fills it (:func:`coformer.runtime.stats.lone_shape`: a dynamic
     first axis at ``batch``, any other at 1; a lone ONNX: a profile kit's entry, a benchmark).
     Needs TensorRT and Polygraphy."""
     import time
@@ -172,7 +172,7 @@ def build_engine(onnx_path: Path, paths: Mapping[str, Path], choice: Mapping[str
                             "(and TensorRT: JetPack's python3-libnvinfer, or pip install tensorrt)") from None
     from polygraphy.exception import PolygraphyException
 
-    from coformer.runtime.timing import lone_shape
+    from coformer.runtime.stats import lone_shape
 
     start = time.perf_counter()
     cache = Path(paths["timing_cache"])

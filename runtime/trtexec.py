@@ -28,7 +28,7 @@ import numpy as np
 
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.files import atomic_write_bytes
-from coformer.runtime.timing import summarise
+from coformer.runtime.stats import summarise
 
 TRTEXEC_PERCENTILES = (90.0, 95.0, 99.0)  # trtexec's --percentile default
 EXPORT_FIELDS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",

@@ -204,7 +204,7 @@ def run_quickstart(
     from coformer.compiler.bundle import check_target
     from coformer.compiler.cost import teacher_cost
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.pipeline import lower_submodel
+    from coformer.compiler.lower import lower_submodel
     from coformer.compiler.job import CompileJob, run_job
     from coformer.tools.cluster import place_devices
     from coformer.tools.emulated import time_teacher

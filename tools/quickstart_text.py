@@ -138,7 +138,7 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.tools.quickstart import profile_and_fit
     from coformer.runtime.text import TextEncoder
     from coformer.compiler.families.textnet import PartsModule
-    from coformer.compiler.pipeline import lower_submodel
+    from coformer.compiler.lower import lower_submodel
     from coformer.tools.progress import Progress
     from coformer.tools.emulated import time_teacher
     from coformer.tools.quickstart import make_devices

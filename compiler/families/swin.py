@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coformer.compiler.families import register
+from coformer.compiler.families.base import register
 from coformer.compiler.families.vit import ImageAdapter, copy_norm, head_rows_cols, slice_inputs
 from coformer.compiler.importance import Importance
 from coformer.compiler.specs import SubModelSpec, TransformerShape

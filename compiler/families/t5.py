@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from coformer.compiler.families import register
+from coformer.compiler.families.base import register
 from coformer.compiler.families.text_teacher import TextAdapter, TextTeacher
 from coformer.compiler.families.textnet import pool_features
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from coformer.compiler.families.base import registered
 from coformer.compiler.families.text_slicing import magnitude, slice_net, sliced_head
 from coformer.compiler.families.textnet import FIELDS, PartsModule, TextNet, last_linear, load_state, read_shape
 from coformer.compiler.importance import Importance
@@ -45,9 +46,7 @@ class TextTeacher(nn.Module):
         return int(last_linear(self.head).out_features)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        from coformer.compiler.families import get_adapter
-
-        return get_adapter(self.family).teacher_features(self, tokens)
+        return registered(self.family).teacher_features(self, tokens)  # the adapter that built this teacher
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(tokens))

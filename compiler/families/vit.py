@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coformer.compiler.families import register
+from coformer.compiler.families.base import register
 from coformer.compiler.importance import Importance
 from coformer.compiler.specs import SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
 
 
-class _Attention(nn.Module):
+class SlicedAttention(nn.Module):
     """timm's attention on a subset of heads. ``fused_attn`` as in timm: scaled_dot_product_attention
     in PyTorch, the explicit form with a constant scale when exported (``coformer.compiler.lower``)."""
 
@@ -65,7 +65,7 @@ class _Block(nn.Module):
         super().__init__()
         eps, ls = cfg["eps"], cfg["layer_scale"]
         self.norm1 = nn.LayerNorm(dim, eps=eps) if heads else None
-        self.attn = _Attention(dim, heads, cfg["head_dim"], cfg["qkv_bias"], cfg["qk_norm"], eps) if heads else None
+        self.attn = SlicedAttention(dim, heads, cfg["head_dim"], cfg["qkv_bias"], cfg["qk_norm"], eps) if heads else None
         self.ls1 = nn.Parameter(torch.ones(dim)) if heads and ls else None
         self.norm2 = nn.LayerNorm(dim, eps=eps) if mlp else None
         self.fc1 = nn.Linear(dim, mlp) if mlp else None

@@ -9,7 +9,7 @@ from coformer.calibration.text import sentiment_records, text_dataset
 from coformer.compiler.families import adapter_for
 from coformer.compiler.families.textnet import PartsModule
 from coformer.compiler.hf import encoder_for, wrap_hf
-from coformer.compiler.pipeline import lower_submodel
+from coformer.compiler.lower import lower_submodel
 from coformer.compiler.specs import SubModelSpec
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine

@@ -102,7 +102,7 @@ def test_scores_at_cr_1_agree_with_the_teacher_everywhere():
 def test_text_prism_pads_each_request_and_equals_its_forward(tmp_path):
     from coformer.calibration.text import sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
-    from coformer.compiler.prism_bundle import _Family
+    from coformer.compiler.prism_bundle import PrismFamily
     from coformer.runtime.prism import pad_tokens
     from coformer.runtime.text import TextEncoder
     from tests.text_models import build, word_tokenizer
@@ -119,7 +119,7 @@ def test_text_prism_pads_each_request_and_equals_its_forward(tmp_path):
         labels, r = client.classify(texts, encoder, m.labels)
         short = client.infer(encoder.encode(texts[:1]))  # 6 tokens, padded to 16 by the central node
     tokens = torch.from_numpy(pad_tokens(encoder.encode(texts), 16, int(data.preprocessing["pad_id"])))
-    want = _Family(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
+    want = PrismFamily(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
     np.testing.assert_allclose(r.logits, want, atol=1e-4)
     np.testing.assert_allclose(short.logits, want[:1], atol=1e-4)
     assert labels == [m.labels[i] for i in want.argmax(-1)]
@@ -131,7 +131,7 @@ def test_gpt2_prism_is_causal_and_pools_the_last_token_wherever_it_falls(tmp_pat
     a short and a long text, and the served answer is PRISM's forward (the teacher at CR = 1)."""
     from coformer.calibration.text import sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
-    from coformer.compiler.prism_bundle import _Family
+    from coformer.compiler.prism_bundle import PrismFamily
     from coformer.runtime.prism import pad_tokens
     from coformer.runtime.text import TextEncoder
     from tests.text_models import build, word_tokenizer
@@ -151,7 +151,7 @@ def test_gpt2_prism_is_causal_and_pools_the_last_token_wherever_it_falls(tmp_pat
         r = client.infer(encoder.encode(texts))
     tokens = torch.from_numpy(pad_tokens(encoder.encode(texts), 16, pad))
     assert tokens[0, 1].sum() <= 8 < tokens[1, 1].sum()
-    want = _Family(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
+    want = PrismFamily(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
     np.testing.assert_allclose(r.logits, want, atol=1e-4)
     assert np.isfinite(r.logits).all()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _coformer() -> str:
     """The installed console script, next to this interpreter (or on PATH)."""
@@ -131,10 +133,11 @@ def test_search_bench_compares_debo_and_random_over_fresh_profile_sets(quickstar
     decomposition (one policy) is predicted at another latency, and its objective differs."""
     qs, env, _, _ = quickstart_fast
     out = tmp_path / "search.json"
-    done = subprocess.run([sys.executable, "-m", "coformer.tools.search_bench", "--quickstart-dir", str(qs),
+    done = subprocess.run([sys.executable, "-m", "experiments.search_bench", "--quickstart-dir", str(qs),
                            "--seeds", "2", "--profile-sets", "2", "--initial", "2", "--iterations", "2",
                            "--throttle", "duty-cycle", "--report-json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600,
+                          cwd=REPO)  # experiments/ runs from the repository root, not installed
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 

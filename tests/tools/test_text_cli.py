@@ -14,6 +14,8 @@ from coformer.calibration.text import read_records, sentiment_records
 from coformer.runtime.errors import CoFormerError
 from tests.text_models import build, word_tokenizer
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _coformer() -> str:
     sibling = Path(sys.executable).parent / "coformer"
@@ -260,7 +262,7 @@ def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
 
 @pytest.mark.slow
 def test_text_latency_serves_the_bundle_beside_its_teacher_at_each_length(tmp_path):
-    """`python -m coformer.tools.text_latency`: the teacher's own bundle is built beside the
+    """`python -m experiments.text_latency`: the teacher's own bundle is built beside the
     CoFormer bundle and both are served by the same runtime, with inputs of exactly T tokens."""
     ckpt = _checkpoint("bert", tmp_path / "bert")
     (tmp_path / "devices.yaml").write_text(
@@ -269,10 +271,11 @@ def test_text_latency_serves_the_bundle_beside_its_teacher_at_each_length(tmp_pa
     done = _run("compile", "--model", f"hf:{ckpt}", "--devices", tmp_path / "devices.yaml", "--max-length", 32,
                 "--out", tmp_path / "bundle", "--epochs", 0, "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, "-m", "coformer.tools.text_latency", str(tmp_path / "bundle"), "--model",
+    done = subprocess.run([sys.executable, "-m", "experiments.text_latency", str(tmp_path / "bundle"), "--model",
                            f"hf:{ckpt}", "--max-length", "32", "--devices", str(tmp_path / "devices.yaml"),
                            "--lengths", "8,32", "--samples", "6", "--passes", "1", "--no-progress",
-                           "--report-json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600)
+                           "--report-json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)  # experiments/ runs from the repository root, not installed
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert {(r["tokens"], r["strategy"], r["input_source"]) for r in rows} == {

@@ -64,10 +64,10 @@ def expand_prism(strategies: Sequence[str], crs: Sequence[int]) -> list[str]:
 
 def prism_serves(teacher) -> bool:
     """Whether a PRISM bundle can be built for ``teacher`` (:mod:`coformer.compiler.prism_bundle`)."""
-    from coformer.compiler.prism_bundle import _Family
+    from coformer.compiler.prism_bundle import PrismFamily
 
     try:
-        _Family(teacher)
+        PrismFamily(teacher)
         return True
     except CoFormerError:
         return False

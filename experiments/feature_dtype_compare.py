@@ -2,7 +2,7 @@
 testbed: the same sub-models (the calibration does not depend on the wire), only what the
 workers send differs.
 
-    sudo python -m coformer.tools.feature_dtype_compare [QUICKSTART_DIR] [--bandwidth 2mbit]
+    sudo python -m experiments.feature_dtype_compare [QUICKSTART_DIR] [--bandwidth 2mbit]
         [--samples 200] [--report-json PATH]
 
 Compiles the quickstart bundle's policy twice with the quickstart's calibration settings
@@ -84,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from coformer.runtime.errors import CoFormerError
     from coformer.tools.bench.options import parse_bandwidths
 
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.feature_dtype_compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.feature_dtype_compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("quickstart", type=Path, nargs="?", default=Path("coformer-quickstart"))
     p.add_argument("--bandwidth", default="2mbit")

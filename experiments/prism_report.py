@@ -1,8 +1,8 @@
 """PRISM's trade-off on a quickstart run (issue 23): accuracy and agreement with the teacher
 against the compression rate, and the bytes an inference exchanges against it.
 
-    python -m coformer.tools.prism_report --quickstart coformer-quickstart --out prism-vision
-    python -m coformer.tools.prism_report --quickstart coformer-quickstart-text --out prism-text
+    python -m experiments.prism_report --quickstart coformer-quickstart --out prism-vision
+    python -m experiments.prism_report --quickstart coformer-quickstart-text --out prism-text
 
 Accuracy is PRISM's PyTorch forward on the run's whole test split, on its three devices'
 shares of the positions; the served bundle reproduces that forward within 1e-4
@@ -43,10 +43,10 @@ def prism_report(qs_dir: Path, crs: Sequence[int] = DEFAULT_CRS, finetune_epochs
     (:func:`coformer.compiler.prism_finetune.finetune_prism`) and scored with the tuned weights,
     whether or not the validation split would keep them (``finetuned``, beside ``kept``)."""
     from coformer.compiler import prism as P
-    from coformer.compiler.prism_bundle import _Family, plan_communication, prism_scores
+    from coformer.compiler.prism_bundle import PrismFamily, plan_communication, prism_scores
 
     task, teacher, devices, data = quickstart_task(Path(qs_dir))
-    fam = _Family(teacher.eval())
+    fam = PrismFamily(teacher.eval())
     shares = P.share_positions(fam.tokens(), [d.cpu_share for d in devices])
     scores = prism_scores(teacher, data, shares, crs)
     tuned_scores: dict[int, dict[str, Any]] = {}

@@ -1,7 +1,7 @@
 """Compare DeBo with random search and uniform decomposition (paper Fig. 11), over fresh
 profile sets as well as seeds.
 
-    python -m coformer.tools.search_bench --quickstart-dir coformer-quickstart --seeds 5 --profile-sets 3
+    python -m experiments.search_bench --quickstart-dir coformer-quickstart --seeds 5 --profile-sets 3
 
 Uses the quickstart's teacher (from the cache) and its three emulated devices. The first
 profile set is the latency predictors the quickstart fitted (``profiles/*.predictor.json``);
@@ -88,7 +88,7 @@ def compare(qs, predictor_sets: Sequence[Sequence], seeds: int, initial: int, it
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.search_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.search_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart-dir", type=Path, default=Path("coformer-quickstart"))
     p.add_argument("--seeds", type=int, default=5)

@@ -1,7 +1,7 @@
 """Where collaboration starts to pay for text: a language bundle against its teacher alone on
 the strongest device, at several sequence lengths, served by the same runtime.
 
-    python -m coformer.tools.text_latency BUNDLE --model hf:PATH --devices devices.yaml \\
+    python -m experiments.text_latency BUNDLE --model hf:PATH --devices devices.yaml \\
         [--lengths 32,128,256] [--testbed] [--bandwidth 2mbit] [--samples 40] [--out DIR]
 
 A text request costs in proportion to its tokens (attention in their square), while the
@@ -89,7 +89,7 @@ def run(bundle: Path, teacher, devices, lengths: Sequence[int], out_dir: Path, u
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from coformer.tools.cli import add_model_args, teacher_from_args
 
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.text_latency", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.text_latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
     add_model_args(p)

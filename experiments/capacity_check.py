@@ -2,8 +2,8 @@
 on it, then calibrate the largest student that fits a fraction of the teacher's FLOPs
 (uniform decoding on one device, no search), and print both accuracies on the test split.
 
-    python -m coformer.tools.capacity_check --data mnist                       # the MNIST teacher
-    python -m coformer.tools.capacity_check --data mnist --embed-dim 768 --depth 7 --heads 24 \\
+    python -m experiments.capacity_check --data mnist                       # the MNIST teacher
+    python -m experiments.capacity_check --data mnist --embed-dim 768 --depth 7 --heads 24 \\
         --img-size 32 --patch-size 8 --epochs 8 --shift 0                      # the digits teacher's shape
 
 How the built-in MNIST teacher was chosen (:data:`coformer.compiler.builtin.BUILTIN_TEACHERS`):
@@ -25,7 +25,7 @@ from coformer.runtime.errors import CoFormerError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.capacity_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.capacity_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="mnist", choices=["digits", "mnist"])
     p.add_argument("--embed-dim", type=int, default=192)

@@ -1,7 +1,7 @@
 """Hard (paper eq. 14) against soft (KL to the temperature-softened logits) distillation, on the
 built-in tasks, with everything else equal.
 
-    python -m coformer.tools.distill_compare [--tasks digits,sentiment] [--temperature 4] [--seeds 1]
+    python -m experiments.distill_compare [--tasks digits,sentiment] [--temperature 4] [--seeds 1]
         [--report-json PATH]
 
 * ``digits``: the quickstart's ViT teacher (trained once and cached) on scikit-learn's
@@ -97,7 +97,7 @@ def compare(tasks: Sequence[str], temperature: float, seeds: int) -> list[dict[s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.distill_compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.distill_compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--temperature", type=float, default=4.0)

@@ -20,7 +20,7 @@ parameters, 0.6 GB) so it runs here, and:
 Accuracy is not part of this run (random weights); the compile of a trained
 GPT-2 reports it (``coformer compile --model hf:PATH``, ``memory`` in its report).
 
-    sudo python -m coformer.tools.memory_headline --out /tmp/gpt2-memory
+    sudo python -m experiments.memory_headline --out /tmp/gpt2-memory
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run(layers: int = 24, width: int = 640, heads: int = 10, vocab: int = 50257,
 
 def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib) -> dict:
     from coformer.compiler.families.textnet import PartsModule
-    from coformer.compiler.pipeline import lower_submodel
+    from coformer.compiler.lower import lower_submodel
     from coformer.compiler.specs import DeviceSpec
     from coformer.runtime.errors import CoFormerError
     from coformer.tools import testbed as tb
@@ -117,7 +117,7 @@ def _testbed_story(teacher, adapter, spec, x, out_dir: Path, device_mib) -> dict
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coformer.tools.memory_headline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.memory_headline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--width", type=int, default=640)

@@ -1,0 +1,105 @@
+"""The house plan, enforced on the source (issue 40): which layer may import which, no private
+name imported across modules, no import cycle, and the lab (``experiments/``) outside the package.
+
+Read from the files with :mod:`ast`, imports inside functions included: a lazy import is still a
+dependency, and a cycle through one is still a cycle a newcomer has to untangle."""
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = {"runtime": "coformer.runtime", "calibration": "coformer.calibration", "compiler": "coformer.compiler",
+            "tools": "coformer.tools"}
+# Each layer may import the ones listed (and itself): the device runtime needs nothing above it.
+ALLOWED = {"runtime": set(), "calibration": {"runtime"}, "compiler": {"runtime", "calibration"},
+           "tools": {"runtime", "calibration", "compiler"}}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for top, name in PACKAGES.items():
+        for f in (REPO / top).rglob("*.py"):
+            parts = f.relative_to(REPO / top).with_suffix("").parts
+            mods[".".join((name, *parts)).removesuffix(".__init__")] = f
+    return mods
+
+
+def _imports(path: Path):
+    """(line, imported module, name or None) for every import in the file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name, None
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                yield node.lineno, node.module, a.name
+
+
+def _layer(module: str):
+    return next((top for top, name in PACKAGES.items() if module == name or module.startswith(name + ".")), None)
+
+
+def test_each_layer_imports_only_the_layers_below_it_and_nothing_imports_the_lab():
+    bad = []
+    for mod, path in _modules().items():
+        mine = _layer(mod)
+        for line, target, _ in _imports(path):
+            theirs = _layer(target)
+            if target.split(".")[0] == "experiments" or (theirs and theirs != mine and theirs not in ALLOWED[mine]):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_is_imported_across_modules():
+    bad = [f"{path.relative_to(REPO)}:{line} imports {name} from {target}"
+           for mod, path in _modules().items() for line, target, name in _imports(path)
+           if target.startswith("coformer.") and target != mod and name and name.startswith("_")
+           and not name.startswith("__")]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for _, target, name in _imports(path):
+            full = f"{target}.{name}" if name else target
+            dep = full if full in mods else target if target in mods else None
+            if dep and dep != mod:
+                graph[mod].add(dep)
+    # Tarjan's strongly connected components: any with more than one module is a cycle
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_the_lab_is_not_installed():
+    """experiments/ holds the one-off report scripts; setup.cfg ships only the product."""
+    cfg = (REPO / "setup.cfg").read_text()
+    assert "experiments" not in cfg
+    assert (REPO / "experiments" / "README.md").is_file()
