@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from coformer.compiler.apportion import apportion
 from coformer.compiler.bundle import write_bundle
 from coformer.compiler.families import adapter_for
 from coformer.compiler.families.vit import check_supported, head_rows_cols
@@ -57,17 +58,9 @@ def split_by_share(total: int, shares: Sequence[float], minimum: int = 0) -> lis
     """
     if total < minimum * len(shares):
         raise CoFormerError(f"cannot give {len(shares)} devices at least {minimum} of {total} each")
-    w = np.asarray(shares, dtype=float)
-    if (w <= 0).any():
+    if any(not w > 0 for w in shares):
         raise CoFormerError(f"compute shares {list(shares)} must be positive")
-    exact = w / w.sum() * total
-    out = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - out), kind="stable")[: total - out.sum()]:
-        out[i] += 1
-    while (out < minimum).any():  # the smallest devices take from the largest
-        out[int(np.argmax(out))] -= 1
-        out[int(np.argmin(out))] += 1
-    return [int(v) for v in out]
+    return apportion(total, shares, minimum)
 
 
 class _Embed(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from coformer.compiler.apportion import apportion
 from coformer.compiler.cost import Cost, submodel_cost
 from coformer.compiler.decomposition import PARTITIONING, check_decomposition, deal, overlaps
 from coformer.compiler.importance import Importance
@@ -120,29 +121,6 @@ def check_policy(policy: Policy, shape: TransformerShape, devices: Sequence[Devi
     if bad:
         raise CoFormerError("the policy violates the device constraints:\n  " + "\n  ".join(bad))
     return policy
-
-
-def apportion(total: int, weights: Sequence[float], minimum: int = 1) -> list[int]:
-    """Split ``total`` units in proportion to ``weights`` (largest remainder), sum <= total.
-
-    Each part gets at least ``minimum`` while ``total`` allows it.
-    """
-    n = len(weights)
-    s = float(sum(weights))
-    if s <= 0:
-        raise CoFormerError(f"weights {list(weights)} must have a positive sum")
-    raw = [total * w / s for w in weights]
-    parts = [int(r) for r in raw]
-    order = sorted(range(n), key=lambda i: (-(raw[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    if total >= n * minimum:
-        for i in range(n):
-            while parts[i] < minimum:
-                donor = max(range(n), key=lambda j: (parts[j], -j))
-                parts[donor] -= 1
-                parts[i] += 1
-    return parts
 
 
 def heuristic_policy(

@@ -49,6 +49,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from coformer.compiler.apportion import apportion
 from coformer.runtime.errors import CoFormerError
 
 
@@ -59,16 +60,7 @@ def share_positions(n: int, speeds: Sequence[float]) -> list[int]:
         raise CoFormerError(f"device speeds {speeds} must be positive, one per device")
     if n < len(speeds):
         raise CoFormerError(f"{n} positions cannot be shared among {len(speeds)} devices (one each at least)")
-    exact = [n * s / sum(speeds) for s in speeds]
-    counts = [math.floor(e) for e in exact]
-    order = sorted(range(len(speeds)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[:n - sum(counts)]:
-        counts[i] += 1
-    for i in range(len(counts)):  # a device too slow for a whole position still gets one, from the largest
-        if counts[i] == 0:
-            counts[max(range(len(counts)), key=lambda j: counts[j])] -= 1
-            counts[i] = 1
-    return counts
+    return apportion(n, speeds, 1)  # a device too slow for a whole position still gets one, from the largest
 
 
 def split_shares(h: torch.Tensor, shares: Sequence[int]) -> list[torch.Tensor]:

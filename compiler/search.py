@@ -52,7 +52,8 @@ import numpy as np
 from coformer.compiler.cost import Cost, submodel_cost
 from coformer.compiler.decomposition import check_decomposition, deal, most_important
 from coformer.compiler.importance import Importance, top_k
-from coformer.compiler.policy import apportion, policy_violations
+from coformer.compiler.apportion import apportion
+from coformer.compiler.policy import policy_violations
 from coformer.compiler.profile_kit import spec_features
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError

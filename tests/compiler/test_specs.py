@@ -5,7 +5,8 @@ import pytest
 from coformer.compiler.cost import submodel_cost
 from coformer.compiler.devices import load_devices
 from coformer.compiler.importance import Importance
-from coformer.compiler.policy import apportion, check_policy, heuristic_policy, policy_violations
+from coformer.compiler.apportion import apportion
+from coformer.compiler.policy import check_policy, heuristic_policy, policy_violations
 from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
 
