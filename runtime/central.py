@@ -23,6 +23,7 @@ bundle's fallback aggregator without it and says ``degraded: [names]``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,8 +44,8 @@ from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
 from coformer.runtime.security import RoleKeys, curve_server, require_security, start_authenticator
 from coformer.runtime.text import check_tokens, model_feeds
-from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, id_of, heartbeats, input_limits, install_stop_signals,
-                                     max_message_bytes)
+from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, encoded_input, id_of, heartbeats, input_limits,
+                                     install_stop_signals, max_message_bytes)
 
 _yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # (Unix; elsewhere a no-op-ish sleep)
 log = logging.getLogger("coformer.central")
@@ -240,7 +241,7 @@ class CentralNode:
                     reply = protocol.encode("status_reply", msg.id, **self.status())
                 elif msg.op == "infer":
                     deadline = time.monotonic() + self._deadline_s(msg.header)
-                    self._admit(msg)
+                    msg = self._admit(msg)
                     if len(self._queue) >= self.queue_limit:
                         raise protocol.ProtocolError("busy", f"{len(self._queue)} requests are waiting; try again")
                     if self._waiting.get(client, 0) >= self.client_limit:
@@ -292,6 +293,7 @@ class CentralNode:
         t = head[1].tensor
         rows = t.shape[0]
         indexed = head[1].header.get("input_index") is not None
+        encoded = head[1].images is not None  # files forwarded as they came: a batch is all files or none
         index_bytes = _index_bytes(head[1].header["input_index"]) if indexed else 0
         while (self._queue and len(group) < self.batch_requests and self.manifest.strategy in ("coformer", "prism")):
             nxt = self._queue[0][1]
@@ -299,6 +301,7 @@ class CentralNode:
             more = _index_bytes(nxt.header["input_index"]) if indexed and "input_index" in nxt.header else 0
             if (nt.dtype != t.dtype or nt.shape[1:] != t.shape[1:] or rows + nt.shape[0] > self.in_limits.max_batch
                     or (nxt.header.get("input_index") is not None) != indexed
+                    or (nxt.images is not None) != encoded
                     # the joined index must fit one header the workers accept (it never waits 10 s for a refusal)
                     or index_bytes + more > MAX_INDEX_BYTES
                     # a batch waits for its earliest deadline: one client's short deadline must not cut
@@ -310,11 +313,12 @@ class CentralNode:
             index_bytes += more
         try:
             if len(group) == 1:
-                x, index = t, head[1].header.get("input_index")
+                x, index, images = t, head[1].header.get("input_index"), head[1].images
             else:
                 x = np.concatenate([g[1].tensor for g in group])
                 index = [i for g in group for i in g[1].header["input_index"]] if indexed else None
-            out, fields = self._infer(x, index, min(g[2] for g in group))
+                images = tuple(f for g in group for f in g[1].images) if encoded else None
+            out, fields = self._infer(x, index, min(g[2] for g in group), images)
         except protocol.ProtocolError as e:
             for envelope, msg, _ in group:
                 self._reply(envelope, protocol.error_frames(msg.id, e.code, str(e)))
@@ -378,8 +382,15 @@ class CentralNode:
             budget = min(self.timeout_s, ms / 1e3)
         return budget - min(REPLY_RESERVE_FRACTION * budget, REPLY_RESERVE_S)
 
-    def _admit(self, msg: protocol.Message) -> None:
-        """Refuse, by name, an ``infer`` that cannot be served, before it is queued."""
+    def _admit(self, msg: protocol.Message) -> protocol.Message:
+        """Refuse, by name, an ``infer`` that cannot be served, before it is queued; returns the
+        message to queue. Encoded images are decoded and preprocessed here, once: the message
+        then holds the model input as its tensor (this node's own models run on it) and the
+        files as they came (a CoFormer bundle's workers are sent those, not the tensor)."""
+        if msg.images is not None:
+            if msg.header.get("input_index") is not None:
+                raise protocol.ProtocolError("bad_header", "a request sends images or an input_index, not both")
+            msg = dataclasses.replace(msg, tensor=encoded_input(msg.images, self.manifest))
         if msg.tensor is None:
             raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
         index = msg.header.get("input_index")
@@ -397,16 +408,19 @@ class CentralNode:
                                                         "NaN or infinite values")
         if self.manifest.input.is_text:
             check_tokens(msg.tensor, self.manifest.input.preprocessing)
+        return msg
 
-    def _infer(self, x: np.ndarray, index, deadline: float) -> tuple[np.ndarray, dict]:
-        """The bundle's answer for the (admitted) batch ``x``, and the reply's header fields."""
+    def _infer(self, x: np.ndarray, index, deadline: float, images=None) -> tuple[np.ndarray, dict]:
+        """The bundle's answer for the (admitted) batch ``x``, and the reply's header fields.
+        ``images``: the encoded files ``x`` was decoded from, which CoFormer's workers are sent
+        in its place (each decodes them itself); the other strategies send what they always do."""
         status = self.status()
         fallback_ok = self.manifest.strategy == "coformer" and self.manifest.fallback(status["missing"]) is not None
         if not status["ready"] and not fallback_ok:
             raise protocol.ProtocolError("not_ready", f"waiting for workers {status['missing']} to register")
         t0 = time.perf_counter()
         acct = _Account()
-        acct.deadline = deadline
+        acct.deadline, acct.images = deadline, images
         run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
                "tensor_parallel": self._run_tensor_parallel, "prism": self._run_prism}[self.manifest.strategy]
         out = run(x, index, acct)
@@ -456,8 +470,10 @@ class CentralNode:
         so only the index goes on the wire.
         """
         extra = {} if index is None else {"input_index": index}
+        if acct.images is not None:  # the files the client sent, not their 602 KB of float32 pixels each
+            extra = {"images": acct.images}
         alive = set(self._alive())
-        workers = {w.device: (None, None if index is not None else x, extra) for w in self.manifest.workers
+        workers = {w.device: (None, None if extra else x, extra) for w in self.manifest.workers
                    if w.device in alive or not self._fallbacks}
         own, gathered = self._round(workers, x.shape[0], acct, own=lambda: self._run_own("", x, acct),
                                     partial=bool(self._fallbacks))
@@ -851,6 +867,7 @@ class _Account:
         self.workers_queued: dict[str, float] = {}  # waiting for a core shared with another emulated device
         self.degraded: list[str] = []
         self.deadline: Optional[float] = None  # time.monotonic() by which workers must have answered
+        self.images = None  # the request's encoded files, which CoFormer's workers are sent in place of x
 
 
 def run_central(bundle_dir: Path, front: str, back: str, **kwargs) -> None:

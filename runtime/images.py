@@ -138,3 +138,38 @@ def preprocess_images(sources: Sequence[ImageSource], spec: Mapping[str, Any]) -
     if not len(sources):
         raise CoFormerError("no image given")
     return np.stack([preprocess_image(s, spec) for s in sources])
+
+
+# An image sent to be preprocessed may claim any size in its header; past this many pixels
+# (8000 x 8000) it is refused before it is decoded, so a peer cannot make a device allocate
+# gigabytes with a few KB (a decompression bomb). A camera's frame is far below it.
+MAX_SOURCE_PIXELS = 64_000_000
+
+
+def request_input(images: Sequence[bytes], spec: Mapping[str, Any]) -> np.ndarray:
+    """The model input ``[N, C, H, W]`` float32 for a request's encoded images, on whichever
+    device runs it (the central node and every worker alike, from the same bytes): each
+    decoded and preprocessed as the bundle's record ``spec`` says (:func:`preprocess_image`).
+
+    A file that is not an image, or whose header claims more than :data:`MAX_SOURCE_PIXELS`,
+    is the sender's fault: :class:`coformer.runtime.protocol.ProtocolError` ``bad_image``
+    naming which one."""
+    from coformer.runtime.protocol import ProtocolError
+
+    Image = pillow()
+    check_spec(spec)
+    out = []
+    for i, data in enumerate(images):
+        try:
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError...
+            raise ProtocolError("bad_image", f"image {i} is not an image Pillow can read: {e}") from None
+        if w * h > MAX_SOURCE_PIXELS:
+            raise ProtocolError("bad_image", f"image {i} is {w}x{h}, over the {MAX_SOURCE_PIXELS:,} pixels a "
+                                             "device decodes")
+        try:
+            out.append(preprocess_image(img, spec))
+        except Exception as e:  # a truncated or corrupt file fails when decoded (Pillow's own errors)
+            raise ProtocolError("bad_image", f"image {i}: {e}") from None
+    return np.stack(out)

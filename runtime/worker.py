@@ -100,6 +100,24 @@ def local_input(local, header) -> np.ndarray:
     return local[idx]
 
 
+def encoded_input(images, manifest) -> np.ndarray:
+    """The model input for a request's encoded images (:mod:`coformer.runtime.protocol`'s
+    ``images``), decoded and preprocessed here as the manifest says; a bundle without an image
+    record (text, or a teacher compiled without timm's data config) refuses them, by name."""
+    from coformer.runtime.images import is_image_spec, request_input
+
+    spec = manifest.input.preprocessing
+    if not is_image_spec(spec):
+        raise protocol.ProtocolError("bad_payload", "this bundle records no image preprocessing: send the model "
+                                                    "input as a tensor, not encoded images")
+    try:
+        return request_input(images, spec)
+    except CoFormerError as e:  # no Pillow on this device: the request fails here, by name, the worker serves on
+        if isinstance(e, protocol.ProtocolError):
+            raise
+        raise protocol.ProtocolError("unsupported", str(e)) from None
+
+
 def max_message_bytes(limits: protocol.TensorLimits) -> int:
     """Frames above this are dropped by ZeroMQ itself; below it, bad sizes get an error reply."""
     return max(16 << 20, 2 * limits.max_payload_bytes + protocol.MAX_HEADER_BYTES)
@@ -227,7 +245,10 @@ def run_worker(
                         raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's "
                                                                   f"{sorted(engines)}")
                     engine = engines[name]
-                    x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
+                    if msg.images is not None:  # encoded files, forwarded as the client sent them
+                        x = encoded_input(msg.images, manifest)
+                    else:
+                        x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
                     if text and msg.tensor is not None and (not prism or name == "embed"):
                         check_tokens(x, manifest.input.preprocessing)
                 except protocol.ProtocolError as e:

@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", default="2mbit", help="link rates to sweep, e.g. 2mbit,100mbit,1gbit")
     p.add_argument("--input-source", default=None,
                    help="where the input comes from: 'device' (every device captures it, the paper's setting), "
-                        "'central' (the central node sends it out), or both (the default; --fronts: device)")
+                        "'central' (the central node sends it out), or both (the default; --fronts: device); "
+                        "'files' too: the client sends the image files as they are and every device decodes them "
+                        "(a bundle benched on an image folder)")
     p.add_argument("--devices-count", default=None, metavar="K[,K..]|A..B",
                    help="with --quickstart: also run on the first K devices alone (e.g. 1..3), "
                         "a CoFormer bundle searched for each count")
@@ -672,7 +674,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CoFormerError(f"--max-seconds {args.max_seconds} must be > 0")
     strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:") if args.strategies else None
     sources = bench.parse_choice(args.input_source or ("device" if args.fronts else "device,central"),
-                                 bench.INPUT_SOURCES, "--input-source:")
+                                 bench.ALL_INPUT_SOURCES, "--input-source:")
     bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
     from coformer.tools.bench.options import parse_crs

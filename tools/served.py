@@ -166,10 +166,12 @@ class _Served:
     """One bundle being served for a measurement: its cluster, its client, and how a sample is sent."""
 
     def __init__(self, name: str, bundle: Path, inputs: Inputs, *, bed, throttle: str, local_inputs: Optional[Path],
-                 timeout_s: Optional[float], log_dir: Optional[Path]) -> None:
+                 timeout_s: Optional[float], log_dir: Optional[Path], files: Optional[Sequence[Path]] = None) -> None:
         from coformer.tools.cluster import LocalCluster
 
         self.name, self.inputs, self.local = name, inputs, local_inputs
+        # sample i sent as the encoded file files[i] (Client.infer_images), read once here
+        self.files = None if files is None else [Path(f).read_bytes() for f in files]
         waits = {} if timeout_s is None else {"timeout_s": timeout_s}
         self.cluster = LocalCluster(bundle, testbed=bed, throttle=throttle, local_inputs=local_inputs,
                                     log_dir=log_dir, **waits)
@@ -201,6 +203,8 @@ class _Served:
         client = client or self.client
         if self.encoder is not None:
             r = client.infer(self.encoder.encode([self.inputs[i]]))
+        elif self.files is not None:
+            r = client.infer_images([self.files[i]])
         else:
             r = client.infer(self.inputs[i:i + 1], input_index=[i] if self.local is not None else None)
         return Sample(index=int(i), round_trip_ms=r.round_trip_ms,
@@ -296,7 +300,8 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
                     log_dir: Optional[Path] = None, keep_going: bool = False,
                     on_turn: Optional[Callable[[str, int, int], None]] = None,
                     after: Optional[Callable[[str, Any], Any]] = None, throughput: Sequence[int] = (),
-                    throughput_s: float = 5.0) -> dict[str, Measurement]:
+                    throughput_s: float = 5.0, files: Optional[Mapping[str, Sequence[Path]]] = None
+                    ) -> dict[str, Measurement]:
     """Serve every bundle of ``bundles`` (name -> directory) and send it the samples ``indices``
     of ``inputs`` (default: all, in order) in interleaved passes (module doc); one
     :class:`Measurement` per name.
@@ -315,6 +320,9 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
             read after each turn and out-of-memory kills are told apart from other failures.
         local_inputs: names whose workers read ``inputs`` from this ``.npy`` themselves: the
             client sends the index, and the input never crosses the links.
+        files: names whose client sends sample ``i`` as the encoded image file ``files[name][i]``
+            (the files ``inputs`` were preprocessed from): the central node forwards the file's
+            bytes and every device decodes it.
         timeout_s: how long the cluster waits for its processes and the client for an answer
             (default: :class:`~coformer.tools.cluster.LocalCluster`'s and the client's own).
         log_dir: each bundle's process logs go to ``log_dir / name``.
@@ -356,7 +364,8 @@ def measure_bundles(bundles: Mapping[str, Path], inputs: Inputs, *, indices: Opt
 
     def serve(name: str) -> _Served:
         return _Served(name, Path(bundles[name]), inputs, bed=bed, throttle=throttle, local_inputs=local_inputs.get(name),
-                       timeout_s=timeout_s, log_dir=None if log_dir is None else Path(log_dir) / name)
+                       timeout_s=timeout_s, log_dir=None if log_dir is None else Path(log_dir) / name,
+                       files=(files or {}).get(name))
 
     with ExitStack() as up:
         served: dict[str, _Served] = {}

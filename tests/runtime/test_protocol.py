@@ -112,3 +112,23 @@ def test_the_compilers_header_size_bounds_what_a_worker_sends():
         assert len(frames[0]) <= bound, json.loads(frames[0])
     assert 100 < bound < 300
     assert protocol.features_header_bytes("a-much-longer-device-name", 256) > bound
+
+
+def test_encoded_images_travel_as_their_bytes_and_a_lying_header_is_refused():
+    files = [b"\xff\xd8jpeg-one", b"\x89PNG-two-longer"]
+    frames = protocol.encode("infer", 7, images=files, deadline_ms=50.0)
+    assert frames[1] == b"".join(files) and json.loads(frames[0])["images"] == [len(f) for f in files]
+    limits = protocol.TensorLimits("float32", (3, 4, 4), max_batch=2)
+    msg = protocol.decode(frames, limits)
+    assert msg.images == tuple(files) and msg.tensor is None and msg.header["deadline_ms"] == 50.0
+    header = json.loads(frames[0])
+    for sizes, code in (([5, 100], "bad_payload"), ([0, 24], "bad_header"), ("24", "bad_header"),
+                        ([1] * 3, "bad_shape")):
+        with pytest.raises(ProtocolError) as info:
+            protocol.decode([json.dumps({**header, "images": sizes}).encode(), frames[1]], limits)
+        assert info.value.code == code, sizes
+    with pytest.raises(ProtocolError) as info:  # more bytes than the batch's float32 pixels: a tensor could not
+        protocol.decode(protocol.encode("infer", 7, images=[b"x" * 384, b"y"]), limits)
+    assert info.value.code == "too_large"
+    with pytest.raises(ProtocolError, match="not both"):
+        protocol.decode([json.dumps({**header, "dtype": "float32", "shape": [1]}).encode(), frames[1]], limits)

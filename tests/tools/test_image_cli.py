@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from coformer.runtime.client import ServerError
 from coformer.runtime.manifest import load_manifest
 from coformer.tools.sample_data import write_photos
 
@@ -127,6 +128,13 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
 
         with Client(endpoint.group(1), keys=endpoint.group(2), timeout_s=60) as client:  # the Python API, on the same files
             api, results = client.classify_images([str(f) for f in files], bundle, top_k=1, batch_size=2)
+            # issue 39: the files go as they are, decoded on every device, and answer as their float32 pixels do
+            encoded = client.infer_images(files)
+            pixels = client.infer(preprocess_images(files, load_manifest(bundle).input.preprocessing))
+            truncated = files[0].read_bytes()[:600]  # a JPEG's header, then nothing: refused, the node serves on
+            with pytest.raises(ServerError) as cut:
+                client.infer_images([truncated])
+            after = client.infer_images(files[:1])
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
@@ -139,6 +147,13 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
         assert 1.0 >= a["top_k"][0]["probability"] >= a["top_k"][1]["probability"] > 0
     assert bad.returncode == 2 and "devices.yaml is not an image" in bad.stderr and "Traceback" not in bad.stderr
     assert [a[0][0] for a in api] == [a["top_k"][0]["label"] for a in answer["images"]] and len(results) == 2
+    np.testing.assert_allclose(encoded.logits, pixels.logits, atol=1e-5)  # every device preprocessed alike
+    assert not encoded.degraded and not pixels.degraded
+    sizes = sum(f.stat().st_size for f in files)
+    print(f"to the workers: {encoded.wire_bytes_to_workers:,} bytes as files ({sizes:,} bytes of them), "
+          f"{pixels.wire_bytes_to_workers:,} as float32 pixels")
+    assert encoded.wire_bytes_to_workers < 2 * sizes + 2048 and 10 * encoded.wire_bytes_to_workers < pixels.wire_bytes_to_workers
+    assert cut.value.code == "bad_image" and not after.degraded
 
 
 def test_a_flat_folder_is_label_free_distillation(work):
@@ -335,3 +350,20 @@ def test_an_image_encoder_without_a_head_compiles_to_an_embedding_bundle(work):
     kept = r["calibration"]
     assert kept["kept"] == max(kept["val_cosine"], key=kept["val_cosine"].get)
     assert r["mean_cosine"] >= r["ridge_probe"]["mean_cosine"] - 0.01
+
+
+def test_bench_sends_the_image_files_as_they_are_and_they_answer_as_their_pixels(work):
+    """`--input-source files` (issue 39): the client sends each test image's file, the central node
+    forwards the bytes and every device decodes them; same answers as the float32 pixels sent out, with
+    a small fraction of the bytes to the workers."""
+    tmp, bundles = work
+    name, kwargs, file = MODELS["deit"]
+    done = run("coformer", "bench", bundles["deit"][0], "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+               json.dumps(kwargs), "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--no-testbed",
+               "--strategies", "coformer", "--input-source", "central,files", "--samples", "6", "--passes", "1",
+               "--throughput", "none", "--no-progress", "--out", tmp / "bench-files")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["input_source"]: r for r in json.loads((tmp / "bench-files" / "bench.json").read_text())["results"]}
+    assert set(rows) == {"central", "files"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["files"]["accuracy"] == rows["central"]["accuracy"] and rows["files"]["samples"] == 6
+    assert 10 * rows["files"]["bytes_to_devices"] < rows["central"]["bytes_to_devices"]

@@ -40,8 +40,8 @@ names), :mod:`.strategies` (building and checking each strategy's bundle),
 :mod:`.report` (ratios and markdown) and :mod:`.plots`.
 """
 
-from coformer.tools.bench.options import (DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES, bandwidth_name,
-                                          parse_bandwidths, parse_choice, parse_clients, parse_counts)
+from coformer.tools.bench.options import (ALL_INPUT_SOURCES, DEFAULT_BANDWIDTHS, INPUT_SOURCES, STRATEGIES,
+                                          bandwidth_name, parse_bandwidths, parse_choice, parse_clients, parse_counts)
 from coformer.tools.bench.report import format_summary, markdown, ratios
 from coformer.tools.bench.runner import (BENCH_MEMORY, check_testbed, is_text_quickstart, memory_story,
                                          quickstart_inputs, run_bench, run_model_bench, run_quickstart_bench,
@@ -49,7 +49,8 @@ from coformer.tools.bench.runner import (BENCH_MEMORY, check_testbed, is_text_qu
 from coformer.tools.bench.strategies import (BUNDLES_VERSION, bundle_devices, bundles_digest, check_bundle_matches,
                                              prepare_bundles, strategies_for)
 
-__all__ = ["BENCH_MEMORY", "BUNDLES_VERSION", "DEFAULT_BANDWIDTHS", "INPUT_SOURCES", "STRATEGIES", "bandwidth_name",
+__all__ = ["ALL_INPUT_SOURCES", "BENCH_MEMORY", "BUNDLES_VERSION", "DEFAULT_BANDWIDTHS", "INPUT_SOURCES", "STRATEGIES",
+           "bandwidth_name",
            "bundle_devices", "bundles_digest", "check_bundle_matches", "check_testbed", "format_summary", "is_text_quickstart", "markdown",
            "memory_story", "parse_bandwidths", "parse_choice", "parse_clients", "parse_counts", "prepare_bundles", "quickstart_inputs",
            "ratios", "run_bench", "run_model_bench", "run_quickstart_bench", "run_text_quickstart_bench", "strategies_for"]

@@ -16,7 +16,9 @@ PRISM_FINETUNE_EPOCHS = 2
 STUDENTS = ("student", "student_matched")  # one sub-model on the central device alone
 # the strategies that are CoFormer bundles (sub-models, features, an aggregator): their rows get a physical limit
 DECOMPOSED = ("coformer", "uniform", *STUDENTS)
-INPUT_SOURCES = ("device", "central")
+INPUT_SOURCES = ("device", "central")  # the default pair; also "files": the central node forwards the
+# encoded image files as the client sent them, each device decoding them (an image-folder bench only)
+ALL_INPUT_SOURCES = (*INPUT_SOURCES, "files")
 DEFAULT_BANDWIDTHS = "2mbit"
 DEFAULT_THROUGHPUT = "1,8"  # concurrent clients whose answers per second every run reports
 _UNITS = {"kbit": 1e-3, "mbit": 1.0, "gbit": 1e3}

@@ -76,7 +76,8 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
               out_dir: Path, bandwidths: Sequence[float], sources: Sequence[str], use_testbed: bool = True,
               samples: int = 200, max_seconds: float = 60.0, warmup: int = 5,
               progress: Union[bool, Progress] = True, memory_check: Optional[dict[str, Any]] = None, passes: int = 3,
-              throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0) -> dict[str, Any]:
+              throughput: Sequence[int] = (1, 8), throughput_s: float = 5.0,
+              files: Optional[Sequence[Path]] = None) -> dict[str, Any]:
     """Every strategy x bandwidth x input source, for each ``(devices, {strategy: bundle})`` setup
     (one per device count); writes ``bench.json``, ``bench.md`` and plots to ``out_dir``.
 
@@ -89,6 +90,9 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     so ``sources`` must be ``["central"]``). ``y`` is the class labels, or for embedding
     bundles the reference embeddings (the teacher's), which rows are scored against by mean
     cosine and nearest-neighbour agreement in place of accuracy (``report["task"]``).
+
+    ``files``: the image files ``x`` was preprocessed from, for the source ``files`` (the
+    client sends each file as it is; the central node forwards it and every device decodes it).
     """
     if passes < 1:
         raise CoFormerError(f"--passes {passes} must be >= 1")
@@ -101,6 +105,9 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
     text = not isinstance(x, np.ndarray)
     if text and list(sources) != ["central"]:
         raise CoFormerError(f"input sources {list(sources)}: raw text is sent with the request (input from central)")
+    if "files" in sources and (files is None or len(files) < len(x)):
+        raise CoFormerError("input source files needs the image files the inputs came from: a folder of images as "
+                            "--data, with a bundle of a timm teacher")
     inputs_path = out_dir / "inputs.npy"
     if not text:  # the workers with local inputs read them from here
         np.save(inputs_path, np.ascontiguousarray(x))
@@ -137,6 +144,7 @@ def run_bench(setups: Sequence[tuple[Sequence[Any], dict[str, Path]]], x: np.nda
                     {n: r[1] for n, r in runs.items()}, x, indices=range(min(samples, len(x))), passes=passes,
                     alone=True, warmup=warmup, max_seconds=max_seconds, min_samples=10, bed=bed,
                     local_inputs={n: inputs_path for n, r in runs.items() if r[2] == "device"}, timeout_s=120.0,
+                    files={n: files for n, r in runs.items() if r[2] == "files"},
                     log_dir=out_dir / "logs" / f"{bw}-{k}", keep_going=True, on_turn=turn, throughput=throughput,
                     throughput_s=throughput_s)
                 for name, (strategy, _, source) in runs.items():
@@ -346,9 +354,12 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     with torch.no_grad():
         # raw texts, each tokenised by the client as a user's would be; or the image inputs
         x = [data.test.raw[i] for i in range(len(x))] if text else x.numpy()
+    # an image folder's test files, for the source that sends them as they are
+    files = [Path(p) for p in data.test.raw[: len(x)]] if "files" in sources and not text and \
+        data.test.source is not None and manifest.input.preprocessing.get("source") == "timm" else None
     report = run_bench([(devices, bundles)], x, y, out, parse_bandwidths(bandwidths), sources, use_testbed,
                        samples, max_seconds, progress=progress, passes=passes, throughput=throughput,
-                       throughput_s=throughput_s)
+                       throughput_s=throughput_s, files=files)
     report["accuracy_reference"] = reference
     atomic_write_json(out / "bench.json", report)
     return report
