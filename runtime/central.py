@@ -47,6 +47,10 @@ from coformer.runtime.text import check_tokens, model_feeds
 from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, encoded_input, id_of, heartbeats, input_limits,
                                      install_stop_signals, max_message_bytes)
 
+# After a connection on the worker socket closes, every worker is probed (a no-op send, refused
+# at once for a connection that is gone) every PROBE_MS for PROBE_S: the disconnect event can
+# come before the socket drops the connection's route.
+PROBE_MS, PROBE_S = 20, 1.0
 _yield_cpu = getattr(os, "sched_yield", lambda: time.sleep(0))  # (Unix; elsewhere a no-op-ish sleep)
 log = logging.getLogger("coformer.central")
 
@@ -151,6 +155,8 @@ class CentralNode:
         self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
         self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
         self._monitor = None  # the worker socket's disconnect events (serve)
+        self._probe_until: Optional[float] = None  # workers are probed until then, after a disconnect
+        self._probed_at = float("-inf")
         self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:
@@ -196,9 +202,11 @@ class CentralNode:
             poller.register(self._monitor, zmq.POLLIN)
             while not stop.is_set():
                 throttle.waiting()
-                events = dict(poller.poll(POLL_MS))
+                events = dict(poller.poll(POLL_MS if self._probe_until is None else PROBE_MS))
                 if self._monitor in events:
                     self._on_disconnect(None)
+                elif self._probe_until is not None:
+                    self._probe(None)
                 if self.back in events:
                     received = self._recv_back()
                     try:
@@ -635,9 +643,12 @@ class CentralNode:
         fair = deadline - time.monotonic() >= LATE_AFTER_S
         while len(pending["features"]) + len(pending["failed"]) < len(expected):
             left_ms = int((deadline - time.monotonic()) * 1e3)
-            events = dict(self._poller.poll(left_ms)) if left_ms > 0 else {}
+            wait_ms = left_ms if self._probe_until is None else min(left_ms, PROBE_MS)
+            events = dict(self._poller.poll(wait_ms)) if left_ms > 0 else {}
             if self._monitor in events:  # a worker whose connection closed is not waited for
                 self._on_disconnect(pending)
+            elif self._probe_until is not None:
+                self._probe(pending)
             if self.front in events:  # requests arriving meanwhile are queued now: their deadlines run from here
                 self._drain_front()
             if self.back not in events and left_ms > 0 and time.monotonic() < deadline:
@@ -680,6 +691,22 @@ class CentralNode:
 
         while self._monitor.poll(0):
             recv_monitor_message(self._monitor)
+        # The event can come before the socket has dropped the connection's route, and then the
+        # probe still goes through: it is repeated every PROBE_MS for PROBE_S (a closed worker was
+        # sometimes counted ready for an hour of silence in tests/tools/test_key_holders.py).
+        self._probe_until = time.monotonic() + PROBE_S
+        self._probed_at = float("-inf")  # now, whatever the last probe was
+        self._probe(pending)
+
+    def _probe(self, pending: Optional[dict]) -> None:
+        """Each registered worker sent a no-op (see :meth:`_on_disconnect`); one whose connection
+        is gone is dropped. Stops repeating once ``PROBE_S`` after the last disconnect."""
+        now = time.monotonic()
+        if self._probe_until is not None and now > self._probe_until:
+            self._probe_until = None
+        if now - self._probed_at < PROBE_MS / 1e3:  # at most once a PROBE_MS
+            return
+        self._probed_at = now
         for name, ident in list(self.workers.items()):
             try:
                 self.back.send_multipart([ident] + protocol.encode("welcome", 0), flags=zmq.NOBLOCK)

@@ -80,9 +80,9 @@ class TensorLimits:
     extra: Mapping[str, Any] = field(default_factory=dict)
     dynamic: tuple[int, ...] = ()
 
-    @property
+    @functools.cached_property  # asked of every message received: computed once (a frozen dataclass keeps a __dict__)
     def max_payload_bytes(self) -> int:
-        return self.max_batch * int(np.prod(self.shape)) * np.dtype(_DTYPES[self.dtype]).itemsize
+        return self.max_batch * math.prod(self.shape) * np.dtype(_DTYPES[self.dtype]).itemsize
 
 
 def encode(op: str, request_id: int, tensor: Optional[np.ndarray] = None, *,
