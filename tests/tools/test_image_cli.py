@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from coformer.runtime.client import ServerError
+from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import load_manifest
 from coformer.tools.sample_data import write_photos
 
@@ -131,9 +131,10 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
             # issue 39: the files go as they are, decoded on every device, and answer as their float32 pixels do
             encoded = client.infer_images(files)
             pixels = client.infer(preprocess_images(files, load_manifest(bundle).input.preprocessing))
-            truncated = files[0].read_bytes()[:600]  # a JPEG's header, then nothing: refused, the node serves on
-            with pytest.raises(ServerError) as cut:
-                client.infer_images([truncated])
+            with pytest.raises(CoFormerError, match="not an image"):  # the client refuses a cut file before sending
+                client.infer_images([files[0].read_bytes()[:600]])
+            from coformer.runtime import protocol  # a peer that sends one anyway is answered, and the node serves on
+            refused = client.send_raw(protocol.encode("infer", 99, images=[b"\xff\xd8 not a JPEG at all"]))
             after = client.infer_images(files[:1])
     finally:
         proc.send_signal(signal.SIGINT)
@@ -153,7 +154,7 @@ def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
     print(f"to the workers: {encoded.wire_bytes_to_workers:,} bytes as files ({sizes:,} bytes of them), "
           f"{pixels.wire_bytes_to_workers:,} as float32 pixels")
     assert encoded.wire_bytes_to_workers < 2 * sizes + 2048 and 10 * encoded.wire_bytes_to_workers < pixels.wire_bytes_to_workers
-    assert cut.value.code == "bad_image" and not after.degraded
+    assert refused.op == "error" and refused.header["code"] == "bad_image" and not after.degraded
 
 
 def test_a_flat_folder_is_label_free_distillation(work):

@@ -140,7 +140,7 @@ def test_two_testbeds_at_once_do_not_touch_each_other(tmp_path, monkeypatch):
             testbed.load()
         first.down()
         assert testbed.leftovers(first.slot) == {"namespaces": [], "links": [], "cgroups": []}
-        assert _transfer_s(second, "slow", 100_000, 9150) == 0.16  # still shaped (at least 0.2 s)
+        assert _transfer_s(second, "slow", 100_000, 9150) >= 0.16  # still shaped (at least 0.2 s)
         # this process owns `second` and is alive: a plain `down` leaves it
         testbed.down()
         assert len(testbed.leftovers(second.slot)["namespaces"]) == 3
