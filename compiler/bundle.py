@@ -11,6 +11,7 @@ from typing import Any, Callable
 from coformer.runtime.files import public_mode, replace_dir, sha256_file
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest, write_manifest
+from coformer.runtime.security import local_operator, sign_bundle
 
 
 def check_target(out_dir: Path) -> None:
@@ -23,7 +24,9 @@ def check_target(out_dir: Path) -> None:
 def write_bundle(out_dir: Path, build: Callable[[Path], dict[str, Any]]) -> Manifest:
     """Call ``build(staging_dir)`` to write the artifacts and return the manifest's
     fields but ``files``, which is filled with the SHA-256 of every file written;
-    then publish the folder at ``out_dir`` atomically and verify it."""
+    then sign the manifest with this user's operator key (made on first use:
+    :func:`coformer.runtime.security.local_operator`; ``coformer serve`` without ``--keys``
+    checks it), publish the folder at ``out_dir`` atomically and verify it."""
     out_dir = Path(out_dir)
     check_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +41,7 @@ def write_bundle(out_dir: Path, build: Callable[[Path], dict[str, Any]]) -> Mani
         }
         manifest = Manifest(**fields, files=files)
         write_manifest(staging, manifest)
+        sign_bundle(staging, local_operator(create=True)[0])
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -232,6 +234,50 @@ def _read_signing_key(path: Path):
         return SigningKey(raw)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CoFormerError(f"{path} is not an Ed25519 signing key (64 hex digits): {e}") from None
+
+
+# -- this user's own operator key -------------------------------------------------
+LOCAL_OPERATOR_ENV = "COFORMER_CONFIG_DIR"
+
+
+def local_operator_dir() -> Path:
+    """Where this user's operator key lives: ``$COFORMER_CONFIG_DIR/operator`` (default
+    ``$XDG_CONFIG_HOME/coformer/operator``, or ``~/.config/coformer/operator``)."""
+    base = os.environ.get(LOCAL_OPERATOR_ENV) or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "coformer")
+    return Path(base) / "operator"
+
+
+def local_operator(create: bool = False) -> Optional[tuple[Path, bytes]]:
+    """This user's operator key: ``(signing key file, verify key)``, made on first use when
+    ``create`` (None when there is none and ``create`` is off).
+
+    Every bundle this user compiles is signed with it (:func:`coformer.compiler.bundle.write_bundle`),
+    and ``coformer serve`` without ``--keys`` checks the signature against it, so an edited label,
+    preprocessing or checksum is refused there too (issue 39, finding 6). Two processes making it
+    at once keep one key: the file is created exclusively (a hard link, which never overwrites)."""
+    from nacl.signing import SigningKey
+
+    folder = local_operator_dir()
+    secret = folder / OPERATOR_SECRET
+    if not secret.is_file():
+        if not create:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".operator-")
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, SigningKey.generate().encode().hex().encode() + b"\n")
+            os.close(fd)
+            try:
+                os.link(tmp, secret)  # fails if another process made it first: theirs is kept
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    key = _read_signing_key(secret)
+    return secret, key.verify_key.encode()
 
 
 # -- the bundle's signature ------------------------------------------------------

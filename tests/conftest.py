@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# This user's operator key (every compile signs with it; coformer serve checks it): the suite's
+# own, made afresh in a folder of its own, never the key of the user running the tests
+os.environ["COFORMER_CONFIG_DIR"] = tempfile.mkdtemp(prefix="coformer-test-config-")
 
 
 def tiny_vit(**overrides):

@@ -137,12 +137,26 @@ class LocalCluster:
             raise CoFormerError("LocalCluster: keys and secure=False contradict each other")
         self.keys = Path(keys) if keys is not None else None
         self._own_keys = None
-        trust = None
-        if self.keys is not None:
-            from coformer.runtime.security import load_keys
+        from coformer.runtime.security import load_keys, local_operator
 
-            trust = load_keys(self.keys / "central", "central").operator
-        self.manifest = load_manifest(self.bundle_dir, trust=trust)
+        self._local = None
+        if self.keys is not None:
+            self.manifest = load_manifest(self.bundle_dir, trust=load_keys(self.keys / "central", "central").operator)
+        else:
+            # Without an operator's keys, the bundle must carry this user's own signature (every
+            # compile here makes one): an edited manifest is refused as it would be under --keys.
+            # A user who never compiled here has no key to check against.
+            self._local = local_operator()
+            try:
+                self.manifest = load_manifest(self.bundle_dir, trust=None if self._local is None else self._local[1])
+            except CoFormerError as e:
+                if self._local is None or "sign" not in str(e):
+                    raise
+                raise CoFormerError(f"{e}. Without --keys, coformer serve checks the signature of this user's "
+                                    f"operator key ({self._local[0]}), which every compile here signs with; a "
+                                    f"bundle from elsewhere: serve it with that operator's --keys, or sign it "
+                                    f"here if you trust it: coformer-runtime sign {self.bundle_dir} --key "
+                                    f"{self._local[0]}") from None
         self.placements = dict(placements or default_placements(self.manifest))
         self.throttle = throttle
         self.log_dir = Path(log_dir) if log_dir else None
@@ -178,8 +192,14 @@ class LocalCluster:
             self._own_keys = Path(tempfile.mkdtemp(prefix=KEYS_PREFIX))
             (self._own_keys / OWNER_FILE).write_text(f"{os.getpid()}\n")
             write_keys(self._own_keys, [w.device for w in self.manifest.workers], ["client"])
+            local = self._local
             for f in self._own_keys.rglob(OPERATOR_PUBLIC):
-                f.unlink()  # a throwaway operator key signed nothing: leave the signature unchecked
+                # a throwaway operator key signed nothing: every role checks this user's own instead
+                # (the key each compile here signs with), or nothing where there is none
+                if local is None:
+                    f.unlink()
+                else:
+                    f.write_text(local[1].hex() + "\n")
             shutil.rmtree(self._own_keys / "operator")  # nor will it sign anything: no secret left lying about
             self.keys = self._own_keys
         if role == "client":

@@ -388,3 +388,39 @@ def test_status_stops_saying_ready_once_a_workers_connection_is_gone(compiled, m
         status = client.status(WAIT_S)
         assert status["missing"] == ["edge-c"] and not status["ready"] and status["degraded"]
         assert client.infer(x).degraded == ("edge-c",)
+
+
+@pytest.mark.parametrize("edit", ["label", "preprocessing", "unsigned"])
+def test_serve_without_keys_refuses_a_bundle_edited_after_its_compile(compiled, tmp_path, edit):  # noqa: F811
+    """Finding 6: every compile signs its bundle with this user's operator key, and ``coformer serve``
+    without ``--keys`` checks it: an edited label or preprocessing mean, or a deleted signature,
+    started and served before. The compiled bundle itself serves, and its signature is checked by
+    every role (the throwaway key folders carry this user's verify key, and no secret)."""
+    import json
+
+    from coformer.runtime.security import SIGNATURE_NAME, local_operator
+    from coformer.tools.cluster import LocalCluster
+
+    result, data = compiled
+    assert (result.bundle_dir / SIGNATURE_NAME).is_file() and local_operator() is not None
+    bundle = tmp_path / "bundle"
+    shutil.copytree(result.bundle_dir, bundle)
+    with LocalCluster(bundle, throttle="none") as c, c.client() as client:
+        assert client.infer(data.test.x[:1].numpy()).degraded == ()
+        folder = c.keys
+        assert (folder / "edge-b" / "operator.pub").read_text().strip() == local_operator()[1].hex()
+        assert not list(folder.rglob("operator.signing"))
+    m = json.loads((bundle / "manifest.json").read_text())
+    if edit == "label":
+        m["task"]["labels"][0] = "seven"
+    elif edit == "preprocessing":
+        m["input"]["preprocessing"]["mean"] = 0.9
+    if edit == "unsigned":
+        (bundle / SIGNATURE_NAME).unlink()
+    else:
+        (bundle / "manifest.json").write_text(json.dumps(m))
+    done = subprocess.run([sys.executable, "-m", "coformer.tools.cli", "serve", str(bundle), "--front",
+                           "tcp://127.0.0.1:*", "--throttle", "none"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert ("not signed" if edit == "unsigned" else "does not match its signature") in done.stderr
+    assert "coformer-runtime sign" in done.stderr  # the way out, for a bundle the user trusts

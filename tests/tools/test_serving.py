@@ -16,6 +16,7 @@ from coformer.compiler.specs import DeviceSpec
 from coformer.runtime import protocol
 from coformer.runtime.client import ServerError
 from coformer.runtime.errors import CoFormerError
+from coformer.runtime.security import local_operator, sign_bundle
 from coformer.tools.cluster import LocalCluster
 from tests.conftest import tiny_vit
 
@@ -144,6 +145,7 @@ def test_without_a_fallback_a_dead_worker_is_named_in_a_timeout_error(compiled, 
     m = json.loads((bundle / "manifest.json").read_text())
     m["fallbacks"] = [f for f in m["fallbacks"] if f["missing"] != ["edge-c"]]
     (bundle / "manifest.json").write_text(json.dumps(m))
+    sign_bundle(bundle, local_operator()[0])  # edited on purpose, signed again as its operator would
     x = data.test.x[:1].numpy()
     with LocalCluster(bundle, throttle="none", timeout_s=1.0) as c:
         with c.client(timeout_s=10) as client:
