@@ -112,9 +112,9 @@ def encoded_input(images, manifest) -> np.ndarray:
                                                     "input as a tensor, not encoded images")
     try:
         return request_input(images, spec)
+    except protocol.ProtocolError:
+        raise
     except CoFormerError as e:  # no Pillow on this device: the request fails here, by name, the worker serves on
-        if isinstance(e, protocol.ProtocolError):
-            raise
         raise protocol.ProtocolError("unsupported", str(e)) from None
 
 

@@ -137,7 +137,7 @@ class LocalCluster:
             raise CoFormerError("LocalCluster: keys and secure=False contradict each other")
         self.keys = Path(keys) if keys is not None else None
         self._own_keys = None
-        from coformer.runtime.security import load_keys, local_operator
+        from coformer.runtime.security import load_keys, local_operator, verify_signature
 
         self._local = None
         if self.keys is not None:
@@ -146,17 +146,17 @@ class LocalCluster:
             # Without an operator's keys, the bundle must carry this user's own signature (every
             # compile here makes one): an edited manifest is refused as it would be under --keys.
             # A user who never compiled here has no key to check against.
+            self.manifest = load_manifest(self.bundle_dir)
             self._local = local_operator()
-            try:
-                self.manifest = load_manifest(self.bundle_dir, trust=None if self._local is None else self._local[1])
-            except CoFormerError as e:
-                if self._local is None or "sign" not in str(e):
-                    raise
-                raise CoFormerError(f"{e}. Without --keys, coformer serve checks the signature of this user's "
-                                    f"operator key ({self._local[0]}), which every compile here signs with; a "
-                                    f"bundle from elsewhere: serve it with that operator's --keys, or sign it "
-                                    f"here if you trust it: coformer-runtime sign {self.bundle_dir} --key "
-                                    f"{self._local[0]}") from None
+            if self._local is not None:
+                try:
+                    verify_signature(self.bundle_dir, self._local[1])
+                except CoFormerError as e:
+                    raise CoFormerError(f"{e}. Without --keys, coformer serve checks the signature of this user's "
+                                        f"operator key ({self._local[0]}), which every compile here signs with; "
+                                        f"a bundle from elsewhere: serve it with that operator's --keys, or sign "
+                                        f"it here if you trust it: coformer-runtime sign {self.bundle_dir} --key "
+                                        f"{self._local[0]}") from None
         self.placements = dict(placements or default_placements(self.manifest))
         self.throttle = throttle
         self.log_dir = Path(log_dir) if log_dir else None
