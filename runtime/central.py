@@ -42,7 +42,8 @@ from coformer.runtime.engines import open_device_engines, open_engine
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
-from coformer.runtime.security import RoleKeys, curve_server, require_security, start_authenticator
+from coformer.runtime.security import (RoleKeys, check_local_signature, curve_server, require_security,
+                                       start_authenticator)
 from coformer.runtime.text import check_tokens, model_feeds
 from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, encoded_input, id_of, heartbeats, input_limits,
                                      install_stop_signals, max_message_bytes)
@@ -104,6 +105,8 @@ class CentralNode:
         self.secure = require_security(keys, insecure, (front, back), "central node")
         self.keys = keys
         self.manifest = load_manifest(self.bundle_dir, trust=keys.operator if keys else None)
+        if keys is None:  # keyless (loopback, or --insecure): this user's own signature, where one exists
+            check_local_signature(self.bundle_dir)
         self.digest = manifest_digest(self.bundle_dir)
         self.front_addr, self.back_addr = front, back
         self.limits = limits

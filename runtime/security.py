@@ -280,6 +280,23 @@ def local_operator(create: bool = False) -> Optional[tuple[Path, bytes]]:
     return secret, key.verify_key.encode()
 
 
+def check_local_signature(bundle_dir: Path) -> Optional[tuple[Path, bytes]]:
+    """Without an operator's keys, a bundle must carry this user's own signature (every compile
+    here makes one: :func:`local_operator`), so an edited manifest is refused as it would be under
+    ``--keys``; returns that key, or None where this user has none (nothing to check against).
+    The refusal names the command that signs the bundle here, for one the user trusts."""
+    local = local_operator()
+    if local is not None:
+        try:
+            verify_signature(bundle_dir, local[1])
+        except CoFormerError as e:
+            raise CoFormerError(f"{e}. Without --keys, the signature is checked against this user's operator "
+                                f"key ({local[0]}), which every compile here signs with; a bundle from "
+                                f"elsewhere: serve it with that operator's --keys, or sign it here if you trust "
+                                f"it: coformer-runtime sign {bundle_dir} --key {local[0]}") from None
+    return local
+
+
 # -- the bundle's signature ------------------------------------------------------
 def sign_bundle(bundle_dir: Path, signing_key: Path) -> Path:
     """Sign ``manifest.json`` with the operator's Ed25519 key; writes ``manifest.sig``."""

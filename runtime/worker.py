@@ -19,7 +19,7 @@ from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
 from coformer.runtime.prism import Sessions
-from coformer.runtime.security import RoleKeys, curve_client, require_security
+from coformer.runtime.security import RoleKeys, check_local_signature, curve_client, require_security
 from coformer.runtime.text import check_tokens, model_feeds
 
 log = logging.getLogger("coformer.worker")
@@ -173,6 +173,8 @@ def run_worker(
     install_stop_signals(stop)
     secure = require_security(keys, insecure, (central,), f"worker {device}")
     manifest = load_manifest(bundle_dir, trust=keys.operator if keys else None)
+    if keys is None:  # keyless (loopback, or --insecure): this user's own signature, where one exists
+        check_local_signature(bundle_dir)
     art = manifest.device(device)
     if art.role != "worker":
         raise CoFormerError(f"device {device!r} has role {art.role!r} in this bundle; run it as the central node")

@@ -137,26 +137,14 @@ class LocalCluster:
             raise CoFormerError("LocalCluster: keys and secure=False contradict each other")
         self.keys = Path(keys) if keys is not None else None
         self._own_keys = None
-        from coformer.runtime.security import load_keys, local_operator, verify_signature
+        from coformer.runtime.security import check_local_signature, load_keys
 
-        self._local = None
+        self._local = None  # without keys: this user's operator key, which every role then checks
         if self.keys is not None:
             self.manifest = load_manifest(self.bundle_dir, trust=load_keys(self.keys / "central", "central").operator)
         else:
-            # Without an operator's keys, the bundle must carry this user's own signature (every
-            # compile here makes one): an edited manifest is refused as it would be under --keys.
-            # A user who never compiled here has no key to check against.
             self.manifest = load_manifest(self.bundle_dir)
-            self._local = local_operator()
-            if self._local is not None:
-                try:
-                    verify_signature(self.bundle_dir, self._local[1])
-                except CoFormerError as e:
-                    raise CoFormerError(f"{e}. Without --keys, coformer serve checks the signature of this user's "
-                                        f"operator key ({self._local[0]}), which every compile here signs with; "
-                                        f"a bundle from elsewhere: serve it with that operator's --keys, or sign "
-                                        f"it here if you trust it: coformer-runtime sign {self.bundle_dir} --key "
-                                        f"{self._local[0]}") from None
+            self._local = check_local_signature(self.bundle_dir)
         self.placements = dict(placements or default_placements(self.manifest))
         self.throttle = throttle
         self.log_dir = Path(log_dir) if log_dir else None

@@ -393,8 +393,8 @@ def test_status_stops_saying_ready_once_a_workers_connection_is_gone(compiled, m
 @pytest.mark.parametrize("edit", ["label", "preprocessing", "unsigned"])
 def test_serve_without_keys_refuses_a_bundle_edited_after_its_compile(compiled, tmp_path, edit):  # noqa: F811
     """Finding 6: every compile signs its bundle with this user's operator key, and ``coformer serve``
-    without ``--keys`` checks it: an edited label or preprocessing mean, or a deleted signature,
-    started and served before. The compiled bundle itself serves, and its signature is checked by
+    without ``--keys`` checks it, as a keyless role on loopback does: an edited label or
+    preprocessing mean, or a deleted signature, started and served before. The compiled bundle itself serves, and its signature is checked by
     every role (the throwaway key folders carry this user's verify key, and no secret)."""
     import json
 
@@ -424,3 +424,9 @@ def test_serve_without_keys_refuses_a_bundle_edited_after_its_compile(compiled, 
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert ("not signed" if edit == "unsigned" else "does not match its signature") in done.stderr
     assert "coformer-runtime sign" in done.stderr  # the way out, for a bundle the user trusts
+    # and a role started by hand without keys on loopback checks the same signature
+    role = subprocess.run([sys.executable, "-m", "coformer.runtime.cli", "central", str(bundle), "--front",
+                           "tcp://127.0.0.1:*", "--back", "tcp://127.0.0.1:*"], capture_output=True, text=True,
+                          timeout=120)
+    assert role.returncode == 2 and "Traceback" not in role.stderr, role.stderr[-2000:]
+    assert ("not signed" if edit == "unsigned" else "does not match its signature") in role.stderr
