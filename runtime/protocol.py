@@ -262,7 +262,7 @@ def _images(header: Mapping[str, Any], payload: bytes, limits) -> tuple[bytes, .
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)):
         raise ProtocolError("bad_header", f"images {str(sizes)[:80]} must list each image's length in bytes (> 0)")
     if callable(limits):
-        limits = limits({k: v for k, v in header.items() if k != "images"})
+        limits = limits(header)
     if limits is not None:
         if len(sizes) > limits.max_batch:
             raise ProtocolError("bad_shape", f"batch {len(sizes)} is outside 1..{limits.max_batch}")
