@@ -73,3 +73,19 @@ def test_uniform_baseline_is_one_equal_split(setup):
     res = run_search("uniform", decoder, latency, l_val, 0.05)
     widths = [s.embed_dim for s in res.best.policy.submodels]
     assert len(res.evaluations) == 1 and widths[0] == widths[1]
+
+
+@pytest.mark.parametrize("method", ["bo", "random"])
+def test_search_starts_from_the_heuristic_policy_and_never_returns_worse(setup, method):
+    """The warm start: the first evaluation is the policy a compile without search takes, so a
+    search whose proxy cannot tell the other points apart still returns nothing worse in Psi."""
+    from coformer.compiler.policy import heuristic_policy
+
+    teacher, shape, devices, decoder, latency, l_val = setup
+    heuristic = heuristic_policy(shape, decoder.imp, devices)
+    res = run_search(method, decoder, latency, l_val, 0.05, initial=3, iterations=3, seed=3)
+    assert len(res.evaluations) == 6
+    assert res.evaluations[0].policy.submodels == heuristic.submodels
+    assert res.best_objective <= res.evaluations[0].psi
+    # the other initial points are still drawn, not copies of the first
+    assert len({tuple(e.x) for e in res.evaluations}) == 6
