@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # This user's operator key (every compile signs with it; coformer serve checks it): the suite's
-# own, made afresh in a folder of its own, never the key of the user running the tests
+# own, made afresh in a folder of its own, never the key of the user running the tests; removed
+# when the run ends (it holds a secret key)
 os.environ["COFORMER_CONFIG_DIR"] = tempfile.mkdtemp(prefix="coformer-test-config-")
+atexit.register(shutil.rmtree, os.environ["COFORMER_CONFIG_DIR"], True)
 
 
 def tiny_vit(**overrides):
