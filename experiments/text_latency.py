@@ -87,7 +87,7 @@ def run(bundle: Path, teacher, devices, lengths: Sequence[int], out_dir: Path, u
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from coformer.tools.cli import add_model_args, teacher_from_args
+    from coformer.tools.commands.args import add_model_args, teacher_from_args
 
     p = argparse.ArgumentParser(prog="python -m experiments.text_latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

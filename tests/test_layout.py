@@ -103,3 +103,27 @@ def test_the_lab_is_not_installed():
     cfg = (REPO / "setup.cfg").read_text()
     assert "experiments" not in cfg
     assert (REPO / "experiments" / "README.md").is_file()
+
+
+def test_every_subcommand_of_both_commands_has_a_module_and_a_function_that_runs_it():
+    """``coformer`` and ``coformer-runtime`` are assembled from one module per command
+    (``tools/commands``, ``runtime/commands``): a parser registered without the function that
+    runs it would fail only when a user types that command."""
+    import argparse
+
+    from coformer.runtime.cli import build_parser as runtime_parser
+    from coformer.runtime.commands import COMMANDS as RUNTIME_COMMANDS
+    from coformer.tools.cli import build_parser as tools_parser
+    from coformer.tools.commands import COMMANDS as TOOLS_COMMANDS
+
+    for build, modules, want in ((tools_parser, TOOLS_COMMANDS, {"quickstart", "compile", "profile-kit", "serve",
+                                                                  "fit-predictor", "profile-stats", "testbed",
+                                                                  "bench"}),
+                                 (runtime_parser, RUNTIME_COMMANDS, {"central", "worker", "infer", "time", "profile",
+                                                                     "benchmark", "build-engines", "doctor", "verify",
+                                                                     "keys", "sign"})):
+        sub = next(a for a in build()._actions if isinstance(a, argparse._SubParsersAction))
+        assert set(sub.choices) == want
+        for name, p in sub.choices.items():
+            run = p.get_default("run")
+            assert callable(run) and run.__module__ in {m.__name__ for m in modules}, name

@@ -110,7 +110,7 @@ class LocalCluster:
         central_args: more ``coformer-runtime central`` options, e.g.
             ``["--batch-requests", "1"]``.
         die_with_parent: every process ends when this one dies, even by ``kill -9``
-            (:func:`coformer.runtime.cli.die_with_parent`): ``coformer serve``'s roles, which
+            (:func:`coformer.runtime.commands.roles.die_with_parent`): ``coformer serve``'s roles, which
             would otherwise serve on as orphans holding the port.
     """
 
@@ -217,7 +217,7 @@ class LocalCluster:
         cmd = runtime_cmd() + ["-v"] + args
         env = None
         if self.die_with_parent:
-            from coformer.runtime.cli import PARENT_ENV
+            from coformer.runtime.commands.roles import PARENT_ENV
 
             env = {**os.environ, PARENT_ENV: str(os.getpid())}
         if self.testbed is not None:

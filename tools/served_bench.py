@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--report-json", type=Path, default=None)
     p.add_argument("--samples", type=int, default=200, help="with --model: test samples sent to each bundle")
-    from coformer.tools.cli import add_data_args, add_model_args
+    from coformer.tools.commands.args import add_data_args, add_model_args
 
     add_model_args(p, required=False)
     add_data_args(p)
@@ -106,7 +106,7 @@ def run_model(args) -> list[dict]:
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
     from coformer.runtime.manifest import load_manifest
-    from coformer.tools.cli import data_from_args, teacher_from_args
+    from coformer.tools.commands.args import data_from_args, teacher_from_args
 
     if args.devices is None:
         raise CoFormerError("--model needs --devices (the devices file the bundles were compiled for, with profiles)")
