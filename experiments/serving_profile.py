@@ -74,7 +74,9 @@ def py_spy(cluster, x, seconds: float, out_dir: Path) -> dict:
     t = threading.Thread(target=load)
     t.start()
     time.sleep(2)
-    names = ("central-edge-a", "worker-edge-b")
+    # the central node and the first worker (a bundle of one device has none)
+    names = [n for n in cluster.procs if n.startswith("central-")][:1] + \
+        [n for n in cluster.procs if n.startswith("worker-")][:1]
     spies = [subprocess.Popen(["py-spy", "record", "--pid", str(cluster.procs[n].pid), "--duration", str(int(seconds)),
                                "--rate", "200", "--format", "raw", "--native", "-o", str(out_dir / f"{n}.txt")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in names]
