@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from coformer.calibration.compute import CPU, Compute
+from coformer.calibration.loop import fit
 from coformer.calibration.objectives import Objective
 
 
@@ -102,20 +102,18 @@ def train_aggregator(
         p.requires_grad_(False)
     agg.to(dev)
     feats = [f.to(dev) for f in features]
-    opt = torch.optim.AdamW(agg.linear.parameters(), lr=lr, weight_decay=1e-4)
     M = len(objective)
-    history = []
-    for _ in tqdm(range(epochs), desc="aggregator", disable=not progress, leave=False, unit="epoch"):
+
+    def batches():
         perm = torch.randperm(M, generator=gen)
-        total = 0.0
-        for i in range(0, M, batch_size):
-            idx = perm[i: i + batch_size]
-            loss = objective.per_sample(agg(*[f[idx.to(dev)] for f in feats]), idx).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        history.append(total / M)
+        return (perm[i: i + batch_size] for i in range(0, M, batch_size))
+
+    def loss_of(idx):
+        return objective.per_sample(agg(*[f[idx.to(dev)] for f in feats]), idx).mean(), len(idx)
+
+    # a constant rate: the map is one linear layer on cached features
+    history = fit(agg.linear.parameters(), epochs, batches, loss_of, M, -(-M // batch_size), lr, 1e-4,
+                  warmup_steps=None, progress=progress, desc="aggregator")
     agg.to("cpu")
     return history
 
@@ -144,37 +142,26 @@ def train_jointly(submodels: Sequence[nn.Module], agg: Aggregator, data, objecti
     """
     import math
 
-    from coformer.calibration.booster import as_split, optimizer_step
+    from coformer.calibration.booster import as_split
 
     split = as_split(data)
     dev = compute.torch_device
     model = _Ensemble(submodels, agg).to(dev).train()
     for p in agg.head.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    scaler = compute.scaler()
     M = len(split)
-    total_steps = max(1, epochs * math.ceil(M / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps)
-                                                                                 / total_steps)))
     gen = torch.Generator().manual_seed(seed + 7919)
-    history = []
-    bar = tqdm(total=total_steps, desc="joint fine-tuning", disable=not progress, leave=False, unit="batch")
-    for epoch in range(epochs):
-        model.train()
-        total = 0.0
-        for idx, xb in split.batches(batch_size, shuffle=True, generator=gen, workers=compute.workers):
-            with compute.autocast():
-                out = model(xb.to(dev)).float()
-            loss = objective.per_sample(out, idx).mean()
-            optimizer_step(opt, loss, scaler)
-            sched.step()
-            total += loss.item() * len(idx)
-            bar.update(1)
-        history.append(total / M)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.3f}")
-    bar.close()
+
+    def loss_of(batch):
+        idx, xb = batch
+        with compute.autocast():
+            out = model(xb.to(dev)).float()
+        return objective.per_sample(out, idx).mean(), len(idx)
+
+    history = fit([p for p in model.parameters() if p.requires_grad], epochs,
+                  lambda: split.batches(batch_size, shuffle=True, generator=gen, workers=compute.workers), loss_of,
+                  M, math.ceil(M / batch_size), lr, 0.01, warmup_steps=1, scaler=compute.scaler(), module=model,
+                  progress=progress, desc="joint fine-tuning")
     model.to("cpu").eval()
     return history
 

@@ -56,10 +56,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Split
+from coformer.calibration.loop import fit
 from coformer.calibration.objectives import Objective
 from coformer.runtime.errors import CoFormerError
 
@@ -117,18 +117,6 @@ class _WithHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
-
-
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler) -> None:
-    """One step on ``loss``, through the AMP grad ``scaler`` where the compute has one."""
-    opt.zero_grad()
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
 
 
 def update_weights(w: torch.Tensor, losses: torch.Tensor, max_ratio: float) -> torch.Tensor:
@@ -330,35 +318,24 @@ def calibrate(
             continue
         gen = torch.Generator().manual_seed(config.seed * 1000 + n)
         model.to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scaler = compute.scaler()
-        total_steps = max(1, config.epochs * steps_per_epoch)
-        warmup = max(1, total_steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-        )
         if prev is not None and objective.kind == "feature":
             _start_residual_head(body, head, data, objective, prev, compute)
             model.to(dev).train()
         report.weights.append(w.clone())
-        epoch_losses = []
-        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"calibrate sub-model {n + 1}/{len(submodels)}",
-                   disable=not progress, leave=False, unit="batch")
-        for epoch in range(config.epochs):
-            model.train()
-            total = 0.0
-            for idx, xb in data.batches(config.batch_size, shuffle=True, generator=gen, workers=compute.workers):
-                with compute.autocast():
-                    out = model(xb.to(dev)).float()
-                per = objective.per_sample(out if prev is None else out + prev[idx].to(dev), idx)
-                loss = (w[idx].to(dev) * M * per).mean()  # weights rescaled to mean 1 keep the lr meaningful
-                optimizer_step(opt, loss, scaler)
-                sched.step()
-                total += loss.item() * len(idx)
-                bar.update(1)
-            epoch_losses.append(total / M)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3f}")
-        bar.close()
+
+        def loss_of(batch, w=w, prev=prev, model=model):
+            idx, xb = batch
+            with compute.autocast():
+                out = model(xb.to(dev)).float()
+            per = objective.per_sample(out if prev is None else out + prev[idx].to(dev), idx)
+            return (w[idx].to(dev) * M * per).mean(), len(idx)  # weights rescaled to mean 1 keep the lr meaningful
+
+        total_steps = max(1, config.epochs * steps_per_epoch)
+        epoch_losses = fit(model.parameters(), config.epochs,
+                           lambda: data.batches(config.batch_size, shuffle=True, generator=gen, workers=compute.workers),
+                           loss_of, M, steps_per_epoch, config.lr, config.weight_decay,
+                           warmup_steps=max(1, total_steps // 20), scaler=compute.scaler(), module=model,
+                           progress=progress, desc=f"calibrate sub-model {n + 1}/{len(submodels)}")
         report.losses.append(epoch_losses)
         model.eval()
         extra = {}

@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from coformer.calibration.loop import fit
 
 
 def cpu_bf16_supported() -> bool:
@@ -57,30 +58,20 @@ def train_classifier(
     A teacher trained so generalises past what a calibration set alone teaches a student,
     as a pretrained teacher does."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     M = x.shape[0]
-    total = max(1, epochs * math.ceil(M / batch_size))
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    history = []
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
-    for _ in bar:
-        model.train()
+    steps = math.ceil(M / batch_size)
+
+    def batches():
         perm = torch.randperm(M, generator=gen)
-        running = 0.0
-        for i in range(0, M, batch_size):
-            idx = perm[i: i + batch_size]
-            xb = random_shift(x[idx], shift, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(xb).float(), y[idx], label_smoothing=label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += loss.item() * len(idx)
-        history.append(running / M)
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
+        return (perm[i: i + batch_size] for i in range(0, M, batch_size))
+
+    def loss_of(idx):
+        xb = random_shift(x[idx], shift, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return F.cross_entropy(model(xb).float(), y[idx], label_smoothing=label_smoothing), len(idx)
+
+    history = fit(model.parameters(), epochs, batches, loss_of, M, steps, lr, weight_decay,
+                  warmup_steps=max(1, max(1, epochs * steps) // 10), fused=True, module=model, progress=progress,
+                  desc=desc)
     model.eval()
     return history
