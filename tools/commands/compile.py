@@ -227,10 +227,19 @@ def run(args: argparse.Namespace) -> int:
         report["predictor"] = fits
     if args.student:
         report["students"] = build_students(job, result.manifest, not args.no_progress)
+    print_report(args, result, report, task, job.checkpoint_dir)
+    if args.report_json:
+        atomic_write_json(args.report_json, report)
+    return 0
+
+
+def print_report(args: argparse.Namespace, result, report: dict, task: str, resume_dir: Path) -> None:
+    """What a compile prints: the bundle, its scores and collaboration gain, each device's sub-model,
+    memory, the search, the students and the measured latency."""
     acc = result.accuracy
     print(f"bundle: {args.out} (policy: {result.policy.source})")
     if report["resumed_submodels"]:
-        print(f"resumed: sub-models {[i + 1 for i in report['resumed_submodels']]} from {job.checkpoint_dir}")
+        print(f"resumed: sub-models {[i + 1 for i in report['resumed_submodels']]} from {resume_dir}")
     if task == "embedding":
         rp = acc["ridge_probe"]
         print(f"embedding (dim {result.manifest.task['dim']}, {'normalised' if result.manifest.task['normalize'] else 'not normalised'}): "
@@ -288,6 +297,3 @@ def run(args: argparse.Namespace) -> int:
                      f"(loopback links, calibrated on "
                      f"{len(report['predicted_latency_local_terms_ms']['probes'])} probe bundles served beside it)")
         print(line)
-    if args.report_json:
-        atomic_write_json(args.report_json, report)
-    return 0
