@@ -129,6 +129,173 @@ def install_stop_signals(stop: threading.Event) -> None:
             signal.signal(sig, lambda *_: stop.set())
 
 
+class Worker:
+    """One device's role of a served bundle: its sub-model(s), and the answer to each message
+    the central node sends (:meth:`handle`, no socket involved, so a test drives it message by
+    message), behind a DEALER socket that :meth:`serve` runs. :func:`run_worker` is both.
+
+    The arguments are :func:`run_worker`'s; loading (the manifest, its signature, the device's
+    engines and its limits) happens here, so a bad bundle or device fails before anything
+    connects. ``context`` is the ZeroMQ context :meth:`serve` makes its socket in (default: a
+    new one, ended with it; a test may give its own, for ``inproc://`` endpoints).
+    """
+
+    def __init__(self, bundle_dir: Path, device: str, central: str, limits: DeviceLimits = DeviceLimits(),
+                 threads: Optional[int] = None, local_inputs: Optional[Path] = None,
+                 keys: Optional[RoleKeys] = None, insecure: bool = False, backend: Optional[str] = None,
+                 precision: str = "fp16", context: Optional[zmq.Context] = None) -> None:
+        if backend is not None:
+            from coformer.runtime.engines import check_backend
+
+            check_backend(backend)
+        self.bundle_dir, self.device, self.central, self.keys = Path(bundle_dir), device, central, keys
+        self.context = context
+        self.secure = require_security(keys, insecure, (central,), f"worker {device}")
+        manifest = self.manifest = load_manifest(bundle_dir, trust=keys.operator if keys else None)
+        if keys is None:  # keyless (loopback, or --insecure): this user's own signature, where one exists
+            check_local_signature(bundle_dir)
+        art = self.art = manifest.device(device)
+        if art.role != "worker":
+            raise CoFormerError(f"device {device!r} has role {art.role!r} in this bundle; run it as the central node")
+        self.limits_by_model = model_limits(manifest, art)
+        self.limits_in = header_limits(self.limits_by_model)
+        self.local = load_local_inputs(local_inputs, manifest)
+        self.prism = manifest.strategy == "prism"
+        self.text = manifest.input.is_text and (not art.models or self.prism)
+        self.sessions = Sessions(list(art.models), manifest.input.preprocessing) if self.prism else None
+        self.wire_dtype = None if manifest.strategy != "coformer" or manifest.feature_dtype == "float32" \
+            else np.dtype(manifest.feature_dtype)
+        self.throttle = apply_limits(limits, f"worker-{device}")
+        try:
+            self.engines = open_device_engines(bundle_dir, device, art.model_files(), backend or art.backend,
+                                               threads or art.threads, precision)
+        except BaseException:
+            self.throttle.release()
+            raise
+        self.welcomed = False
+        self.waiting_since = time.monotonic()  # for a welcome
+
+    def hello(self) -> list[bytes]:
+        """The registration the central node welcomes (the manifest's digest, this device's name)."""
+        return protocol.encode("hello", 0, device=self.device, digest=manifest_digest(self.bundle_dir),
+                               feature_dim=self.art.feature_dim)
+
+    def handle(self, frames: list[bytes]) -> Optional[list[bytes]]:
+        """The reply to one message from the central node, or None where none is due (a welcome,
+        an error it reports). An ``infer`` gets its ``features`` or an ``error`` naming what was
+        wrong; a ``bad_hello`` error (the wrong bundle or device name) raises: serving on cannot help."""
+        t_recv = time.perf_counter()
+        try:
+            msg = protocol.decode(frames, self.limits_in)
+        except protocol.ProtocolError as e:
+            return protocol.error_frames(id_of(frames), e.code, str(e))
+        except Exception as e:  # a fault a peer can cause that decode did not foresee: answer, go on
+            log.exception("worker %s: message not decoded", self.device)
+            return protocol.error_frames(id_of(frames), "bad_header", f"{type(e).__name__}: {e}")
+        if msg.op == "welcome":
+            self.welcomed = True
+            return None
+        if msg.op == "error":
+            code = msg.header.get("code")
+            if code == "unknown_worker":
+                self.welcomed, self.waiting_since = False, time.monotonic()  # the central node restarted: register again
+            elif code == "bad_hello":  # the wrong bundle or device name: serving on cannot help
+                raise CoFormerError(f"central node refused worker {self.device!r}: {msg.header.get('message')}")
+            else:
+                log.warning("worker %s: the central node sent error %r: %s", self.device, code,
+                            str(msg.header.get("message"))[:200])
+            return None
+        if msg.op != "infer":
+            return protocol.error_frames(msg.id, "bad_op", f"a worker does not serve op {msg.op!r}")
+        return self._infer(msg, t_recv)
+
+    def _infer(self, msg: protocol.Message, t_recv: float) -> list[bytes]:
+        engines, manifest, throttle = self.engines, self.manifest, self.throttle
+        name = msg.header.get("model", next(iter(engines)) if len(engines) == 1 else None)
+        try:
+            if not isinstance(name, str) or name not in engines:  # (with a tensor, decode refused it)
+                raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's "
+                                                          f"{sorted(engines)}")
+            engine = engines[name]
+            if msg.images is not None:  # encoded files, forwarded as the client sent them
+                x = encoded_input(msg.images, manifest)
+            else:
+                x = msg.tensor if msg.tensor is not None else local_input(self.local, msg.header)
+            if self.text and msg.tensor is not None and (not self.prism or name == "embed"):
+                check_tokens(x, manifest.input.preprocessing)
+        except protocol.ProtocolError as e:
+            return protocol.error_frames(msg.id, e.code, str(e))
+        queued = throttle.queued_s()
+        try:
+            if self.prism:  # this round of the request's session: its state stays here
+                features = self.sessions.run(engine, name, msg.header, x)
+            else:
+                features = next(iter(engine.infer(model_feeds(engine, x, manifest.input.preprocessing)).values()))
+        except protocol.ProtocolError as e:
+            return protocol.error_frames(msg.id, e.code, str(e))
+        except Exception as e:  # this request fails, named; the worker keeps serving
+            log.exception("worker %s: request %d failed in the engine", self.device, msg.id)
+            return protocol.error_frames(msg.id, "engine", f"{type(e).__name__}: {e}"[:500])
+        if self.wire_dtype is not None:  # float16 features: half the bytes on the link
+            features = features.astype(self.wire_dtype)
+        idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
+        return protocol.encode(
+            "features", msg.id, features, device=self.device,
+            # the device's time: waiting for a core a real device would not share
+            # (credited against the duty cycle's pause), the engine, the pause
+            compute_ms=queued * 1e3 + engine.last_compute_ms + idle * 1e3,
+            queued_ms=queued * 1e3,
+            # received -> reply ready: decoding, the engine, the duty cycle's
+            # actual (not requested) pause
+            service_ms=(time.perf_counter() - t_recv) * 1e3,
+        )
+
+    def serve(self, stop: Optional[threading.Event] = None) -> None:
+        """Connect to the central node and answer it until ``stop`` is set: a ``hello`` every
+        second until welcomed (so start order does not matter), then every ``KEEPALIVE_S`` (so a
+        restarted central node finds it again); no welcome for ``WELCOME_TIMEOUT_S`` reconnects.
+        The limits are released when it returns."""
+        stop = stop or threading.Event()
+        own = self.context is None
+        ctx = zmq.Context() if own else self.context
+        sock = ctx.socket(zmq.DEALER)
+        central, device = self.central, self.device
+        try:
+            # no identity of its own: the central node knows this connection by its registration,
+            # checked against this device's key (a name anyone could claim would be a handle to take over)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in self.limits_by_model.values()))
+            heartbeats(sock)
+            if self.secure:
+                curve_client(sock, self.keys)
+            sock.connect(central)
+            hello = self.hello()
+            last_hello = 0.0
+            self.welcomed, self.waiting_since = False, time.monotonic()
+            log.info("worker %s: %s, %s", device, self.art.artifact, self.throttle.describe())
+            while not stop.is_set():
+                if not self.welcomed and time.monotonic() - self.waiting_since >= WELCOME_TIMEOUT_S:
+                    log.warning("worker %s: no welcome from %s for %.0f s (is the central node up, serving this "
+                                "bundle?); reconnecting", device, central, time.monotonic() - self.waiting_since)
+                    sock.disconnect(central)
+                    sock.connect(central)
+                    self.waiting_since, last_hello = time.monotonic(), 0.0
+                if time.monotonic() - last_hello >= (KEEPALIVE_S if self.welcomed else HELLO_INTERVAL_S):
+                    sock.send_multipart(hello)
+                    last_hello = time.monotonic()
+                self.throttle.waiting()
+                if not sock.poll(POLL_MS):
+                    continue
+                reply = self.handle(sock.recv_multipart())
+                if reply is not None:
+                    sock.send_multipart(reply)
+        finally:
+            sock.close(0)
+            if own:
+                ctx.term()
+            self.throttle.release()
+
+
 def run_worker(
     bundle_dir: Path,
     device: str,
@@ -142,7 +309,8 @@ def run_worker(
     backend: Optional[str] = None,
     precision: str = "fp16",
 ) -> None:
-    """Serve ``device``'s sub-model of the bundle to the central node at ``central``.
+    """Serve ``device``'s sub-model of the bundle to the central node at ``central``
+    (:class:`Worker`, then :meth:`Worker.serve`).
 
     Registers with a ``hello`` carrying the manifest digest (resent every
     second until welcomed, so start order does not matter, then every
@@ -165,132 +333,9 @@ def run_worker(
     device cannot run is refused before anything connects. On ``tensorrt`` the device's
     engines are built at ``precision`` on first start (or whenever none matches), then loaded.
     """
-    if backend is not None:
-        from coformer.runtime.engines import check_backend
-
-        check_backend(backend)
     stop = stop or threading.Event()
     install_stop_signals(stop)
-    secure = require_security(keys, insecure, (central,), f"worker {device}")
-    manifest = load_manifest(bundle_dir, trust=keys.operator if keys else None)
-    if keys is None:  # keyless (loopback, or --insecure): this user's own signature, where one exists
-        check_local_signature(bundle_dir)
-    art = manifest.device(device)
-    if art.role != "worker":
-        raise CoFormerError(f"device {device!r} has role {art.role!r} in this bundle; run it as the central node")
-    limits_by_model = model_limits(manifest, art)
-    limits_in = header_limits(limits_by_model)
-    local = load_local_inputs(local_inputs, manifest)
-    prism = manifest.strategy == "prism"
-    text = manifest.input.is_text and (not art.models or prism)
-    sessions = Sessions(list(art.models), manifest.input.preprocessing) if prism else None
-    wire_dtype = None if manifest.strategy != "coformer" or manifest.feature_dtype == "float32" \
-        else np.dtype(manifest.feature_dtype)
-    throttle = apply_limits(limits, f"worker-{device}")
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    try:
-        engines = open_device_engines(bundle_dir, device, art.model_files(), backend or art.backend,
-                                      threads or art.threads, precision)
-        # no identity of its own: the central node knows this connection by its registration,
-        # checked against this device's key (a name anyone could claim would be a handle to take over)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes(x) for x in limits_by_model.values()))
-        heartbeats(sock)
-        if secure:
-            curve_client(sock, keys)
-        sock.connect(central)
-        digest = manifest_digest(bundle_dir)
-        hello = protocol.encode("hello", 0, device=device, digest=digest, feature_dim=art.feature_dim)
-        welcomed, last_hello = False, 0.0
-        waiting_since = time.monotonic()  # for a welcome
-        log.info("worker %s: %s, %s", device, art.artifact, throttle.describe())
-        while not stop.is_set():
-            if not welcomed and time.monotonic() - waiting_since >= WELCOME_TIMEOUT_S:
-                log.warning("worker %s: no welcome from %s for %.0f s (is the central node up, serving this "
-                            "bundle?); reconnecting", device, central, time.monotonic() - waiting_since)
-                sock.disconnect(central)
-                sock.connect(central)
-                waiting_since, last_hello = time.monotonic(), 0.0
-            if time.monotonic() - last_hello >= (KEEPALIVE_S if welcomed else HELLO_INTERVAL_S):
-                sock.send_multipart(hello)
-                last_hello = time.monotonic()
-            throttle.waiting()
-            if not sock.poll(POLL_MS):
-                continue
-            frames = sock.recv_multipart()
-            t_recv = time.perf_counter()
-            try:
-                msg = protocol.decode(frames, limits_in)
-            except protocol.ProtocolError as e:
-                sock.send_multipart(protocol.error_frames(id_of(frames), e.code, str(e)))
-                continue
-            except Exception as e:  # a fault a peer can cause that decode did not foresee: answer, go on
-                log.exception("worker %s: message not decoded", device)
-                sock.send_multipart(protocol.error_frames(id_of(frames), "bad_header", f"{type(e).__name__}: {e}"))
-                continue
-            if msg.op == "welcome":
-                welcomed = True
-            elif msg.op == "error":
-                code = msg.header.get("code")
-                if code == "unknown_worker":
-                    welcomed, waiting_since = False, time.monotonic()  # the central node restarted: register again
-                elif code == "bad_hello":  # the wrong bundle or device name: serving on cannot help
-                    raise CoFormerError(f"central node refused worker {device!r}: {msg.header.get('message')}")
-                else:
-                    log.warning("worker %s: the central node sent error %r: %s", device, code,
-                                str(msg.header.get("message"))[:200])
-            elif msg.op == "infer":
-                name = msg.header.get("model", next(iter(engines)) if len(engines) == 1 else None)
-                try:
-                    if not isinstance(name, str) or name not in engines:  # (with a tensor, decode refused it)
-                        raise protocol.ProtocolError("bad_model", f"model {name!r} is not one of this device's "
-                                                                  f"{sorted(engines)}")
-                    engine = engines[name]
-                    if msg.images is not None:  # encoded files, forwarded as the client sent them
-                        x = encoded_input(msg.images, manifest)
-                    else:
-                        x = msg.tensor if msg.tensor is not None else local_input(local, msg.header)
-                    if text and msg.tensor is not None and (not prism or name == "embed"):
-                        check_tokens(x, manifest.input.preprocessing)
-                except protocol.ProtocolError as e:
-                    sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
-                    continue
-                queued = throttle.queued_s()
-                try:
-                    if prism:  # this round of the request's session: its state stays here
-                        features = sessions.run(engine, name, msg.header, x)
-                    else:
-                        features = next(iter(engine.infer(model_feeds(engine, x, manifest.input.preprocessing))
-                                             .values()))
-                except protocol.ProtocolError as e:
-                    sock.send_multipart(protocol.error_frames(msg.id, e.code, str(e)))
-                    continue
-                except Exception as e:  # this request fails, named; the worker keeps serving
-                    log.exception("worker %s: request %d failed in the engine", device, msg.id)
-                    sock.send_multipart(protocol.error_frames(msg.id, "engine", f"{type(e).__name__}: {e}"[:500]))
-                    continue
-                if wire_dtype is not None:  # float16 features: half the bytes on the link
-                    features = features.astype(wire_dtype)
-                idle = throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, queued_s=queued)
-                sock.send_multipart(
-                    protocol.encode(
-                        "features", msg.id, features, device=device,
-                        # the device's time: waiting for a core a real device would not share
-                        # (credited against the duty cycle's pause), the engine, the pause
-                        compute_ms=queued * 1e3 + engine.last_compute_ms + idle * 1e3,
-                        queued_ms=queued * 1e3,
-                        # received -> reply ready: decoding, the engine, the duty cycle's
-                        # actual (not requested) pause
-                        service_ms=(time.perf_counter() - t_recv) * 1e3,
-                    )
-                )
-            else:
-                sock.send_multipart(protocol.error_frames(msg.id, "bad_op", f"a worker does not serve op {msg.op!r}"))
-    finally:
-        sock.close(0)
-        ctx.term()
-        throttle.release()
+    Worker(bundle_dir, device, central, limits, threads, local_inputs, keys, insecure, backend, precision).serve(stop)
 
 
 def id_of(frames) -> int:
