@@ -79,6 +79,11 @@ class CentralNode:
         backend: overrides the bundle's engine backend for the central node's own models
             (the aggregators stay on ONNX Runtime's CPU: they are one small layer).
         precision: on ``tensorrt``, the precision its engines are built at on first start.
+        context: the ZeroMQ context its sockets are made in (default: its own, ended with it);
+            a test gives one to serve on ``inproc://`` endpoints.
+
+    :meth:`serve` runs it; a test may instead :meth:`open` it and drive it with
+    :meth:`step`, one turn of the loop at a time, then :meth:`close` it.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class CentralNode:
         queue_limit: int = 256,
         backend: Optional[str] = None,
         precision: str = "fp16",
+        context: Optional[zmq.Context] = None,
     ) -> None:
         if backend is not None:  # refused before anything binds (coformer.runtime.engines)
             from coformer.runtime.engines import check_backend
@@ -128,7 +134,8 @@ class CentralNode:
         self._names: dict[bytes, str] = {}  # connection -> device
         self.last_seen: dict[str, float] = {}
         self._next_id = 1
-        self.ctx = zmq.Context()
+        self._own_context = context is None
+        self.ctx = zmq.Context() if context is None else context
         self.front = self.ctx.socket(zmq.ROUTER)
         self.back = self.ctx.socket(zmq.ROUTER)
         for s in (self.front, self.back):
@@ -158,6 +165,7 @@ class CentralNode:
         self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
         self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
         self._monitor = None  # the worker socket's disconnect events (serve)
+        self._throttle = None  # the device's limits, applied by open()
         self._probe_until: Optional[float] = None  # workers are probed until then, after a disconnect
         self._probed_at = float("-inf")
         self.endpoints: dict[str, str] = {}
@@ -180,56 +188,77 @@ class CentralNode:
         """
         stop = stop or threading.Event()
         install_stop_signals(stop)
-        m = self.manifest
-        if not self.endpoints:
-            self.bind()
-        throttle = apply_limits(self.limits, f"central-{m.central.device}")
         try:
-            c = m.central
-            self._own = open_device_engines(self.bundle_dir, c.device, c.model_files(), self.backend or c.backend,
-                                            self.threads or c.threads, self.precision)
-            self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
-            self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)
-                               for fb in m.fallbacks}
-            self._throttle = throttle
+            self.open()
             if ready_stream is not None:
                 ready_stream.write(json.dumps({"event": "ready", **self.endpoints}) + "\n")
                 ready_stream.flush()
-            log.info("central %s: %s, %s", m.central.device, m.central.artifact, throttle.describe())
-            poller = self._poller = zmq.Poller()
-            poller.register(self.front, zmq.POLLIN)
-            poller.register(self.back, zmq.POLLIN)
-            # a connection closing on the worker socket: which worker it was is found out at once
-            # (_on_disconnect), so status stops saying ready the moment a worker's connection is gone
-            self._monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            poller.register(self._monitor, zmq.POLLIN)
             while not stop.is_set():
-                throttle.waiting()
-                events = dict(poller.poll(POLL_MS if self._probe_until is None else PROBE_MS))
-                if self._monitor in events:
-                    self._on_disconnect(None)
-                elif self._probe_until is not None:
-                    self._probe(None)
-                if self.back in events:
-                    received = self._recv_back()
-                    try:
-                        self._on_back(received, pending=None)
-                    except Exception:  # nothing a peer sends may end the service
-                        log.exception("message from worker socket peer %r not handled", received[0][0][:64])
-                if self.front in events:
-                    self._drain_front()
-                if self._queue:
-                    self._serve_queued()
+                self.step()
         finally:
-            if self._monitor is not None:
-                self.back.disable_monitor()
-                self._monitor.close(0)
-            self.front.close(0)
-            self.back.close(0)
-            if self._auth is not None:
-                self._auth.stop()
+            self.close()
+
+    def open(self) -> None:
+        """Bind (unless bound), apply the device's limits, open the engines and start watching
+        the worker socket's disconnects: what :meth:`step` needs."""
+        m = self.manifest
+        if not self.endpoints:
+            self.bind()
+        self._throttle = apply_limits(self.limits, f"central-{m.central.device}")
+        c = m.central
+        self._own = open_device_engines(self.bundle_dir, c.device, c.model_files(), self.backend or c.backend,
+                                        self.threads or c.threads, self.precision)
+        self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
+        self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)
+                           for fb in m.fallbacks}
+        log.info("central %s: %s, %s", m.central.device, m.central.artifact, self._throttle.describe())
+        poller = self._poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        # a connection closing on the worker socket: which worker it was is found out at once
+        # (_on_disconnect), so status stops saying ready the moment a worker's connection is gone
+        self._monitor = self.back.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(self._monitor, zmq.POLLIN)
+
+    def step(self, timeout_ms: Optional[int] = None) -> None:
+        """One turn of the serving loop: wait up to ``timeout_ms`` (default ``POLL_MS``, or
+        ``PROBE_MS`` while probing workers) for a message, handle what arrived on either socket,
+        then serve the queued requests' next round (which waits for its workers' answers)."""
+        self._throttle.waiting()
+        if timeout_ms is None:
+            timeout_ms = POLL_MS if self._probe_until is None else PROBE_MS
+        events = dict(self._poller.poll(timeout_ms))
+        if self._monitor in events:
+            self._on_disconnect(None)
+        elif self._probe_until is not None:
+            self._probe(None)
+        if self.back in events:
+            received = self._recv_back()
+            try:
+                self._on_back(received, pending=None)
+            except Exception:  # nothing a peer sends may end the service
+                log.exception("message from worker socket peer %r not handled", received[0][0][:64])
+        if self.front in events:
+            self._drain_front()
+        if self._queue:
+            self._serve_queued()
+
+    def close(self) -> None:
+        """Close the sockets (and the context, where it is this node's own) and release the limits."""
+        if self._monitor is not None:
+            self.back.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
+        self.front.close(0)
+        self.back.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context:
             self.ctx.term()
-            throttle.release()
+        if self._throttle is not None:
+            self._throttle.release()
+            self._throttle = None
 
     # -- clients ---------------------------------------------------------
     def _drain_front(self) -> None:
