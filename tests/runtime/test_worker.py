@@ -10,25 +10,16 @@ import pytest
 import torch
 import zmq
 
-from coformer.calibration.booster import BoostConfig
-from coformer.calibration.data import load_digits_dataset
-from coformer.compiler.pipeline import compile_bundle
-from coformer.compiler.specs import DeviceSpec
 from coformer.runtime import protocol
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.worker import Worker
-from tests.conftest import tiny_vit
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "bundle"
-    data = load_digits_dataset(size=16)
-    devices = [DeviceSpec(name=n, memory_bytes=1 << 30, flops_budget=10**10, cpu_share=s)
-               for n, s in (("edge-a", 1.0), ("edge-b", 0.6))]
-    result = compile_bundle(tiny_vit(), devices, data, out, boost=BoostConfig(epochs=1), aggregator_epochs=2,
-                            progress=False)
-    return result, data
+def compiled(bundles):
+    """The two-device bundle (tests/runtime/conftest.py): edge-b is its worker."""
+    built, data = bundles
+    return built["two"], data
 
 
 def _reply(worker, frames):
