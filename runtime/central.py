@@ -2,11 +2,12 @@
 worker's pooled features X_n, applies the aggregator and the teacher's head
 (paper eq. 2) and answers the client.
 
-The same node drives PRISM (every device on its share of the positions, one round of
-K/V Segment Means per layer: :mod:`coformer.runtime.prism`) and the baselines
-``coformer bench`` compares against (the manifest's ``strategy``): the teacher alone,
-a layer pipeline and tensor parallelism, so every strategy is measured through one
-runtime.
+What one request's rounds are is the bundle's strategy's (the manifest's ``strategy``, a
+plug-in of :mod:`coformer.runtime.strategies`): CoFormer's one round of pooled features,
+PRISM's round of K/V Segment Means per layer, and the baselines ``coformer bench`` compares
+against (the teacher alone, a layer pipeline, tensor parallelism), so every strategy is
+measured through one runtime. This node owns the rest: sockets, queue, batching, deadlines,
+workers' registration and faults, and the accounts of what a request cost.
 
 Sockets: a ROUTER ``front`` for clients and a ROUTER ``back`` that workers
 connect to. Requests wait in a bounded queue (``busy`` past it); the oldest is
@@ -38,12 +39,13 @@ import numpy as np
 import zmq
 
 from coformer.runtime import protocol
-from coformer.runtime.engines import open_device_engines, open_engine
+from coformer.runtime.engines import open_device_engines
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
 from coformer.runtime.security import (RoleKeys, check_local_signature, curve_server, require_security,
                                        start_authenticator)
+from coformer.runtime.strategies import strategy_class
 from coformer.runtime.text import check_tokens, model_feeds
 from coformer.runtime.worker import (KEEPALIVE_S, POLL_MS, encoded_input, id_of, heartbeats, input_limits,
                                      install_stop_signals, max_message_bytes)
@@ -119,9 +121,10 @@ class CentralNode:
         self.threads = threads
         self.timeout_s = timeout_s
         self.in_limits = input_limits(self.manifest)
-        # what workers send: a CoFormer bundle's pooled features as its manifest says (float16
-        # halves the bytes), a baseline's intermediate tensors always float32
-        self.wire_dtype = np.dtype(self.manifest.feature_dtype if self.manifest.strategy == "coformer" else "float32")
+        self.strategy = strategy_class(self.manifest.strategy)(self)
+        # what workers send: pooled features as the manifest says (float16 halves the bytes), a
+        # baseline's or PRISM's intermediate tensors always float32
+        self.wire_dtype = np.dtype(self.manifest.feature_dtype if self.strategy.fuses else "float32")
         if batch_requests < 1 or queue_limit < 1:
             raise CoFormerError(f"batch_requests {batch_requests} and queue_limit {queue_limit} must be >= 1")
         self.batch_requests, self.queue_limit = batch_requests, queue_limit
@@ -133,7 +136,7 @@ class CentralNode:
         self.workers: dict[str, bytes] = {}  # device -> the connection it registered from
         self._names: dict[bytes, str] = {}  # connection -> device
         self.last_seen: dict[str, float] = {}
-        self._next_id = 1
+        self.next_id = 1  # the id the next round to the workers takes
         self._own_context = context is None
         self.ctx = zmq.Context() if context is None else context
         self.front = self.ctx.socket(zmq.ROUTER)
@@ -206,11 +209,9 @@ class CentralNode:
             self.bind()
         self._throttle = apply_limits(self.limits, f"central-{m.central.device}")
         c = m.central
-        self._own = open_device_engines(self.bundle_dir, c.device, c.model_files(), self.backend or c.backend,
-                                        self.threads or c.threads, self.precision)
-        self._agg = open_engine(self.bundle_dir / m.aggregator, "onnxruntime", 1) if m.strategy == "coformer" else None
-        self._fallbacks = {frozenset(fb["missing"]): open_engine(self.bundle_dir / fb["aggregator"], "onnxruntime", 1)
-                           for fb in m.fallbacks}
+        self.own_models = open_device_engines(self.bundle_dir, c.device, c.model_files(), self.backend or c.backend,
+                                              self.threads or c.threads, self.precision)
+        self.strategy.open()
         log.info("central %s: %s, %s", m.central.device, m.central.artifact, self._throttle.describe())
         poller = self._poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
@@ -335,7 +336,7 @@ class CentralNode:
         indexed = head[1].header.get("input_index") is not None
         encoded = head[1].images is not None  # files forwarded as they came: a batch is all files or none
         index_bytes = _index_bytes(head[1].header["input_index"]) if indexed else 0
-        while (self._queue and len(group) < self.batch_requests and self.manifest.strategy in ("coformer", "prism")):
+        while self._queue and len(group) < self.batch_requests and self.strategy.batches:
             nxt = self._queue[0][1]
             nt = nxt.tensor
             more = _index_bytes(nxt.header["input_index"]) if indexed and "input_index" in nxt.header else 0
@@ -377,7 +378,7 @@ class CentralNode:
             self._reply(envelope, protocol.encode("result", msg.id, np.ascontiguousarray(part, dtype=np.float32),
                                                   label_index=label, batched_requests=len(group), **fields))
 
-    def _alive(self) -> list[str]:
+    def alive(self) -> list[str]:
         """Workers heard from within three keep-alive periods (a killed worker drops out), and
         heard from since they last missed a deadline (a hung one is not waited for again, round
         after round; its next heartbeat brings it back)."""
@@ -388,7 +389,7 @@ class CentralNode:
     def status(self) -> dict:
         now = time.monotonic()
         expected = [w.device for w in self.manifest.workers]
-        alive = self._alive()
+        alive = self.alive()
         missing = [d for d in expected if d not in alive]
         return {
             "ready": not missing,
@@ -434,9 +435,9 @@ class CentralNode:
         if msg.tensor is None:
             raise protocol.ProtocolError("bad_payload", "infer needs the model input as its tensor")
         index = msg.header.get("input_index")
-        if index is not None and self.manifest.strategy not in ("coformer", "prism"):
-            raise protocol.ProtocolError("bad_header", f"input_index is only for CoFormer and PRISM bundles, this "
-                                                       f"one is {self.manifest.strategy!r}")
+        if index is not None and not self.strategy.takes_index:
+            raise protocol.ProtocolError("bad_header", f"input_index is not for a bundle of strategy "
+                                                       f"{self.manifest.strategy!r}: send the input")
         if index is not None and (not isinstance(index, list) or len(index) != msg.tensor.shape[0]):
             raise protocol.ProtocolError("bad_index", f"input_index {str(index)[:80]} must list one row per sample "
                                                       f"of the batch of {msg.tensor.shape[0]}")
@@ -455,15 +456,13 @@ class CentralNode:
         ``images``: the encoded files ``x`` was decoded from, which CoFormer's workers are sent
         in its place (each decodes them itself); the other strategies send what they always do."""
         status = self.status()
-        fallback_ok = self.manifest.strategy == "coformer" and self.manifest.fallback(status["missing"]) is not None
+        fallback_ok = self.strategy.can_degrade(status["missing"])
         if not status["ready"] and not fallback_ok:
             raise protocol.ProtocolError("not_ready", f"waiting for workers {status['missing']} to register")
         t0 = time.perf_counter()
         acct = _Account()
         acct.deadline, acct.images = deadline, images
-        run = {"coformer": self._run_coformer, "teacher": self._run_teacher, "pipeline": self._run_pipeline,
-               "tensor_parallel": self._run_tensor_parallel, "prism": self._run_prism}[self.manifest.strategy]
-        out = run(x, index, acct)
+        out = self.strategy.run(x, index, acct)
         t_end = time.perf_counter()
         return out, dict(
             task=self.manifest.task_kind,
@@ -488,11 +487,11 @@ class CentralNode:
             },
         )
 
-    # -- strategies ------------------------------------------------------
-    def _run_own(self, name: str, x: np.ndarray, acct: "_Account", run=None):
+    # -- what a strategy drives (coformer.runtime.strategies) ----------------
+    def run_own(self, name: str, x: np.ndarray, acct: "_Account", run=None):
         """One of the central node's models on ``x`` (or ``run(engine)``'s result), held to its
         device's share."""
-        engine = self._own[name]
+        engine = self.own_models[name]
         queued = self._throttle.queued_s()
         if run is not None:
             out = run(engine)
@@ -503,115 +502,13 @@ class CentralNode:
         acct.central_ms += queued * 1e3 + engine.last_compute_ms + idle * 1e3  # device time, as workers report it
         return out
 
-    def _run_coformer(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
-        """Paper eq. 2: every device runs its sub-model on the input; the aggregator fuses the X_n.
-
-        With ``index`` the workers hold the input themselves (``--local-inputs``),
-        so only the index goes on the wire.
-        """
-        extra = {} if index is None else {"input_index": index}
-        if acct.images is not None:  # the files the client sent, not their 602 KB of float32 pixels each
-            extra = {"images": acct.images}
-        alive = set(self._alive())
-        workers = {w.device: (None, None if extra else x, extra) for w in self.manifest.workers
-                   if w.device in alive or not self._fallbacks}
-        own, gathered = self._round(workers, x.shape[0], acct, own=lambda: self._run_own("", x, acct),
-                                    partial=bool(self._fallbacks))
-        missing = sorted(w.device for w in self.manifest.workers if w.device not in gathered)
-        agg = self._agg
-        if missing:
-            agg = self._fallbacks.get(frozenset(missing))
-            if agg is None:  # (only past the fallbacks this bundle has, e.g. two of five workers down)
-                raise protocol.ProtocolError("timeout", f"workers {missing} did not answer within the deadline, "
-                                                        "and this bundle has no fallback without them")
-            acct.degraded = missing
-        t = time.perf_counter()
-        feeds = {f"feature_{i}": own if dev.role == "central" else gathered[dev.device]
-                 for i, dev in enumerate(self.manifest.devices) if dev.device not in missing}
-        logits = next(iter(agg.infer(feeds).values()))
-        acct.aggregate_ms += (time.perf_counter() - t) * 1e3
-        return logits
-
-    def _run_prism(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
-        """PRISM (:mod:`coformer.runtime.prism`): every device runs the whole model on its share of
-        the positions; each round sends each worker the other devices' K/V Segment Means of a
-        layer (the first round: the input, or its ``input_index``) while this node runs its own
-        share, and gathers what each sends. One request is one session on every worker."""
-        from coformer.runtime.prism import drive, pad_tokens, step
-
-        m = self.manifest
-        if m.input.is_text:  # the bundle's positions are fixed (coformer.compiler.prism_bundle)
-            x = pad_tokens(x, int(m.model["tokens"]), int(m.input.preprocessing["pad_id"]))
-        devices = list(m.devices)
-        if devices[0].role != "central":
-            raise CoFormerError("a PRISM bundle lists its central node first")
-        session = self._next_id
-        extra = {"session": session}
-        state: dict = {}
-
-        def run_round(name: str, inputs: dict) -> dict:
-            requests = {}
-            for p, t in inputs.items():
-                if p == 0:
-                    continue
-                first = name == "embed"
-                fields = {**extra, "input_index": index} if first and index is not None else extra
-                requests[devices[p].device] = (name, None if first and index is not None else t, fields)
-
-            def own():
-                if 0 not in inputs:
-                    return None
-                send, new = self._run_own(name, inputs[0], acct, run=lambda e: step(
-                    e, None if name == "embed" else state, inputs[0], m.input.preprocessing))
-                state.clear()
-                state.update(new)
-                return send
-
-            mine, gathered = self._round(requests, x.shape[0], acct, own=own)
-            out = {p: gathered[devices[p].device] for p in inputs if p != 0}
-            out[0] = mine
-            return out
-
-        return drive([list(d.models) for d in devices], x, run_round)
-
-    def _run_teacher(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
-        """The teacher alone on the central device (the strongest one)."""
-        return self._run_own("", x, acct)
-
-    def _run_pipeline(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
-        """EdgeShard-style: stage 0 here, then each worker's layers in turn, the token tensor
-        passed along. Devices reach each other through the central node's switch, so each hop
-        crosses the sender's link and the receiver's link, as it is relayed here."""
-        h = self._run_own(next(iter(self._own)), x, acct)
-        for w in self.manifest.workers:
-            model = next(iter(w.models))
-            _, out = self._round({w.device: (model, h, {})}, x.shape[0], acct)
-            h = out[w.device]
-        return h
-
-    def _run_tensor_parallel(self, x: np.ndarray, index, acct: "_Account") -> np.ndarray:
-        """Galaxy-style: every layer's heads and MLP neurons are split over the devices; after
-        attention and after the MLP the partial outputs are summed here (the reduction of a
-        star network) and the residual stream goes back out."""
-        h = self._run_own("embed", x, acct)
-        for layer in range(int(self.manifest.model["layers"])):
-            for part in ("attn", "mlp"):
-                name = f"{part}{layer}"
-                reqs = {w.device: (name, h, {}) for w in self.manifest.workers if name in w.models}
-                own, outs = self._round(reqs, x.shape[0], acct,
-                                        own=(lambda n=name: self._run_own(n, h, acct)) if name in self._own else None)
-                t = time.perf_counter()
-                h = h + sum(outs.values(), own if own is not None else 0.0)
-                acct.aggregate_ms += (time.perf_counter() - t) * 1e3
-        return self._run_own("head", h, acct)
-
-    def _round(self, requests: dict, batch: int, acct: "_Account", own=None, partial: bool = False):
+    def exchange(self, requests: dict, batch: int, acct: "_Account", own=None, partial: bool = False):
         """Send each worker its request ``(model, tensor or None, header fields)``, run ``own()``
         here meanwhile, then gather every answer; returns ``(own's result, {worker: output})``.
         With ``partial``, a worker that cannot be reached or is late at the request's
         deadline is left out of the outputs instead of failing the request."""
-        rid = self._next_id
-        self._next_id += 1
+        rid = self.next_id
+        self.next_id += 1
         t0 = time.perf_counter()
         expected = {}
         for name, (model, tensor, extra) in requests.items():
@@ -827,7 +724,7 @@ class CentralNode:
         tensors of the baselines and PRISM are held to being finite only."""
         if not np.isfinite(t).all():
             return f"features hold {int((~np.isfinite(t)).sum())} NaN or infinite values"
-        if self.manifest.strategy != "coformer":  # a baseline's hidden states or PRISM's means: no range recorded
+        if not self.strategy.fuses:  # a baseline's hidden states or PRISM's means: no range recorded
             return None
         seen = (self.manifest.expected.get("feature_abs_max") or {}).get(name)
         limit = FEATURE_MARGIN * float(seen) if seen else FEATURE_ABS_LIMIT

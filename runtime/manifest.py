@@ -13,25 +13,18 @@ from typing import Any, Mapping, Optional
 
 from coformer.runtime.files import MANIFEST_NAME, atomic_write_json, read_json, sha256_file
 from coformer.runtime.errors import CoFormerError
-
-SCHEMA_VERSION = 1  # CoFormer bundles
-BASELINE_SCHEMA_VERSION = 2  # bundles of another strategy: version-1 runtimes must refuse them
-TEXT_SCHEMA_VERSION = 3  # bundles that take text (variable-length token tensors): older runtimes must refuse them
-EMBEDDING_SCHEMA_VERSION = 4  # bundles that answer with an embedding, not logits: older runtimes must refuse them
-FLOAT16_FEATURES_SCHEMA_VERSION = 5  # workers send float16 features: older runtimes must refuse them
-PRISM_SCHEMA_VERSION = 6  # PRISM bundles (stateful rounds of K/V Segment Means): older runtimes must refuse them
-READ_VERSIONS = (SCHEMA_VERSION, BASELINE_SCHEMA_VERSION, TEXT_SCHEMA_VERSION, EMBEDDING_SCHEMA_VERSION,
-                 FLOAT16_FEATURES_SCHEMA_VERSION, PRISM_SCHEMA_VERSION)
+from coformer.runtime.schema import (EMBEDDING_SCHEMA_VERSION, FLOAT16_FEATURES_SCHEMA_VERSION, READ_VERSIONS,
+                                     SCHEMA_VERSION, TEXT_SCHEMA_VERSION)
+from coformer.runtime.strategies import STRATEGIES, strategy_class
 # What workers put on the wire for their pooled features: float32, or float16 at half the
 # bytes (``coformer compile --feature-dtype float16``); the central node widens them to
 # float32 before the aggregator, which was scored on features rounded the same way.
 FEATURE_DTYPES = ("float32", "float16")
 TASKS = ("classification", "embedding")
 ROLES = ("central", "worker")
-# How the central node drives the devices (see coformer.runtime.central): CoFormer's
-# decomposition, PRISM's position-wise partitioning (coformer.runtime.prism), and the
-# baselines of ``coformer bench``, all served by the same runtime.
-STRATEGIES = ("coformer", "prism", "teacher", "pipeline", "tensor_parallel")
+# How the central node drives the devices: the strategies of coformer.runtime.strategies
+# (CoFormer's decomposition, PRISM's position-wise partitioning, the baselines of ``coformer
+# bench``), all served by the same runtime.
 DTYPES = ("float32", "int64", "int32")
 
 
@@ -188,7 +181,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {STRATEGIES}")
+            raise CoFormerError(f"manifest strategy {self.strategy!r} is not one of {tuple(STRATEGIES)}")
+        strategy = strategy_class(self.strategy)
         if self.feature_dtype not in FEATURE_DTYPES:
             raise CoFormerError(f"manifest feature_dtype {self.feature_dtype!r} is not one of {FEATURE_DTYPES}")
         kind = self.task.get("kind", "classification")
@@ -198,8 +192,9 @@ class Manifest:
             dim = self.task.get("dim")
             if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
                 raise CoFormerError(f"an embedding bundle's task needs its 'dim', found {dim!r}")
-        if self.strategy != "coformer":
-            object.__setattr__(self, "schema_version", BASELINE_SCHEMA_VERSION)
+        # the version is the newest feature's: each assignment below is a later version than the
+        # last, and the strategy's own is the floor (PRISM's is the newest of all)
+        object.__setattr__(self, "schema_version", max(self.schema_version, strategy.schema_version))
         if self.input.is_text or self.input.dynamic_axes:
             object.__setattr__(self, "schema_version", TEXT_SCHEMA_VERSION)
             if self.input.preprocessing.get("tokenizer") not in self.files:
@@ -208,8 +203,7 @@ class Manifest:
             object.__setattr__(self, "schema_version", EMBEDDING_SCHEMA_VERSION)
         if self.feature_dtype != "float32":
             object.__setattr__(self, "schema_version", FLOAT16_FEATURES_SCHEMA_VERSION)
-        if self.strategy == "prism":
-            object.__setattr__(self, "schema_version", PRISM_SCHEMA_VERSION)
+        object.__setattr__(self, "schema_version", max(self.schema_version, strategy.schema_version))
         names = [d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise CoFormerError(f"manifest devices {names} repeat a name")
@@ -217,7 +211,7 @@ class Manifest:
         if len(centrals) != 1:
             raise CoFormerError(f"manifest needs exactly one central device, found {centrals}")
         needed = [d.artifact for d in self.devices] + [m.artifact for d in self.devices for m in d.models.values()]
-        if self.strategy == "coformer" or self.aggregator:
+        if strategy.fuses or self.aggregator:
             needed.append(self.aggregator)
         workers = {d.device for d in self.devices if d.role == "worker"}
         for fb in self.fallbacks:

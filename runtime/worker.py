@@ -18,9 +18,9 @@ from coformer.runtime.engines import open_device_engines
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
 from coformer.runtime.manifest import load_manifest, manifest_digest
-from coformer.runtime.prism import Sessions
 from coformer.runtime.security import RoleKeys, check_local_signature, curve_client, require_security
-from coformer.runtime.text import check_tokens, model_feeds
+from coformer.runtime.strategies import strategy_class
+from coformer.runtime.text import check_tokens
 
 log = logging.getLogger("coformer.worker")
 HELLO_INTERVAL_S = 1.0  # until the central node welcomes us
@@ -160,10 +160,9 @@ class Worker:
         self.limits_by_model = model_limits(manifest, art)
         self.limits_in = header_limits(self.limits_by_model)
         self.local = load_local_inputs(local_inputs, manifest)
-        self.prism = manifest.strategy == "prism"
-        self.text = manifest.input.is_text and (not art.models or self.prism)
-        self.sessions = Sessions(list(art.models), manifest.input.preprocessing) if self.prism else None
-        self.wire_dtype = None if manifest.strategy != "coformer" or manifest.feature_dtype == "float32" \
+        strategy = self.strategy = strategy_class(manifest.strategy)
+        self.compute = strategy.worker_compute(manifest, art.models)  # one message's output (a strategy's own)
+        self.wire_dtype = None if not strategy.fuses or manifest.feature_dtype == "float32" \
             else np.dtype(manifest.feature_dtype)
         self.throttle = apply_limits(limits, f"worker-{device}")
         try:
@@ -221,16 +220,13 @@ class Worker:
                 x = encoded_input(msg.images, manifest)
             else:
                 x = msg.tensor if msg.tensor is not None else local_input(self.local, msg.header)
-            if self.text and msg.tensor is not None and (not self.prism or name == "embed"):
+            if msg.tensor is not None and self.strategy.worker_takes_tokens(manifest, name, bool(self.art.models)):
                 check_tokens(x, manifest.input.preprocessing)
         except protocol.ProtocolError as e:
             return protocol.error_frames(msg.id, e.code, str(e))
         queued = throttle.queued_s()
         try:
-            if self.prism:  # this round of the request's session: its state stays here
-                features = self.sessions.run(engine, name, msg.header, x)
-            else:
-                features = next(iter(engine.infer(model_feeds(engine, x, manifest.input.preprocessing)).values()))
+            features = self.compute(engine, name, msg.header, x)
         except protocol.ProtocolError as e:
             return protocol.error_frames(msg.id, e.code, str(e))
         except Exception as e:  # this request fails, named; the worker keeps serving

@@ -127,3 +127,25 @@ def test_every_subcommand_of_both_commands_has_a_module_and_a_function_that_runs
         for name, p in sub.choices.items():
             run = p.get_default("run")
             assert callable(run) and run.__module__ in {m.__name__ for m in modules}, name
+
+
+def test_the_runtime_branches_on_no_strategy_name():
+    """Strategies are plug-ins (``runtime/strategies/``): the central node, the worker and the
+    manifest read a strategy's facts, never its name. A comparison with a registered name
+    anywhere else in the runtime would be one more place a new strategy has to be added."""
+    from coformer.runtime.strategies import STRATEGIES
+
+    names = set(STRATEGIES)
+    bad = []
+    for path in (REPO / "runtime").rglob("*.py"):
+        if "strategies" in path.relative_to(REPO / "runtime").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hit = [c.value for c in consts if isinstance(c, ast.Constant) and c.value in names]
+                if hit:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno} compares with {hit}")
+    assert not bad, "\n".join(bad)

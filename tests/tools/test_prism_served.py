@@ -15,7 +15,8 @@ from coformer.compiler.prism_bundle import build_prism, plan_communication, pris
 from coformer.compiler.specs import DeviceSpec
 from coformer.runtime import protocol
 from coformer.runtime.errors import CoFormerError
-from coformer.runtime.manifest import PRISM_SCHEMA_VERSION, load_manifest
+from coformer.runtime.manifest import load_manifest
+from coformer.runtime.schema import PRISM_SCHEMA_VERSION
 from coformer.runtime.prism import Sessions, model_order
 from coformer.tools.cluster import LocalCluster
 from tests.compiler.test_baselines import _noisy
