@@ -328,3 +328,18 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
                     devices=(art,), aggregator="", parity=parity, strategy="teacher")
 
     return write_bundle(Path(out_dir), build)
+
+
+def compile_baseline_job(job) -> Any:
+    """The baselines' builder (:mod:`coformer.compiler.strategies`): :func:`build_baseline` of
+    ``job.strategy``, the teacher's own weights split as that strategy splits them (no policy,
+    search or calibration). ``job.options["task"]``: the CoFormer bundle's task, where it is
+    compared with one (an embedding bundle's teacher alone answers the embedding)."""
+    from coformer.compiler.job import JobResult
+    from coformer.compiler.strategies import check_options
+
+    check_options(job.strategy, job.options, ("task",))
+    data = job.data
+    manifest = build_baseline(job.strategy, job.teacher, job.devices, data.val.head(3), job.out_dir, data.labels,
+                              dict(data.preprocessing), model_name=job.model_name, task=job.options.get("task"))
+    return JobResult(manifest, {}, job.strategy)

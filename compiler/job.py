@@ -1,5 +1,6 @@
 """One compile, start to end: the orchestration ``coformer compile``, ``coformer
-quickstart`` and ``coformer bench`` share.
+quickstart`` and ``coformer bench`` share. :func:`run_job` is the one way in: it hands the job
+to its strategy's builder (:mod:`coformer.compiler.strategies`). CoFormer's is here:
 
     importance -> policy (given; DeBo, random or uniform over the devices'
     latency predictors; or the heuristic) -> decompose -> calibrate -> lower
@@ -58,6 +59,10 @@ class CompileJob:
             calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
         decomposition: how the sub-models share the teacher's units
             (:mod:`coformer.compiler.decomposition`); None: a given policy's own, else the default.
+        strategy: which builder writes the bundle (:mod:`coformer.compiler.strategies`):
+            ``coformer`` (the default), ``prism``, or a baseline.
+        options: settings only that strategy has (PRISM's ``compression_rate``,
+            ``finetune_epochs``, ``finetune_lr``; a baseline's ``task``).
     """
 
     teacher: nn.Module
@@ -87,6 +92,8 @@ class CompileJob:
     latency_tokens: Optional[int] = None
     onnx_precision: str = "fp32"
     decomposition: Optional[str] = None
+    strategy: str = "coformer"
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def structure(self) -> str:
@@ -154,10 +161,27 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
 
 
 def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
-    """Compile ``job`` into its bundle and report what it did; ``measure`` (optional) serves it."""
-    from coformer.compiler.pipeline import compile_bundle, memory_report
+    """Compile ``job`` into its bundle with its strategy's builder and report what it did;
+    ``measure`` (optional) serves it."""
+    from coformer.compiler.strategies import compiler_for
 
+    build = compiler_for(job.strategy)
     start = time.perf_counter()
+    out = build(job)
+    out.report.setdefault("strategy", job.strategy)
+    out.report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
+    if measure is not None:
+        out.report.update(measure(job, out))
+    return out
+
+
+def compile_decomposed(job: CompileJob) -> JobResult:
+    """CoFormer's builder: the policy (given, searched or the heuristic), then the decomposed,
+    calibrated and lowered bundle (:func:`coformer.compiler.pipeline.compile_bundle`)."""
+    from coformer.compiler.pipeline import compile_bundle, memory_report
+    from coformer.compiler.strategies import check_options
+
+    check_options(job.strategy, job.options, ())
     method = resolve_search(job)
     report: dict[str, Any] = {"compute": job.compute.to_dict()}
     policy, space = choose_policy(job, method, report)
@@ -184,11 +208,7 @@ def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
         if "ensemble_accuracy_float32_features" in acc:
             report.update(feature_dtype=job.feature_dtype,
                           ensemble_accuracy_float32_features=acc["ensemble_accuracy_float32_features"])
-    report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
-    out = JobResult(result, report, method, space)
-    if measure is not None:
-        report.update(measure(job, out))
-    return out
+    return JobResult(result, report, method, space)
 
 
 def matched_student_flops(manifest) -> int:

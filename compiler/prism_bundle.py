@@ -466,3 +466,4 @@ def plan_communication(teacher: nn.Module, devices: Sequence[Any], cr: int) -> d
     shares = P.share_positions(fam.tokens(), [d.cpu_share for d in devices])
     return P.communication(shares, int(cr), fam.heads * fam.head_dim, len(fam.blocks),
                            workers_skip_last=fam.pool == "token", sums=fam.embed_dim if fam.pool == "sum" else 0)
+

@@ -67,7 +67,7 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.families import adapter_for
-    from coformer.compiler.pipeline import compile_bundle
+    from coformer.compiler.job import CompileJob, run_job
     from coformer.compiler.profile_kit import uniform_spec
     from coformer.compiler.specs import Policy
 
@@ -88,8 +88,8 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
     out = {}
     for name, policy in policies.items():
         path = Path(out_dir) / f"probe-{name}"
-        compile_bundle(teacher, devices, data, path, policy=policy, boost=BoostConfig(epochs=0),
-                       aggregator_epochs=0, progress=False)
+        run_job(CompileJob(teacher, devices, data, path, policy=policy, boost=BoostConfig(epochs=0),
+                           aggregator_epochs=0, progress=False))
         t1, _, t3, _ = latency.terms(policy)
         out[name] = {"dir": path, "policy": policy, "t1_ms": t1, "t3_ms": t3}
     return out

@@ -112,7 +112,7 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     """
     from coformer.calibration.booster import BoostConfig
     from coformer.calibration.compute import CPU
-    from coformer.compiler.baselines import BASELINES, build_baseline
+    from coformer.compiler.baselines import BASELINES
     from coformer.compiler.job import CompileJob, matched_student_flops, run_job, student_job
     from coformer.compiler.pipeline import boost_from_record
     from coformer.compiler.sources import source_of
@@ -165,21 +165,14 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
             say(f"bench: building the {s} bundle")
         if path.exists():
             shutil.rmtree(path)
-        if s.startswith("prism_cr"):
-            from coformer.compiler.prism_bundle import build_prism
-
+        if s.startswith("prism_cr"):  # fine-tuned under PRISM where asked, at CR > 1
             cr = int(s[len("prism_cr"):])
-            tuned, finetune = None, None
-            if prism_finetune and cr > 1:
-                from coformer.compiler.prism_finetune import finetune_for_devices
-
-                tuned, finetune = finetune_for_devices(teacher, devices, data, cr, prism_finetune, compute=compute,
-                                                       seed=seed, progress=bool(progress))
-            build_prism(teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing), cr,
-                        model_name=s, tuned=tuned, finetune=finetune)
+            run_job(CompileJob(teacher, devices, data, path, compute=compute, seed=seed, model_name=s,
+                               progress=bool(progress), strategy="prism",
+                               options={"compression_rate": cr, "finetune_epochs": (prism_finetune or 0) if cr > 1 else 0}))
         elif s in BASELINES:
-            build_baseline(s, teacher, devices, data.val.head(3), path, data.labels, dict(data.preprocessing),
-                           model_name=f"{s}", task=task)
+            run_job(CompileJob(teacher, devices, data, path, model_name=s, progress=bool(progress), strategy=s,
+                               options={"task": task}))
         elif s in STUDENTS:
             import torch
 

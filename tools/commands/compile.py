@@ -103,7 +103,9 @@ def build_students(job, manifest, progress: bool) -> dict:
 def compile_prism(args: argparse.Namespace, devices) -> int:
     """``compile --strategy prism``: the PRISM bundle (:mod:`coformer.compiler.prism_bundle`), and
     its accuracy, agreement with the teacher and bytes per inference on the test split."""
-    from coformer.compiler.prism_bundle import build_prism, prism_scores
+    from coformer.calibration.compute import CPU
+    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.prism_bundle import prism_scores
     from coformer.runtime.files import atomic_write_json
 
     if args.compression_rate < 1:
@@ -117,26 +119,24 @@ def compile_prism(args: argparse.Namespace, devices) -> int:
                             f"features): drop {', '.join(ignored)}")
     if args.finetune_epochs < 0:
         raise CoFormerError(f"--finetune-epochs {args.finetune_epochs} must be >= 0")
-    compute = compute_from_args(args) if args.finetune_epochs else None  # a bad --device fails before the teacher loads
+    compute = compute_from_args(args) if args.finetune_epochs else CPU  # a bad --device fails before the teacher
     if args.finetune_epochs and args.compression_rate == 1:
         raise CoFormerError("--finetune-epochs needs --compression-rate > 1: at CR = 1 PRISM is the teacher")
     teacher = teacher_from_args(args)
     data, _ = data_from_args(args, teacher)
     if data.test.y is None:
         raise CoFormerError("--strategy prism reports accuracy, so its data needs labels")
-    tuned, finetune = None, None
-    if args.finetune_epochs:
-        from coformer.compiler.prism_finetune import finetune_for_devices
-
-        tuned, finetune = finetune_for_devices(teacher, devices, data, args.compression_rate, args.finetune_epochs,
-                                               args.finetune_lr, compute, args.seed,
-                                               progress=not getattr(args, "no_progress", False))
+    built = run_job(CompileJob(teacher, devices, data, args.out, compute=compute, seed=args.seed,
+                               model_name=args.model, progress=not getattr(args, "no_progress", False),
+                               strategy="prism", options={"compression_rate": args.compression_rate,
+                                                          "finetune_epochs": args.finetune_epochs,
+                                                          "finetune_lr": args.finetune_lr})).result
+    manifest, tuned, finetune = built.manifest, built.tuned, built.finetune
+    if finetune is not None:
         val, key = finetune["validation"], finetune["decided_by"].split()[-1]
         print(f"fine-tuned {args.finetune_epochs} epochs in {finetune['seconds']:.0f} s: {finetune['decided_by']} "
               f"{val['before'][key] * 100:.1f}% -> {val['after'][key] * 100:.1f}% "
               + ("(kept)" if finetune["kept"] else "(not kept: the bundle runs the teacher's weights)"))
-    manifest = build_prism(teacher, devices, data.val.head(3), args.out, data.labels, dict(data.preprocessing),
-                           args.compression_rate, model_name=args.model, tuned=tuned, finetune=finetune)
     plan = manifest.model["plan"]
     scores = prism_scores(teacher, data, plan["shares"], [args.compression_rate],
                           min(len(data.test), args.measure_samples),
