@@ -24,9 +24,8 @@ the job module, which looks builders up here.
 
 from __future__ import annotations
 
-import importlib
-
 from coformer.runtime.errors import CoFormerError
+from coformer.runtime.strategies import lookup
 
 COMPILERS = {
     "coformer": "coformer.compiler.job:compile_decomposed",
@@ -39,11 +38,7 @@ COMPILERS = {
 
 def compiler_for(name: str):
     """The function that compiles a job of strategy ``name`` (module doc)."""
-    where = COMPILERS.get(name)
-    if where is None:
-        raise CoFormerError(f"strategy {name!r} is not one of {tuple(COMPILERS)}")
-    module, fn = where.split(":")
-    return getattr(importlib.import_module(module), fn)
+    return lookup(COMPILERS, name)
 
 
 def check_options(strategy: str, options, allowed) -> None:

@@ -33,8 +33,15 @@ STRATEGIES = {
 
 def strategy_class(name: str):
     """The :class:`~coformer.runtime.strategies.base.Strategy` subclass serving strategy ``name``."""
-    where = STRATEGIES.get(name)
+    return lookup(STRATEGIES, name)
+
+
+def lookup(table, name: str):
+    """What ``table`` (strategy name -> ``"module:attribute"``) lists for strategy ``name``,
+    imported; a name it does not list is refused with the ones it does. The compiler's table of
+    builders (:mod:`coformer.compiler.strategies`) is read the same way."""
+    where = table.get(name)
     if where is None:
-        raise CoFormerError(f"strategy {name!r} is not one of {tuple(STRATEGIES)}")
-    module, cls = where.split(":")
-    return getattr(importlib.import_module(module), cls)
+        raise CoFormerError(f"strategy {name!r} is not one of {tuple(table)}")
+    module, attribute = where.split(":")
+    return getattr(importlib.import_module(module), attribute)

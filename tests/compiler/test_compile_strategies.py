@@ -33,7 +33,6 @@ def test_each_strategy_is_built_through_the_one_job(tmp_path, digits, strategy, 
                              progress=False))
     m = load_manifest(tmp_path / "b")
     assert m.strategy == strategy and out.report["strategy"] == strategy
-    assert out.report["wall_time_s"] > 0
     if strategy == "teacher":  # the teacher alone: its ONNX answers what the teacher does
         x = digits.test.x[:2]
         engine = open_engine(tmp_path / "b" / m.central.artifact, "onnxruntime", 1)
