@@ -149,3 +149,17 @@ def test_the_runtime_branches_on_no_strategy_name():
                 if hit:
                     bad.append(f"{path.relative_to(REPO)}:{node.lineno} compares with {hit}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_strategy_has_both_halves():
+    """A strategy is a runtime plug-in (``runtime/strategies``) and a builder
+    (``compiler/strategies.py``): one listed in a table without the other would compile bundles
+    nothing serves, or serve bundles nothing compiles. Each entry must also resolve."""
+    from coformer.compiler.strategies import COMPILERS, compiler_for
+    from coformer.runtime.strategies import STRATEGIES, strategy_class
+    from coformer.runtime.strategies.base import Strategy
+
+    assert set(COMPILERS) == set(STRATEGIES)
+    for name in STRATEGIES:
+        assert issubclass(strategy_class(name), Strategy) and strategy_class(name).name == name
+        assert callable(compiler_for(name))
