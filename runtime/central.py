@@ -39,6 +39,7 @@ import numpy as np
 import zmq
 
 from coformer.runtime import protocol
+from coformer.runtime.clock import SystemClock
 from coformer.runtime.engines import open_device_engines
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.limits import DeviceLimits, apply_limits
@@ -83,6 +84,9 @@ class CentralNode:
         precision: on ``tensorrt``, the precision its engines are built at on first start.
         context: the ZeroMQ context its sockets are made in (default: its own, ended with it);
             a test gives one to serve on ``inproc://`` endpoints.
+        clock: what deadlines, keep-alives and faults are read from, and how the node waits
+            for its sockets (:mod:`coformer.runtime.clock`; default wall time). A test gives a
+            ``ManualClock`` to step through deadlines in simulated time.
 
     :meth:`serve` runs it; a test may instead :meth:`open` it and drive it with
     :meth:`step`, one turn of the loop at a time, then :meth:`close` it.
@@ -103,7 +107,9 @@ class CentralNode:
         backend: Optional[str] = None,
         precision: str = "fp16",
         context: Optional[zmq.Context] = None,
+        clock=None,
     ) -> None:
+        self.clock = clock if clock is not None else SystemClock()
         if backend is not None:  # refused before anything binds (coformer.runtime.engines)
             from coformer.runtime.engines import check_backend
 
@@ -228,7 +234,7 @@ class CentralNode:
         self._throttle.waiting()
         if timeout_ms is None:
             timeout_ms = POLL_MS if self._probe_until is None else PROBE_MS
-        events = dict(self._poller.poll(timeout_ms))
+        events = self.clock.poll(self._poller, timeout_ms)
         if self._monitor in events:
             self._on_disconnect(None)
         elif self._probe_until is not None:
@@ -281,7 +287,7 @@ class CentralNode:
                 if msg.op == "status":
                     reply = protocol.encode("status_reply", msg.id, **self.status())
                 elif msg.op == "infer":
-                    deadline = time.monotonic() + self._deadline_s(msg.header)
+                    deadline = self.clock.now() + self._deadline_s(msg.header)
                     msg = self._admit(msg)
                     if len(self._queue) >= self.queue_limit:
                         raise protocol.ProtocolError("busy", f"{len(self._queue)} requests are waiting; try again")
@@ -322,7 +328,7 @@ class CentralNode:
         """Serve the oldest queued request, batched with the compatible ones queued behind it
         (micro-batching: one round for up to ``batch_requests`` requests and ``max_batch``
         samples, since every model takes a batch axis), and answer each with its rows."""
-        now = time.monotonic()
+        now = self.clock.now()
         while self._queue and self._queue[0][2] <= now:  # waited in the queue past its deadline
             envelope, msg, _ = self._pop()
             self._reply(envelope, protocol.error_frames(msg.id, "timeout", "the request's deadline passed while "
@@ -382,12 +388,12 @@ class CentralNode:
         """Workers heard from within three keep-alive periods (a killed worker drops out), and
         heard from since they last missed a deadline (a hung one is not waited for again, round
         after round; its next heartbeat brings it back)."""
-        horizon = time.monotonic() - 3 * KEEPALIVE_S
+        horizon = self.clock.now() - 3 * KEEPALIVE_S
         return sorted(n for n in self.workers if self.last_seen.get(n, 0.0) >= horizon
                       and self.last_seen.get(n, 0.0) > self._late_since.get(n, float("-inf")))
 
     def status(self) -> dict:
-        now = time.monotonic()
+        now = self.clock.now()
         expected = [w.device for w in self.manifest.workers]
         alive = self.alive()
         missing = [d for d in expected if d not in alive]
@@ -565,26 +571,26 @@ class CentralNode:
     def _gather(self, rid: int, expected: dict, deadline: Optional[float] = None, partial: bool = False) -> dict:
         pending = {"id": rid, "expected": expected, "features": {}, "compute_ms": {}, "service_ms": {},
                    "queued_ms": {}, "arrival": {}, "wire_bytes": 0, "failed": {}}
-        deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
+        deadline = deadline if deadline is not None else self.clock.now() + self.timeout_s
         # A worker that misses a round it had a fair chance at is not waited for again until it is
         # heard from; a round that starts with its deadline nearly spent (it waited in the queue)
         # says nothing about the workers.
-        fair = deadline - time.monotonic() >= LATE_AFTER_S
+        fair = deadline - self.clock.now() >= LATE_AFTER_S
         while len(pending["features"]) + len(pending["failed"]) < len(expected):
-            left_ms = int((deadline - time.monotonic()) * 1e3)
+            left_ms = int((deadline - self.clock.now()) * 1e3)
             wait_ms = left_ms if self._probe_until is None else min(left_ms, PROBE_MS)
-            events = dict(self._poller.poll(wait_ms)) if left_ms > 0 else {}
+            events = self.clock.poll(self._poller, wait_ms) if left_ms > 0 else {}
             if self._monitor in events:  # a worker whose connection closed is not waited for
                 self._on_disconnect(pending)
             elif self._probe_until is not None:
                 self._probe(pending)
             if self.front in events:  # requests arriving meanwhile are queued now: their deadlines run from here
                 self._drain_front()
-            if self.back not in events and left_ms > 0 and time.monotonic() < deadline:
+            if self.back not in events and left_ms > 0 and self.clock.now() < deadline:
                 continue
             if self.back not in events:
                 if partial:
-                    now = time.monotonic()
+                    now = self.clock.now()
                     for name in set(expected) - set(pending["features"]) if fair else ():
                         self._late_since[name] = now  # not waited for again until it is heard from
                     return pending  # the caller answers from what arrived, flagged degraded
@@ -608,7 +614,7 @@ class CentralNode:
         """Worker ``name``'s part of this round failed (its error, or an answer that cannot be
         used): it is not waited for, and is remembered in the status's ``faults``."""
         pending["failed"][name] = (code, f"worker {name}: {message}"[:500])
-        self._faults[name] = (time.monotonic(), f"{code}: {message}"[:300])
+        self._faults[name] = (self.clock.now(), f"{code}: {message}"[:300])
         log.warning("worker %s left out of request %d: %s: %s", name, pending["id"], code, message[:200])
 
     def _on_disconnect(self, pending: Optional[dict]) -> None:
@@ -623,14 +629,14 @@ class CentralNode:
         # The event can come before the socket has dropped the connection's route, and then the
         # probe still goes through: it is repeated every PROBE_MS for PROBE_S (a closed worker was
         # sometimes counted ready for an hour of silence in tests/tools/test_key_holders.py).
-        self._probe_until = time.monotonic() + PROBE_S
+        self._probe_until = self.clock.now() + PROBE_S
         self._probed_at = float("-inf")  # now, whatever the last probe was
         self._probe(pending)
 
     def _probe(self, pending: Optional[dict]) -> None:
         """Each registered worker sent a no-op (see :meth:`_on_disconnect`); one whose connection
         is gone is dropped. Stops repeating once ``PROBE_S`` after the last disconnect."""
-        now = time.monotonic()
+        now = self.clock.now()
         if self._probe_until is not None and now > self._probe_until:
             self._probe_until = None
         if now - self._probed_at < PROBE_MS / 1e3:  # at most once a PROBE_MS
@@ -665,7 +671,7 @@ class CentralNode:
         ident, rest = frames[0], frames[1:]
         name = self._names.get(ident, "")  # the device this connection registered as
         if name:
-            self.last_seen[name] = time.monotonic()
+            self.last_seen[name] = self.clock.now()
         try:
             msg = protocol.decode(rest)
         except protocol.ProtocolError as e:
@@ -756,13 +762,13 @@ class CentralNode:
                 self._names.pop(old, None)
             self.workers[name] = ident
             self._names[ident] = name
-            self.last_seen[name] = time.monotonic()
+            self.last_seen[name] = self.clock.now()
             reply = protocol.encode("welcome", 0)
             log.debug("worker %s registered", name)
         self._send_back(ident, reply)
 
     def _refuse(self, ident: bytes, name: str, user: Optional[str]) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         if now - self._refused.get(ident, -60.0) >= 60.0:  # logged at most once a minute per connection
             self._refused[ident] = now
             if len(self._refused) > 1024:
@@ -796,7 +802,7 @@ def _index_bytes(index) -> int:
 
 def _deadlines_close(head: float, other: float, now: float) -> bool:
     """Whether a request with deadline ``other`` may be served in a batch that waits until
-    ``head``'s (both ``time.monotonic()``): a batch ends at its earliest deadline, so a request
+    ``head``'s (both readings of the node's clock): a batch ends at its earliest deadline, so a request
     whose own is much later would be cut short (degraded) by another client's short one."""
     a, b = head - now, other - now
     return abs(a - b) <= DEADLINE_SLACK_S or min(a, b) >= DEADLINE_RATIO * max(a, b)
@@ -822,7 +828,7 @@ class _Account:
         self.workers_service: dict[str, float] = {}
         self.workers_queued: dict[str, float] = {}  # waiting for a core shared with another emulated device
         self.degraded: list[str] = []
-        self.deadline: Optional[float] = None  # time.monotonic() by which workers must have answered
+        self.deadline: Optional[float] = None  # the node's clock reading by which workers must have answered
         self.images = None  # the request's encoded files, which CoFormer's workers are sent in place of x
 
 

@@ -1,7 +1,9 @@
 """The central node driven one turn at a time (issue 39): :class:`CentralNode` in the test's own
 ZeroMQ context on ``inproc://`` endpoints, opened, then :meth:`~CentralNode.step`-ped by the
-test, which plays the client and the worker on sockets it holds. Batching, degraded answers
-and registration are checked in one thread, with no sleep, no port and no process."""
+test, which plays the client and the worker on sockets it holds. Batching, degraded answers,
+registration and deadlines are checked in one thread, with no sleep, no port and no process:
+deadlines run on a :class:`~coformer.runtime.clock.ManualClock`, simulated time that moves when
+the node waits and nothing arrives."""
 
 import numpy as np
 import pytest
@@ -9,7 +11,10 @@ import torch
 import zmq
 
 from coformer.runtime import protocol
-from coformer.runtime.central import CentralNode
+from coformer.runtime.central import REPLY_RESERVE_S, CentralNode
+from coformer.runtime.clock import ManualClock
+from coformer.runtime.manifest import manifest_digest
+from coformer.runtime.worker import KEEPALIVE_S
 
 
 @pytest.fixture
@@ -19,8 +24,8 @@ def node_in():
     ctx = zmq.Context()
     made = []
 
-    def make(bundle_dir):
-        node = CentralNode(bundle_dir, "inproc://front", "inproc://back", context=ctx)
+    def make(bundle_dir, clock=None):
+        node = CentralNode(bundle_dir, "inproc://front", "inproc://back", context=ctx, clock=clock)
         node.open()
         client = ctx.socket(zmq.DEALER)
         client.connect("inproc://front")
@@ -79,8 +84,6 @@ def test_without_its_worker_the_node_answers_from_the_fallback_then_registers_th
     want = fallback.run(None, {fallback.get_inputs()[0].name: own})[0]
     np.testing.assert_allclose(got.tensor, want, atol=1e-4)
     # registration: a hello under the bundle's digest is welcomed, and the worker is ready
-    from coformer.runtime.manifest import manifest_digest
-
     ctx = node.ctx
     worker = ctx.socket(zmq.DEALER)
     worker.connect("inproc://back")
@@ -96,5 +99,58 @@ def test_without_its_worker_the_node_answers_from_the_fallback_then_registers_th
         refused = protocol.decode(worker.recv_multipart())
         assert refused.op == "error" and refused.header["code"] == "bad_hello"
         assert node.status()["ready"]  # the registration it had stands
+    finally:
+        worker.close(0)
+
+
+def _hello(worker, result):
+    worker.send_multipart(protocol.encode("hello", 0, device="edge-b", digest=manifest_digest(result.bundle_dir),
+                                          feature_dim=result.manifest.device("edge-b").feature_dim))
+
+
+def test_deadlines_in_simulated_time(bundles, node_in):
+    """A silent worker is waited for until the request's deadline, to the millisecond, and no
+    longer: the answer then comes from the fallback, flagged degraded; the worker is not waited
+    for again until it is heard from. A request with a short deadline is not batched with a long
+    one, and is answered ``timeout`` when its deadline passes while it waits in the queue. A
+    worker silent for three keep-alive periods leaves the ready set."""
+    built, data = bundles
+    result = built["two"]
+    clock = ManualClock()
+    node, client = node_in(result.bundle_dir, clock=clock)
+    worker = node.ctx.socket(zmq.DEALER)
+    worker.connect("inproc://back")
+    try:
+        _hello(worker, result)
+        node.step(timeout_ms=0)
+        assert protocol.decode(worker.recv_multipart()).op == "welcome" and node.status()["ready"]
+        x = data.test.x[:1].numpy()
+        t0 = clock.now()
+        client.send_multipart(protocol.encode("infer", 1, x, deadline_ms=2000))
+        client.send_multipart(protocol.encode("infer", 2, x, deadline_ms=100))
+        node.step(timeout_ms=0)  # reads both; serves request 1 alone, and waits for edge-b
+        sent = protocol.decode(worker.recv_multipart())
+        assert sent.op == "infer"  # edge-b was asked, and did not answer
+        got = _answers(client, 1)
+        assert got[1].op == "result" and got[1].header["degraded"] == ["edge-b"]
+        assert got[1].header["batched_requests"] == 1  # request 2's 0.1 s is far from request 1's 2 s
+        # the wait ended at request 1's deadline: its 2 s less the reply's reserve, within a poll's rounding
+        waited = clock.now() - t0
+        assert 2.0 - REPLY_RESERVE_S - 0.002 <= waited <= 2.0 - REPLY_RESERVE_S + 0.002, waited
+        assert node.status()["missing"] == ["edge-b"]  # late: not waited for again...
+        node.step(timeout_ms=0)  # request 2 waited in the queue past its 0.1 s
+        late = _answers(client, 1)[2]
+        assert late.op == "error" and late.header["code"] == "timeout"
+        client.send_multipart(protocol.encode("infer", 3, x))
+        before = clock.now()
+        node.step(timeout_ms=0)
+        assert _answers(client, 1)[3].header["degraded"] == ["edge-b"] and clock.now() == before  # ...not at all
+        assert not worker.poll(0)  # and not sent the request
+        clock.advance(0.5)
+        _hello(worker, result)  # its heartbeat: heard from again, it is waited for again
+        node.step(timeout_ms=0)
+        assert node.status()["ready"]
+        clock.advance(3 * KEEPALIVE_S + 0.01)  # then silent for three keep-alive periods: gone
+        assert node.status()["missing"] == ["edge-b"]
     finally:
         worker.close(0)
