@@ -32,7 +32,7 @@ from torch import nn
 from coformer.compiler.apportion import apportion
 from coformer.compiler.bundle import write_bundle
 from coformer.compiler.families import adapter_for
-from coformer.compiler.families.vit import check_supported, head_rows_cols
+from coformer.compiler.families.vit import head_rows_cols
 from coformer.compiler.lower import check_parity, export_onnx
 from coformer.compiler.specs import DeviceSpec
 from coformer.runtime.errors import CoFormerError
@@ -175,109 +175,34 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
     (:func:`baseline_families`). ``task`` is the CoFormer bundle's (its manifest's): an
     embedding bundle's teacher alone answers the embedding, for a language model.
     """
-    if strategy not in BASELINES:
-        raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
     teacher = teacher.eval()
     adapter = adapter_for(teacher)
     if strategy == "teacher" and getattr(adapter, "matches_hf", None) is not None:
         return build_text_teacher(teacher, devices[0], x_example, out_dir, labels, preprocessing, model_name, task)
-    if (task or {}).get("kind", "classification") != "classification":
-        raise CoFormerError(f"the {strategy} baseline answers classes; for an embedding bundle the teacher alone is "
-                            "built for language models: bench with --strategies coformer,uniform,student,"
-                            "student_matched")
-    if adapter.name not in baseline_families(strategy):
-        raise CoFormerError(f"the {strategy} baseline is built for {'/'.join(baseline_families(strategy))} "
-                            f"teachers, not the {adapter.name!r} family; bench with --strategies "
-                            "coformer,uniform,teacher")
-    if adapter.name == "vit":
-        check_supported(teacher)
-    shape = adapter.read_shape(teacher)
-    L, D, N = shape.num_layers, shape.embed_dim, shape.num_tokens
+    _check_baseline(strategy, adapter.name, task)
+    shape = adapter.read_shape(teacher)  # (a ViT's is checked to be one the slices reproduce)
     devices = list(devices) if strategy != "teacher" else list(devices[:1])
-    shares = [d.cpu_share for d in devices]
     x3 = x_example[:3]
     with torch.no_grad():
         want = teacher(x3)
-
-    # pieces[device] = [(model name, module, input kind)], in the order the device uses them
-    pieces: dict[str, list[tuple[str, nn.Module, str]]] = {d.name: [] for d in devices}
-    plan: dict[str, Any] = {"strategy": strategy}
-    if strategy == "teacher":
-        pieces[devices[0].name].append(("", teacher, "pixels"))
-        composed = want
-    elif strategy == "pipeline":
-        if L < len(devices):
-            raise CoFormerError(f"a pipeline over {len(devices)} devices needs at least as many layers; "
-                                f"the teacher has {L}")
-        counts = split_by_share(L, shares, minimum=1)
-        first = 0
-        for i, (d, c) in enumerate(zip(devices, counts)):
-            stage = _Stage(teacher, first, first + c, embed=i == 0, head=i == len(devices) - 1)
-            pieces[d.name].append(("stage", stage, "pixels" if i == 0 else "tokens"))
-            first += c
-        plan["layers_per_device"] = dict(zip([d.name for d in devices], counts))
-        with torch.no_grad():
-            h = x3
-            for d in devices:
-                h = pieces[d.name][0][1](h)
-        composed = h
-    else:
-        embed, head = _Embed(teacher), _Head(teacher)
-        pieces[devices[0].name].append(("embed", embed, "pixels"))
-        heads_split, neurons_split = [], []
-        for layer, blk in enumerate(teacher.blocks):
-            hc = split_by_share(blk.attn.num_heads, shares)
-            nc = split_by_share(blk.mlp.fc1.out_features, shares)
-            heads_split.append(hc)
-            neurons_split.append(nc)
-            h0 = n0 = 0
-            for i, d in enumerate(devices):
-                if hc[i]:
-                    pieces[d.name].append((f"attn{layer}", _AttnShare(blk, range(h0, h0 + hc[i]), i == 0), "tokens"))
-                if nc[i]:
-                    pieces[d.name].append((f"mlp{layer}", _MlpShare(blk, range(n0, n0 + nc[i]), i == 0), "tokens"))
-                h0, n0 = h0 + hc[i], n0 + nc[i]
-        pieces[devices[0].name].append(("head", head, "tokens"))
-        plan["heads_per_device"] = {d.name: [hc[i] for hc in heads_split] for i, d in enumerate(devices)}
-        plan["neurons_per_device"] = {d.name: [nc[i] for nc in neurons_split] for i, d in enumerate(devices)}
-        with torch.no_grad():
-            h = embed(x3)
-            for layer in range(L):
-                for part in ("attn", "mlp"):
-                    h = h + sum(m(h) for d in devices for name, m, _ in pieces[d.name] if name == f"{part}{layer}")
-            composed = head(h)
+    split = _SPLITS[strategy]
+    pieces, plan, composed = split(teacher, devices, x3, want)
     gap = float((composed - want).abs().max())
     if not gap <= PARITY_TOLERANCE:
         raise CoFormerError(f"{strategy}: the composed pieces differ from the teacher by {gap:.3g}")
-
     with torch.no_grad():
         tokens3 = _Embed(teacher)(x3) if strategy != "teacher" else None
     in_shape = tuple(adapter.input_shape(teacher))
 
     def build(staging: Path) -> dict[str, Any]:
-        arts, parity = [], {"composed_vs_teacher": gap}
-        for i, d in enumerate(devices):
-            models: dict[str, ModelSpec] = {}
-            flops = params = 0
-            for name, module, kind in pieces[d.name]:
-                rel = f"{strategy}/{i}-{d.name}{'-' + name if name else ''}.onnx"
-                example = x3 if kind == "pixels" else tokens3
-                with torch.no_grad():
-                    out_shape = tuple(module.eval()(example[:1]).shape[1:])
-                export_onnx(module, [example[:1]], staging / rel, [kind], ["output"])
-                parity[rel] = check_parity(module, staging / rel, [example], [kind], tolerance=PARITY_TOLERANCE)
-                if name:
-                    models[name] = ModelSpec(rel, "float32", in_shape if kind == "pixels" else (N, D), out_shape)
-                params += onnx_params(staging / rel)
-            main = next(iter(models.values())).artifact if models else f"{strategy}/{i}-{d.name}.onnx"
-            out_dim = shape.num_classes if strategy == "teacher" else D
-            arts.append(DeviceArtifact(device=d.name, role="central" if i == 0 else "worker", artifact=main,
-                                       feature_dim=out_dim, flops=flops, params=params, backend=d.backend,
-                                       threads=1, cpu_share=d.cpu_share, models=models))
+        parity = {"composed_vs_teacher": gap}
+        out_dim = shape.num_classes if strategy == "teacher" else shape.embed_dim
+        arts = [_lower_pieces(strategy, i, d, pieces[d.name], x3, tokens3, in_shape, (shape.num_tokens, shape.embed_dim),
+                              out_dim, staging, parity) for i, d in enumerate(devices)]
         return dict(
             # per-device "flops" are not counted for baselines (0); "params" are the ONNX weights
-            model={"name": model_name, "family": shape.family, "layers": L, "embed_dim": D, "tokens": N,
-                   "plan": plan},
+            model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
+                   "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": strategy, **plan}},
             task={"kind": "classification", "labels": list(labels)},
             input=InputSpec(adapter.input_name, "float32", in_shape, 64, dict(preprocessing)),
             devices=tuple(arts),
@@ -287,6 +212,105 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
         )
 
     return write_bundle(Path(out_dir), build)
+
+
+def _check_baseline(strategy: str, family: str, task: Optional[dict[str, Any]]) -> None:
+    """Refuse, by name, a baseline this teacher or task cannot have."""
+    if strategy not in BASELINES:
+        raise CoFormerError(f"baseline {strategy!r} is not one of {BASELINES}")
+    if (task or {}).get("kind", "classification") != "classification":
+        raise CoFormerError(f"the {strategy} baseline answers classes; for an embedding bundle the teacher alone is "
+                            "built for language models: bench with --strategies coformer,uniform,student,"
+                            "student_matched")
+    if family not in baseline_families(strategy):
+        raise CoFormerError(f"the {strategy} baseline is built for {'/'.join(baseline_families(strategy))} "
+                            f"teachers, not the {family!r} family; bench with --strategies "
+                            "coformer,uniform,teacher")
+
+
+# Each baseline's split of the teacher: (pieces, plan, composed logits on x3), where
+# pieces[device] = [(model name, module, input kind)] in the order the device uses them.
+Pieces = dict[str, list[tuple[str, nn.Module, str]]]
+
+
+def _teacher_alone(teacher: nn.Module, devices: list, x3: torch.Tensor, want: torch.Tensor):
+    return {devices[0].name: [("", teacher, "pixels")]}, {}, want
+
+
+def _pipeline(teacher: nn.Module, devices: list, x3: torch.Tensor, want: torch.Tensor):
+    """Consecutive stages of layers, one per device, in proportion to its compute share."""
+    layers = len(teacher.blocks)
+    if layers < len(devices):
+        raise CoFormerError(f"a pipeline over {len(devices)} devices needs at least as many layers; "
+                            f"the teacher has {layers}")
+    counts = split_by_share(layers, [d.cpu_share for d in devices], minimum=1)
+    pieces: Pieces = {}
+    first = 0
+    for i, (d, c) in enumerate(zip(devices, counts)):
+        stage = _Stage(teacher, first, first + c, embed=i == 0, head=i == len(devices) - 1)
+        pieces[d.name] = [("stage", stage, "pixels" if i == 0 else "tokens")]
+        first += c
+    with torch.no_grad():
+        h = x3
+        for d in devices:
+            h = pieces[d.name][0][1](h)
+    return pieces, {"layers_per_device": dict(zip([d.name for d in devices], counts))}, h
+
+
+def _tensor_parallel(teacher: nn.Module, devices: list, x3: torch.Tensor, want: torch.Tensor):
+    """Every layer's heads and MLP neurons split over the devices in proportion to compute;
+    the partial outputs are summed after attention and after the MLP."""
+    shares = [d.cpu_share for d in devices]
+    embed, head = _Embed(teacher), _Head(teacher)
+    pieces: Pieces = {d.name: [] for d in devices}
+    pieces[devices[0].name].append(("embed", embed, "pixels"))
+    heads_split, neurons_split = [], []
+    for layer, blk in enumerate(teacher.blocks):
+        hc = split_by_share(blk.attn.num_heads, shares)
+        nc = split_by_share(blk.mlp.fc1.out_features, shares)
+        heads_split.append(hc)
+        neurons_split.append(nc)
+        h0 = n0 = 0
+        for i, d in enumerate(devices):
+            if hc[i]:
+                pieces[d.name].append((f"attn{layer}", _AttnShare(blk, range(h0, h0 + hc[i]), i == 0), "tokens"))
+            if nc[i]:
+                pieces[d.name].append((f"mlp{layer}", _MlpShare(blk, range(n0, n0 + nc[i]), i == 0), "tokens"))
+            h0, n0 = h0 + hc[i], n0 + nc[i]
+    pieces[devices[0].name].append(("head", head, "tokens"))
+    plan = {"heads_per_device": {d.name: [hc[i] for hc in heads_split] for i, d in enumerate(devices)},
+            "neurons_per_device": {d.name: [nc[i] for nc in neurons_split] for i, d in enumerate(devices)}}
+    with torch.no_grad():
+        h = embed(x3)
+        for layer in range(len(teacher.blocks)):
+            for part in ("attn", "mlp"):
+                h = h + sum(m(h) for d in devices for name, m, _ in pieces[d.name] if name == f"{part}{layer}")
+        composed = head(h)
+    return pieces, plan, composed
+
+
+_SPLITS = {"teacher": _teacher_alone, "pipeline": _pipeline, "tensor_parallel": _tensor_parallel}
+
+
+def _lower_pieces(strategy: str, i: int, d: DeviceSpec, pieces: list, x3: torch.Tensor, tokens3: Optional[torch.Tensor],
+                  in_shape: tuple, token_shape: tuple, out_dim: int, staging: Path, parity: dict) -> DeviceArtifact:
+    """Device ``i``'s pieces exported to ONNX under ``staging`` (each checked against its
+    module into ``parity``), and the device's manifest entry."""
+    models: dict[str, ModelSpec] = {}
+    params = 0
+    for name, module, kind in pieces:
+        rel = f"{strategy}/{i}-{d.name}{'-' + name if name else ''}.onnx"
+        example = x3 if kind == "pixels" else tokens3
+        with torch.no_grad():
+            out_shape = tuple(module.eval()(example[:1]).shape[1:])
+        export_onnx(module, [example[:1]], staging / rel, [kind], ["output"])
+        parity[rel] = check_parity(module, staging / rel, [example], [kind], tolerance=PARITY_TOLERANCE)
+        if name:
+            models[name] = ModelSpec(rel, "float32", in_shape if kind == "pixels" else token_shape, out_shape)
+        params += onnx_params(staging / rel)
+    main = next(iter(models.values())).artifact if models else f"{strategy}/{i}-{d.name}.onnx"
+    return DeviceArtifact(device=d.name, role="central" if i == 0 else "worker", artifact=main, feature_dim=out_dim,
+                          flops=0, params=params, backend=d.backend, threads=1, cpu_share=d.cpu_share, models=models)
 
 
 def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.Tensor, out_dir: Path,

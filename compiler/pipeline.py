@@ -235,39 +235,20 @@ def compile_bundle(
     as the central node will receive them, and ``ensemble_accuracy_float32_features`` keeps
     the score without the rounding, so the report shows what the halving costs.
 
-    Every bundle carries a few validation inputs (``checks/inputs.npz``, by input name), on
-    which a device checks the TensorRT engine it builds against ONNX Runtime
-    (:mod:`coformer.runtime.tensorrt_engines`). ``onnx_precision="fp16"`` also writes each
-    sub-model as an fp16 ONNX beside its float32 one (``*.fp16.onnx``,
-    :func:`~coformer.compiler.lower.write_fp16_onnx`), which TensorRT 11 needs to build fp16
-    engines; its difference from the float32 model goes into ``parity``.
+    Every bundle carries validation inputs (``checks/inputs.npz``) on which a device checks its
+    TensorRT engines against ONNX Runtime. ``onnx_precision="fp16"`` adds an fp16 ONNX beside
+    each sub-model (TensorRT 11 builds fp16 from it; :func:`~coformer.compiler.lower.write_fp16_onnx`).
     """
-    from coformer.runtime.manifest import FEATURE_DTYPES
-
-    if onnx_precision not in ("fp32", "fp16"):
-        raise CoFormerError(f"--precision {onnx_precision!r} is not one of ['fp32', 'fp16']")
-
-    if feature_dtype not in FEATURE_DTYPES:
-        raise CoFormerError(f"--feature-dtype {feature_dtype!r} is not one of {list(FEATURE_DTYPES)}")
+    boost = _settings(boost, task, feature_dtype, onnx_precision)
     check_target(out_dir)
     teacher = teacher.eval()
-    adapter = adapter_for(teacher)
-    shape = adapter.read_shape(teacher)
+    shape = adapter_for(teacher).read_shape(teacher)
     if policy is None:
         log.info("scoring importance on %d calibration samples", min(256, len(data.train)))
         policy = heuristic_policy(shape, importance_of(teacher, data, compute), devices,
                                   decomposition=decomposition)
     else:
         check_policy(policy, shape, devices)
-    if task == "embedding" and feature_dtype != "float32":
-        raise CoFormerError(f"--feature-dtype {feature_dtype} is scored on classification bundles only; an "
-                            "embedding bundle sends float32 features")
-    if boost.residual is None:  # measured on embeddings (docs/benchmarks.md, issue 37); classifiers not yet
-        boost = dataclasses.replace(boost, residual=RESIDUAL_BY_DEFAULT.get(task, False))
-    if task == "embedding":
-        boost = dataclasses.replace(boost, distill="feature")
-    elif boost.distill == "feature":
-        raise CoFormerError("feature distillation is for embedding bundles (--task embedding)")
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = Checkpoints(checkpoint_dir, calibration_key(teacher, policy, data, boost, use_labels, aggregator_epochs)
@@ -283,6 +264,28 @@ def compile_bundle(
         ckpt.remove()
     return CompileResult(manifest, Path(out_dir), policy, cal.subs, cal.agg, costs, teacher_cost(shape), acc,
                          cal.report, list(cal.heads))
+
+
+def _settings(boost: BoostConfig, task: str, feature_dtype: str, onnx_precision: str) -> BoostConfig:
+    """Refuse, by name, settings a compile cannot take, before any work; returns ``boost``
+    settled for ``task`` (feature distillation for embeddings; residual calibration where
+    measured to help)."""
+    from coformer.runtime.manifest import FEATURE_DTYPES
+
+    if onnx_precision not in ("fp32", "fp16"):
+        raise CoFormerError(f"--precision {onnx_precision!r} is not one of ['fp32', 'fp16']")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise CoFormerError(f"--feature-dtype {feature_dtype!r} is not one of {list(FEATURE_DTYPES)}")
+    if task == "embedding" and feature_dtype != "float32":
+        raise CoFormerError(f"--feature-dtype {feature_dtype} is scored on classification bundles only; an "
+                            "embedding bundle sends float32 features")
+    if boost.residual is None:  # measured on embeddings (docs/benchmarks.md, issue 37); classifiers not yet
+        boost = dataclasses.replace(boost, residual=RESIDUAL_BY_DEFAULT.get(task, False))
+    if task == "embedding":
+        return dataclasses.replace(boost, distill="feature")
+    if boost.distill == "feature":
+        raise CoFormerError("feature distillation is for embedding bundles (--task embedding)")
+    return boost
 
 
 @dataclass

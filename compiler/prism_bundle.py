@@ -53,125 +53,28 @@ import torch
 from torch import nn
 
 from coformer.compiler import prism as P
+from coformer.compiler.families.prism_hooks import PrismHooks
 from coformer.runtime.errors import CoFormerError
 
 PARITY_TOLERANCE = 1e-4  # served composition against the PyTorch PRISM forward, logits
 from coformer.runtime.prism import NEW, OTHERS, SEND  # noqa: E402  (the names the runtime chains by)
 
 
-class PrismFamily:
-    """What PRISM needs of a teacher: its embedding, blocks, head and pooling."""
+def prism_family(teacher: nn.Module) -> PrismHooks:
+    """What PRISM needs of ``teacher``: its family adapter's PRISM hooks
+    (:mod:`coformer.compiler.families.prism_hooks`), or a refusal naming the families served."""
+    from coformer.compiler.families import ADAPTERS, adapter_for
 
-    def __init__(self, teacher: nn.Module) -> None:
-        from timm.models.vision_transformer import VisionTransformer
-
-        from coformer.compiler.families.text_teacher import TextTeacher
-
-        self.teacher = teacher
-        self.causal, self.last_token = False, False  # GPT-2's: the partition-aware causal mask, last-token pooling
-        if isinstance(teacher, VisionTransformer):
-            if teacher.global_pool not in ("token", "avg"):
-                raise CoFormerError(f"PRISM serves ViTs pooled by the class token or the average; this one pools "
-                                    f"by {teacher.global_pool!r}")
-            if getattr(teacher, "head_dist", None) is not None:
-                raise CoFormerError("PRISM does not serve DeiT's distilled two-head form yet; use a one-head ViT/DeiT")
-            self.name, self.blocks = "vit", list(teacher.blocks)
-            self.qkv, self.finish = P.vit_qkv, P.vit_finish
-            self.scales = [float(b.attn.scale) for b in teacher.blocks]
-            self.pool = "token" if teacher.global_pool == "token" else "sum"
-            self.prefix = int(teacher.num_prefix_tokens)
-            self.input_names = ["pixels"]
-            self.embed_dim = int(teacher.embed_dim)
-            self.heads, self.head_dim = int(teacher.blocks[0].attn.num_heads), int(teacher.blocks[0].attn.head_dim)
-        elif isinstance(teacher, TextTeacher) and teacher.family == "bert":
-            if teacher.pool_kind not in ("pooler", "cls", "mean"):
-                raise CoFormerError(f"PRISM serves BERT pooled by its pooler, CLS or the mean; this one pools by "
-                                    f"{teacher.pool_kind!r}")
-            self.bert = getattr(teacher.hf, "bert", teacher.hf)
-            if teacher.pool_kind == "pooler" and self.bert.pooler is None:
-                raise CoFormerError("this BERT has no pooler (add_pooling_layer=False)")
-            self.name, self.blocks = "bert", list(self.bert.encoder.layer)
-            self.qkv, self.finish = P.bert_qkv, P.bert_finish
-            self.scales = [P.bert_scale(layer) for layer in self.blocks]
-            self.pool = "sum" if teacher.pool_kind == "mean" else "token"
-            self.prefix = 0
-            self.input_names = list(teacher.fields)
-            sa = self.blocks[0].attention.self
-            self.embed_dim = int(self.bert.config.hidden_size)
-            self.heads, self.head_dim = int(sa.num_attention_heads), int(sa.attention_head_size)
-        elif isinstance(teacher, TextTeacher) and teacher.family == "gpt2":
-            if teacher.pool_kind not in ("last", "mean"):
-                raise CoFormerError(f"PRISM serves GPT-2 pooled by its last token or the mean; this one pools by "
-                                    f"{teacher.pool_kind!r}")
-            self.gpt2 = getattr(teacher.hf, "transformer", teacher.hf)
-            self.name, self.blocks = "gpt2", list(self.gpt2.h)
-            self.qkv, self.finish = P.gpt2_qkv, P.gpt2_finish
-            self.scales = [P.gpt2_scale(b, i) for i, b in enumerate(self.blocks)]
-            self.pool, self.prefix, self.causal = "sum", 0, True
-            self.last_token = teacher.pool_kind == "last"
-            self.input_names = list(teacher.fields)
-            self.embed_dim = int(self.gpt2.config.n_embd)
-            self.heads, self.head_dim = int(self.blocks[0].attn.num_heads), int(self.blocks[0].attn.head_dim)
-        else:
-            family = getattr(teacher, "family", type(teacher).__name__)
-            raise CoFormerError(f"PRISM is served for timm ViT/DeiT, HF BERT and HF GPT-2 teachers, not {family!r}")
-
-    @property
-    def text(self) -> bool:
-        return self.name != "vit"
-
-    def embed(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input -> every position's first hidden state ``[B, T, d]`` and real-token mask ``[B, T]``."""
-        t = self.teacher
-        if self.name == "vit":
-            h = t.norm_pre(t._pos_embed(t.patch_embed(inputs[0])))
-            return h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        ids, mask = inputs[0], inputs[1]
-        if self.name == "gpt2":
-            return P.gpt2_embed(self.gpt2, ids), mask.bool()
-        types = inputs[2] if len(inputs) > 2 else None
-        return self.bert.embeddings(input_ids=ids, token_type_ids=types), mask.bool()
-
-    def final(self, h: torch.Tensor) -> torch.Tensor:
-        return self.teacher.norm(h) if self.name == "vit" else self.gpt2.ln_f(h) if self.name == "gpt2" else h
-
-    def head_of_token(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits from the first device's final hidden states (class-token pooling)."""
-        t = self.teacher
-        if self.name == "vit":
-            return t.head(t.head_drop(t.fc_norm(self.final(h)[:, 0])))
-        pooled = self.bert.pooler(h) if t.pool_kind == "pooler" else h[:, 0]
-        return t.head(pooled)
-
-    def head_of_mean(self, pooled: torch.Tensor) -> torch.Tensor:
-        t = self.teacher
-        return t.head(t.head_drop(t.fc_norm(pooled))) if self.name == "vit" else t.head(pooled)
-
-    def tokens(self) -> int:
-        t = self.teacher
-        if self.name == "vit":
-            return int(t.patch_embed.num_patches) + self.prefix
-        return int(t.max_length)
-
-    @torch.no_grad()
-    def reference(self, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
-        """The PyTorch PRISM forward's logits (:mod:`coformer.compiler.prism`)."""
-        return self.logits(x, shares, cr)
-
-    def logits(self, x: torch.Tensor, shares: Sequence[int], cr: int) -> torch.Tensor:
-        """:meth:`reference`, differentiable (:mod:`coformer.compiler.prism_finetune` trains it)."""
-        if self.name == "vit":
-            return P.vit_logits(self.teacher, x, shares, cr)
-        from coformer.compiler.families.textnet import pool_features
-
-        ids, mask = x[:, 0], x[:, 1]
-        if self.name == "gpt2":
-            return self.teacher.head(pool_features(P.gpt2_states(self.gpt2, ids, shares, cr), mask,
-                                                   self.teacher.pool_kind))
-        types = x[:, 2] if x.shape[1] > 2 else None
-        hidden, pooler = P.bert_states(self.teacher.hf, ids, mask, shares, cr, types)
-        feat = pooler if self.teacher.pool_kind == "pooler" else pool_features(hidden, mask, self.teacher.pool_kind)
-        return self.teacher.head(feat)
+    try:
+        adapter = adapter_for(teacher)  # (loads every family first)
+    except CoFormerError:
+        adapter = None
+    served = sorted(name for name, a in ADAPTERS.items() if a.prism_hooks is not None)
+    if adapter is None or adapter.prism_hooks is None:
+        family = getattr(teacher, "family", type(teacher).__name__)
+        raise CoFormerError(f"PRISM is served for the {served} families (timm ViT/DeiT, HF BERT, HF GPT-2), "
+                            f"not {family!r}")
+    return adapter.prism_hooks(teacher)
 
 
 def _segment_bias(mask: torch.Tensor, cr: int) -> torch.Tensor:
@@ -189,7 +92,7 @@ def _pooled_sum(h: torch.Tensor, poolmask: torch.Tensor) -> torch.Tensor:
 class _Device(nn.Module):
     """Base: device ``p`` of ``shares``, its slice and the other devices' slices."""
 
-    def __init__(self, fam: PrismFamily, shares: Sequence[int], p: int, cr: int) -> None:
+    def __init__(self, fam: PrismHooks, shares: Sequence[int], p: int, cr: int) -> None:
         super().__init__()
         self.teacher = fam.teacher  # registered, so the export sees the weights it uses
         self.fam, self.cr, self.p = fam, int(cr), p
@@ -250,7 +153,7 @@ class DeviceEmbed(_Device):
 class DeviceLayer(_Device):
     """``layer{l}`` (module doc): layer ``l`` over the own positions, then what to send."""
 
-    def __init__(self, fam: PrismFamily, shares: Sequence[int], p: int, cr: int, layer: int, central: bool) -> None:
+    def __init__(self, fam: PrismHooks, shares: Sequence[int], p: int, cr: int, layer: int, central: bool) -> None:
         super().__init__(fam, shares, p, cr)
         self.layer, self.central = layer, central
         self.last = layer == len(fam.blocks) - 1
@@ -291,7 +194,7 @@ class CentralHead(_Device):
         return self.fam.head_of_mean(total / count.clamp(min=1.0))
 
 
-def device_models(fam: PrismFamily, shares: Sequence[int], cr: int) -> list[dict[str, nn.Module]]:
+def device_models(fam: PrismHooks, shares: Sequence[int], cr: int) -> list[dict[str, nn.Module]]:
     """Every device's models, in the order it runs them (module doc)."""
     L = len(fam.blocks)
     out = []
@@ -307,7 +210,7 @@ def device_models(fam: PrismFamily, shares: Sequence[int], cr: int) -> list[dict
     return out
 
 
-def _names(module: nn.Module, fam: PrismFamily) -> tuple[list[str], list[str]]:
+def _names(module: nn.Module, fam: PrismHooks) -> tuple[list[str], list[str]]:
     """The ONNX input and output names of a device model: state outputs ``new_X`` (module doc)."""
     ins = fam.input_names if isinstance(module, DeviceEmbed) else module.input_names()
     return list(ins), [n if n == SEND else NEW + n for n in module.output_names()]
@@ -326,11 +229,9 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     plan keeps); ``parity["prism_vs_teacher"]`` then measures how far tuning moved the logits."""
     import shutil
 
-    from coformer.compiler.baselines import onnx_params
     from coformer.compiler.bundle import write_bundle
-    from coformer.compiler.lower import export_onnx
     from coformer.runtime.files import public_mode
-    from coformer.runtime.manifest import DeviceArtifact, InputSpec, ModelSpec
+    from coformer.runtime.manifest import InputSpec
 
     if int(cr) < 1:
         raise CoFormerError(f"--compression-rate {cr} must be a whole number >= 1")
@@ -338,7 +239,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     if len(devices) < 2:
         raise CoFormerError(f"PRISM shares positions among devices; give at least 2, not {len(devices)}")
     teacher = teacher.eval()
-    fam = PrismFamily(teacher if tuned is None else tuned.eval())
+    fam = prism_family(teacher if tuned is None else tuned.eval())
     text = fam.text
     N = fam.tokens()
     shares = P.share_positions(N, [d.cpu_share for d in devices])
@@ -358,46 +259,11 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     in_shape = tuple(int(s) for s in x3.shape[1:])
 
     def build(staging: Path) -> dict[str, Any]:
-        from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
-        from coformer.runtime.prism import chain_locally
-
-        arts, parity = [], {}
-        for p, (d, mods) in enumerate(zip(devices, models)):
-            specs: dict[str, ModelSpec] = {}
-            params = 0
-            state: dict[str, torch.Tensor] = {}
-            for name, module in mods.items():
-                rel = f"prism/{p}-{d.name}-{name}.onnx"
-                ins, outs = _names(module, fam)
-                if isinstance(module, DeviceEmbed):
-                    example = [x3[:, i] for i in range(x3.shape[1])] if text else [x3]
-                else:
-                    example = [state[n] for n in ins if n != OTHERS] + [_others_example(fam, shares, p, cr, name, x3)]
-                with torch.no_grad():
-                    got = module(*example)
-                got = got if isinstance(got, tuple) else (got,)
-                state.update({n[len(NEW):]: t for n, t in zip(outs, got) if n != SEND})
-                send = dict(zip(outs, got)).get(SEND)
-                export_onnx(module, example, staging / rel, ins, outs)
-                wire_in = in_shape if isinstance(module, DeviceEmbed) else tuple(example[-1].shape[1:])
-                specs[name] = ModelSpec(rel, "int64" if text and isinstance(module, DeviceEmbed) else "float32",
-                                        wire_in, tuple(send.shape[1:]) if send is not None else ())
-                params += onnx_params(staging / rel)
-            feature_dim = int(np.prod(specs[list(specs)[-1]].output_shape or (1,)))
-            arts.append(DeviceArtifact(device=d.name, role="central" if p == 0 else "worker",
-                                       artifact=specs["embed"].artifact, feature_dim=feature_dim, flops=0,
-                                       params=params, backend=d.backend, threads=1, cpu_share=d.cpu_share,
-                                       models=specs))
-        engines = [{name: OnnxRuntimeEngine(staging / m.artifact, threads=1).load() for name, m in a.models.items()}
-                   for a in arts]
-        try:
-            served = chain_locally(engines, x3.numpy(), dict(preprocessing) if text else {})
-        finally:
-            for es in engines:
-                for e in es.values():
-                    e.close()
-        parity["served_vs_prism_forward"] = float(np.abs(served - reference.numpy()).max())
-        parity["prism_vs_teacher"] = float((reference - want).abs().max())
+        arts = [_lower_device(p, d, mods, fam, shares, cr, x3, in_shape, staging)
+                for p, (d, mods) in enumerate(zip(devices, models))]
+        served = _chained(arts, staging, x3, dict(preprocessing) if text else {})
+        parity = {"served_vs_prism_forward": float(np.abs(served - reference.numpy()).max()),
+                  "prism_vs_teacher": float((reference - want).abs().max())}
         if not parity["served_vs_prism_forward"] <= PARITY_TOLERANCE:
             raise CoFormerError(f"PRISM's ONNX models, chained, differ from its PyTorch forward by "
                                 f"{parity['served_vs_prism_forward']:.3g} > {PARITY_TOLERANCE:g}")
@@ -423,7 +289,57 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     return write_bundle(Path(out_dir), build)
 
 
-def _others_example(fam: PrismFamily, shares: Sequence[int], p: int, cr: int, name: str, x3: torch.Tensor) -> torch.Tensor:
+def _lower_device(p: int, d: Any, mods: dict[str, nn.Module], fam: PrismHooks, shares: Sequence[int], cr: int,
+                  x3: torch.Tensor, in_shape: tuple, staging: Path):
+    """Device ``p``'s models exported to ONNX under ``staging``, each traced on the state its
+    previous model left (``others`` stood in for), and the device's manifest entry."""
+    from coformer.compiler.baselines import onnx_params
+    from coformer.compiler.lower import export_onnx
+    from coformer.runtime.manifest import DeviceArtifact, ModelSpec
+
+    specs: dict[str, ModelSpec] = {}
+    params = 0
+    state: dict[str, torch.Tensor] = {}
+    for name, module in mods.items():
+        rel = f"prism/{p}-{d.name}-{name}.onnx"
+        ins, outs = _names(module, fam)
+        embed = isinstance(module, DeviceEmbed)
+        if embed:
+            example = [x3[:, i] for i in range(x3.shape[1])] if fam.text else [x3]
+        else:
+            example = [state[n] for n in ins if n != OTHERS] + [_others_example(fam, shares, p, cr, name, x3)]
+        with torch.no_grad():
+            got = module(*example)
+        got = got if isinstance(got, tuple) else (got,)
+        state.update({n[len(NEW):]: t for n, t in zip(outs, got) if n != SEND})
+        send = dict(zip(outs, got)).get(SEND)
+        export_onnx(module, example, staging / rel, ins, outs)
+        wire_in = in_shape if embed else tuple(example[-1].shape[1:])
+        specs[name] = ModelSpec(rel, "int64" if fam.text and embed else "float32", wire_in,
+                                tuple(send.shape[1:]) if send is not None else ())
+        params += onnx_params(staging / rel)
+    feature_dim = int(np.prod(specs[list(specs)[-1]].output_shape or (1,)))
+    return DeviceArtifact(device=d.name, role="central" if p == 0 else "worker", artifact=specs["embed"].artifact,
+                          feature_dim=feature_dim, flops=0, params=params, backend=d.backend, threads=1,
+                          cpu_share=d.cpu_share, models=specs)
+
+
+def _chained(arts: Sequence[Any], staging: Path, x3: torch.Tensor, preprocessing: dict[str, Any]) -> np.ndarray:
+    """The logits of the staged ONNX models on ``x3``, chained as the runtime chains them."""
+    from coformer.runtime.onnxruntime_backend import OnnxRuntimeEngine
+    from coformer.runtime.prism import chain_locally
+
+    engines = [{name: OnnxRuntimeEngine(staging / m.artifact, threads=1).load() for name, m in a.models.items()}
+               for a in arts]
+    try:
+        return chain_locally(engines, x3.numpy(), preprocessing)
+    finally:
+        for es in engines:
+            for e in es.values():
+                e.close()
+
+
+def _others_example(fam: PrismHooks, shares: Sequence[int], p: int, cr: int, name: str, x3: torch.Tensor) -> torch.Tensor:
     """A stand-in ``others`` for tracing ``name`` on device ``p``: the right shape, and values
     (the other devices' real means are computed by :func:`chain_locally` at the parity check)."""
     B = x3.shape[0]
@@ -439,7 +355,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
     PyTorch forward at each compression rate in ``crs``, on the test split's first ``samples``:
     the forward the served bundle reproduces within :data:`PARITY_TOLERANCE`. ``weights[cr]``:
     the weights PRISM runs at ``cr`` where they are not the teacher's (fine-tuned)."""
-    fam = PrismFamily(teacher.eval())
+    fam = prism_family(teacher.eval())
     x = data.test.head(samples or len(data.test))
     if fam.text and x.shape[-1] != fam.tokens():
         from coformer.runtime.prism import pad_tokens
@@ -452,7 +368,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
                            "teacher_accuracy": None if y is None else float((teacher_pred == y).float().mean()),
                            "by_cr": {}}
     for cr in crs:
-        run = PrismFamily(weights[int(cr)].eval()) if weights and int(cr) in weights else fam
+        run = prism_family(weights[int(cr)].eval()) if weights and int(cr) in weights else fam
         pred = torch.cat([run.reference(x[i:i + batch], shares, int(cr)).argmax(-1) for i in range(0, len(x), batch)])
         out["by_cr"][int(cr)] = {"accuracy": None if y is None else float((pred == y).float().mean()),
                                  "agreement_with_teacher": float((pred == teacher_pred).float().mean())}
@@ -462,7 +378,7 @@ def prism_scores(teacher: nn.Module, data, shares: Sequence[int], crs: Sequence[
 def plan_communication(teacher: nn.Module, devices: Sequence[Any], cr: int) -> dict[str, float]:
     """The bytes and rounds the served PRISM bundle of ``teacher`` on ``devices`` exchanges per
     inference at ``cr`` (:func:`coformer.compiler.prism.communication`, as served)."""
-    fam = PrismFamily(teacher.eval())
+    fam = prism_family(teacher.eval())
     shares = P.share_positions(fam.tokens(), [d.cpu_share for d in devices])
     return P.communication(shares, int(cr), fam.heads * fam.head_dim, len(fam.blocks),
                            workers_skip_last=fam.pool == "token", sums=fam.embed_dim if fam.pool == "sum" else 0)

@@ -46,11 +46,11 @@ class PrismModel(nn.Module):
     (text is right-padded to the bundle's fixed length first, as the central node pads it)."""
 
     def __init__(self, model: nn.Module, shares: Sequence[int], cr: int, pad_id: Optional[int] = None) -> None:
-        from coformer.compiler.prism_bundle import PrismFamily
+        from coformer.compiler.prism_bundle import prism_family
 
         super().__init__()
         self.model = model
-        self.fam = PrismFamily(model)
+        self.fam = prism_family(model)
         self.shares, self.cr, self.pad_id = list(shares), int(cr), pad_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +123,8 @@ def finetune_for_devices(teacher: nn.Module, devices: Sequence[Any], data, cr: i
     :func:`coformer.compiler.prism_bundle.build_prism` gives them). Returns what ``build_prism``
     takes: ``tuned`` (None where the tuned copy was not kept) and ``finetune`` (the report)."""
     from coformer.compiler.prism import share_positions
-    from coformer.compiler.prism_bundle import PrismFamily
+    from coformer.compiler.prism_bundle import prism_family
 
-    shares = share_positions(PrismFamily(teacher.eval()).tokens(), [d.cpu_share for d in devices])
+    shares = share_positions(prism_family(teacher.eval()).tokens(), [d.cpu_share for d in devices])
     tuned, report = finetune_prism(teacher, data, shares, cr, epochs, lr, compute, seed, progress)
     return (tuned if report["kept"] else None), report

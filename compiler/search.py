@@ -246,6 +246,32 @@ def _log_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _bayesian(decoder: Decoder, evaluate: Callable[[int, Sequence[float]], Evaluation], initial: int,
+              iterations: int, seed: int) -> list[Evaluation]:
+    """DeBo's loop: a Gaussian process over the decoder's unit cube, expected improvement, the
+    warm start told first."""
+    from skopt import Optimizer
+    from skopt.learning import GaussianProcessRegressor
+    from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
+
+    # One length scale for all coordinates: with a few dozen points in 4N dimensions, a
+    # length scale per coordinate (ARD) overfits the GP (see the module doc).
+    kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=1.0, length_scale_bounds=(0.01, 100.0),
+                                                          nu=1.5)
+    gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, noise="gaussian",
+                                  n_restarts_optimizer=2, random_state=seed)
+    opt = Optimizer([(LOW, 1.0)] * decoder.dims, base_estimator=gp, acq_func="EI",
+                    n_initial_points=initial, initial_point_generator="random", random_state=seed)
+    evals = []
+    for i in range(initial + iterations):
+        # the warm start (module doc): told first, it counts as one of the initial points
+        x = decoder.share_point() if i == 0 else [float(v) for v in opt.ask()]
+        ev = evaluate(i, x)
+        opt.tell(x, ev.psi)
+        evals.append(ev)
+    return evals
+
+
 def run_search(
     method: str,
     decoder: Decoder,
@@ -300,33 +326,15 @@ def run_search(
             progress(ev)
         return ev
 
-    evals: list[Evaluation] = []
     if method == "uniform":
-        evals.append(evaluate(0, decoder.uniform_point()))
+        evals = [evaluate(0, decoder.uniform_point())]
     elif method == "random":
         rng = random.Random(seed)
-        evals.append(evaluate(0, decoder.share_point()))  # the warm start (module doc)
+        evals = [evaluate(0, decoder.share_point())]  # the warm start (module doc)
         for i in range(1, initial + iterations):
             evals.append(evaluate(i, [rng.uniform(LOW, 1.0) for _ in range(decoder.dims)]))
     else:
-        from skopt import Optimizer
-        from skopt.learning import GaussianProcessRegressor
-        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern
-
-        # One length scale for all coordinates: with a few dozen points in 4N dimensions, a
-        # length scale per coordinate (ARD) overfits the GP (see the module doc).
-        kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=1.0, length_scale_bounds=(0.01, 100.0),
-                                                              nu=1.5)
-        gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, noise="gaussian",
-                                      n_restarts_optimizer=2, random_state=seed)
-        opt = Optimizer([(LOW, 1.0)] * decoder.dims, base_estimator=gp, acq_func="EI",
-                        n_initial_points=initial, initial_point_generator="random", random_state=seed)
-        for i in range(initial + iterations):
-            # the warm start (module doc): told first, it counts as one of the initial points
-            x = decoder.share_point() if i == 0 else [float(v) for v in opt.ask()]
-            ev = evaluate(i, x)
-            opt.tell(x, ev.psi)
-            evals.append(ev)
+        evals = _bayesian(decoder, evaluate, initial, iterations, seed)
     best = min(evals, key=lambda e: (e.psi, e.index))
     if not all(math.isfinite(e.psi) for e in evals):
         raise CoFormerError("the search produced a non-finite objective; check the predictors and delta")

@@ -43,10 +43,10 @@ def prism_report(qs_dir: Path, crs: Sequence[int] = DEFAULT_CRS, finetune_epochs
     (:func:`coformer.compiler.prism_finetune.finetune_prism`) and scored with the tuned weights,
     whether or not the validation split would keep them (``finetuned``, beside ``kept``)."""
     from coformer.compiler import prism as P
-    from coformer.compiler.prism_bundle import PrismFamily, plan_communication, prism_scores
+    from coformer.compiler.prism_bundle import prism_family, plan_communication, prism_scores
 
     task, teacher, devices, data = quickstart_task(Path(qs_dir))
-    fam = PrismFamily(teacher.eval())
+    fam = prism_family(teacher.eval())
     shares = P.share_positions(fam.tokens(), [d.cpu_share for d in devices])
     scores = prism_scores(teacher, data, shares, crs)
     tuned_scores: dict[int, dict[str, Any]] = {}

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from coformer.compiler import prism as P
 from coformer.compiler.families.base import register
+from coformer.compiler.families.prism_hooks import PrismHooks
 from coformer.compiler.families.text_teacher import TextAdapter, TextTeacher
 from coformer.compiler.families.textnet import pool_features
 from coformer.runtime.errors import CoFormerError
@@ -26,8 +28,45 @@ def _base(model: TextTeacher):
     return getattr(hf, "bert", hf)
 
 
+class BertPrism(PrismHooks):
+    """PRISM's hooks for an HF BERT pooled by its pooler, CLS or the mean."""
+
+    name = "bert"
+
+    def __init__(self, teacher: TextTeacher) -> None:
+        if teacher.pool_kind not in ("pooler", "cls", "mean"):
+            raise CoFormerError(f"PRISM serves BERT pooled by its pooler, CLS or the mean; this one pools by "
+                                f"{teacher.pool_kind!r}")
+        self.teacher, self.bert = teacher, _base(teacher)
+        if teacher.pool_kind == "pooler" and self.bert.pooler is None:
+            raise CoFormerError("this BERT has no pooler (add_pooling_layer=False)")
+        self.blocks = list(self.bert.encoder.layer)
+        self.qkv, self.finish = P.bert_qkv, P.bert_finish
+        self.scales = [P.bert_scale(layer) for layer in self.blocks]
+        self.pool = "sum" if teacher.pool_kind == "mean" else "token"
+        self.input_names = list(teacher.fields)
+        sa = self.blocks[0].attention.self
+        self.embed_dim = int(self.bert.config.hidden_size)
+        self.heads, self.head_dim = int(sa.num_attention_heads), int(sa.attention_head_size)
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor, *types: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bert.embeddings(input_ids=ids, token_type_ids=types[0] if types else None), mask.bool()
+
+    def head_of_token(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.teacher
+        return t.head(self.bert.pooler(h) if t.pool_kind == "pooler" else h[:, 0])
+
+    def logits(self, x: torch.Tensor, shares, cr: int) -> torch.Tensor:
+        t = self.teacher
+        ids, mask = x[:, 0], x[:, 1]
+        types = x[:, 2] if x.shape[1] > 2 else None
+        hidden, pooler = P.bert_states(t.hf, ids, mask, shares, cr, types)
+        return t.head(pooler if t.pool_kind == "pooler" else pool_features(hidden, mask, t.pool_kind))
+
+
 @register("bert")
 class BertAdapter(TextAdapter):
+    prism_hooks = BertPrism
     name = "bert"
     architectures = ("BertModel", "BertForSequenceClassification")
 

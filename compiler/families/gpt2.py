@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from coformer.compiler import prism as P
 from coformer.compiler.families.base import register
+from coformer.compiler.families.prism_hooks import PrismHooks
 from coformer.compiler.families.text_teacher import TextAdapter, TextTeacher
 from coformer.compiler.families.textnet import pool_features
 from coformer.runtime.errors import CoFormerError
@@ -28,9 +30,45 @@ def _base(model: TextTeacher):
     return getattr(hf, "transformer", hf)
 
 
+class Gpt2Prism(PrismHooks):
+    """PRISM's hooks for an HF GPT-2 pooled by its last token or the mean: the partition-aware
+    causal mask, and the last token pooled like a sum wherever it falls."""
+
+    name = "gpt2"
+    causal = True
+
+    def __init__(self, teacher: TextTeacher) -> None:
+        if teacher.pool_kind not in ("last", "mean"):
+            raise CoFormerError(f"PRISM serves GPT-2 pooled by its last token or the mean; this one pools by "
+                                f"{teacher.pool_kind!r}")
+        self.teacher, self.gpt2 = teacher, _base(teacher)
+        self.blocks = list(self.gpt2.h)
+        self.qkv, self.finish = P.gpt2_qkv, P.gpt2_finish
+        self.scales = [P.gpt2_scale(b, i) for i, b in enumerate(self.blocks)]
+        self.pool = "sum"
+        self.last_token = teacher.pool_kind == "last"
+        self.input_names = list(teacher.fields)
+        self.embed_dim = int(self.gpt2.config.n_embd)
+        self.heads, self.head_dim = int(self.blocks[0].attn.num_heads), int(self.blocks[0].attn.head_dim)
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return P.gpt2_embed(self.gpt2, ids), mask.bool()
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gpt2.ln_f(h)
+
+    def head_of_token(self, h: torch.Tensor) -> torch.Tensor:
+        raise CoFormerError("GPT-2 is pooled by a sum over the devices (its last token or the mean), not a class token")
+
+    def logits(self, x: torch.Tensor, shares, cr: int) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        return self.teacher.head(pool_features(P.gpt2_states(self.gpt2, ids, shares, cr), mask, self.teacher.pool_kind))
+
+
 @register("gpt2")
 class Gpt2Adapter(TextAdapter):
     name = "gpt2"
+    prism_hooks = Gpt2Prism
     architectures = ("GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification")
 
     def matches_hf(self, hf: Any) -> bool:

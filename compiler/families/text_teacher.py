@@ -59,6 +59,7 @@ class TextAdapter:
     HF model) and ``teacher_features`` (the HF model's own pooled feature)."""
 
     name = ""
+    prism_hooks = None  # PRISM's hooks for this family (coformer.compiler.families.prism_hooks), where served
 
     def matches(self, model: Any) -> bool:
         return isinstance(model, TextTeacher) and model.family == self.name

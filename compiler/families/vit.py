@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coformer.compiler import prism as P
 from coformer.compiler.families.base import register
+from coformer.compiler.families.prism_hooks import PrismHooks
 from coformer.compiler.importance import Importance
 from coformer.compiler.specs import SubModelSpec, TransformerShape
 from coformer.runtime.errors import CoFormerError
@@ -210,6 +212,7 @@ class ImageAdapter:
     image size, exported as the sub-model itself."""
 
     input_name = "pixels"
+    prism_hooks = None  # PRISM's hooks for this family (coformer.compiler.families.prism_hooks), where served
 
     def input_names(self, model: nn.Module) -> list[str]:
         return [self.input_name]
@@ -231,11 +234,56 @@ def slice_inputs(lin: nn.Linear, kept: torch.Tensor) -> nn.Linear:
     return out
 
 
+class VitPrism(PrismHooks):
+    """PRISM's hooks for a timm ViT/DeiT pooled by its class token or the average, one head."""
+
+    name = "vit"
+    text = False
+
+    def __init__(self, teacher: nn.Module) -> None:
+        if teacher.global_pool not in ("token", "avg"):
+            raise CoFormerError(f"PRISM serves ViTs pooled by the class token or the average; this one pools "
+                                f"by {teacher.global_pool!r}")
+        if getattr(teacher, "head_dist", None) is not None:
+            raise CoFormerError("PRISM does not serve DeiT's distilled two-head form yet; use a one-head ViT/DeiT")
+        self.teacher, self.blocks = teacher, list(teacher.blocks)
+        self.qkv, self.finish = P.vit_qkv, P.vit_finish
+        self.scales = [float(b.attn.scale) for b in teacher.blocks]
+        self.pool = "token" if teacher.global_pool == "token" else "sum"
+        self.prefix = int(teacher.num_prefix_tokens)
+        self.input_names = ["pixels"]
+        self.embed_dim = int(teacher.embed_dim)
+        self.heads, self.head_dim = int(teacher.blocks[0].attn.num_heads), int(teacher.blocks[0].attn.head_dim)
+
+    def embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.teacher
+        h = t.norm_pre(t._pos_embed(t.patch_embed(pixels)))
+        return h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.teacher.norm(h)
+
+    def head_of_token(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.teacher
+        return t.head(t.head_drop(t.fc_norm(self.final(h)[:, 0])))
+
+    def head_of_mean(self, pooled: torch.Tensor) -> torch.Tensor:
+        t = self.teacher
+        return t.head(t.head_drop(t.fc_norm(pooled)))
+
+    def tokens(self) -> int:
+        return int(self.teacher.patch_embed.num_patches) + self.prefix
+
+    def logits(self, x: torch.Tensor, shares, cr: int) -> torch.Tensor:
+        return P.vit_logits(self.teacher, x, shares, cr)
+
+
 @register("vit")
 class VitAdapter(ImageAdapter):
     """Adapter for timm ``VisionTransformer`` (ViT, DeiT) and ``VisionTransformerDistilled``."""
 
     name = "vit"
+    prism_hooks = VitPrism
 
     def matches(self, model: Any) -> bool:
         try:

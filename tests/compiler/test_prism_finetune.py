@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coformer.calibration.data import Dataset, Split, load_digits_dataset
-from coformer.compiler.prism_bundle import PrismFamily, build_prism, prism_scores
+from coformer.compiler.prism_bundle import prism_family, build_prism, prism_scores
 from coformer.compiler.prism_finetune import finetune_prism
 from coformer.runtime.errors import CoFormerError
 from coformer.tools.cluster import LocalCluster
@@ -50,8 +50,8 @@ def test_finetuning_wins_back_accuracy_and_the_bundle_serves_the_tuned_weights(t
     x = data.test.head(2)
     with LocalCluster(tmp_path / "b", throttle="none") as cluster, cluster.client() as client:
         got = client.infer(x.numpy()).logits
-    np.testing.assert_allclose(got, PrismFamily(tuned).reference(x, SHARES, 16).numpy(), atol=1e-4)
-    assert np.abs(got - PrismFamily(teacher).reference(x, SHARES, 16).numpy()).max() > 1e-3  # not the untuned
+    np.testing.assert_allclose(got, prism_family(tuned).reference(x, SHARES, 16).numpy(), atol=1e-4)
+    assert np.abs(got - prism_family(teacher).reference(x, SHARES, 16).numpy()).max() > 1e-3  # not the untuned
     scores = prism_scores(teacher, data, SHARES, [16], weights={16: tuned})["by_cr"][16]
     assert scores["accuracy"] > prism_scores(teacher, data, SHARES, [16])["by_cr"][16]["accuracy"] + 0.1  # test split
 

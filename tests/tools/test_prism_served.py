@@ -103,7 +103,7 @@ def test_scores_at_cr_1_agree_with_the_teacher_everywhere():
 def test_text_prism_pads_each_request_and_equals_its_forward(tmp_path):
     from coformer.calibration.text import sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
-    from coformer.compiler.prism_bundle import PrismFamily
+    from coformer.compiler.prism_bundle import prism_family
     from coformer.runtime.prism import pad_tokens
     from coformer.runtime.text import TextEncoder
     from tests.text_models import build, word_tokenizer
@@ -120,7 +120,7 @@ def test_text_prism_pads_each_request_and_equals_its_forward(tmp_path):
         labels, r = client.classify(texts, encoder, m.labels)
         short = client.infer(encoder.encode(texts[:1]))  # 6 tokens, padded to 16 by the central node
     tokens = torch.from_numpy(pad_tokens(encoder.encode(texts), 16, int(data.preprocessing["pad_id"])))
-    want = PrismFamily(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
+    want = prism_family(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
     np.testing.assert_allclose(r.logits, want, atol=1e-4)
     np.testing.assert_allclose(short.logits, want[:1], atol=1e-4)
     assert labels == [m.labels[i] for i in want.argmax(-1)]
@@ -132,7 +132,7 @@ def test_gpt2_prism_is_causal_and_pools_the_last_token_wherever_it_falls(tmp_pat
     a short and a long text, and the served answer is PRISM's forward (the teacher at CR = 1)."""
     from coformer.calibration.text import sentiment_records, text_dataset
     from coformer.compiler.hf import encoder_for, fit_head, wrap_hf
-    from coformer.compiler.prism_bundle import PrismFamily
+    from coformer.compiler.prism_bundle import prism_family
     from coformer.runtime.prism import pad_tokens
     from coformer.runtime.text import TextEncoder
     from tests.text_models import build, word_tokenizer
@@ -152,7 +152,7 @@ def test_gpt2_prism_is_causal_and_pools_the_last_token_wherever_it_falls(tmp_pat
         r = client.infer(encoder.encode(texts))
     tokens = torch.from_numpy(pad_tokens(encoder.encode(texts), 16, pad))
     assert tokens[0, 1].sum() <= 8 < tokens[1, 1].sum()
-    want = PrismFamily(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
+    want = prism_family(teacher).reference(tokens, m.model["plan"]["shares"], 2).numpy()
     np.testing.assert_allclose(r.logits, want, atol=1e-4)
     assert np.isfinite(r.logits).all()
 
@@ -167,6 +167,13 @@ def test_prism_refuses_what_it_does_not_serve(tmp_path):
     with pytest.raises(CoFormerError, match="compression-rate 0"):
         build_prism(tiny_vit(), DEVICES, torch.randn(2, 1, 16, 16), tmp_path / "z", LABELS, {}, 0)
     assert model_order(["layer10", "head", "layer2", "embed"]) == ["embed", "layer2", "layer10", "head"]
+    # a family whose adapter has no PRISM hooks is refused by name, with the families that have them
+    import timm
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, embed_dim=32,
+                             depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=len(LABELS)).eval()
+    with pytest.raises(CoFormerError, match=r"\['bert', 'gpt2', 'vit'\] families .*not 'SwinTransformer'"):
+        build_prism(swin, DEVICES, torch.randn(2, 3, 112, 112), tmp_path / "s", LABELS, {}, 4)
 
 
 def test_a_worker_refuses_rounds_out_of_order_and_keeps_serving(tmp_path):

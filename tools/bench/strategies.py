@@ -64,10 +64,10 @@ def expand_prism(strategies: Sequence[str], crs: Sequence[int]) -> list[str]:
 
 def prism_serves(teacher) -> bool:
     """Whether a PRISM bundle can be built for ``teacher`` (:mod:`coformer.compiler.prism_bundle`)."""
-    from coformer.compiler.prism_bundle import PrismFamily
+    from coformer.compiler.prism_bundle import prism_family
 
     try:
-        PrismFamily(teacher)
+        prism_family(teacher)
         return True
     except CoFormerError:
         return False
