@@ -266,6 +266,50 @@ class Checkpoints:
                 os.unlink(tmp)
 
 
+def _resume(n: int, done: dict, model: "_WithHead", report: BoostReport, objective: Objective,
+            w: torch.Tensor) -> torch.Tensor:
+    """Sub-model ``n`` as its checkpoint ``done`` left it, recorded in ``report`` as a run that
+    calibrated it would have; returns the weights the next sub-model trains under."""
+    model.body.load_state_dict(done["body"])
+    model.head.load_state_dict(done["head"])
+    report.weights.append(w.clone())
+    report.losses.append(list(done["losses"]))
+    report.resumed.append(n)
+    if objective.kind == "feature":
+        report.features.append(done["features"])
+        report.residual.append(float(done["residual"]))
+    return done["next_weights"]
+
+
+def _reweigh(model: "_WithHead", data: Split, objective: Objective, config: BoostConfig, report: BoostReport,
+             w: torch.Tensor, prev: Optional[torch.Tensor], compute: Compute):
+    """After a sub-model is trained: the next sample weights (eq. 13, on the ensemble so far),
+    its outputs on the data where residual calibration needs them, and what its checkpoint
+    keeps besides its weights. Returns ``(weights, outputs or None, extra)``."""
+    dev = compute.torch_device
+    M = len(data)
+    extra = {}
+    if objective.kind == "feature":
+        report.features.append(_features(model.body, data, compute))
+        residual = ensemble_residual(report.features, objective)
+        report.residual.append(float(residual.mean()))
+        w = update_weights(w, residual, config.max_weight_ratio)
+        extra = {"features": report.features[-1], "residual": report.residual[-1]}
+    # one pass over the data gives the outputs both the weights (eq. 13) and the residual need;
+    # a feature sub-model's outputs are its head on the features just computed
+    outs = None
+    if objective.kind == "feature":
+        if config.residual:
+            with torch.no_grad():
+                outs = model.head(report.features[-1].to(dev)).float().cpu()
+    elif config.boosting or config.residual:
+        outs = _outputs(model, data, compute)
+        if config.boosting:
+            total = outs if prev is None else outs + prev
+            w = update_weights(w, objective.per_sample(total, torch.arange(M)), config.max_weight_ratio)
+    return w, outs, extra
+
+
 def calibrate(
     submodels: Sequence[nn.Module],
     heads: Sequence[nn.Module],
@@ -304,15 +348,7 @@ def calibrate(
         model = _WithHead(body, head)
         done = checkpoints.load(f"sub-{n}") if checkpoints else None
         if done is not None:
-            body.load_state_dict(done["body"])
-            head.load_state_dict(done["head"])
-            report.weights.append(w.clone())
-            report.losses.append(list(done["losses"]))
-            report.resumed.append(n)
-            if objective.kind == "feature":
-                report.features.append(done["features"])
-                report.residual.append(float(done["residual"]))
-            w = done["next_weights"]
+            w = _resume(n, done, model, report, objective, w)
             if config.residual:
                 prev = _add(prev, _outputs(model, data, compute))
             continue
@@ -338,25 +374,7 @@ def calibrate(
                            progress=progress, desc=f"calibrate sub-model {n + 1}/{len(submodels)}")
         report.losses.append(epoch_losses)
         model.eval()
-        extra = {}
-        if objective.kind == "feature":
-            report.features.append(_features(body, data, compute))
-            residual = ensemble_residual(report.features, objective)
-            report.residual.append(float(residual.mean()))
-            w = update_weights(w, residual, config.max_weight_ratio)
-            extra = {"features": report.features[-1], "residual": report.residual[-1]}
-        # one pass over the data gives the outputs both the weights (eq. 13) and the residual need;
-        # a feature sub-model's outputs are its head on the features just computed
-        outs = None
-        if objective.kind == "feature":
-            if config.residual:
-                with torch.no_grad():
-                    outs = head(report.features[-1].to(dev)).float().cpu()
-        elif config.boosting or config.residual:
-            outs = _outputs(model, data, compute)
-            if config.boosting:
-                total = outs if prev is None else outs + prev
-                w = update_weights(w, objective.per_sample(total, torch.arange(M)), config.max_weight_ratio)
+        w, outs, extra = _reweigh(model, data, objective, config, report, w, prev, compute)
         if config.residual:
             prev = _add(prev, outs)
         model.to("cpu")

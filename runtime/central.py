@@ -145,12 +145,25 @@ class CentralNode:
         self.next_id = 1  # the id the next round to the workers takes
         self._own_context = context is None
         self.ctx = zmq.Context() if context is None else context
+        self._auth = None
+        self._make_sockets(keys)
+        self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
+        self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
+        self._monitor = None  # the worker socket's disconnect events (serve)
+        self._throttle = None  # the device's limits, applied by open()
+        self._probe_until: Optional[float] = None  # workers are probed until then, after a disconnect
+        self._probed_at = float("-inf")
+        self.endpoints: dict[str, str] = {}
+
+    def _make_sockets(self, keys: Optional[RoleKeys]) -> None:
+        """The client and worker sockets, bounded as the manifest's inputs are; under CURVE each
+        admits only its own side's keys."""
         self.front = self.ctx.socket(zmq.ROUTER)
         self.back = self.ctx.socket(zmq.ROUTER)
         for s in (self.front, self.back):
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(self.in_limits))
-        self.front.setsockopt(zmq.RCVHWM, queue_limit)
+        self.front.setsockopt(zmq.RCVHWM, self.queue_limit)
         # Workers connect without an identity of their own: the ROUTER gives each connection a
         # fresh one, and a worker is whichever connection registered under its name with that
         # device's key (_register). A name is never a connection's identity, so a peer cannot take
@@ -160,7 +173,6 @@ class CentralNode:
         # vanishing, and the worker leaves the ready set; sends never block on a full queue.
         self.back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         heartbeats(self.back)
-        self._auth = None
         if self.secure:
             self._auth = start_authenticator(self.ctx, keys)
             curve_server(self.front, keys, "front")
@@ -171,13 +183,6 @@ class CentralNode:
                 log.warning("central: no key in %s for workers %s: they cannot join", keys.devices_dir, missing)
             if unknown:
                 log.info("central: keys for %s in %s are not workers of this bundle", unknown, keys.devices_dir)
-        self._refused: dict[bytes, float] = {}  # connection -> when its refused hello was last logged
-        self._faults: dict[str, tuple[float, str]] = {}  # worker -> (when, why) its last answer was left out
-        self._monitor = None  # the worker socket's disconnect events (serve)
-        self._throttle = None  # the device's limits, applied by open()
-        self._probe_until: Optional[float] = None  # workers are probed until then, after a disconnect
-        self._probed_at = float("-inf")
-        self.endpoints: dict[str, str] = {}
 
     def bind(self) -> dict[str, str]:
         for name, sock, addr in (("front", self.front, self.front_addr), ("back", self.back, self.back_addr)):

@@ -173,95 +173,16 @@ def profile_kit(
     unknown = sorted(set(trtexec) - {e["id"] for e in kit["entries"]})
     if unknown:
         raise CoFormerError(f"trtexec times given for ids {unknown}, which are not in the kit")
-    env: dict[str, Any] = {}
-    samples: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
-    medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
-    gapped_medians: dict[int, list[float]] = {e["id"]: [] for e in kit["entries"]}
-    built_at, major = None, None  # the precision trtexec built the entries at, and its TensorRT release
+    built_at = None  # the precision trtexec built the entries at
     if run_trtexec:
-        import tempfile
-
-        from coformer.runtime.trtexec import run_trtexec as trtexec_run
-
-        folder = Path(str(out) + ".trtexec") if out is not None else Path(tempfile.mkdtemp(prefix="coformer-trtexec-"))
-        for e in tqdm([e for e in kit["entries"] if e["id"] not in trtexec], desc=f"trtexec {device}",
-                      disable=not progress):
-            feeds = kit_feeds(kit, tokens=e.get("tokens"))
-            path = folder / f"entry-{e['id']}.json"
-            ran = trtexec_run(Path(kit_dir) / e["file"], path, warmup_ms=warmup_ms, iterations=iterations,
-                              duration_s=duration_s, idle_ms=idle_ms, precision=precision,
-                              shapes={k: v.shape for k, v in feeds.items()} if feeds else None,
-                              tensorrt_major=major)
-            major = ran["tensorrt_major"]  # read once, from the first run's `trtexec --help`
-            built_at = ran["precision"]  # TensorRT 11 has no --fp16: the kit's float32 ONNX stays float32
-            trtexec[e["id"]] = path
+        built_at = _run_trtexec(kit, Path(kit_dir), trtexec, device, out, warmup_ms, iterations, duration_s, idle_ms,
+                                precision, progress)
     timed = [e for e in kit["entries"] if e["id"] not in trtexec]
-    entry_feeds = {e["id"]: kit_feeds(kit, tokens=e.get("tokens")) for e in timed}  # each at its own length
-    bar = tqdm(total=len(timed) * rounds, desc=f"profile {device}", disable=not progress)
-    order = np.random.default_rng(0)
-    for r in range(rounds):
-        # each round in its own order, so that a disturbance that comes back every round at the
-        # same point of it does not land on the same entries every time
-        for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
-            timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
-                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False,
-                                      precision=precision)
-            samples[e["id"]].extend(timing.compute_samples_ms)
-            medians[e["id"]].append(timing.compute_ms["median"])
-            env = dict(timing.environment)
-            if gap_iterations > 0 and r == 0:  # one gapped run per entry: the factor is a median over entries
-                gapped = benchmark_engine(Path(kit_dir) / e["file"], backend, min(warmup_ms, 20.0), gap_iterations,
-                                          0.0, threads, inputs=entry_feeds[e["id"]], limits=limits, idle_ms=gap_ms,
-                                          precision=precision)
-                gapped_medians[e["id"]].append(gapped.compute_ms["median"])
-            bar.update()
-    bar.close()
-
-    def unstable() -> list[dict]:
-        """Entries without a majority of round medians within ``tolerance`` of their median."""
-        out = []
-        for e in timed:
-            m = np.asarray(medians[e["id"]])
-            agree = int(np.sum(np.abs(m / np.median(m) - 1) <= tolerance))
-            if len(m) > 1 and agree <= len(m) / 2:
-                out.append(e)
-        return out
-
-    stable_before = 1 - len(unstable()) / max(1, len(timed))
-    retimed: set[int] = set()
-    extra_done = 0
-    for _ in range(max(0, extra_rounds)):
-        again = unstable()
-        if not again:
-            break
-        extra_done += 1
-        for e in tqdm(again, desc=f"profile {device}: again, {len(again)} unsteady", disable=not progress,
-                      leave=False):
-            timing = benchmark_engine(Path(kit_dir) / e["file"], backend, warmup_ms, iterations,
-                                      duration_s / rounds, threads, inputs=entry_feeds[e["id"]], limits=limits,
-                                      idle_ms=idle_ms, keep_samples=True, duty_pauses=False,
-                                      precision=precision)
-            samples[e["id"]].extend(timing.compute_samples_ms)
-            medians[e["id"]].append(timing.compute_ms["median"])
-            retimed.add(e["id"])
-    entries = []
-    for e in kit["entries"]:
-        if e["id"] in trtexec:
-            t = load_trtexec_times(trtexec[e["id"]])
-            latency, source, rm = t["latency_ms"], t["source"], [t["latency_ms"]["median"]]
-        else:
-            latency, source, rm = summarise(samples[e["id"]]), "benchmark_engine", medians[e["id"]]
-        estimate = latency_estimate(latency)
-        entries.append({"id": e["id"], "config": e["config"], "flops": e["flops"], "params": e["params"],
-                        "latency_estimate_ms": estimate, "latency_ms": latency, "round_medians_ms": rm,
-                        "source": source})
-        if "sample" in e:  # the kit's sampling configuration, where it differs from the features
-            entries[-1]["sample"] = e["sample"]
-        if "tokens" in e:  # a language entry's length, which its config ends with
-            entries[-1]["tokens"] = e["tokens"]
-        if gapped_medians[e["id"]]:
-            entries[-1]["gap_ratio"] = float(np.median(gapped_medians[e["id"]])) / estimate
+    timer = _Timer(Path(kit_dir), backend, warmup_ms, iterations, duration_s / rounds, threads, limits, idle_ms,
+                   precision, {e["id"]: kit_feeds(kit, tokens=e.get("tokens")) for e in timed})
+    timer.rounds(timed, rounds, gap_ms, gap_iterations, f"profile {device}", progress)
+    stability = timer.steady(timed, tolerance, extra_rounds, f"profile {device}", progress)
+    entries = [_entry_record(e, trtexec, timer) for e in kit["entries"]]
     ratios = [x["gap_ratio"] for x in entries if "gap_ratio" in x]
     profile = {
         "version": 1,
@@ -275,13 +196,129 @@ def profile_kit(
         "idle_ms": idle_ms,
         "gap_ms": gap_ms,
         "served_factor": float(np.median(ratios)) if ratios else 1.0,
-        "stability": {"tolerance": tolerance, "within_tolerance_before": stable_before,
-                      "within_tolerance": 1 - len(unstable()) / max(1, len(timed)),
-                      "extra_rounds": extra_done, "entries_retimed": len(retimed)},
-        "environment": env or {"cpu": cpu_model()},
+        "stability": stability,
+        "environment": timer.environment or {"cpu": cpu_model()},
         "shape": kit["shape"],
         "entries": entries,
     }
     if out is not None:
         atomic_write_json(Path(out), profile)
     return profile
+
+
+class _Timer:
+    """Times kit entries with :func:`benchmark_engine`, one session per call, keeping every
+    entry's samples, each session's median and the gapped sessions' medians."""
+
+    def __init__(self, kit_dir: Path, backend: str, warmup_ms: float, iterations: int, duration_s: float,
+                 threads: int, limits: DeviceLimits, idle_ms: float, precision: str, feeds: dict) -> None:
+        self.kit_dir, self.backend, self.warmup_ms, self.iterations = kit_dir, backend, warmup_ms, iterations
+        self.duration_s, self.threads, self.limits, self.idle_ms = duration_s, threads, limits, idle_ms
+        self.precision, self.feeds = precision, feeds
+        self.samples: dict[int, list[float]] = {i: [] for i in feeds}
+        self.medians: dict[int, list[float]] = {i: [] for i in feeds}
+        self.gapped: dict[int, list[float]] = {i: [] for i in feeds}
+        self.environment: dict[str, Any] = {}
+
+    def time(self, e: Mapping[str, Any]) -> None:
+        timing = benchmark_engine(self.kit_dir / e["file"], self.backend, self.warmup_ms, self.iterations,
+                                  self.duration_s, self.threads, inputs=self.feeds[e["id"]], limits=self.limits,
+                                  idle_ms=self.idle_ms, keep_samples=True, duty_pauses=False,
+                                  precision=self.precision)
+        self.samples[e["id"]].extend(timing.compute_samples_ms)
+        self.medians[e["id"]].append(timing.compute_ms["median"])
+        self.environment = dict(timing.environment)
+
+    def time_gapped(self, e: Mapping[str, Any], gap_ms: float, gap_iterations: int) -> None:
+        """``gap_iterations`` runs with ``gap_ms`` idle before each: the served factor's evidence."""
+        gapped = benchmark_engine(self.kit_dir / e["file"], self.backend, min(self.warmup_ms, 20.0), gap_iterations,
+                                  0.0, self.threads, inputs=self.feeds[e["id"]], limits=self.limits, idle_ms=gap_ms,
+                                  precision=self.precision)
+        self.gapped[e["id"]].append(gapped.compute_ms["median"])
+
+    def rounds(self, timed: list[dict], rounds: int, gap_ms: float, gap_iterations: int, desc: str,
+               progress: bool) -> None:
+        """Every entry once a round, and in the first round also gapped (``gap_iterations`` > 0)."""
+        bar = tqdm(total=len(timed) * rounds, desc=desc, disable=not progress)
+        order = np.random.default_rng(0)
+        for r in range(rounds):
+            # each round in its own order, so that a disturbance that comes back every round at the
+            # same point of it does not land on the same entries every time
+            for e in (timed if r == 0 else [timed[i] for i in order.permutation(len(timed))]):
+                self.time(e)
+                if gap_iterations > 0 and r == 0:  # one gapped run per entry: the factor is a median over entries
+                    self.time_gapped(e, gap_ms, gap_iterations)
+                bar.update()
+        bar.close()
+
+    def steady(self, timed: list[dict], tolerance: float, extra_rounds: int, desc: str, progress: bool) -> dict:
+        """Up to ``extra_rounds`` more rounds of the entries whose round medians disagree (module
+        doc), while any do; returns the profile's ``stability`` record."""
+        stable_before = 1 - len(self.unstable(timed, tolerance)) / max(1, len(timed))
+        retimed: set[int] = set()
+        extra_done = 0
+        for _ in range(max(0, extra_rounds)):
+            again = self.unstable(timed, tolerance)
+            if not again:
+                break
+            extra_done += 1
+            for e in tqdm(again, desc=f"{desc}: again, {len(again)} unsteady", disable=not progress, leave=False):
+                self.time(e)
+                retimed.add(e["id"])
+        return {"tolerance": tolerance, "within_tolerance_before": stable_before,
+                "within_tolerance": 1 - len(self.unstable(timed, tolerance)) / max(1, len(timed)),
+                "extra_rounds": extra_done, "entries_retimed": len(retimed)}
+
+    def unstable(self, timed: list[dict], tolerance: float) -> list[dict]:
+        """Entries without a majority of round medians within ``tolerance`` of their median."""
+        out = []
+        for e in timed:
+            m = np.asarray(self.medians[e["id"]])
+            agree = int(np.sum(np.abs(m / np.median(m) - 1) <= tolerance))
+            if len(m) > 1 and agree <= len(m) / 2:
+                out.append(e)
+        return out
+
+
+def _run_trtexec(kit: Mapping[str, Any], kit_dir: Path, trtexec: dict, device: str, out: Optional[Path],
+                 warmup_ms: float, iterations: int, duration_s: float, idle_ms: float, precision: str,
+                 progress: bool) -> Optional[str]:
+    """Time every entry not in ``trtexec`` with NVIDIA's trtexec, adding its ``--exportTimes``
+    file to ``trtexec``; returns the precision trtexec built the entries at."""
+    import tempfile
+
+    from coformer.runtime.trtexec import run_trtexec as trtexec_run
+
+    folder = Path(str(out) + ".trtexec") if out is not None else Path(tempfile.mkdtemp(prefix="coformer-trtexec-"))
+    built_at, major = None, None
+    for e in tqdm([e for e in kit["entries"] if e["id"] not in trtexec], desc=f"trtexec {device}",
+                  disable=not progress):
+        feeds = kit_feeds(kit, tokens=e.get("tokens"))
+        path = folder / f"entry-{e['id']}.json"
+        ran = trtexec_run(kit_dir / e["file"], path, warmup_ms=warmup_ms, iterations=iterations,
+                          duration_s=duration_s, idle_ms=idle_ms, precision=precision,
+                          shapes={k: v.shape for k, v in feeds.items()} if feeds else None,
+                          tensorrt_major=major)
+        major = ran["tensorrt_major"]  # read once, from the first run's `trtexec --help`
+        built_at = ran["precision"]  # TensorRT 11 has no --fp16: the kit's float32 ONNX stays float32
+        trtexec[e["id"]] = path
+    return built_at
+
+
+def _entry_record(e: Mapping[str, Any], trtexec: Mapping[int, Path], timer: _Timer) -> dict[str, Any]:
+    """A profile's entry: the kit entry's config and size, and its latency (trtexec's, or ours)."""
+    if e["id"] in trtexec:
+        t = load_trtexec_times(trtexec[e["id"]])
+        latency, source, rm = t["latency_ms"], t["source"], [t["latency_ms"]["median"]]
+    else:
+        latency, source, rm = summarise(timer.samples[e["id"]]), "benchmark_engine", timer.medians[e["id"]]
+    estimate = latency_estimate(latency)
+    record = {"id": e["id"], "config": e["config"], "flops": e["flops"], "params": e["params"],
+              "latency_estimate_ms": estimate, "latency_ms": latency, "round_medians_ms": rm, "source": source}
+    if "sample" in e:  # the kit's sampling configuration, where it differs from the features
+        record["sample"] = e["sample"]
+    if "tokens" in e:  # a language entry's length, which its config ends with
+        record["tokens"] = e["tokens"]
+    if timer.gapped.get(e["id"]):
+        record["gap_ratio"] = float(np.median(timer.gapped[e["id"]])) / estimate
+    return record

@@ -128,6 +128,16 @@ def trace_record(engine, start_ms: float, end_ms: float) -> dict[str, float]:
             "startComputeMs": a, "endComputeMs": b, "startD2hMs": b, "endD2hMs": b + d2h}
 
 
+def _warm_up(engine, feeds: Mapping[str, np.ndarray], throttle, warmup_ms: float, duty_pauses: bool) -> None:
+    """Run ``engine`` for ``warmup_ms`` (at least once), held to the device's limits, untimed."""
+    end_warmup = time.perf_counter() + warmup_ms / 1e3
+    while True:
+        engine.infer(feeds)
+        throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
+        if time.perf_counter() >= end_warmup:
+            break
+
+
 def benchmark_engine(
     path: Path,
     backend: str = "onnxruntime",
@@ -172,12 +182,7 @@ def benchmark_engine(
         with open_engine(Path(path), backend, threads, precision=precision, shapes=shapes, batch=batch) as engine:
             feeds = dict(inputs) if inputs is not None else random_inputs(engine, batch)
             precision = getattr(engine, "precision", "fp32")
-            end_warmup = time.perf_counter() + warmup_ms / 1e3
-            while True:
-                engine.infer(feeds)
-                throttle.after_compute(engine.last_compute_ms / 1e3, engine.last_cpu_ms / 1e3, duty_pauses)
-                if time.perf_counter() >= end_warmup:
-                    break
+            _warm_up(engine, feeds, throttle, warmup_ms, duty_pauses)
             lat, comp, trace = [], [], []
             start = time.perf_counter()
             while len(lat) < iterations or time.perf_counter() - start < duration_s:

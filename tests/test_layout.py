@@ -163,3 +163,31 @@ def test_every_strategy_has_both_halves():
     for name in STRATEGIES:
         assert issubclass(strategy_class(name), Strategy) and strategy_class(name).name == name
         assert callable(compiler_for(name))
+
+
+def test_no_function_over_80_lines_in_the_compiler_calibration_or_runtime():
+    """Issue 40: a function a newcomer must read whole fits on a screen or two; a longer one is
+    split into steps of one idea each (docstring included in the count)."""
+    long = []
+    for top in ("compiler", "calibration", "runtime"):
+        for f in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{f.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+def test_the_manifest_is_assembled_in_one_place():
+    """Every bundle's manifest, whatever its strategy, is made by ``compiler/bundle.write_bundle``
+    (checksums, signature, the atomic rename); a builder only supplies its fields."""
+    makers = []
+    for top in PACKAGES:
+        for f in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Manifest"
+                        or isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "Manifest"):
+                    makers.append(f"{f.relative_to(REPO)}:{node.lineno}")
+    assert len(makers) == 1 and makers[0].startswith("compiler/bundle.py:"), makers
