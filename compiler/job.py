@@ -55,6 +55,8 @@ class CompileJob:
         feature_dtype: what workers send their features as, ``float32`` or ``float16`` (half
             the bytes; the search charges the links that, and the scores are taken on rounded features).
         onnx_precision: ``fp16`` also writes every sub-model as an fp16 ONNX (for TensorRT 11).
+        fallback_aggregators: also fit one aggregator per set of workers that may be missing
+            (degraded answers); the paper's ablations leave them out, to compare calibrations alone.
         latency_tokens: the length a language teacher's latency is searched at (None: the
             calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
         decomposition: how the sub-models share the teacher's units
@@ -91,6 +93,7 @@ class CompileJob:
     feature_dtype: str = "float32"
     latency_tokens: Optional[int] = None
     onnx_precision: str = "fp32"
+    fallback_aggregators: bool = True
     decomposition: Optional[str] = None
     strategy: str = "coformer"
     options: dict[str, Any] = field(default_factory=dict)
@@ -190,7 +193,8 @@ def compile_decomposed(job: CompileJob) -> JobResult:
                             model_name=job.model_name, progress=job.progress, compute=job.compute,
                             checkpoint_dir=job.checkpoint_dir, model_info=job.model_info, task=job.task,
                             normalize=job.normalize, feature_dtype=job.feature_dtype,
-                            onnx_precision=job.onnx_precision, decomposition=job.structure)
+                            onnx_precision=job.onnx_precision, decomposition=job.structure,
+                            fallback_aggregators=job.fallback_aggregators)
     acc = result.accuracy
     report.update(task=job.task, distill=acc["distill"], accuracy_reference=acc["reference"],
                   policy_source=result.policy.source, memory=memory_report(result, job.devices),

@@ -61,7 +61,8 @@ def compare(tasks: Sequence[str], temperature: float, seeds: int) -> list[dict[s
     import torch
 
     from coformer.calibration.booster import BoostConfig
-    from coformer.compiler.pipeline import compile_bundle, run_batched
+    from coformer.compiler.job import CompileJob, run_job
+    from coformer.compiler.pipeline import run_batched
 
     work = Path(tempfile.mkdtemp(prefix="coformer-distill-"))
     rows = []
@@ -73,10 +74,10 @@ def compare(tasks: Sequence[str], temperature: float, seeds: int) -> list[dict[s
             for seed in range(seeds):
                 for distill in ("hard", "soft"):
                     torch.manual_seed(seed)
-                    res = compile_bundle(teacher, devices, data, work / f"{name}-{distill}-{seed}",
-                                         boost=BoostConfig(epochs=epochs, seed=seed, distill=distill,
-                                                           temperature=temperature),
-                                         aggregator_epochs=agg_epochs, progress=False)
+                    res = run_job(CompileJob(teacher, devices, data, work / f"{name}-{distill}-{seed}",
+                                             boost=BoostConfig(epochs=epochs, seed=seed, distill=distill,
+                                                               temperature=temperature),
+                                             aggregator_epochs=agg_epochs, progress=False, search="heuristic")).result
                     with torch.no_grad():
                         feats = [run_batched(s, data.test.x) for s in res.submodels]
                         pred = res.aggregator(*feats).argmax(-1)

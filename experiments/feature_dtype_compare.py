@@ -34,7 +34,7 @@ def compare(qs_dir: Path, bandwidths: list[float], samples: int, progress: bool 
     import torch
 
     from coformer.calibration.booster import BoostConfig
-    from coformer.compiler.pipeline import compile_bundle
+    from coformer.compiler.job import CompileJob, run_job
     from coformer.compiler.specs import Policy
     from coformer.runtime.manifest import load_manifest
     from coformer.tools import testbed as tb
@@ -52,9 +52,9 @@ def compare(qs_dir: Path, bandwidths: list[float], samples: int, progress: bool 
     bundles, compiled = {}, {}
     for dtype in DTYPES:
         torch.manual_seed(cfg.seed)
-        r = compile_bundle(qs.teacher, qs.devices, qs.data, work / dtype, policy=policy,
-                           boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
-                           aggregator_epochs=cfg.aggregator_epochs, progress=False, feature_dtype=dtype)
+        r = run_job(CompileJob(qs.teacher, qs.devices, qs.data, work / dtype, policy=policy,
+                               boost=BoostConfig(epochs=cfg.boost_epochs, seed=cfg.seed),
+                               aggregator_epochs=cfg.aggregator_epochs, progress=False, feature_dtype=dtype)).result
         bundles[dtype] = work / dtype
         compiled[dtype] = {k: v for k, v in r.accuracy.items() if k.startswith(("ensemble", "teacher"))}
     x, y = qs.data.test.head(len(qs.data.test)).numpy(), qs.data.test.y.numpy()

@@ -42,11 +42,13 @@ from coformer.tools.progress import Progress
 
 
 def _compile(qs, policy, boost, out_dir: Path, progress: bool):
-    from coformer.compiler.pipeline import compile_bundle
+    """One ablation's bundle, through the compile job like every other: the given policy and
+    calibration, no fallback aggregators (the ablations compare calibrations alone)."""
+    from coformer.compiler.job import CompileJob, run_job
 
-    return compile_bundle(qs.teacher, qs.devices, qs.data, out_dir, policy=policy, boost=boost,
-                          aggregator_epochs=qs.config.aggregator_epochs, progress=progress,
-                          fallback_aggregators=False)
+    return run_job(CompileJob(qs.teacher, qs.devices, qs.data, out_dir, policy=policy, boost=boost,
+                              aggregator_epochs=qs.config.aggregator_epochs, progress=progress,
+                              fallback_aggregators=False)).result
 
 
 def _voting(result, data) -> dict[str, float]:
