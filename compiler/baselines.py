@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from coformer.compiler.apportion import apportion
-from coformer.compiler.bundle import write_bundle
+from coformer.compiler.bundle import StagedBundle
 from coformer.compiler.families import adapter_for
 from coformer.compiler.families.vit import head_rows_cols
 from coformer.compiler.lower import check_parity, export_onnx
@@ -194,12 +194,12 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
         tokens3 = _Embed(teacher)(x3) if strategy != "teacher" else None
     in_shape = tuple(adapter.input_shape(teacher))
 
-    def build(staging: Path) -> dict[str, Any]:
-        parity = {"composed_vs_teacher": gap}
-        out_dim = shape.num_classes if strategy == "teacher" else shape.embed_dim
+    parity = {"composed_vs_teacher": gap}
+    out_dim = shape.num_classes if strategy == "teacher" else shape.embed_dim
+    with StagedBundle(out_dir) as staged:
         arts = [_lower_pieces(strategy, i, d, pieces[d.name], x3, tokens3, in_shape, (shape.num_tokens, shape.embed_dim),
-                              out_dim, staging, parity) for i, d in enumerate(devices)]
-        return dict(
+                              out_dim, staged.dir, parity) for i, d in enumerate(devices)]
+        return staged.publish(dict(
             # per-device "flops" are not counted for baselines (0); "params" are the ONNX weights
             model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
                    "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": strategy, **plan}},
@@ -209,9 +209,7 @@ def build_baseline(strategy: str, teacher: nn.Module, devices: Sequence[DeviceSp
             aggregator="",
             parity=parity,
             strategy=strategy,
-        )
-
-    return write_bundle(Path(out_dir), build)
+        ))
 
 
 def _check_baseline(strategy: str, family: str, task: Optional[dict[str, Any]]) -> None:
@@ -335,23 +333,22 @@ def build_text_teacher(teacher: nn.Module, device: DeviceSpec, x_example: torch.
     shape = adapter.read_shape(teacher)
     names = adapter.input_names(teacher)
 
-    def build(staging: Path) -> dict[str, Any]:
-        parity: dict[str, float] = {}
+    with StagedBundle(out_dir) as staged:
+        staging = staged.dir
         rel = "teacher/0-teacher.onnx"
-        parity[rel] = lower_submodel(module, x_example[:3], staging / rel, names, text=True, output="output")
+        parity = {rel: lower_submodel(module, x_example[:3], staging / rel, names, text=True, output="output")}
         shutil.copyfile(teacher.tokenizer_file, staging / preprocessing["tokenizer"])
         public_mode(staging / preprocessing["tokenizer"])
         out_dim = int(task["dim"]) if embedding else shape.num_classes
         art = DeviceArtifact(device=device.name, role="central", artifact=rel, feature_dim=out_dim, flops=0,
                              params=onnx_params(staging / rel), backend=device.backend, threads=1,
                              cpu_share=device.cpu_share)
-        return dict(model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
-                           "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": "teacher"}},
-                    task=task, input=InputSpec("tokens", "int64", tuple(adapter.input_shape(teacher)), 64,
-                                               dict(preprocessing), dynamic_axes=(1,)),
-                    devices=(art,), aggregator="", parity=parity, strategy="teacher")
-
-    return write_bundle(Path(out_dir), build)
+        return staged.publish(dict(
+            model={"name": model_name, "family": shape.family, "layers": shape.num_layers,
+                   "embed_dim": shape.embed_dim, "tokens": shape.num_tokens, "plan": {"strategy": "teacher"}},
+            task=task, input=InputSpec("tokens", "int64", tuple(adapter.input_shape(teacher)), 64,
+                                       dict(preprocessing), dynamic_axes=(1,)),
+            devices=(art,), aggregator="", parity=parity, strategy="teacher"))
 
 
 def compile_baseline_job(job) -> Any:

@@ -4,12 +4,12 @@ to its strategy's builder (:mod:`coformer.compiler.strategies`). CoFormer's is h
 
     importance -> policy (given; DeBo, random or uniform over the devices'
     latency predictors; or the heuristic) -> decompose -> calibrate -> lower
-    -> bundle -> measure (optional)
+    -> bundle
 
 Loading the teacher and the data comes before (:mod:`coformer.compiler.sources`).
-The measure step serves the bundle, which needs processes and sockets, so it is
-passed in by the caller (``coformer.tools.measure.measure_compiled``): the
-compiler does not import the tools.
+Measuring the bundle as served comes after, and is the tools' (it needs processes and
+sockets: :func:`coformer.tools.measure.measure_job`): the compiler neither imports the
+tools nor calls back into them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -114,9 +114,6 @@ class JobResult:
     space: Optional[tuple[Any, Any]] = None  # the search's decoder and latency model, when it searched
 
 
-Measure = Callable[[CompileJob, JobResult], dict[str, Any]]
-
-
 def resolve_search(job: CompileJob) -> str:
     """The search method the job runs (see :class:`CompileJob`); errors say what is missing."""
     if job.search not in SEARCHES:
@@ -163,18 +160,17 @@ def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple
     return policy, space
 
 
-def run_job(job: CompileJob, measure: Optional[Measure] = None) -> JobResult:
-    """Compile ``job`` into its bundle with its strategy's builder and report what it did;
-    ``measure`` (optional) serves it."""
+def run_job(job: CompileJob) -> JobResult:
+    """Compile ``job`` into its bundle with its strategy's builder and report what it did.
+    Serving the bundle to measure it is the caller's (``coformer compile --measure``:
+    :func:`coformer.tools.measure.measure_job`)."""
     from coformer.compiler.strategies import compiler_for
 
     build = compiler_for(job.strategy)
     start = time.perf_counter()
     out = build(job)
     out.report.setdefault("strategy", job.strategy)
-    out.report["wall_time_s"] = time.perf_counter() - start  # load excluded, measure excluded
-    if measure is not None:
-        out.report.update(measure(job, out))
+    out.report["wall_time_s"] = time.perf_counter() - start  # load excluded
     return out
 
 

@@ -33,7 +33,7 @@ from coformer.calibration.compute import CPU, Compute
 from coformer.calibration.data import Dataset, Split
 from coformer.calibration.objectives import Objective, ridge_fit
 from coformer.compiler import tasks
-from coformer.compiler.bundle import check_target, write_bundle
+from coformer.compiler.bundle import StagedBundle, check_target
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.decomposition import DEFAULT_DECOMPOSITION
 from coformer.compiler.families import adapter_for
@@ -224,10 +224,8 @@ def compile_bundle(
     ``feature``, and the report adds a ridge probe of the uncalibrated sub-models
     as the baseline calibration has to beat.
 
-    ``fallback_aggregators``: also fit and ship one aggregator per set of workers that
-    may be missing (:func:`~coformer.calibration.aggregator.missing_sets`), with its
-    test-split score in the manifest, so the central node answers, flagged degraded,
-    when a device drops.
+    ``fallback_aggregators``: also ship one aggregator per set of workers that may be missing
+    (:func:`~coformer.calibration.aggregator.missing_sets`), scored, for degraded answers.
 
     ``feature_dtype="float16"``: workers send their features at half the bytes. The
     aggregator is trained on float32 features, as calibrated; every test score (the
@@ -257,9 +255,10 @@ def compile_bundle(
     _fuse(cal, data, aggregator_epochs, fallback_aggregators, compute, progress)
     acc = _score(cal, teacher, data, feature_dtype, compute, progress)
     costs = [submodel_cost(s, shape) for s in policy.submodels]
-    manifest = write_bundle(Path(out_dir), lambda staging: _bundle_contents(
-        staging, cal, teacher, data, {d.name: d for d in devices}, acc, costs, aggregator_epochs, use_labels,
-        model_name, model_info, feature_dtype, onnx_precision))
+    with StagedBundle(out_dir) as staged:
+        manifest = staged.publish(_bundle_contents(
+            staged.dir, cal, teacher, data, {d.name: d for d in devices}, acc, costs, aggregator_epochs, use_labels,
+            model_name, model_info, feature_dtype, onnx_precision))
     if ckpt is not None:
         ckpt.remove()
     return CompileResult(manifest, Path(out_dir), policy, cal.subs, cal.agg, costs, teacher_cost(shape), acc,
@@ -431,7 +430,7 @@ def _bundle_contents(staging: Path, cal: _Calibrated, teacher: nn.Module, data: 
                      model_info: Optional[dict[str, Any]], feature_dtype: str, onnx_precision: str) -> dict[str, Any]:
     """Lower every model into ``staging`` (the bundle writer's folder): each sub-model's ONNX
     (and fp16 ONNX), the aggregator and each fallback, the validation inputs devices check their
-    engines on, the tokenizer; returns the manifest's fields (:func:`~coformer.compiler.bundle.write_bundle`)."""
+    engines on, the tokenizer; returns the manifest's fields (:class:`~coformer.compiler.bundle.StagedBundle`)."""
     adapter, policy, subs, feats_train = cal.adapter, cal.policy, cal.subs, cal.feats_train
     shape = adapter.read_shape(teacher)
     t_cost = teacher_cost(shape)

@@ -229,7 +229,7 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
     plan keeps); ``parity["prism_vs_teacher"]`` then measures how far tuning moved the logits."""
     import shutil
 
-    from coformer.compiler.bundle import write_bundle
+    from coformer.compiler.bundle import StagedBundle
     from coformer.runtime.files import public_mode
     from coformer.runtime.manifest import InputSpec
 
@@ -257,8 +257,12 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
         reference = fam.reference(x3, shares, cr)
     comm = plan_communication(teacher, devices, cr)
     in_shape = tuple(int(s) for s in x3.shape[1:])
+    from coformer.compiler.families import adapter_for
 
-    def build(staging: Path) -> dict[str, Any]:
+    shape = adapter_for(teacher).read_shape(teacher).to_dict()  # what check_bundle_matches compares
+
+    with StagedBundle(out_dir) as staged:
+        staging = staged.dir
         arts = [_lower_device(p, d, mods, fam, shares, cr, x3, in_shape, staging)
                 for p, (d, mods) in enumerate(zip(devices, models))]
         served = _chained(arts, staging, x3, dict(preprocessing) if text else {})
@@ -271,22 +275,17 @@ def build_prism(teacher: nn.Module, devices: Sequence[Any], x_example: torch.Ten
         if text:
             shutil.copyfile(teacher.tokenizer_file, staging / pre["tokenizer"])
             public_mode(staging / pre["tokenizer"])
-        from coformer.compiler.families import adapter_for
-
-        shape = adapter_for(teacher).read_shape(teacher).to_dict()  # what check_bundle_matches compares
         # lists in device order (a manifest's objects are written with sorted keys)
         plan = {"strategy": "prism", "compression_rate": cr, "devices": [d.name for d in devices], "shares": shares,
                 "pool": fam.pool, "communication": comm, "finetune": finetune}
-        return dict(
+        return staged.publish(dict(
             model={"name": model_name, "family": fam.name, "layers": len(fam.blocks), "embed_dim": fam.embed_dim,
                    "tokens": N, "plan": plan, "shape": shape},
             task={"kind": "classification", "labels": list(labels)},
             input=InputSpec("tokens" if text else fam.input_names[0], "int64" if text else "float32", in_shape, 64,
                             pre, dynamic_axes=(1,) if text else ()),
             devices=tuple(arts), aggregator="", parity=parity, strategy="prism",
-        )
-
-    return write_bundle(Path(out_dir), build)
+        ))
 
 
 def _lower_device(p: int, d: Any, mods: dict[str, nn.Module], fam: PrismHooks, shares: Sequence[int], cr: int,

@@ -252,7 +252,7 @@ def local_operator(create: bool = False) -> Optional[tuple[Path, bytes]]:
     """This user's operator key: ``(signing key file, verify key)``, made on first use when
     ``create`` (None when there is none and ``create`` is off).
 
-    Every bundle this user compiles is signed with it (:func:`coformer.compiler.bundle.write_bundle`),
+    Every bundle this user compiles is signed with it (:class:`coformer.compiler.bundle.StagedBundle`),
     and ``coformer serve`` without ``--keys`` checks the signature against it, so an edited label,
     preprocessing or checksum is refused there too (issue 39, finding 6). Two processes making it
     at once keep one key: the file is created exclusively (a hard link, which never overwrites)."""

@@ -180,7 +180,7 @@ def test_no_function_over_80_lines_in_the_compiler_calibration_or_runtime():
 
 
 def test_the_manifest_is_assembled_in_one_place():
-    """Every bundle's manifest, whatever its strategy, is made by ``compiler/bundle.write_bundle``
+    """Every bundle's manifest, whatever its strategy, is made by ``compiler/bundle.StagedBundle``
     (checksums, signature, the atomic rename); a builder only supplies its fields."""
     makers = []
     for top in PACKAGES:

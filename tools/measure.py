@@ -190,10 +190,11 @@ def predict_served_here(t1_ms: Sequence[float], t3_ms: float, devices: Sequence[
                                     for k, p in probes.items()}}}
 
 
-def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: str = "auto", warmup: int = 10,
-                       log_dir: Optional[Path] = None):
-    """The measure step of :func:`coformer.compiler.job.run_job` (``coformer compile --measure``):
-    serve the bundle on this machine, devices emulated, and send every sample of ``x``.
+def measure_job(job, out, x: np.ndarray, y: Optional[np.ndarray] = None, throttle: str = "auto", warmup: int = 10,
+                log_dir: Optional[Path] = None) -> dict[str, Any]:
+    """``coformer compile --measure``: serve the compiled bundle (``out``, what
+    :func:`coformer.compiler.job.run_job` returned for ``job``) on this machine, devices
+    emulated, send every sample of ``x``, and return what the report adds.
 
     When the job searched, probe bundles are built and served beside it
     (:func:`build_probe_bundles`) and the report adds the latency predicted for this
@@ -202,41 +203,38 @@ def served_measurement(x: np.ndarray, y: Optional[np.ndarray] = None, throttle: 
     import shutil
     import tempfile
 
-    def measure(job, out) -> dict[str, Any]:
-        report = out.report
-        extra: dict[str, Any] = {}
-        if "search" in report and out.space is not None:
-            tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(job.out_dir).resolve().parent))
-            try:
-                probes = build_probe_bundles(job.teacher, job.devices, job.data, tmp, *out.space)
-                served, probed = measure_with_probes(job.out_dir, probes, x, y=y, warmup=warmup, throttle=throttle,
-                                                     log_dir=log_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            best = report["search"][out.method]
-            here = predict_served_here(best["t1_ms"], best["t3_ms"], job.devices, served["placements"],
-                                       probe_measurements(probes, probed, job.devices))
-            extra.update(runtime_overhead_ms=probed["small"]["runtime_ms_median"],
-                         predicted_latency_local_ms=here["predicted_ms"],
-                         predicted_latency_local_terms_ms=here["terms_ms"])
-        else:
-            served, _ = measure_with_probes(job.out_dir, {}, x, y=y, warmup=warmup, throttle=throttle,
-                                            log_dir=log_dir)
-        extra["measured_latency_ms"] = served["latency_ms"]["median"]
-        extra["measured_samples"] = int(len(x))
-        if "embeddings" in served:  # served vectors against the teacher's, on the same inputs
-            import torch
+    report = out.report
+    extra: dict[str, Any] = {}
+    if "search" in report and out.space is not None:
+        tmp = Path(tempfile.mkdtemp(prefix="coformer-probe-", dir=Path(job.out_dir).resolve().parent))
+        try:
+            probes = build_probe_bundles(job.teacher, job.devices, job.data, tmp, *out.space)
+            served, probed = measure_with_probes(job.out_dir, probes, x, y=y, warmup=warmup, throttle=throttle,
+                                                 log_dir=log_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        best = report["search"][out.method]
+        here = predict_served_here(best["t1_ms"], best["t3_ms"], job.devices, served["placements"],
+                                   probe_measurements(probes, probed, job.devices))
+        extra.update(runtime_overhead_ms=probed["small"]["runtime_ms_median"],
+                     predicted_latency_local_ms=here["predicted_ms"],
+                     predicted_latency_local_terms_ms=here["terms_ms"])
+    else:
+        served, _ = measure_with_probes(job.out_dir, {}, x, y=y, warmup=warmup, throttle=throttle,
+                                        log_dir=log_dir)
+    extra["measured_latency_ms"] = served["latency_ms"]["median"]
+    extra["measured_samples"] = int(len(x))
+    if "embeddings" in served:  # served vectors against the teacher's, on the same inputs
+        import torch
 
-            from coformer.compiler.families import adapter_for
-            from coformer.compiler.pipeline import run_batched
-            from coformer.compiler.tasks import TeacherEmbedding, embedding_scores, normalizes
+        from coformer.compiler.families import adapter_for
+        from coformer.compiler.pipeline import run_batched
+        from coformer.compiler.tasks import TeacherEmbedding, embedding_scores, normalizes
 
-            reference = TeacherEmbedding(adapter_for(job.teacher), job.teacher, normalizes(job.teacher, job.normalize))
-            t = run_batched(reference, torch.as_tensor(x))
-            extra["served_embedding"] = embedding_scores(t, torch.as_tensor(served["embeddings"]))
-        elif "accuracy" in served:
-            extra["served_accuracy"] = served["accuracy"]
-        extra["served_breakdown_ms_median"] = served["breakdown_ms_median"]
-        return extra
-
-    return measure
+        reference = TeacherEmbedding(adapter_for(job.teacher), job.teacher, normalizes(job.teacher, job.normalize))
+        t = run_batched(reference, torch.as_tensor(x))
+        extra["served_embedding"] = embedding_scores(t, torch.as_tensor(served["embeddings"]))
+    elif "accuracy" in served:
+        extra["served_accuracy"] = served["accuracy"]
+    extra["served_breakdown_ms_median"] = served["breakdown_ms_median"]
+    return extra

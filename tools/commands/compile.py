@@ -213,15 +213,14 @@ def run(args: argparse.Namespace) -> int:
         from coformer.compiler.pipeline import latency_tokens
 
         latency_tokens(teacher, data, args.latency_tokens)
-    measure = None
-    if args.measure:
-        from coformer.tools.measure import served_measurement
-
-        x_test = data.test.head(args.measure_samples).numpy()
-        measure = served_measurement(x_test, None if data.test.y is None else data.test.y.numpy())
     if not args.no_progress:
         print(f"compile: {args.model} on {compute.describe()}", file=sys.stderr)
-    out = run_job(job, measure)
+    out = run_job(job)
+    if args.measure:  # served after the compile, by the tools (the compiler serves nothing)
+        from coformer.tools.measure import measure_job
+
+        x_test = data.test.head(args.measure_samples).numpy()
+        out.report.update(measure_job(job, out, x_test, None if data.test.y is None else data.test.y.numpy()))
     result, report = out.result, {**({"task_head": head} if head else {}), **out.report}
     if fits:
         report["predictor"] = fits
