@@ -184,7 +184,7 @@ def fit_head(teacher: TextTeacher, data, epochs: int = 200, progress: bool = Fal
     training labels with the backbone frozen (a linear probe). A checkpoint that came with a
     head keeps it; its label count must match the data's."""
     from coformer.calibration.train import train_classifier
-    from coformer.compiler.pipeline import run_batched
+    from coformer.compiler.inference import run_batched
 
     n = len(data.labels)
     if teacher.head_fitted:

@@ -58,7 +58,7 @@ class CompileJob:
         fallback_aggregators: also fit one aggregator per set of workers that may be missing
             (degraded answers); the paper's ablations leave them out, to compare calibrations alone.
         latency_tokens: the length a language teacher's latency is searched at (None: the
-            calibration texts' median, :func:`coformer.compiler.pipeline.latency_tokens`).
+            calibration texts' median, :func:`coformer.compiler.planning.latency_tokens`).
         decomposition: how the sub-models share the teacher's units
             (:mod:`coformer.compiler.decomposition`); None: a given policy's own, else the default.
         strategy: which builder writes the bundle (:mod:`coformer.compiler.strategies`):
@@ -130,7 +130,7 @@ def resolve_search(job: CompileJob) -> str:
 
 def choose_policy(job: CompileJob, method: str, report: dict[str, Any]) -> tuple[Optional[Policy], Any]:
     """The policy for ``method`` (None: the heuristic, built by compile_bundle) and the search space."""
-    from coformer.compiler.pipeline import importance_of, search_policy, search_space
+    from coformer.compiler.planning import importance_of, search_policy, search_space
 
     if method == "policy":  # --decomposition, where given, says what the policy must satisfy
         return (job.policy if job.decomposition is None

@@ -12,34 +12,35 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from coformer.calibration.aggregator import (Aggregator, collaboration, single_device_sets, train_aggregator,
-                                             train_fallbacks, train_jointly)
-from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, as_split, calibrate
+from coformer.calibration.aggregator import (Aggregator, single_device_sets, train_aggregator, train_fallbacks,
+                                             train_jointly)
+from coformer.calibration.booster import BoostConfig, BoostReport, Checkpoints, calibrate
 from coformer.calibration.compute import CPU, Compute
-from coformer.calibration.data import Dataset, Split
-from coformer.calibration.objectives import Objective, ridge_fit
+from coformer.calibration.data import Dataset
+from coformer.calibration.objectives import Objective
 from coformer.compiler import tasks
 from coformer.compiler.bundle import StagedBundle, check_target
 from coformer.compiler.cost import Cost, submodel_cost, teacher_cost
 from coformer.compiler.decomposition import DEFAULT_DECOMPOSITION
+from coformer.compiler.evaluate import RidgeProbe, evaluate, evaluate_embedding, keep_better, ridge_probe
 from coformer.compiler.families import adapter_for
+from coformer.compiler.fingerprint import calibration_key, calibration_record, weights_digest
+from coformer.compiler.inference import run_batched, run_many
 from coformer.compiler.lower import check_parity, export_onnx, lower_submodel, write_fp16_onnx
+from coformer.compiler.planning import importance_of
 from coformer.compiler.policy import check_policy, heuristic_policy
-from coformer.compiler.specs import DeviceSpec, Policy, SubModelSpec
+from coformer.compiler.specs import DeviceSpec, Policy
 from coformer.runtime.files import public_mode
 from coformer.runtime.errors import CoFormerError
 from coformer.runtime.manifest import DeviceArtifact, InputSpec, Manifest
@@ -61,127 +62,11 @@ class CompileResult:
     heads: list[nn.Module] = field(default_factory=list)  # each sub-model's own head, as calibrated with it
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def run_many(models: Sequence[nn.Module], x: Union[torch.Tensor, Split], compute: Compute = CPU,
-             progress: bool = False, desc: str = "",
-             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> list[torch.Tensor]:
-    """Every model's outputs on every input of ``x``, in one pass (a streamed split's images are
-    decoded once for all models); float32 on the CPU, or ``reduce(batch output)`` where only that
-    is kept (the teacher's decisions). Models are returned to where they were."""
-    data = as_split(x)
-    dev = compute.torch_device
-    was = [_device(m) for m in models]
-    outs: list[list[torch.Tensor]] = [[] for _ in models]
-    steps = -(-len(data) // compute.batch_size)
-    try:
-        for m in models:
-            m.eval().to(dev)
-        for _, xb in tqdm(data.batches(compute.batch_size, workers=compute.workers), total=steps, desc=desc,
-                          disable=not progress, leave=False, unit="batch"):
-            xb = xb.to(dev)
-            with compute.autocast():
-                for out, m in zip(outs, models):
-                    y = m(xb).float()
-                    out.append((reduce(y) if reduce is not None else y).cpu())
-    finally:
-        for m, d in zip(models, was):
-            m.to(d)
-    return [torch.cat(o) if o else torch.empty(0) for o in outs]
-
-
-def run_batched(model: nn.Module, x: Union[torch.Tensor, Split], compute: Compute = CPU,
-                progress: bool = False, desc: str = "",
-                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """``model``'s outputs on every input of ``x`` (see :func:`run_many`)."""
-    return run_many([model], x, compute, progress, desc, reduce)[0]
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(dim=-1) == y).float().mean())
-
-
-def importance_of(teacher: nn.Module, data: Dataset, compute: Compute = CPU, samples: int = 256):
-    """Importance scores of the teacher's units on the first ``samples`` training inputs."""
-    adapter = adapter_for(teacher)
-    was = _device(teacher)
-    teacher.to(compute.torch_device)
-    try:
-        with compute.autocast():
-            return adapter.importance(teacher, (x for _, x in data.train.batches(
-                min(64, compute.batch_size), workers=compute.workers, limit=samples)))
-    finally:
-        teacher.to(was)
-
-
-def hash_weights(h: Any, module: nn.Module) -> None:
-    """Feed every byte of ``module``'s weights to the hash ``h`` (any dtype, bf16 included)."""
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def weights_digest(teacher: nn.Module) -> str:
-    """SHA-256 of every weight of ``teacher`` (in the manifest: the bench and served_bench check
-    that they rebuild the baselines from the teacher the bundle came from)."""
-    h = hashlib.sha256()
-    hash_weights(h, teacher)
-    return h.hexdigest()
-
-
-def hash_data(h: Any, data: Dataset) -> None:
-    """Feed the training split to ``h``: its tensor, or for a streamed folder every file's path,
-    size and modification time (an image replaced under its name changes it), and the labels
-    and preprocessing."""
-    import os
-
-    tr = data.train
-    if tr.streamed:
-        files = [(str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in tr.raw]
-        h.update(json.dumps([files, dict(data.preprocessing)], sort_keys=True, default=str).encode())
-    else:
-        h.update(tr.x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    if tr.y is not None:
-        h.update(tr.y.numpy().tobytes())
-
-
-def calibration_key(teacher: nn.Module, policy: Policy, data: Dataset, boost: BoostConfig, use_labels: bool,
-                    aggregator_epochs: int) -> str:
-    """What a calibration depends on: every byte of the teacher's weights, the policy, the
-    training data and the settings; the checkpoints' validity key."""
-    h = hashlib.sha256(b"coformer calibration v1")
-    hash_weights(h, teacher)
-    h.update(json.dumps([policy.to_dict(), boost.__dict__, use_labels, aggregator_epochs], sort_keys=True,
-                        default=str).encode())
-    hash_data(h, data)
-    return h.hexdigest()[:16]
-
-
 # Whether sub-models after the first are calibrated to the earlier ones' residual when the
 # caller does not say (BoostConfig.residual None). On the real MiniLM it raised the ensemble's
 # cosine in every decomposition tried (docs/benchmarks.md, "Collaboration"); on classifiers it
 # is not measured yet, so they keep the paper's booster.
 RESIDUAL_BY_DEFAULT = {"embedding": True, "classification": False}
-
-
-def calibration_record(boost: BoostConfig, aggregator_epochs: int, use_labels: bool) -> dict[str, Any]:
-    """The manifest's ``model.calibration_settings``: the settings a bundle was calibrated with (all but
-    the batch size, which is the compute's), so that what it is compared with is calibrated
-    alike (:func:`boost_from_record`)."""
-    out = {k: v for k, v in dataclasses.asdict(boost).items() if k != "batch_size"}
-    return {**out, "aggregator_epochs": int(aggregator_epochs), "use_labels": bool(use_labels)}
-
-
-def boost_from_record(record: dict[str, Any], batch_size: int) -> tuple[BoostConfig, int, bool]:
-    """``(boost, aggregator_epochs, use_labels)`` from a manifest's ``model.calibration_settings``;
-    keys this version does not know are left out (a newer compiler's)."""
-    known = {f.name for f in dataclasses.fields(BoostConfig)} - {"batch_size"}
-    boost = BoostConfig(batch_size=batch_size, **{k: v for k, v in record.items() if k in known})
-    return boost, int(record.get("aggregator_epochs", 60)), bool(record.get("use_labels", True))
 
 
 def compile_bundle(
@@ -347,7 +232,7 @@ def _calibrate(teacher: nn.Module, policy: Policy, data: Dataset, boost: BoostCo
                               reduce=(lambda logits: logits.argmax(-1)) if boost.distill == "hard" else None)
         if ckpt:
             ckpt.save("teacher", {"targets": targets})
-    baseline = _ridge_probe(subs, target_model, targets, data, compute, progress) if embedding else None
+    baseline = ridge_probe(subs, target_model, targets, data, compute, progress) if embedding else None
     report = calibrate(subs, heads, data.train, targets, labels, boost, progress=progress, compute=compute,
                        checkpoints=ckpt)
     feats_train = report.features or run_many(subs, data.train, compute, progress, "sub-model features")
@@ -380,7 +265,7 @@ def _fuse(cal: _Calibrated, data: Dataset, aggregator_epochs: int, fallback_aggr
         changed = True
     agg.eval()
     if cal.embedding:
-        cal.kept = _keep_better(cal.target_model, cal.subs, agg, cal.baseline, data, compute, progress)
+        cal.kept = keep_better(cal.target_model, cal.subs, agg, cal.baseline, data, compute, progress)
         if cal.kept["kept"] == "ridge":
             cal.subs, cal.heads = cal.sliced, tasks.feature_heads(adapter, teacher, specs, cal.dim)
             agg = tasks.embedding_aggregator([f.shape[1] for f in feats_train], cal.dim, cal.norm)
@@ -499,6 +384,11 @@ def _bundle_contents(staging: Path, cal: _Calibrated, teacher: nn.Module, data: 
     )
 
 
+def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
+    with torch.no_grad():
+        return int(adapter.teacher_features(teacher, data.train.head(1)).shape[-1])
+
+
 def single_device_maps(agg: nn.Module, make: Callable, feats: Sequence[torch.Tensor], objective: Objective,
                        devices: Sequence[str], fallbacks: Sequence, epochs: int, seed: int,
                        compute: Compute) -> list[tuple[str, nn.Module]]:
@@ -533,292 +423,3 @@ def memory_report(result, devices) -> dict:
     }
 
 
-@dataclasses.dataclass
-class RidgeProbe:
-    """The sliced sub-models as they are, their concatenated features mapped to the teacher's
-    feature by ridge regression fitted on the training split: the baseline an embedding
-    calibration must beat. ``scores`` on the test split, ``val_cosine`` on the validation split."""
-
-    W: torch.Tensor
-    b: torch.Tensor
-    scores: dict[str, float]
-    val_cosine: float
-
-
-def _ridge_probe(subs: Sequence[nn.Module], target_model: nn.Module, t: torch.Tensor, data: Dataset,
-                 compute: Compute, progress: bool) -> RidgeProbe:
-    """``t``: the teacher's features on the training split, computed once for calibration too."""
-    feats = run_many(subs, data.train, compute, progress, "ridge probe (uncalibrated)")
-    W, b = ridge_fit(torch.cat(feats, dim=1), t)
-    normalize = isinstance(target_model, tasks.TeacherEmbedding) and target_model.normalize
-
-    def predict(split: Split, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        *f, t_split = run_many([*subs, target_model], split, compute, progress, what)
-        pred = torch.cat(f, dim=1) @ W + b
-        return t_split, torch.nn.functional.normalize(pred, dim=-1) if normalize else pred
-
-    val = tasks.embedding_scores(*predict(data.val, "ridge probe, validation split"))["mean_cosine"] \
-        if len(data.val) else 0.0
-    return RidgeProbe(W, b, tasks.embedding_scores(*predict(data.test, "ridge probe, test split")), val)
-
-
-@torch.no_grad()
-def _keep_better(target_model: nn.Module, subs: Sequence[nn.Module], agg: nn.Module, probe: RidgeProbe,
-                 data: Dataset, compute: Compute, progress: bool) -> dict[str, Any]:
-    """Which of the distilled ensemble and the ridge probe an embedding bundle serves.
-
-    Choice written down, beyond the paper: feature distillation rewrites the sub-models, and
-    on little data (a few hundred sentences) it can lose more of what the sliced teacher
-    layers already carried than it adds; the uncalibrated slices with a ridge map are then
-    closer to the teacher. The validation split's mean cosine decides (the test split stays
-    untouched, for the report), so a bundle is never worse there than that baseline.
-    """
-    if len(data.val) == 0:
-        return {"kept": "distilled", "val_cosine": {}}
-    t, *feats = run_many([target_model, *subs], data.val, compute, progress, "calibrated, validation split")
-    distilled = tasks.embedding_scores(t, agg.eval()(*feats))["mean_cosine"]
-    return {"kept": "distilled" if distilled >= probe.val_cosine else "ridge",
-            "val_cosine": {"distilled": distilled, "ridge": probe.val_cosine}}
-
-
-@torch.no_grad()
-def evaluate_embedding(target_model: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
-                       agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
-                       fallbacks: Sequence = (), singles: Sequence = ()) -> dict[str, Any]:
-    """Test-split agreement with the teacher's embeddings: mean (and worst) cosine of the
-    ensemble's vectors and nearest-neighbour agreement within the split; each sub-model alone
-    through its head; the mean cosine of each fallback aggregator (``degraded``, keyed by
-    the missing devices joined with ``+``); and, with ``singles`` (:func:`single_device_maps`),
-    the collaboration gain in mean cosine (``collaboration``)."""
-    t, *feats = run_many([target_model, *subs], data.test, compute, progress, "evaluate on the test split")
-    out = {**tasks.embedding_scores(t, agg.eval()(*feats)), "split": "test", "samples": int(len(t)),
-           "reference": "teacher"}
-    out["submodel_cosines"] = [tasks.embedding_scores(t, h.eval()(f))["mean_cosine"] for h, f in zip(heads, feats)]
-    with torch.no_grad():
-        out["degraded"] = {"+".join(missing): tasks.embedding_scores(t, fb(*[feats[i] for i in present]))["mean_cosine"]
-                           for missing, present, fb in fallbacks}
-        if singles:
-            alone = {name: tasks.embedding_scores(t, fb(feats[i]))["mean_cosine"]
-                     for i, (name, fb) in enumerate(singles)}
-            out["collaboration"] = collaboration(out["mean_cosine"], alone)
-    return out
-
-
-def _teacher_feature_dim(adapter, teacher: nn.Module, data: Dataset) -> int:
-    with torch.no_grad():
-        return int(adapter.teacher_features(teacher, data.train.head(1)).shape[-1])
-
-
-def evaluate(teacher: nn.Module, subs: Sequence[nn.Module], heads: Sequence[nn.Module],
-             agg: nn.Module, data: Dataset, compute: Compute = CPU, progress: bool = False,
-             fallbacks: Sequence = (), feature_dtype: str = "float32", singles: Sequence = ()) -> dict[str, Any]:
-    """Test-split accuracy in PyTorch: teacher, each sub-model with its head, the ensemble, and
-    the ensemble answering without each set of devices in ``fallbacks`` (``degraded``, keyed by
-    the missing devices joined with ``+``: what a degraded answer is worth).
-
-    Without labels (label-free distillation) the reference is the teacher's own
-    decisions: ``reference`` says which, and the teacher scores 1.0 against itself.
-
-    With ``feature_dtype="float16"`` the ensemble and degraded scores take the workers'
-    features (all but the first, the central node's own) rounded to float16, as they arrive
-    over the wire; ``ensemble_accuracy_float32_features`` is the score without rounding.
-
-    With ``singles`` (:func:`single_device_maps`), ``collaboration`` holds each device's
-    accuracy alone and the collaboration gain: the ensemble's minus the best of them.
-    """
-    y = data.test.y
-    t_logits, *feats = run_many([teacher, *subs], data.test, compute, progress, "evaluate on the test split")
-    reference = "labels"
-    if y is None:
-        y, reference = t_logits.argmax(-1), "teacher"
-    exact = list(feats)
-    if feature_dtype != "float32":
-        feats = [feats[0], *[f.to(getattr(torch, feature_dtype)).float() for f in feats[1:]]]
-    with torch.no_grad():
-        extra = {} if feature_dtype == "float32" else {
-            "ensemble_accuracy_float32_features": accuracy(agg.eval()(*exact), y), "feature_dtype": feature_dtype}
-        ensemble = accuracy(agg.eval()(*feats), y)
-        if singles:
-            extra["collaboration"] = collaboration(ensemble, {name: accuracy(fb(feats[i]), y)
-                                                              for i, (name, fb) in enumerate(singles)})
-        return {
-            **extra,
-            "teacher_accuracy": accuracy(t_logits, y),
-            "ensemble_accuracy": ensemble,
-            "submodel_accuracies": [accuracy(h.eval()(f), y) for h, f in zip(heads, feats)],
-            "degraded": {"+".join(missing): accuracy(fb(*[feats[i] for i in present]), y)
-                         for missing, present, fb in fallbacks},
-            "split": "test",
-            "samples": int(len(y)),
-            "reference": reference,
-        }
-
-
-def validation_loss(teacher: nn.Module, data: Dataset, use_labels: bool = True, probe_samples: int = 512,
-                    compute: Compute = CPU, val_samples: int = 512, task: str = "classification",
-                    normalize: Optional[bool] = None):
-    """L_val of eq. 7 for a policy: mean over sub-models of their validation cross-entropy.
-
-    Choice written down: a freshly sliced sub-model with the teacher's head
-    restricted to its channels is close to chance whatever its size, so its raw
-    loss barely tells a large sub-model from a small one (we saw the search then
-    pick near-empty sub-models). Each sub-model's head is therefore refit first,
-    in closed form: ridge regression from its pooled features to the teacher's
-    logits on ``probe_samples`` training inputs, a cheap stand-in for the
-    calibration it will get. The loss is then measured on the first
-    ``val_samples`` of the validation split. Both sets are decoded once and held
-    in memory, since the search evaluates dozens of policies on them. For an
-    embedding bundle the ridge map goes to the teacher's feature and the loss is
-    the feature distillation's (:func:`coformer.calibration.objectives.feature_loss`).
-    """
-    import torch.nn.functional as F
-
-    from coformer.calibration.objectives import feature_loss, feature_moments
-
-    adapter = adapter_for(teacher)
-    x_fit, x_val = data.train.head(probe_samples), data.val.head(val_samples)
-    embedding = task == "embedding"
-    reference = tasks.TeacherEmbedding(adapter, teacher, tasks.normalizes(teacher, normalize)) if embedding \
-        else teacher
-    t_fit, t_val = run_batched(reference, x_fit, compute), run_batched(reference, x_val, compute)
-    t_fit = t_fit.double()
-    y_val = None if data.val.y is None else data.val.y[:len(x_val)]
-    target = y_val if (use_labels and y_val is not None) else t_val.argmax(-1)
-    center, scale = feature_moments(t_fit) if embedding else (None, 0.0)
-
-    @torch.no_grad()
-    def l_val(policy: Policy) -> float:
-        losses = []
-        for spec in policy.submodels:
-            sub = adapter.slice(teacher, spec)
-            f_fit, f_val = (f.double() for f in (run_batched(sub, x_fit, compute), run_batched(sub, x_val, compute)))
-            A = torch.cat([f_fit, torch.ones(len(f_fit), 1, dtype=torch.float64)], dim=1)
-            ridge = 1e-3 * float((A * A).sum()) / A.shape[1]
-            W = torch.linalg.solve(A.T @ A + ridge * torch.eye(A.shape[1], dtype=torch.float64), A.T @ t_fit)
-            logits = torch.cat([f_val, torch.ones(len(f_val), 1, dtype=torch.float64)], dim=1) @ W
-            if embedding:
-                losses.append(float(feature_loss(logits.float(), t_val, center, scale).mean()))
-            else:
-                losses.append(float(F.cross_entropy(logits.float(), target)))
-        return sum(losses) / len(losses)
-
-    return l_val
-
-
-def latency_tokens(teacher: nn.Module, data: Optional[Dataset] = None, tokens: Optional[int] = None) -> Optional[int]:
-    """The sequence length a language teacher's latency is predicted at; None for an image teacher.
-
-    Choice written down: ``tokens`` where given (``--latency-tokens``), else the median
-    length (tokens, padding excluded) of the calibration data's training texts, the
-    length of a typical request, else the bundle's maximum length. The FLOPs budgets
-    are still checked at the maximum length: a device must hold the longest request.
-    """
-    from coformer.compiler.profile_kit import is_language
-
-    shape = adapter_for(teacher).read_shape(teacher)
-    if not is_language(shape):
-        if tokens is not None:
-            raise CoFormerError(f"--latency-tokens {tokens}: this teacher takes images, not tokens")
-        return None
-    if tokens is not None:
-        if not 1 <= int(tokens) <= shape.num_tokens:
-            raise CoFormerError(f"--latency-tokens {tokens} must be within 1..{shape.num_tokens} (--max-length)")
-        return int(tokens)
-    if data is None or data.train.streamed or data.train.x is None or data.train.x.ndim != 3:
-        return shape.num_tokens
-    lengths = data.train.x[:, 1].sum(-1)  # row 1 of a packed text is its attention mask
-    return int(min(shape.num_tokens, max(1, int(np.ceil(float(np.median(lengths.numpy())))))))
-
-
-def latency_model(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any],
-                  feature_dtype: str = "float32", tokens: Optional[int] = None):
-    """The search's latency model (eq. 3-6 from the devices' predictors), charging each link
-    its features at ``feature_dtype``'s width; a language teacher's latency at ``tokens``
-    (:func:`latency_tokens`; None: the maximum length) where a predictor has a length axis.
-
-    The central node's speed for t3 (eq. 6) is the teacher's FLOPs over the
-    central device's predicted latency for the teacher (both at that length).
-    """
-    from coformer.compiler.profile_kit import is_language
-    from coformer.compiler.search import LatencyModel, predictor_inputs
-
-    adapter = adapter_for(teacher)
-    shape = adapter.read_shape(teacher)
-    if tokens is None and is_language(shape):
-        tokens = shape.num_tokens
-    features, flops, params = predictor_inputs(SubModelSpec.full(shape), shape, predictors[0], tokens)
-    g = flops / predictors[0].predict_one(features, flops, params)
-
-    return LatencyModel(shape, devices, predictors, g, lambda s: len(adapter.feature_index(teacher, s)),
-                        feature_bytes=np.dtype(feature_dtype).itemsize, tokens=tokens)
-
-
-def search_space(teacher: nn.Module, devices: Sequence[DeviceSpec], predictors: Sequence[Any], data: Dataset,
-                 compute: Compute = CPU, feature_dtype: str = "float32", tokens: Optional[int] = None,
-                 decomposition: str = DEFAULT_DECOMPOSITION):
-    """The search's decoder (points to feasible policies, ranked by importance on training
-    data, the units dealt by ``decomposition``) and latency model (:func:`latency_model`, a language teacher's at
-    :func:`latency_tokens`), as :func:`search_policy` uses them."""
-    from coformer.compiler.search import Decoder
-
-    adapter = adapter_for(teacher)
-    imp = importance_of(teacher, data, compute)
-    return Decoder(adapter.read_shape(teacher), imp, devices, decomposition=decomposition), latency_model(
-        teacher, devices, predictors, feature_dtype, latency_tokens(teacher, data, tokens))
-
-
-def search_policy(
-    teacher: nn.Module,
-    devices: Sequence[DeviceSpec],
-    predictors: Sequence[Any],
-    data: Dataset,
-    *,
-    methods: Sequence[str] = ("bo",),
-    delta: float = 0.05,
-    initial: int = 8,
-    iterations: int = 24,
-    seed: int = 0,
-    log_path: Optional[Path] = None,
-    use_labels: bool = True,
-    progress: bool = True,
-    space: Optional[tuple[Any, Any]] = None,
-    compute: Compute = CPU,
-    task: str = "classification",
-    normalize: Optional[bool] = None,
-) -> tuple[Policy, dict[str, Any]]:
-    """Run DeBo (and any baselines in ``methods``); the policy of the first method wins.
-
-    ``space``: the decoder and latency model of :func:`search_space`, when the
-    caller has them already (importance takes a pass over calibration data).
-    Returns the policy and a report: per method the best objective and its
-    terms, the number of evaluations, and the chosen policy's predicted latency.
-    """
-    from tqdm.auto import tqdm
-
-    from coformer.compiler.search import run_search
-
-    decoder, latency = space or search_space(teacher, devices, predictors, data, compute)
-    l_val = validation_loss(teacher, data, use_labels, compute=compute, task=task, normalize=normalize)
-    results: dict[str, Any] = {}
-    chosen = None
-    for method in methods:
-        total = 1 if method == "uniform" else initial + iterations
-        bar = tqdm(total=total, desc=f"search {method}", disable=not progress, leave=False)
-
-        def tick(ev, bar=bar):
-            bar.update(1)
-            bar.set_postfix(psi=f"{ev.psi:.3f}")
-
-        res = run_search(method, decoder, latency, l_val, delta, initial, iterations, seed,
-                         None if log_path is None else Path(f"{log_path}.{method}.jsonl"), tick)
-        bar.close()
-        b = res.best
-        results[method] = {"best_objective": b.psi, "l_val": b.l_val, "predicted_latency_ms": b.latency_ms,
-                           "t1_ms": b.t1_ms, "t2_ms": b.t2_ms, "t3_ms": b.t3_ms, "evaluations": len(res.evaluations),
-                           "policy": [s.summary() for s in b.policy.submodels]}
-        if chosen is None:
-            chosen = b
-    results["evaluations"] = results[methods[0]]["evaluations"]
-    results["delta"] = delta
-    results["central_flops_per_ms"] = latency.g
-    return chosen.policy, results

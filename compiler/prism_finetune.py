@@ -62,7 +62,7 @@ class PrismModel(nn.Module):
 
 
 def _decisions(model: nn.Module, data, compute: Compute) -> torch.Tensor:
-    from coformer.compiler.pipeline import run_batched
+    from coformer.compiler.inference import run_batched
 
     return run_batched(model, data.val, compute, reduce=lambda y: y.argmax(-1))
 
@@ -83,7 +83,7 @@ def finetune_prism(teacher: nn.Module, data, shares: Sequence[int], cr: int, epo
     scores before and after, ``kept`` (whether the tuned copy is to be served: it did better on
     ``data.val``; else serve the teacher's weights), the losses and the seconds."""
     from coformer.calibration.booster import BoostConfig, calibrate
-    from coformer.compiler.pipeline import run_batched
+    from coformer.compiler.inference import run_batched
 
     if int(epochs) < 1:
         raise CoFormerError(f"--finetune-epochs {epochs} must be >= 1")

@@ -14,7 +14,7 @@ kit has a fifth axis, the sequence length T (tokens). Configurations are then
 bundle's ``--max-length``; each entry's ONNX takes any length, is timed at its own T
 (``tokens`` in the entry, which the profiler fills), and its FLOPs are counted at that
 T. The predictor then learns latency as a function of length too, and the search
-predicts at the length requests typically have (``coformer.compiler.pipeline.latency_tokens``).
+predicts at the length requests typically have (``coformer.compiler.planning.latency_tokens``).
 
 A kit is large (the ONNX files carry weights: about the teacher's size times
 the mean kept fraction, per entry); profile it, then delete it.

@@ -62,7 +62,7 @@ def compare(tasks: Sequence[str], temperature: float, seeds: int) -> list[dict[s
 
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.job import CompileJob, run_job
-    from coformer.compiler.pipeline import run_batched
+    from coformer.compiler.inference import run_batched
 
     work = Path(tempfile.mkdtemp(prefix="coformer-distill-"))
     rows = []

@@ -49,7 +49,8 @@ def fresh_predictors(qs, index: int, throttle: str = "auto") -> list:
 def compare(qs, predictor_sets: Sequence[Sequence], seeds: int, initial: int, iterations: int, delta: float,
             say=print) -> dict:
     """DeBo, random search and uniform decomposition on each predictor set (module doc)."""
-    from coformer.compiler.pipeline import search_space, validation_loss
+    from coformer.compiler.evaluate import validation_loss
+    from coformer.compiler.planning import search_space
     from coformer.compiler.search import run_search
 
     cache: dict = {}

@@ -60,7 +60,7 @@ def build_probe_bundles(teacher, devices, data, out_dir: Path, decoder, latency)
     so that the prediction interpolates; beyond it, it extrapolates the last segment.
     All uncalibrated (no distillation: only their timing matters). ``decoder``
     and ``latency`` are the search's
-    (:func:`coformer.compiler.pipeline.search_space`): the uniform policies and
+    (:func:`coformer.compiler.planning.search_space`): the uniform policies and
     each probe's predicted ``t1_ms`` and ``t3_ms``. Returns name -> ``{"dir",
     "policy", "t1_ms", "t3_ms"}``, smallest first; probes whose policies
     coincide are built once.
@@ -228,7 +228,7 @@ def measure_job(job, out, x: np.ndarray, y: Optional[np.ndarray] = None, throttl
         import torch
 
         from coformer.compiler.families import adapter_for
-        from coformer.compiler.pipeline import run_batched
+        from coformer.compiler.inference import run_batched
         from coformer.compiler.tasks import TeacherEmbedding, embedding_scores, normalizes
 
         reference = TeacherEmbedding(adapter_for(job.teacher), job.teacher, normalizes(job.teacher, job.normalize))

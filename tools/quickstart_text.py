@@ -132,7 +132,8 @@ def run_text_quickstart(out_dir: Optional[Path] = None, fast: bool = False, repo
     from coformer.compiler.families import adapter_for
     from coformer.compiler.hf import encoder_for, fit_head, load_hf
     from coformer.compiler.job import CompileJob, run_job
-    from coformer.compiler.pipeline import memory_report, run_batched
+    from coformer.compiler.inference import run_batched
+    from coformer.compiler.pipeline import memory_report
     from coformer.compiler.sources import source_of
     from coformer.tools.cluster import place_devices
     from coformer.tools.quickstart import profile_and_fit

@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
     """Quickstart outputs: the built-in teacher, its devices, each folder's own predictors."""
-    from coformer.compiler.pipeline import latency_model
+    from coformer.compiler.planning import latency_model
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.specs import Policy
     from coformer.tools.quickstart import load_quickstart, quickstart_config
@@ -102,7 +102,7 @@ def run(dirs: Sequence[Path], repeats: int) -> list[dict]:
 def run_model(args) -> list[dict]:
     """Bundles of one teacher (``--model``) for the devices of ``--devices`` (with profiles)."""
     from coformer.compiler.devices import load_devices
-    from coformer.compiler.pipeline import latency_model
+    from coformer.compiler.planning import latency_model
     from coformer.compiler.predictor import predictor_for
     from coformer.compiler.specs import Policy
     from coformer.runtime.manifest import load_manifest
@@ -132,7 +132,7 @@ def run_model(args) -> list[dict]:
 
 def measure_runs(teacher, devices, data, runs, x, repeats: int) -> list[dict]:
     """Serve every ``(bundle, latency model, policy)`` of ``runs`` beside the probes, ``repeats`` times."""
-    from coformer.compiler.pipeline import search_space
+    from coformer.compiler.planning import search_space
     from coformer.tools.measure import (build_probe_bundles, measure_with_probes, predict_served_here,
                                         probe_measurements, served_compute_ms)
 

@@ -2,7 +2,7 @@ import pytest
 
 from coformer.calibration.data import load_digits_dataset
 from coformer.compiler.families import adapter_for
-from coformer.compiler.pipeline import validation_loss
+from coformer.compiler.evaluate import validation_loss
 from coformer.compiler.policy import policy_violations
 from coformer.compiler.predictor import LatencyPredictor
 from coformer.compiler.search import Decoder, LatencyModel, run_search

@@ -55,7 +55,7 @@ def _voting(result, data) -> dict[str, float]:
     """Average of the sub-models' logits and majority vote, on the test split."""
     import torch
 
-    from coformer.compiler.pipeline import run_many
+    from coformer.compiler.inference import run_many
 
     feats = run_many(result.submodels, data.test)
     with torch.no_grad():
@@ -82,7 +82,8 @@ def run_ablations(qs_dir: Path, out_dir: Optional[Path] = None, seeds: Sequence[
 
     from coformer.calibration.booster import BoostConfig
     from coformer.compiler.cost import submodel_cost
-    from coformer.compiler.pipeline import search_space, validation_loss
+    from coformer.compiler.evaluate import validation_loss
+    from coformer.compiler.planning import search_space
     from coformer.compiler.policy import heuristic_policy
     from coformer.compiler.predictor import LatencyPredictor
     from coformer.compiler.search import run_search

@@ -306,7 +306,7 @@ def run_model_bench(bundle: Path, teacher, devices, data, out_dir: Optional[Path
     """
     import torch
 
-    from coformer.compiler.pipeline import run_batched
+    from coformer.compiler.inference import run_batched
 
     progress = Progress.of(progress) or False  # one clock for the whole bench
     manifest = load_manifest(bundle)

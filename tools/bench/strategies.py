@@ -27,7 +27,7 @@ def bundles_digest(teacher, devices, boost_epochs: int, aggregator_epochs: int, 
     from it) and the data they were calibrated on."""
     import hashlib
 
-    from coformer.compiler.pipeline import hash_data, hash_weights
+    from coformer.compiler.fingerprint import hash_data, hash_weights
 
     key = hashlib.sha256(f"bundles v{BUNDLES_VERSION}".encode())
     hash_weights(key, teacher)
@@ -114,7 +114,7 @@ def prepare_bundles(strategies: Sequence[str], coformer_bundle: Optional[Path], 
     from coformer.calibration.compute import CPU
     from coformer.compiler.baselines import BASELINES
     from coformer.compiler.job import CompileJob, matched_student_flops, run_job, student_job
-    from coformer.compiler.pipeline import boost_from_record
+    from coformer.compiler.fingerprint import boost_from_record
     from coformer.compiler.sources import source_of
     from coformer.runtime.manifest import load_manifest
 
@@ -227,7 +227,7 @@ def check_bundle_matches(manifest, teacher, data) -> None:
                             f"(bundle {[recorded.get(k) for k in diff]}, --model {[shape.get(k) for k in diff]})")
     recorded_weights = manifest.model.get("weights_sha256")
     if recorded_weights:
-        from coformer.compiler.pipeline import weights_digest
+        from coformer.compiler.fingerprint import weights_digest
 
         if weights_digest(teacher) != recorded_weights:
             raise CoFormerError("the bundle was compiled from other weights than --model/--checkpoint give "

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         feature_dtype=args.feature_dtype, latency_tokens=args.latency_tokens, onnx_precision=args.precision,
         decomposition=args.decomposition)
     if args.latency_tokens is not None:  # a bad length fails before the search's passes over data
-        from coformer.compiler.pipeline import latency_tokens
+        from coformer.compiler.planning import latency_tokens
 
         latency_tokens(teacher, data, args.latency_tokens)
     if not args.no_progress:
