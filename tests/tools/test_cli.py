@@ -106,10 +106,10 @@ def test_compile_errors_are_one_clear_line(compiled, args, message):
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled):
+def test_serve_answers_clients_and_stops_cleanly_on_ctrl_c(compiled, tmp_path):
     tmp, _ = compiled
     proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(tmp / "bundle"),
-                             "--front", "tcp://127.0.0.1:*", "--throttle", "none"],
+                             "--front", "tcp://127.0.0.1:*", "--throttle", "none", "--log-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

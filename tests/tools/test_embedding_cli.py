@@ -114,13 +114,13 @@ def test_a_txt_file_alone_compiles_an_embedding_bundle_no_worse_than_a_ridge_pro
     assert "mean cosine to the teacher" in stdout and "ridge map" in stdout
 
 
-def test_served_embeddings_match_the_teacher_on_held_out_sentences(compiled):
+def test_served_embeddings_match_the_teacher_on_held_out_sentences(compiled, tmp_path):
     from coformer.runtime.client import Client
 
     tmp, folder, report, _ = compiled
     held_out = [r["text"][0] for r in sentiment_records(60, seed=99)]  # drawn with another seed
     proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(tmp / "bundle"), "--front",
-                             "tcp://127.0.0.1:*", "--throttle", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "tcp://127.0.0.1:*", "--throttle", "none", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         endpoint = re.search(r"clients connect to (\S+) with --keys (\S+)", proc.stdout.readline())

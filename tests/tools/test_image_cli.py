@@ -105,14 +105,14 @@ def _local_answer(bundle: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["deit", "swin"])
-def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind):
+def test_serve_then_classify_jpeg_files_from_the_device_runtime(work, kind, tmp_path):
     from coformer.runtime.images import preprocess_images
 
     tmp, bundles = work
     bundle = bundles[kind][0]
     files = [tmp / "photos" / "china" / "3.jpg", tmp / "photos" / "flower" / "5.jpg", tmp / "photos" / "digit" / "2.png"]
     proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(bundle), "--front",
-                             "tcp://127.0.0.1:*", "--throttle", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "tcp://127.0.0.1:*", "--throttle", "none", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         line = proc.stdout.readline()

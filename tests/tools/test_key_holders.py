@@ -327,13 +327,13 @@ def _ready(endpoint: str, keys: str) -> Client:
         time.sleep(0.1)
 
 
-def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compiled):  # noqa: F811
+def test_serve_restarts_its_central_node_and_leaves_no_orphans_when_killed(compiled, tmp_path):  # noqa: F811
     """Finding 7: a dead central node is restarted on its endpoint (the serve went down with it);
     after ``kill -9`` of ``coformer serve`` its processes end (they served on, holding the port)."""
     result, data = compiled
     x = data.test.x[:1].numpy()
     proc = subprocess.Popen([sys.executable, "-m", "coformer.tools.cli", "serve", str(result.bundle_dir),
-                             "--front", "tcp://127.0.0.1:*", "--throttle", "none"],
+                             "--front", "tcp://127.0.0.1:*", "--throttle", "none", "--log-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         found = re.search(r"clients connect to (\S+) with --keys (\S+)", proc.stdout.readline())

@@ -43,9 +43,14 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_stop_signals(stop)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="coformer-serve-logs-"))
-    cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front, keys=args.keys, log_dir=log_dir,
-                           die_with_parent=True)  # no orphans holding the port after a kill -9 of this process
-    endpoints = cluster.start()
+    try:
+        cluster = LocalCluster(args.bundle, throttle=args.throttle, front=args.front, keys=args.keys,
+                               log_dir=log_dir, die_with_parent=True)  # no orphans holding the port after a kill -9
+        endpoints = cluster.start()
+    except BaseException:
+        if args.log_dir is None and log_dir.is_dir() and not any(log_dir.iterdir()):
+            log_dir.rmdir()  # a serve refused before any process ran leaves no empty log folder behind
+        raise
     restarts: dict[str, deque] = {}
     try:
         m = cluster.manifest
