@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     strategies = bench.parse_choice(args.strategies, bench.STRATEGIES, "--strategies:") if args.strategies else None
     sources = bench.parse_choice(args.input_source or ("device" if args.fronts else "device,central"),
                                  bench.ALL_INPUT_SOURCES, "--input-source:")
-    bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
+    rates = bench.parse_bandwidths(args.bandwidth)  # a bad rate fails before any expensive preparation
+    if args.no_testbed and len(rates) > 1:  # (so does a sweep without the testbed: not after the compiles)
+        raise CoFormerError("a bandwidth sweep needs the testbed (root); without it links are loopback")
     devices_counts = bench.parse_counts(args.devices_count) if args.devices_count else None
     from coformer.tools.bench.options import parse_crs
 
