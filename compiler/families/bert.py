@@ -66,8 +66,8 @@ class BertPrism(PrismHooks):
 
 @register("bert")
 class BertAdapter(TextAdapter):
-    prism_hooks = BertPrism
     name = "bert"
+    prism_hooks = BertPrism
     architectures = ("BertModel", "BertForSequenceClassification")
 
     def matches_hf(self, hf: Any) -> bool:
