@@ -27,7 +27,6 @@ from coformer.compiler.baselines import build_baseline  # noqa: E402
 from coformer.compiler.pipeline import compile_bundle  # noqa: E402
 from coformer.compiler.prism_bundle import build_prism  # noqa: E402
 from coformer.compiler.specs import DeviceSpec  # noqa: E402
-from coformer.runtime.manifest import load_manifest  # noqa: E402
 
 out = Path(sys.argv[1])
 DEVICES = [DeviceSpec("edge-a", 1 << 30, 10**12, cpu_share=1.0), DeviceSpec("edge-b", 1 << 30, 10**12, cpu_share=0.6),
