@@ -286,27 +286,22 @@ def _reweigh(model: "_WithHead", data: Split, objective: Objective, config: Boos
     """After a sub-model is trained: the next sample weights (eq. 13, on the ensemble so far),
     its outputs on the data where residual calibration needs them, and what its checkpoint
     keeps besides its weights. Returns ``(weights, outputs or None, extra)``."""
-    dev = compute.torch_device
-    M = len(data)
-    extra = {}
+    outs, extra = None, {}
     if objective.kind == "feature":
         report.features.append(_features(model.body, data, compute))
         residual = ensemble_residual(report.features, objective)
         report.residual.append(float(residual.mean()))
         w = update_weights(w, residual, config.max_weight_ratio)
         extra = {"features": report.features[-1], "residual": report.residual[-1]}
-    # one pass over the data gives the outputs both the weights (eq. 13) and the residual need;
-    # a feature sub-model's outputs are its head on the features just computed
-    outs = None
-    if objective.kind == "feature":
-        if config.residual:
+        if config.residual:  # a feature sub-model's outputs: its head on the features just computed
             with torch.no_grad():
-                outs = model.head(report.features[-1].to(dev)).float().cpu()
+                outs = model.head(report.features[-1].to(compute.torch_device)).float().cpu()
     elif config.boosting or config.residual:
+        # one pass over the data gives the outputs both the weights (eq. 13) and the residual need
         outs = _outputs(model, data, compute)
         if config.boosting:
             total = outs if prev is None else outs + prev
-            w = update_weights(w, objective.per_sample(total, torch.arange(M)), config.max_weight_ratio)
+            w = update_weights(w, objective.per_sample(total, torch.arange(len(data))), config.max_weight_ratio)
     return w, outs, extra
 
 
