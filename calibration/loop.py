@@ -38,7 +38,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
 
 def fit(params: Iterable[torch.nn.Parameter], epochs: int, batches: Callable[[], Iterable[Any]],
         loss_of: Callable[[Any], tuple[torch.Tensor, int]], samples: int, steps_per_epoch: int, lr: float,
-        weight_decay: float, warmup_steps: Optional[int] = 1, scaler=None, fused: bool = False,
+        weight_decay: float, warmup_steps: Optional[int] = 1, scaler=None, fused: bool = True,
         module: Optional[nn.Module] = None, progress: bool = False, desc: str = "") -> list[float]:
     """Train for ``epochs``; returns the mean loss of each epoch (over ``samples``).
 
@@ -46,7 +46,12 @@ def fit(params: Iterable[torch.nn.Parameter], epochs: int, batches: Callable[[],
     ``loss_of(batch)`` returns the batch's mean loss and its number of samples. ``module`` is
     put in training mode at the start of each epoch. ``warmup_steps``: the schedule's warm-up
     over ``epochs * steps_per_epoch`` steps of cosine decay; None keeps the rate constant.
-    ``fused``: PyTorch's fused AdamW (the CPU's, for the teacher)."""
+    ``fused``: PyTorch's fused AdamW, one kernel for the whole update, on the CPU as on CUDA.
+    Its results equal the per-tensor loop's up to float rounding, and it is the default because
+    the per-tensor update dominated small-batch calibration: on 5.9 M parameters in 82 tensors
+    (a MiniLM sub-model's) a step took 2.8 ms fused against 15.9 ms per tensor, and on a
+    384x384 aggregator 0.10 against 0.24 ms (``python -m experiments.adamw_step``). False keeps
+    PyTorch's default update."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
     total = max(1, epochs * steps_per_epoch)
     sched = None if warmup_steps is None else torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup_steps))

@@ -71,7 +71,7 @@ def train_classifier(
             return F.cross_entropy(model(xb).float(), y[idx], label_smoothing=label_smoothing), len(idx)
 
     history = fit(model.parameters(), epochs, batches, loss_of, M, steps, lr, weight_decay,
-                  warmup_steps=max(1, max(1, epochs * steps) // 10), fused=True, module=model, progress=progress,
+                  warmup_steps=max(1, max(1, epochs * steps) // 10), module=model, progress=progress,
                   desc=desc)
     model.eval()
     return history
