@@ -14,7 +14,7 @@ preprocessing on devices (:mod:`coformer.runtime.preprocess`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from coformer.runtime.errors import CoFormerError
 
 DIGIT_LABELS = [str(i) for i in range(10)]
+# A streamed split's decoded inputs are kept after its first whole pass when they take at most
+# this many bytes (Split.batches): 256 MiB holds about 430 images at 3x224x224 in float32.
+DECODED_CACHE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class Split:
     y: Optional[torch.Tensor]
     raw: np.ndarray
     source: Optional[Any] = None
+    # a streamed split's inputs once decoded whole, when they fit DECODED_CACHE_BYTES (see batches)
+    _decoded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.x is None) == (self.source is None):
@@ -55,29 +60,49 @@ class Split:
     def head(self, n: int) -> torch.Tensor:
         """The first ``n`` inputs (all when fewer) as one tensor."""
         n = min(int(n), len(self))
-        if self.x is not None:
-            return self.x[:n]
+        x = self.x if self.x is not None else self._decoded.get("x")
+        if x is not None:
+            return x[:n]
         return torch.stack([self.source[i] for i in range(n)]) if n else torch.empty(0)
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None,
                 workers: int = 0, limit: Optional[int] = None):
         """Yield ``(index, x)`` batches over the split (or its first ``limit`` samples); streamed
-        inputs are decoded by ``workers`` loader processes."""
+        inputs are decoded by ``workers`` loader processes.
+
+        A streamed split is decoded again on every pass, so that a folder larger than memory
+        can be calibrated on; but when its decoded inputs fit :data:`DECODED_CACHE_BYTES`, the
+        first whole pass keeps them and later passes are served from memory, as an in-memory
+        split's are. The transform is timm's evaluation one (deterministic), so the batches are
+        the same either way; what is saved is decoding every file again, in fresh loader
+        processes, for each epoch of each sub-model (issue 40: half a small compile's time)."""
         n = len(self) if limit is None else min(int(limit), len(self))
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if self.x is not None:
+        x = self.x if self.x is not None else self._decoded.get("x")
+        if x is not None:
             for i in range(0, n, batch_size):
                 idx = order[i: i + batch_size]
-                yield idx, self.x[idx]
+                yield idx, x[idx]
             return
         from torch.utils.data import DataLoader
 
         loader = DataLoader(_Indexed(self.source, order.tolist()), batch_size=batch_size, shuffle=False,
                             num_workers=workers, persistent_workers=False, pin_memory=False)
+        whole = None if n < len(self) else []  # this pass covers the split: keep it if it is small
         try:
-            yield from loader
+            for idx, xb in loader:
+                if whole is not None:
+                    whole.append((idx, xb))
+                    if len(self) * xb[0].numel() * xb.element_size() > DECODED_CACHE_BYTES:
+                        whole = None
+                yield idx, xb
         except CoFormerError as e:  # from a loader process: its message without the worker's traceback
             raise CoFormerError(worker_message(str(e))) from None
+        if whole:
+            decoded = torch.empty((len(self), *whole[0][1].shape[1:]), dtype=whole[0][1].dtype)
+            for idx, xb in whole:
+                decoded[idx] = xb
+            self._decoded["x"] = decoded
 
 
 def worker_message(text: str) -> str:

@@ -203,3 +203,36 @@ def test_a_truncated_image_fails_in_a_loader_process_with_one_clean_line(tmp_pat
         for _ in split.batches(2, workers=1):
             pass
     assert str(victim) in str(e.value) and "Traceback" not in str(e.value) and "worker" not in str(e.value)
+
+
+def test_a_small_folder_is_decoded_once_and_a_large_one_on_every_pass(tmp_path, monkeypatch):
+    """Calibration passes over its training split once per epoch and sub-model: a folder whose
+    decoded images fit DECODED_CACHE_BYTES is decoded on the first whole pass only, with the
+    same batches after; a larger one (here: a budget below one image) is decoded every pass."""
+    from coformer.calibration import data as data_mod
+    from coformer.calibration.images import ImageFiles, image_folder_dataset, timm_preprocessing
+
+    for name in ("a", "b"):
+        _photos(tmp_path / "photos" / name, 5, seed=len(name) + ord(name))
+    decoded = []
+    plain = ImageFiles.__getitem__
+    monkeypatch.setattr(ImageFiles, "__getitem__", lambda self, i: decoded.append(i) or plain(self, i))
+    record = timm_preprocessing(_deit(num_classes=2))
+
+    def passes(split, k=3):
+        gen = torch.Generator().manual_seed(0)
+        return [sorted((int(i), xb.sum().item()) for idx, x in split.batches(4, shuffle=True, generator=gen)
+                       for i, xb in zip(idx, x)) for _ in range(k)]
+
+    small = image_folder_dataset(tmp_path / "photos", record, val_fraction=0.2, test_fraction=0.2).train
+    got = passes(small)
+    assert len(decoded) == len(small) == 6 and got[0] == got[1] == got[2]  # one decode each, the same inputs
+    assert torch.equal(small.head(2), torch.stack([plain(small.source, i) for i in range(2)]))
+    decoded.clear()
+    partial = image_folder_dataset(tmp_path / "photos", record, val_fraction=0.2, test_fraction=0.2).train
+    list(partial.batches(4, limit=3))  # a pass over part of the split keeps nothing
+    assert len(decoded) == 3 and not partial._decoded
+    monkeypatch.setattr(data_mod, "DECODED_CACHE_BYTES", 1000)
+    decoded.clear()
+    large = image_folder_dataset(tmp_path / "photos", record, val_fraction=0.2, test_fraction=0.2).train
+    assert passes(large) == got and len(decoded) == 3 * len(large)
