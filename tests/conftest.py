@@ -65,3 +65,38 @@ def quickstart_fast(tmp_path_factory):
                           capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return base / "qs", env, json.loads((base / "r.json").read_text()), done
+
+
+@pytest.fixture
+def coformer_here(capsys, monkeypatch):
+    """``coformer ARGS`` run in this process, through the same ``main`` as the console script:
+    ``call(*args, env=None)`` returns a ``subprocess.CompletedProcess`` (exit code, stdout,
+    stderr) as ``subprocess.run`` would. It is for the commands a test expects refused: a new
+    interpreter spends about 3 s importing torch, timm and ONNX before it refuses anything, and
+    the suite has dozens of refusals (issue 40: the suite within 20 minutes). Runs that train,
+    serve or must be killed stay subprocesses, as a user starts them. ``env``: variables that
+    differ from this process's are set for the call."""
+    import logging
+    import subprocess
+
+    from coformer.tools.cli import main
+
+    def call(*args, env=None):
+        argv = [str(a) for a in args]
+        for k, v in (env or {}).items():
+            if os.environ.get(k) != v:
+                monkeypatch.setenv(k, v)
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's refusals, as the console script exits on them
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            root.handlers[:] = handlers  # the CLI's logging.basicConfig wrote to this test's captured stderr
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["coformer", *argv], code, out, err)
+
+    return call

@@ -22,17 +22,25 @@ def quickstart_dir(quickstart_fast):
     return qs, env
 
 
+def _load(args):
+    return [] if "--throughput" in args else ["--throughput", "none"]  # the loopback test measures it
+
+
 def _bench(args, env, timeout=900):
-    load = [] if "--throughput" in args else ["--throughput", "none"]  # the loopback test measures it
-    return subprocess.run([_coformer(), "bench", *args, *load, "--no-progress"], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run([_coformer(), "bench", *args, *_load(args), "--no-progress"], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def _bench_refused(coformer_here, args, env):
+    """A bench the test expects refused, run in this process (tests/conftest.py, ``coformer_here``)."""
+    return coformer_here("bench", *args, *_load(args), "--no-progress", env=env)
 
 
 def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart_dir, tmp_path):
     qs, env = quickstart_dir
     report_path = tmp_path / "r.json"
     done = _bench(["--quickstart", str(qs), "--no-testbed", "--samples", "15", "--out", str(tmp_path / "out"),
-                   "--report-json", str(report_path), "--throughput", "1,8", "--throughput-seconds", "1",
+                   "--report-json", str(report_path), "--throughput", "1,8", "--throughput-seconds", "0.3",
                    "--prism-finetune-epochs", "1"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(report_path.read_text())
@@ -132,7 +140,7 @@ def test_bench_on_loopback_runs_every_strategy_and_writes_its_reports(quickstart
     assert stamp.stat().st_mtime_ns == before
 
 
-def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, tmp_path):
+def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, coformer_here, tmp_path):
     """The general path: BUNDLE, --model timm:NAME --checkpoint, --devices (here the fast
     quickstart's teacher, rebuilt by timm from its config)."""
     qs, env = quickstart_dir
@@ -154,12 +162,12 @@ def test_bench_of_a_compiled_bundle_with_its_timm_teacher(quickstart_dir, tmp_pa
     assert rows["pipeline"]["bytes_per_inference"] > rows["coformer"]["bytes_per_inference"]
     # devices that do not match the bundle are refused by name
     (tmp_path / "other.yaml").write_text(lines[0] + "\n" + lines[1].replace(r["devices"][0]["name"], "jetson") + "\n")
-    done = _bench([str(qs / "bundle"), "--model", "quickstart", "--devices", str(tmp_path / "other.yaml"),
-                   "--no-testbed"], env, timeout=300)
+    done = _bench_refused(coformer_here, [str(qs / "bundle"), "--model", "quickstart", "--devices",
+                                          str(tmp_path / "other.yaml"), "--no-testbed"], env)
     assert done.returncode != 0 and "jetson" in done.stderr
 
 
-def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_dir, tmp_path):
+def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_dir, coformer_here, tmp_path):
     qs, env = quickstart_dir
     done = _bench(["--quickstart", str(qs), "--ablations", "--out", str(tmp_path / "abl"), "--report-json",
                    str(tmp_path / "abl.json")], env)
@@ -181,7 +189,7 @@ def test_ablations_on_the_quickstart_give_three_tables_with_verdicts(quickstart_
     md = (tmp_path / "abl" / "ablations.md").read_text()
     assert md.count("| method |") == 3 and "majority voting" in done.stdout
     assert not list((tmp_path / "abl").glob("coformer-ablations-*"))  # its compiles are cleaned up
-    refused = _bench(["--quickstart", str(qs), "--ablations", "--ablation-seeds", "0,x"], env, timeout=120)
+    refused = _bench_refused(coformer_here, ["--quickstart", str(qs), "--ablations", "--ablation-seeds", "0,x"], env)
     assert refused.returncode != 0 and "--ablation-seeds '0,x'" in refused.stderr
 
 
@@ -240,9 +248,9 @@ def test_fronts_plot_accuracy_against_latency_and_name_the_winner_at_the_target(
     (["--fronts", "--no-testbed", "--devices-count", "1"], "--devices-count [1]"),
     (["--fronts", "--ablations"], "--ablations and --fronts are separate runs"),
 ])
-def test_bench_refuses_bad_arguments_by_name(quickstart_dir, args, message):
+def test_bench_refuses_bad_arguments_by_name(quickstart_dir, coformer_here, args, message):
     qs, env = quickstart_dir
-    done = _bench(["--quickstart", str(qs), *args], env, timeout=300)
+    done = _bench_refused(coformer_here, ["--quickstart", str(qs), *args], env)
     assert done.returncode != 0
     assert message in done.stderr
 

@@ -64,11 +64,11 @@ def test_compile_from_a_local_timm_checkpoint(compiled):
     assert f"collaboration gain {100 * c['gain']:+.1f} points" in stdout and m.policy["decomposition"] == "nested"
 
 
-def test_a_partition_refuses_a_policy_that_puts_a_unit_on_two_devices(compiled):
+def test_a_partition_refuses_a_policy_that_puts_a_unit_on_two_devices(compiled, coformer_here):
     tmp, _ = compiled
     policy = load_manifest(tmp / "bundle").policy  # nested: the small device's units are the big one's top ones
     (tmp / "nested-policy.json").write_text(json.dumps(policy))
-    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+    done = coformer_here("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
                     "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices.yaml",
                     "--policy", tmp / "nested-policy.json", "--decomposition", "partition",
                     "--out", tmp / "partitioned", "--no-progress")
@@ -78,13 +78,13 @@ def test_a_partition_refuses_a_policy_that_puts_a_unit_on_two_devices(compiled):
     assert "on big and small" in done.stderr and not (tmp / "partitioned").exists()
 
 
-def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled):
+def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled, coformer_here):
     tmp, _ = compiled
     before = (tmp / "bundle" / "manifest.json").read_bytes()
     policy = load_manifest(tmp / "bundle").policy
     policy["submodels"][1]["channels"] = list(range(192))  # both sub-models now keep >= 192 channels
     (tmp / "bad-policy.json").write_text(json.dumps(policy))
-    done = coformer("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
+    done = coformer_here("compile", "--model", "timm:vit_tiny_patch16_224", "--checkpoint", tmp / "vit.pth",
                     "--model-kwargs", json.dumps(TIMM_KWARGS), "--devices", tmp / "devices.yaml",
                     "--policy", tmp / "bad-policy.json", "--out", tmp / "bundle", "--no-progress")
     assert done.returncode == 2
@@ -100,9 +100,9 @@ def test_compile_rejects_an_infeasible_policy_and_keeps_the_old_bundle(compiled)
         (["--model", "resnet50"], "expected 'quickstart', 'quickstart:mnist', 'timm:NAME' (with --checkpoint), 'timm-dir:PATH' or 'hf:PATH'"),
     ],
 )
-def test_compile_errors_are_one_clear_line(compiled, args, message):
+def test_compile_errors_are_one_clear_line(compiled, coformer_here, args, message):
     tmp, _ = compiled
-    done = coformer("compile", *args, "--devices", tmp / "devices.yaml", "--out", tmp / "other")
+    done = coformer_here("compile", *args, "--devices", tmp / "devices.yaml", "--out", tmp / "other")
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 

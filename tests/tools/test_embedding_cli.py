@@ -147,13 +147,13 @@ def test_served_embeddings_match_the_teacher_on_held_out_sentences(compiled, tmp
     assert out["dim"] == 64 and out["normalized"] and np.allclose(out["embedding"], served[:2], atol=1e-5)
 
 
-def test_a_classifier_bundle_is_not_an_embedding_one(compiled, tmp_path):
+def test_a_classifier_bundle_is_not_an_embedding_one(compiled, tmp_path, coformer_here):
     from coformer.runtime.client import Client
     from coformer.runtime.errors import CoFormerError
 
     tmp, folder, _, _ = compiled
-    done = run("compile", "--model", f"hf:{folder}", "--data", tmp / "sentences.txt", "--devices", tmp / "devices.yaml",
-               "--out", tmp_path / "b", "--task", "classification", "--no-progress")
+    done = coformer_here("compile", "--model", f"hf:{folder}", "--data", tmp / "sentences.txt", "--devices",
+                         tmp / "devices.yaml", "--out", tmp_path / "b", "--task", "classification", "--no-progress")
     assert done.returncode == 2 and "--task embedding" in done.stderr  # no head, no labels: nothing to classify
     with Client("tcp://127.0.0.1:1", timeout_s=0.1) as client, pytest.raises(CoFormerError, match="need the bundle"):
         client.embed(["a text"])

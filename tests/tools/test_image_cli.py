@@ -175,7 +175,7 @@ def test_a_flat_folder_is_label_free_distillation(work):
     assert "agreement with the teacher" in done.stdout and m.expected["samples"] == 6
 
 
-def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work):
+def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work, coformer_here):
     """``coformer compile --strategy prism`` on a user's checkpoint and photos: the bundle's plan,
     its report, and served answers equal to PRISM's forward on the same preprocessed files."""
     from coformer.compiler.prism import prism_vit_forward
@@ -204,16 +204,16 @@ def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work):
     with LocalCluster(tmp / "prism-bundle", throttle="none") as cluster, cluster.client() as client:
         r = client.infer(x)
     np.testing.assert_allclose(r.logits, want, atol=1e-4)
-    bad = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
-              "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--strategy", "prism", "--student",
-              "--out", tmp / "never-prism", timeout=300)
+    bad = coformer_here("compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
+                        "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--strategy", "prism", "--student",
+                        "--out", tmp / "never-prism")
     assert bad.returncode == 2 and "drop --student" in bad.stderr and not (tmp / "never-prism").exists()
-    base = ["coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
+    base = ["compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
             "--data", tmp / "photos", "--devices", tmp / "devices.yaml", "--finetune-epochs", "2", "--out",
             tmp / "never-tuned"]
     for extra, message in ((["--strategy", "prism", "--compression-rate", "1"], "at CR = 1 PRISM is the teacher"),
                            ([], "fine-tunes --strategy prism")):
-        bad = run(*base, *extra, timeout=300)
+        bad = coformer_here(*base, *extra)
         assert bad.returncode == 2 and message in bad.stderr and not (tmp / "never-tuned").exists()
 
 
@@ -224,19 +224,19 @@ def test_prism_compile_of_a_users_deit_then_its_jpegs_served(work):
     (["--device", "cuda"], "PyTorch sees no CUDA device"),
     (["--amp", "bf16", "--device", "cpu"], "--amp bf16 needs a CUDA device"),
 ])
-def test_image_compile_errors_are_one_clear_line(work, args, message):
+def test_image_compile_errors_are_one_clear_line(work, coformer_here, args, message):
     if "cuda" in args:
         if torch.cuda.is_available():
             pytest.skip("a GPU is present here")
     tmp, _ = work
     name, kwargs, file = MODELS["deit"]
-    done = run("coformer", "compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
-               json.dumps(kwargs), "--devices", tmp / "devices.yaml", "--out", tmp / "never", *args, timeout=300)
+    done = coformer_here("compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs",
+                         json.dumps(kwargs), "--devices", tmp / "devices.yaml", "--out", tmp / "never", *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp / "never").exists()
 
 
-def test_a_folder_of_other_classes_needs_unlabeled(work):
+def test_a_folder_of_other_classes_needs_unlabeled(work, coformer_here):
     tmp, _ = work
     (tmp / "four").mkdir()
     for name in CLASSES + ["extra"]:
@@ -246,7 +246,7 @@ def test_a_folder_of_other_classes_needs_unlabeled(work):
     args = ["compile", "--model", name, "--checkpoint", tmp / file, "--model-kwargs", json.dumps(kwargs),
             "--data", tmp / "four", "--devices", tmp / "devices.yaml", "--out", tmp / "four-bundle", "--epochs", "0",
             "--no-progress"]
-    done = run("coformer", *args, timeout=300)
+    done = coformer_here(*args)
     assert done.returncode == 2 and "has 4 class folders" in done.stderr and "--unlabeled" in done.stderr
     done = run("coformer", *args, "--unlabeled")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -287,7 +287,7 @@ def test_swin_profile_kit_and_search(swin_searched):
     assert policy["source"] == "bo" and all(len(s["stage_channels"]) == 3 for s in policy["submodels"])
 
 
-def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
+def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched, coformer_here):
     tmp, model, _, _ = swin_searched
     done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
                tmp / "devices.yaml", "--no-testbed", "--samples", "6", "--passes", "1", "--epochs", "0",
@@ -298,8 +298,8 @@ def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
     assert set(rows) == {"coformer", "uniform", "student", "student_matched", "teacher"}  # no pipeline, tensor parallel
     assert all(r["samples"] == 6 and r["status"] == "ok" for r in rows.values())
     assert rows["coformer"]["bytes_from_devices"] < 3 * 384 * 4 + 400  # pooled features, not images
-    done = run("coformer", "bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
-               tmp / "devices.yaml", "--no-testbed", "--strategies", "coformer,pipeline", "--no-progress")
+    done = coformer_here("bench", work[1]["swin"][0], *model, "--data", tmp / "photos", "--devices",
+                         tmp / "devices.yaml", "--no-testbed", "--strategies", "coformer,pipeline", "--no-progress")
     assert done.returncode == 2 and "['pipeline'] cannot be built for this teacher" in done.stderr
     # a checkpoint of the same architecture with other weights would make every baseline another model's
     import timm
@@ -308,9 +308,9 @@ def test_swin_bench_builds_the_strategies_of_its_family(work, swin_searched):
     torch.manual_seed(1)
     other = timm.create_model(MODELS["swin"][0][5:], pretrained=False, num_classes=len(CLASSES), **MODELS["swin"][1])
     save_file(other.state_dict(), str(tmp / "other.safetensors"))
-    done = run("coformer", "bench", work[1]["swin"][0], "--model", MODELS["swin"][0], "--checkpoint",
-               tmp / "other.safetensors", "--model-kwargs", json.dumps(MODELS["swin"][1]), "--data", tmp / "photos",
-               "--devices", tmp / "devices.yaml", "--no-testbed", "--no-progress")
+    done = coformer_here("bench", work[1]["swin"][0], "--model", MODELS["swin"][0], "--checkpoint",
+                         tmp / "other.safetensors", "--model-kwargs", json.dumps(MODELS["swin"][1]), "--data",
+                         tmp / "photos", "--devices", tmp / "devices.yaml", "--no-testbed", "--no-progress")
     assert done.returncode == 2 and "compiled from other weights" in done.stderr
 
 

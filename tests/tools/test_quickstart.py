@@ -152,8 +152,7 @@ def test_search_bench_compares_debo_and_random_over_fresh_profile_sets(quickstar
     assert not list(Path(tempfile.gettempdir()).glob("coformer-search-bench-*"))  # the fresh kits are removed
 
 
-def test_quickstart_refuses_an_image_data_set_for_the_text_task(tmp_path):
-    done = subprocess.run([_coformer(), "quickstart", "--task", "text", "--data", "mnist", "--out",
-                           str(tmp_path / "qs"), "--no-progress"], capture_output=True, text=True, timeout=120)
+def test_quickstart_refuses_an_image_data_set_for_the_text_task(tmp_path, coformer_here):
+    done = coformer_here("quickstart", "--task", "text", "--data", "mnist", "--out", tmp_path / "qs", "--no-progress")
     assert done.returncode == 2 and "--data mnist is an image data set" in done.stderr
     assert not (tmp_path / "qs").exists()

@@ -69,14 +69,14 @@ def test_bench_of_a_text_bundle_serves_raw_text_beside_the_teacher_and_the_stude
     assert (tmp / "bench" / "bench.md").is_file()
 
 
-def test_bench_of_a_text_bundle_refuses_what_it_cannot_do_by_name(text_bundle):
+def test_bench_of_a_text_bundle_refuses_what_it_cannot_do_by_name(text_bundle, coformer_here):
     tmp, ckpt, _ = text_bundle
     base = ["bench", tmp / "bundle", "--model", f"hf:{ckpt}", "--devices", tmp / "devices.yaml", "--data",
             tmp / "reviews.jsonl", "--no-testbed", "--no-progress"]
-    done = _run(*base, "--input-source", "device", "--strategies", "coformer", timeout=300)
+    done = coformer_here(*base, "--input-source", "device", "--strategies", "coformer")
     assert done.returncode != 0 and "--input-source device" in done.stderr and "central" in done.stderr
-    done = _run(*base, "--strategies", "coformer,pipeline", timeout=300)
+    done = coformer_here(*base, "--strategies", "coformer,pipeline")
     assert done.returncode != 0 and "pipeline" in done.stderr
     # a teacher loaded at another length than the bundle's: the flag to give is named
-    done = _run(*base, "--max-length", 16, "--strategies", "coformer", timeout=300)
+    done = coformer_here(*base, "--max-length", 16, "--strategies", "coformer")
     assert done.returncode != 0 and "compiled with --max-length 32" in done.stderr and "at 16" in done.stderr

@@ -75,25 +75,25 @@ def test_gpt2_scaled_like_gpt2_xl_fits_a_budget_the_teacher_exceeds(tmp_path):
     assert m.model["family"] == "gpt2" and m.input.preprocessing["source"] == f"hf:{ckpt}"
 
 
-def test_compile_refuses_bad_models_and_data_naming_them(tmp_path):
+def test_compile_refuses_bad_models_and_data_naming_them(tmp_path, coformer_here):
     devices = tmp_path / "devices.yaml"
     devices.write_text("devices:\n  - {name: a, memory_bytes: 1000000000, flops_budget: 1000000000}\n")
     bad = tmp_path / "roberta"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["RobertaForSequenceClassification"]}))
-    done = _run("compile", "--model", f"hf:{bad}", "--devices", devices, "--out", tmp_path / "b")
+    done = coformer_here("compile", "--model", f"hf:{bad}", "--devices", devices, "--out", tmp_path / "b")
     assert done.returncode == 2
     assert "RobertaForSequenceClassification" in done.stderr and "GPT2ForSequenceClassification" in done.stderr
     assert "Traceback" not in done.stderr
-    done = _run("compile", "--model", f"hf:{tmp_path / 'nothing'}", "--devices", devices, "--out", tmp_path / "b")
+    done = coformer_here("compile", "--model", f"hf:{tmp_path / 'nothing'}", "--devices", devices, "--out", tmp_path / "b")
     assert done.returncode == 2 and "no config.json" in done.stderr
     ckpt = _checkpoint("bert", tmp_path / "bert")
     (tmp_path / "d.csv").write_text("a,b\n")
-    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--data", tmp_path / "d.csv",
-                "--out", tmp_path / "b", "--max-length", 32)
+    done = coformer_here("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--data", tmp_path / "d.csv",
+                         "--out", tmp_path / "b", "--max-length", 32)
     assert done.returncode == 2 and "'.csv' is not one of .tsv, .jsonl, .txt" in done.stderr
-    done = _run("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--search", "bo",
-                "--out", tmp_path / "b", "--max-length", 32)
+    done = coformer_here("compile", "--model", f"hf:{ckpt}", "--devices", devices, "--search", "bo",
+                         "--out", tmp_path / "b", "--max-length", 32)
     assert done.returncode == 2 and "--search bo needs a profile for every device; missing for ['a']" in done.stderr
     assert not (tmp_path / "b").exists()
 
@@ -119,7 +119,7 @@ def test_text_files_glue_tsv_jsonl_and_plain_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path):
+def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path, coformer_here):
     """The teacher is trained in the run on a learnable task; three sub-models with at most half its
     FLOPs keep the ensemble within 3 points, and the served labels are the PyTorch ensemble's."""
     report = tmp_path / "r.json"
@@ -160,8 +160,7 @@ def test_quickstart_text_trains_decomposes_and_serves_raw_text(tmp_path):
     assert set(rows) == {"coformer", "student", "teacher"} and all(x["status"] == "ok" for x in rows.values())
     assert rows["student"]["policy_source"] == "bo" and rows["coformer"]["policy_source"] == "bo"
     assert (tmp_path / "q" / "bench" / "bench.md").is_file()
-    done = subprocess.run([_coformer(), "bench", "--quickstart", str(tmp_path / "q"), "--fronts", "--no-testbed"],
-                          capture_output=True, text=True, timeout=120)
+    done = coformer_here("bench", "--quickstart", tmp_path / "q", "--fronts", "--no-testbed")
     assert done.returncode != 0 and "--fronts run on the vision quickstart" in done.stderr
 
 
@@ -189,7 +188,7 @@ def test_label_free_distillation_from_a_plain_text_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
+def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path, coformer_here):
     """The kit is sampled from the BERT's own space with the sequence length as a fifth axis;
     the profiler fills each entry's token inputs at its own length (ids within the vocabulary,
     a full mask); DeBo searches over
@@ -254,9 +253,9 @@ def test_a_language_model_gets_a_profile_kit_and_the_search(tmp_path):
     median = int(np.ceil(np.median(ds.train.x[:, 1].sum(-1).numpy())))
     assert r["latency_tokens"] == median < 24 and f"at {median} tokens" in done.stdout
     assert load_manifest(tmp_path / "bundle").policy["source"] == "bo"
-    done = _run("compile", "--model", f"hf:{ckpt}", "--max-length", 24, "--devices", tmp_path / "devices.yaml",
-                "--data", data, "--out", tmp_path / "bundle2", "--search", "bo", "--latency-tokens", 40,
-                "--no-progress")
+    done = coformer_here("compile", "--model", f"hf:{ckpt}", "--max-length", 24, "--devices",
+                         tmp_path / "devices.yaml", "--data", data, "--out", tmp_path / "bundle2", "--search", "bo",
+                         "--latency-tokens", 40, "--no-progress")
     assert done.returncode != 0 and "--latency-tokens 40 must be within 1..24" in done.stderr
 
 
