@@ -20,7 +20,9 @@ device without torch.
 The split is fixed by ``seed``: ``val_fraction`` for the search's validation loss,
 ``test_fraction`` for the reported accuracy, the rest for calibration, stratified
 by class when labelled. Images are decoded when a batch needs them (a
-``DataLoader`` with worker processes), never all at once.
+``DataLoader`` with worker processes), never all at once; a split whose decoded
+images fit :data:`coformer.calibration.data.DECODED_CACHE_BYTES` is kept after
+its first whole pass (:meth:`coformer.calibration.data.Split.batches`).
 """
 
 from __future__ import annotations
