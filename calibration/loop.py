@@ -48,10 +48,10 @@ def fit(params: Iterable[torch.nn.Parameter], epochs: int, batches: Callable[[],
     over ``epochs * steps_per_epoch`` steps of cosine decay; None keeps the rate constant.
     ``fused``: PyTorch's fused AdamW, one kernel for the whole update, on the CPU as on CUDA.
     Its results equal the per-tensor loop's up to float rounding, and it is the default because
-    the per-tensor update dominated small-batch calibration: on 5.9 M parameters in 82 tensors
-    (a MiniLM sub-model's) a step took 2.8 ms fused against 15.9 ms per tensor, and on a
-    384x384 aggregator 0.10 against 0.24 ms (``python -m experiments.adamw_step``). False keeps
-    PyTorch's default update."""
+    the per-tensor update (PyTorch's default on the CPU) dominated small-batch calibration: on a
+    MiniLM sub-model's 82 tensors a step is about 5x faster fused, on an aggregator's map about
+    2x (``python -m experiments.adamw_step``; docs/benchmarks.md, "Trimmed: what the suite
+    repeated"). False keeps PyTorch's default update."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
     total = max(1, epochs * steps_per_epoch)
     sched = None if warmup_steps is None else torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup_steps))
