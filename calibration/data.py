@@ -88,20 +88,19 @@ class Split:
 
         loader = DataLoader(_Indexed(self.source, order.tolist()), batch_size=batch_size, shuffle=False,
                             num_workers=workers, persistent_workers=False, pin_memory=False)
-        whole = None if n < len(self) else []  # this pass covers the split: keep it if it is small
+        keep = n == len(self)  # only a pass over the whole split is kept, and only if it is small
+        decoded = None
         try:
             for idx, xb in loader:
-                if whole is not None:
-                    whole.append((idx, xb))
-                    if len(self) * xb[0].numel() * xb.element_size() > DECODED_CACHE_BYTES:
-                        whole = None
+                if keep and decoded is None:  # the first batch tells the size of the whole split
+                    keep = len(self) * xb[0].numel() * xb.element_size() <= DECODED_CACHE_BYTES
+                    decoded = torch.empty((len(self), *xb.shape[1:]), dtype=xb.dtype) if keep else None
+                if keep:
+                    decoded[idx] = xb
                 yield idx, xb
         except CoFormerError as e:  # from a loader process: its message without the worker's traceback
             raise CoFormerError(worker_message(str(e))) from None
-        if whole:
-            decoded = torch.empty((len(self), *whole[0][1].shape[1:]), dtype=whole[0][1].dtype)
-            for idx, xb in whole:
-                decoded[idx] = xb
+        if keep and decoded is not None:
             self._decoded["x"] = decoded
 
 
