@@ -15,6 +15,56 @@ import pytest
 os.environ["COFORMER_CONFIG_DIR"] = tempfile.mkdtemp(prefix="coformer-test-config-")
 atexit.register(shutil.rmtree, os.environ["COFORMER_CONFIG_DIR"], True)
 
+# Two pytest-xdist workers share the cores (pyproject's addopts: ``-n 2``; issue 40, the suite
+# within 20 minutes on 2 cores). One process with torch's default of a thread per core left a
+# core idle a third of the time (waiting on a served round, a process starting, a socket); two
+# processes that each start a thread per core make torch's threads wait on each other at every
+# parallel region (a compile ran 10x slower beside one busy process). So each worker, and every
+# process it starts (the variables are inherited), gets its share of the cores, one on 2 cores.
+# Set before torch is imported: it reads them once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(_share)
+
+
+# A test file is one unit of work for a worker (``--dist loadfile``), so its module-scoped fixtures
+# (a teacher trained, a bundle compiled) are made once. The files here share one more: the bench
+# adds its baselines to the session's quickstart folder (``quickstart_fast``), which the
+# quickstart's tests read, so they run in one worker, in turn.
+_SAME_WORKER = {"tests/tools/test_quickstart.py": "tests/tools/test_bench.py"}
+# The longest files start first (their time, in seconds, from a run's ``--durations=0`` with two
+# workers on 2 cores), so no worker is left with a long file at the end while the other idles.
+# A file missing here only starts later.
+_LONGEST_FIRST = ("tests/tools/test_bench.py", "tests/tools/test_quickstart.py",  # 343 together
+                  "tests/tools/test_image_cli.py",  # 223
+                  "tests/tools/test_minilm.py",  # 141
+                  "tests/tools/test_text_cli.py",  # 132
+                  "tests/tools/test_cli.py",  # 93
+                  "tests/tools/test_text_bench.py", "tests/tools/test_hardening.py")  # 56, 54
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Files(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return _SAME_WORKER.get(path, path)
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems gives
+    return Files(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return  # one process (``-n 0``): the files' own order. Workers collect; the scheduler takes their order
+    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
 
 def tiny_vit(**overrides):
     import torch
