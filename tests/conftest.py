@@ -29,9 +29,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 # A test file is one unit of work for a worker (``--dist loadfile``), so its module-scoped fixtures
-# (a teacher trained, a bundle compiled) are made once. The files here share one more: the bench
-# adds its baselines to the session's quickstart folder (``quickstart_fast``), which the
-# quickstart's tests read, so they run in one worker, in turn.
+# (a teacher trained, a bundle compiled) are made once. A session-scoped fixture is made once per
+# worker that uses it, so the files here, which share the session's quickstart run
+# (``quickstart_fast``, about a minute), run in one worker, in turn, and it runs once.
 _SAME_WORKER = {"tests/tools/test_quickstart.py": "tests/tools/test_bench.py"}
 # The longest files start first (their time, in seconds, from a run's ``--durations=0`` with two
 # workers on 2 cores), so no worker is left with a long file at the end while the other idles.
